@@ -1,0 +1,234 @@
+"""Supervised pretraining of the shipped default backbone on CIFAR-10 (train split only).
+
+    python -m ivpt.backbones.pretrain --out runs/pretrain
+
+Resumable: a checkpoint is written atomically after every epoch and picked up on restart. Each
+epoch's shuffling, augmentation and drop-path draw from generators seeded by (seed, epoch), so a
+resumed run follows the same path as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+from tqdm import tqdm
+
+from ..data.cifar10 import load_cifar10
+from ..data.paths import data_file, sha256_file
+from .architectures import ARCHITECTURES
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="cifar10-jpg.tar.gz (default: $IVPT_DATA or ../shared/data)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, log, final weights")
+    p.add_argument("--arch", default="vit_mini_patch4_32", choices=sorted(ARCHITECTURES))
+    p.add_argument("--width", type=int, default=None, help="override the architecture's embed_dim")
+    p.add_argument("--depth", type=int, default=None, help="override the architecture's depth")
+    p.add_argument("--heads", type=int, default=None, help="override the architecture's num_heads")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=3.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--drop-path", type=float, default=0.05)
+    p.add_argument("--crop-padding", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="autocast dtype for the forward pass (bf16 on CPUs with avx512_bf16, fp16 never)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.warmup_epochs < args.epochs:
+        p.error(f"--warmup-epochs must be in [0, epochs), got {args.warmup_epochs}")
+    return args
+
+
+def build_model(args) -> VisionTransformer:
+    cfg = dict(ARCHITECTURES[args.arch])
+    for key, attr in (("embed_dim", "width"), ("depth", "depth"), ("num_heads", "heads")):
+        if getattr(args, attr) is not None:
+            cfg[key] = getattr(args, attr)
+    return VisionTransformer(num_classes=10, drop_path_rate=args.drop_path, **cfg), cfg
+
+
+def augment(batch: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Random crop after reflect padding plus horizontal flip, vectorised over the batch (N,C,H,W)."""
+    n, _, h, w = batch.shape
+    padded = F.pad(batch, (pad, pad, pad, pad), mode="reflect")
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+    flip = torch.rand(n, generator=gen) < 0.5
+    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+    idx_n = torch.arange(n)[:, None, None, None]
+    idx_c = torch.arange(batch.shape[1])[None, :, None, None]
+    return padded[idx_n, idx_c, rows, cols]
+
+
+def lr_at(step: float, total: float, warmup: float, peak: float, floor: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1.0, total - warmup)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    tensors, meta = {}, {}
+    for idx, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{idx}.{key}"] = value.contiguous()
+            else:
+                meta[f"{idx}.{key}"] = value
+    return tensors, meta
+
+
+def save_checkpoint(out: Path, model, opt, epoch: int, log: list) -> None:
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _optimizer_tensors(opt)
+    tensors.update(opt_tensors)
+    tmp = out / "checkpoint.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, out / "checkpoint.safetensors")
+    meta = {"epoch": epoch, "optimizer_scalars": opt_meta, "log": log}
+    tmp = out / "checkpoint.json.tmp"
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, out / "checkpoint.json")
+
+
+def load_checkpoint(out: Path, model, opt) -> tuple[int, list]:
+    meta = json.loads((out / "checkpoint.json").read_text())
+    tensors = load_file(str(out / "checkpoint.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state = opt.state_dict()
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state["state"].setdefault(int(idx), {})[name] = value
+    for key, value in meta["optimizer_scalars"].items():
+        idx, name = key.split(".", 1)
+        state["state"].setdefault(int(idx), {})[name] = value
+    opt.load_state_dict(state)
+    return meta["epoch"], meta["log"]
+
+
+@torch.no_grad()
+def evaluate(model, images: torch.Tensor, labels: torch.Tensor, mean, std, device, batch=1000) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch):
+        x = (images[i:i + batch].to(device).float() / 255 - mean) / std
+        correct += (model(x).argmax(-1).cpu() == labels[i:i + batch]).sum().item()
+    return correct / len(images)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tar = Path(args.data) if args.data else data_file("cifar10-jpg.tar.gz")
+    data = load_cifar10(tar)
+    train_x = torch.from_numpy(data["train"].images).permute(0, 3, 1, 2).contiguous()
+    train_y = torch.from_numpy(data["train"].labels)
+    mean_list = (train_x.float().mean(dim=(0, 2, 3)) / 255).tolist()
+    std_list = (train_x.float().std(dim=(0, 2, 3)) / 255).tolist()
+    mean = torch.tensor(mean_list, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std_list, device=device).view(1, 3, 1, 1)
+
+    torch.manual_seed(args.seed)
+    model, arch = build_model(args)
+    model.to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    start, log = 0, []
+    if (out / "checkpoint.json").is_file():
+        start, log = load_checkpoint(out, model, opt)
+        print(f"resuming from epoch {start} in {out}")
+    steps_per_epoch = len(train_x) // args.batch_size  # drop the ragged last batch
+    total = steps_per_epoch * args.epochs
+    warmup = steps_per_epoch * args.warmup_epochs
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    for epoch in range(start, args.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+        torch.manual_seed(args.seed * 100003 + epoch)  # drop-path draws
+        order = torch.randperm(len(train_x), generator=gen)
+        t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        for it in bar:
+            idx = order[it * args.batch_size:(it + 1) * args.batch_size]
+            x = augment(train_x[idx].float() / 255, args.crop_padding, gen).to(device)
+            x = (x - mean) / std
+            y = train_y[idx].to(device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch * steps_per_epoch + it, total, warmup, args.lr, args.min_lr)
+            with torch.autocast(**autocast):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(-1) == y).sum().item()
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                 "lr_end": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
+        log.append(entry)
+        print(json.dumps(entry), flush=True)
+        save_checkpoint(out, model, opt, epoch + 1, log)
+
+    test_x = torch.from_numpy(data["test"].images).permute(0, 3, 1, 2).contiguous()
+    test_y = torch.from_numpy(data["test"].labels)
+    model.to("cpu")
+    acc = evaluate(model, test_x, test_y, mean.cpu(), std.cpu(), torch.device("cpu"))
+    print(f"CIFAR-10 test top-1 (fp32, 10,000 images): {acc:.4f}")
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(out / "weights.safetensors.tmp"))
+    os.replace(out / "weights.safetensors.tmp", out / "weights.safetensors")
+    recipe = {k: v for k, v in vars(args).items() if k not in ("out", "data", "device", "threads")}
+    config = {
+        "architecture": {"arch": args.arch, **arch},
+        "num_classes": 10,
+        "input_size": [3, arch["img_size"], arch["img_size"]],
+        "mean": mean_list,
+        "std": std_list,
+        "interpolation": "bicubic",
+        "class_names": data["train"].classes,
+        "recipe": {**recipe, "optimizer": "AdamW", "schedule": "linear warm-up + cosine (per step)",
+                   "augmentation": f"reflect-pad {args.crop_padding} random crop + horizontal flip",
+                   "device": device.type, "torch": torch.__version__},
+        "train_log": log,
+        "cifar10_test_top1": acc,
+        "data": {"file": tar.name, "sha256": sha256_file(tar), "train_images": len(train_x)},
+        "weights_sha256": sha256_file(out / "weights.safetensors"),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return config
+
+
+if __name__ == "__main__":
+    main()
