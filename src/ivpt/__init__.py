@@ -1,0 +1,21 @@
+"""ivpt: visual prompt tuning (iVPT and its baselines) for timm Vision Transformers."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .adapter import load_adapter, save_adapter
+from .encoder import PromptedViT
+from .factory import count_parameters, create_model
+from .methods import METHODS
+from .options import OptionError
+
+__all__ = [
+    "METHODS",
+    "OptionError",
+    "PromptedViT",
+    "count_parameters",
+    "create_model",
+    "load_adapter",
+    "save_adapter",
+    "__version__",
+]

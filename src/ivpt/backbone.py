@@ -1,0 +1,181 @@
+"""Building and checking the timm Vision Transformer that ivpt tunes.
+
+ivpt never copies timm's ViT: it takes timm's own ``VisionTransformer`` (by name through
+``timm.create_model`` or already built) and refuses anything whose blocks it cannot drive safely.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer, checkpoint_filter_fn
+from torch import nn
+
+from .methods.base import BackboneShape
+
+SUPPORTED_BLOCKS = (Block, ResPostBlock)
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
+class BackboneError(ValueError):
+    """The backbone is unknown, unsupported, or its weights cannot be used."""
+
+
+def check_supported(vit: nn.Module) -> VisionTransformer:
+    """Refuse, with a reason, every model the prompted encoder could mis-handle."""
+    if not isinstance(vit, VisionTransformer):
+        raise BackboneError(
+            f"ivpt tunes timm VisionTransformer models; got {type(vit).__module__}.{type(vit).__name__}"
+        )
+    if not isinstance(vit.blocks, nn.Sequential) or len(vit.blocks) == 0:
+        raise BackboneError("backbone has no transformer blocks to prompt")
+    for i, block in enumerate(vit.blocks):
+        if type(block) not in SUPPORTED_BLOCKS:
+            raise BackboneError(
+                f"block {i} is {type(block).__name__}; ivpt supports timm's "
+                f"{', '.join(b.__name__ for b in SUPPORTED_BLOCKS)} (pre-norm or post-norm ViT blocks)"
+            )
+        attn = block.attn
+        if type(attn) is not Attention or not isinstance(attn.qkv, nn.Linear):
+            raise BackboneError(
+                f"block {i} uses {type(attn).__name__}; ivpt needs timm's Attention with a fused qkv "
+                "projection (AR reads its query and key rows from it)"
+            )
+    return vit
+
+
+def backbone_shape(vit: VisionTransformer) -> BackboneShape:
+    return BackboneShape(
+        embed_dim=vit.embed_dim,
+        depth=len(vit.blocks),
+        num_heads=vit.blocks[0].attn.num_heads,
+        patch_size=tuple(vit.patch_embed.patch_size),
+        num_prefix_tokens=vit.num_prefix_tokens,
+        has_class_token=vit.cls_token is not None,
+    )
+
+
+def backbone_name(vit: VisionTransformer) -> str | None:
+    cfg = getattr(vit, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture")
+    if not arch:
+        return None
+    tag = cfg.get("tag")
+    return f"{arch}.{tag}" if tag else arch
+
+
+def backbone_signature(vit: VisionTransformer) -> dict[str, Any]:
+    """What an adapter depends on; compared field by field when an adapter is loaded."""
+    shape = backbone_shape(vit)
+    return {
+        "embed_dim": shape.embed_dim,
+        "depth": shape.depth,
+        "num_heads": shape.num_heads,
+        "patch_size": list(shape.patch_size),
+        "num_prefix_tokens": shape.num_prefix_tokens,
+        "class_token": shape.has_class_token,
+        "global_pool": vit.global_pool,
+    }
+
+
+def weights_fingerprint(vit: VisionTransformer) -> str | None:
+    """sha256 of the patch embedding and position embedding: tells pretrained weights apart cheaply."""
+    tensors = [vit.patch_embed.proj.weight]
+    if vit.pos_embed is not None:
+        tensors.append(vit.pos_embed)
+    if any(t.is_meta for t in tensors):
+        return None
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            # weights_only: never execute pickled code from a checkpoint
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise BackboneError(f"cannot read weights file {path}: {err}") from err
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise BackboneError(f"weights file {path} does not hold a state dict of tensors")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def load_backbone_weights(vit: VisionTransformer, path: str | Path) -> None:
+    """Load local weights: timm/PyTorch state dicts (.safetensors, .pth, .bin) or Google .npz."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES:
+        raise BackboneError(f"weights file {path}: unknown format {suffix!r}, expected one of {', '.join(WEIGHT_SUFFIXES)}")
+    if suffix == ".npz":
+        try:
+            vit.load_pretrained(str(path))  # timm's converter for Google's original ViT checkpoints
+        except Exception as err:
+            raise BackboneError(f"cannot load Google ViT checkpoint {path}: {err}") from err
+        return
+    state = checkpoint_filter_fn(_read_state_dict(path), vit)  # e.g. resamples pos_embed to img_size
+    own = vit.state_dict()
+    head = {n for n, _ in vit.get_classifier().named_parameters(prefix="head")} if vit.num_classes else set()
+    for name in list(state):
+        if name in head and (name not in own or state[name].shape != own[name].shape):
+            del state[name]  # a head for other classes: the new head keeps its fresh init
+    mismatched = [f"{n}: file {tuple(state[n].shape)} vs model {tuple(own[n].shape)}"
+                  for n in state if n in own and state[n].shape != own[n].shape]
+    if mismatched:
+        raise BackboneError(f"weights file {path} does not fit this backbone: " + "; ".join(mismatched[:5]))
+    result = vit.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in head]
+    if missing or result.unexpected_keys:
+        raise BackboneError(
+            f"weights file {path} does not match the backbone: missing {missing[:8]}, "
+            f"unexpected {result.unexpected_keys[:8]}"
+        )
+
+
+def build_backbone(backbone: str | nn.Module, num_classes: int, *, pretrained: bool = False,
+                   weights: str | Path | None = None, **timm_kwargs) -> VisionTransformer:
+    """A supported timm ViT with a fresh head for ``num_classes``, weights loaded as asked."""
+    if isinstance(backbone, nn.Module):
+        if pretrained or timm_kwargs:
+            raise BackboneError("pretrained= and timm options apply to backbone names, not to a built model")
+        vit = check_supported(backbone)
+        vit.reset_classifier(num_classes)
+        if weights is not None:
+            load_backbone_weights(vit, weights)
+        return vit
+    if not isinstance(backbone, str):
+        raise BackboneError(f"backbone must be a timm model name or a VisionTransformer, got {type(backbone).__name__}")
+    arch = backbone.split(".", 1)[0]
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models("vit_*"), n=5)
+        raise BackboneError(f"unknown backbone {backbone!r}" + (f"; similar timm models: {', '.join(close)}" if close else ""))
+    try:
+        vit = timm.create_model(backbone, pretrained=pretrained and weights is None, num_classes=num_classes, **timm_kwargs)
+    except (OSError, ConnectionError, RuntimeError) as err:
+        if pretrained and weights is None:
+            raise BackboneError(
+                f"could not fetch pretrained weights for {backbone!r} ({type(err).__name__}: {err}). "
+                "Offline? Pass weights='path/to/file' (.safetensors, .pth/.bin state dict, or Google .npz)"
+            ) from err
+        raise
+    check_supported(vit)
+    if weights is not None:
+        load_backbone_weights(vit, weights)
+    return vit

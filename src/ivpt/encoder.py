@@ -1,0 +1,170 @@
+"""The prompted encoder: timm's own ViT blocks, run one by one with prompt tokens between them.
+
+Token order inside the encoder: [prefix (CLS, registers) | p prompts | m patches]. Prompts are
+inserted after timm's position embedding, patch dropout and pre-norm, so they carry no position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .backbone import backbone_shape
+from .methods.base import TuningMethod
+
+
+@dataclass
+class EncoderTokens:
+    """Normalised output tokens of the last block, split by role."""
+
+    prefix: torch.Tensor   # (B, num_prefix_tokens, d)
+    prompts: torch.Tensor  # (B, p, d)
+    patches: torch.Tensor  # (B, m, d)
+
+    def without_prompts(self) -> torch.Tensor:
+        """timm's token layout (prefix + patches), so timm's pooling and heads apply unchanged."""
+        return torch.cat([self.prefix, self.patches], dim=1)
+
+
+@dataclass
+class Reinforcement:
+    """What AR did after one block in the last forward (detached, for inspection and plots)."""
+
+    transition: int            # block i -> i+1
+    saliency: torch.Tensor     # (B, m) attention of the saliency queries to each patch
+    selected: torch.Tensor     # (B, K) indices of the reinforced patches
+
+
+class _QKVCapture:
+    """Keeps the qkv projection output of one block pass so AR can reuse q and k."""
+
+    def __init__(self, attn: nn.Module):
+        self.output: torch.Tensor | None = None
+        self.handle = attn.qkv.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.output = output
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def query_saliency(attn: nn.Module, qkv: torch.Tensor, query_rows: slice, key_start: int) -> torch.Tensor:
+    """mean over heads (and query rows) of softmax(q k^T * scale), restricted to keys from key_start.
+
+    Costs O(H * T * d_h) per query row: only the needed rows of q are used, never the T x T matrix.
+    """
+    b, t, _ = qkv.shape
+    h, hd, width = attn.num_heads, attn.head_dim, attn.attn_dim
+    q = qkv[:, query_rows, :width].reshape(b, -1, h, hd).transpose(1, 2)
+    k = qkv[:, :, width:2 * width].reshape(b, t, h, hd).transpose(1, 2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    probs = ((q.float() * attn.scale) @ k.float().transpose(-2, -1)).softmax(dim=-1)  # (B, H, rows, T)
+    return probs.mean(dim=(1, 2))[:, key_start:]
+
+
+class PromptedViT(nn.Module):
+    """A timm VisionTransformer plus one tuning method; ``forward(images)`` gives logits."""
+
+    def __init__(self, backbone: VisionTransformer, method: TuningMethod, *, backbone_name: str | None = None,
+                 class_names: list[str] | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.method = method
+        self.backbone_name = backbone_name
+        self.class_names = list(class_names) if class_names is not None else None
+        self.ar_source = getattr(method.config, "ar_source", "cls")
+        self.last_reinforcement: list[Reinforcement] = []
+        self.shape = backbone_shape(backbone)
+        self._set_trainable()
+
+    # -- what trains -----------------------------------------------------------------------
+    @property
+    def method_name(self) -> str:
+        return self.method.name
+
+    @property
+    def head(self) -> nn.Module:
+        return self.backbone.get_classifier()
+
+    def tuned_parameters(self) -> dict[str, nn.Parameter]:
+        """Name -> tensor of everything the method trains (head always; backbone only for 'full')."""
+        if self.method.tunes_backbone:
+            return dict(self.named_parameters())
+        chosen = {id(p) for p in self.head.parameters()} | {id(p) for p in self.method.parameters()}
+        return {n: p for n, p in self.named_parameters() if id(p) in chosen}
+
+    def _set_trainable(self) -> None:
+        tuned = {id(p) for p in self.tuned_parameters().values()}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in tuned)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.method.tunes_backbone:
+            self.backbone.eval()  # frozen backbone: no dropout, no drop-path, ever
+        return self
+
+    # -- forward -----------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """timm's own embedding path: patches, position embedding, patch dropout, pre-norm."""
+        vit = self.backbone
+        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+
+    def forward_tokens(self, images: torch.Tensor) -> EncoderTokens:
+        vit, method = self.backbone, self.method
+        x = self.embed(images)
+        npt = vit.num_prefix_tokens
+        prefix, patches = x[:, :npt], x[:, npt:]
+        prompts = method.first_prompts(x.shape[0])
+        prompts = x[:, :0] if prompts is None else prompts.to(x.dtype)  # no prompts: an empty slice
+        records = []
+        last = len(vit.blocks) - 1
+        for i, block in enumerate(vit.blocks):
+            p = prompts.shape[1]
+            tokens = torch.cat([prefix, prompts, patches], dim=1)
+            reinforce = i < last and method.needs_saliency(i)
+            if reinforce:
+                with _QKVCapture(block.attn) as capture:
+                    out = block(tokens)
+                rows = slice(0, 1) if self.ar_source == "cls" else slice(npt, npt + p)
+                with torch.no_grad():
+                    saliency = query_saliency(block.attn, capture.output, rows, npt + p)
+            else:
+                out = block(tokens)
+            prefix, z, patches = out[:, :npt], out[:, npt:npt + p], out[:, npt + p:]
+            if i < last:
+                following = method.next_prompts(i, z)
+                prompts = z if following is None else following
+                if reinforce:
+                    patches, selected = method.reinforce(i, patches, saliency, prompts)
+                    records.append(Reinforcement(i, saliency.detach(), selected.detach()))
+            else:
+                prompts = z
+        self.last_reinforcement = records
+        tokens = vit.norm(torch.cat([prefix, prompts, patches], dim=1))
+        p = prompts.shape[1]
+        return EncoderTokens(tokens[:, :npt], tokens[:, npt:npt + p], tokens[:, npt + p:])
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised tokens in timm's layout (prefix + patches; prompts dropped)."""
+        return self.forward_tokens(images).without_prompts()
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's pooling (CLS, or mean of the patch tokens only), fc_norm and head."""
+        return self.backbone.forward_head(features, pre_logits=pre_logits)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+    # -- saving ------------------------------------------------------------------------------
+    def save_adapter(self, directory, **extra) -> None:
+        from .adapter import save_adapter
+
+        save_adapter(self, directory, **extra)

@@ -1,0 +1,64 @@
+"""``create_model``: a timm ViT name or model in, a prompt-tuned classifier out."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .backbone import backbone_name, backbone_shape, build_backbone
+from .encoder import PromptedViT
+from .methods import METHODS
+from .options import OptionError, check_int, config_from_options
+
+
+def method_class(method: str):
+    if method not in METHODS:
+        raise OptionError(f"unknown method {method!r}; expected one of {', '.join(map(repr, METHODS))}")
+    return METHODS[method]
+
+
+def create_model(backbone: str | nn.Module, method: str, num_classes: int, *, pretrained: bool = False,
+                 weights: str | Path | None = None, class_names: list[str] | None = None,
+                 timm_kwargs: dict[str, Any] | None = None, **options) -> PromptedViT:
+    """Build a timm Vision Transformer tuned by ``method`` for ``num_classes`` classes.
+
+    backbone: a timm model name (optionally ``name.tag``) or an already built timm VisionTransformer.
+    method: 'linear', 'full', 'vpt-shallow', 'vpt-deep' or 'ivpt'.
+    pretrained: timm's own download mechanism (needs the hub); weights: a local file instead
+        (.safetensors, .pth/.bin state dict, or Google's .npz).
+    timm_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``, ``dynamic_img_size``).
+    options: the method's options (``prompt_length``, ``prompt_dropout``, and iVPT's switches).
+    """
+    cls = method_class(method)
+    config = config_from_options(cls.config_class, method, options)  # before any heavy work
+    check_int("num_classes", num_classes, low=1)
+    if class_names is not None and len(class_names) != num_classes:
+        raise OptionError(f"option 'class_names': {len(class_names)} names given for num_classes={num_classes}")
+    vit = build_backbone(backbone, num_classes, pretrained=pretrained, weights=weights, **(timm_kwargs or {}))
+    tuner = cls(config, backbone_shape(vit))
+    model = PromptedViT(vit, tuner, backbone_name=backbone if isinstance(backbone, str) else backbone_name(vit),
+                        class_names=class_names)
+    model.timm_kwargs = dict(timm_kwargs or {})
+    return model
+
+
+def count_parameters(model: PromptedViT) -> dict[str, int]:
+    """Parameter counts: total, tuned, frozen backbone, head, and each method component."""
+    def size(params) -> int:
+        return sum(p.numel() for p in params)
+
+    groups = model.method.parameter_groups()
+    head = size(model.head.parameters())
+    total = size(model.parameters())
+    counts = {
+        "total": total,
+        "tuned": size(model.tuned_parameters().values()),
+        "backbone": size(model.backbone.parameters()) - head,
+        "head": head,
+        "prompts": size(groups.get("prompts", [])),
+        "da": size(groups.get("da", [])),
+        "ar": size(groups.get("ar", [])),
+    }
+    counts["tuned_without_head"] = counts["tuned"] - head
+    return counts

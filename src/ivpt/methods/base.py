@@ -1,0 +1,73 @@
+"""What every tuning method supplies to the prompted encoder.
+
+The encoder (``ivpt.encoder.PromptedViT``) owns the loop over timm's blocks; a method only says
+which prompts enter block 0, how the prompts of block i+1 follow from block i, and whether it
+rewrites patch tokens between blocks (AR). Linear probe and full fine-tuning are methods with no
+prompts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BackboneShape:
+    """The few facts about the backbone that a method's parameters depend on."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: tuple[int, int]
+    num_prefix_tokens: int
+    has_class_token: bool
+
+
+class TuningMethod(nn.Module):
+    name: str = ""
+    tunes_backbone: bool = False
+
+    def __init__(self, config, shape: BackboneShape):
+        super().__init__()
+        self.config = config
+        self.shape = shape
+
+    @property
+    def num_prompts(self) -> int:
+        return 0
+
+    def first_prompts(self, batch: int) -> torch.Tensor | None:
+        """Q_0 as (batch, p, d), or None when the method has no prompts."""
+        return None
+
+    def next_prompts(self, i: int, z: torch.Tensor) -> torch.Tensor | None:
+        """Q_{i+1} from Z_i (the prompt outputs of block i), for i = 0..N-2."""
+        return None
+
+    def needs_saliency(self, i: int) -> bool:
+        """Whether ``reinforce`` acts after block i (the encoder then computes the saliency)."""
+        return False
+
+    def reinforce(self, i: int, patches: torch.Tensor, saliency: torch.Tensor,
+                  prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The method's own tuned tensors by component, for counting and optimiser groups."""
+        return {}
+
+
+def prompt_init_bound(shape: BackboneShape) -> float:
+    """VPT's uniform init bound sqrt(6 / (3 * patch_h * patch_w + d))."""
+    ph, pw = shape.patch_size
+    return math.sqrt(6.0 / (3 * ph * pw + shape.embed_dim))
+
+
+def make_prompts(count: int, length: int, shape: BackboneShape) -> nn.Parameter:
+    bound = prompt_init_bound(shape)
+    prompts = nn.Parameter(torch.empty(count, length, shape.embed_dim))
+    nn.init.uniform_(prompts, -bound, bound)
+    return prompts

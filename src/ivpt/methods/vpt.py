@@ -1,0 +1,65 @@
+"""VPT-shallow and VPT-deep (Jia et al., ECCV 2022), as the official KMnP/vpt code runs them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..options import check_float, check_int
+from .base import BackboneShape, TuningMethod, make_prompts
+
+
+@dataclass(frozen=True)
+class VPTConfig:
+    prompt_length: int = 10
+    prompt_dropout: float = 0.0
+
+    def __post_init__(self):
+        check_int("prompt_length", self.prompt_length, low=0)
+        check_float("prompt_dropout", self.prompt_dropout, 0.0, 1.0, high_open=True)
+
+
+class _PromptBank(TuningMethod):
+    config_class = VPTConfig
+
+    def __init__(self, config, shape: BackboneShape, prompt_layers: int = 1):
+        super().__init__(config, shape)
+        # P_i for the first ``prompt_layers`` blocks
+        self.prompts = make_prompts(prompt_layers, config.prompt_length, shape)
+        self.prompt_dropout = nn.Dropout(config.prompt_dropout)
+
+    @property
+    def num_prompts(self) -> int:
+        return self.config.prompt_length
+
+    def learned(self, i: int, batch: int) -> torch.Tensor:
+        """P_i for a batch, after prompt dropout."""
+        return self.prompt_dropout(self.prompts[i].expand(batch, -1, -1))
+
+    def first_prompts(self, batch: int) -> torch.Tensor | None:
+        return self.learned(0, batch)
+
+    def parameter_groups(self):
+        return {"prompts": [self.prompts]}
+
+
+class VPTShallow(_PromptBank):
+    """Q_0 = P_0; the prompt outputs are carried on: Q_{i+1} = Z_i."""
+
+    name = "vpt-shallow"
+
+    def next_prompts(self, i, z):
+        return z
+
+
+class VPTDeep(_PromptBank):
+    """Q_i = P_i for every block; Z_i is thrown away."""
+
+    name = "vpt-deep"
+
+    def __init__(self, config, shape):
+        super().__init__(config, shape, prompt_layers=shape.depth)
+
+    def next_prompts(self, i, z):
+        return self.learned(i + 1, z.shape[0])
