@@ -1,0 +1,48 @@
+"""Parameter counts against the spec's formulas, on a real-size ViT-B/16 built on the meta device."""
+import pytest
+import torch
+
+import ivpt
+
+
+CASES = {
+    "linear": ("linear", {}),
+    "full": ("full", {}),
+    "vpt-shallow": ("vpt-shallow", {"prompt_length": 10}),
+    "vpt-deep": ("vpt-deep", {"prompt_length": 10}),
+    "ivpt": ("ivpt", {"prompt_length": 10}),
+    "ivpt-channel": ("ivpt", {"prompt_length": 10, "da": "channel"}),
+    "ivpt-static": ("ivpt", {"prompt_length": 10, "da": "static"}),
+    "ivpt-sum": ("ivpt", {"prompt_length": 10, "da": "sum"}),
+    "ivpt-noar": ("ivpt", {"prompt_length": 10, "ar": False}),
+    "ivpt-layers": ("ivpt", {"prompt_length": 10, "layers": [0, 5, 10]}),
+}
+
+
+@pytest.fixture(scope="module")
+def vit_b_counts():
+    counts = {}
+    with torch.device("meta"):  # real ViT-B/16 shapes, no memory, no init cost
+        for case, (method, options) in CASES.items():
+            counts[case] = ivpt.count_parameters(ivpt.create_model("vit_base_patch16_224", method, 100, **options))
+    return counts
+
+
+def test_vit_b16_counts_match_spec(vit_b_counts):
+    n, p, d = 12, 10, 768
+    ivpt_counts = vit_b_counts["ivpt"]
+    assert ivpt_counts["prompts"] == n * p * d == 92_160
+    assert ivpt_counts["da"] == (n - 1) * (2 * d + 1) == 16_907
+    assert ivpt_counts["ar"] == n - 1 == 11
+    assert ivpt_counts["tuned_without_head"] == 109_078
+    assert ivpt_counts["head"] == d * 100 + 100
+    assert ivpt_counts["backbone"] == 85_798_656  # timm's ViT-B/16 without its head
+    assert vit_b_counts["vpt-deep"]["tuned_without_head"] == 92_160
+    assert vit_b_counts["vpt-shallow"]["tuned_without_head"] == p * d
+    assert vit_b_counts["linear"]["tuned"] == vit_b_counts["linear"]["head"]
+    assert vit_b_counts["full"]["tuned"] == vit_b_counts["full"]["total"]
+    assert vit_b_counts["ivpt-channel"]["da"] == (n - 1) * 3 * d
+    assert vit_b_counts["ivpt-static"]["da"] == n - 1
+    assert vit_b_counts["ivpt-sum"]["da"] == 0
+    assert vit_b_counts["ivpt-noar"]["ar"] == 0
+    assert vit_b_counts["ivpt-layers"]["da"] == 3 * (2 * d + 1) and vit_b_counts["ivpt-layers"]["ar"] == 3

@@ -1,0 +1,110 @@
+"""AR: which patches it picks, how many it changes, and that its saliency is the CLS attention."""
+import pytest
+import torch
+
+import ivpt
+from conftest import make_vit
+
+
+def full_attention_saliency(block, tokens, query_rows, key_start):
+    """The saliency from the explicit T x T attention matrix, computed independently of ivpt."""
+    attn = block.attn
+    b, t, d = tokens.shape
+    qkv = attn.qkv(block.norm1(tokens)).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    weights = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)  # (B, H, T, T)
+    return weights[:, :, query_rows].mean(dim=(1, 2))[:, key_start:]
+
+
+def record_ar(model):
+    """Wrap the method's reinforce to see patch tokens before and after each AR step."""
+    seen = []
+    original = model.method.reinforce
+
+    def spy(i, patches, saliency, prompts):
+        out, selected = original(i, patches, saliency, prompts)
+        seen.append((i, patches.detach(), out.detach(), saliency, selected))
+        return out, selected
+
+    model.method.reinforce = spy
+    return seen
+
+
+def record_block_inputs(model):
+    inputs = {}
+    for i, block in enumerate(model.backbone.blocks):
+        block.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach()))
+    return inputs
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.01])
+@pytest.mark.parametrize("mix", ["mean", "attn"])
+def test_ar_changes_exactly_top_k_patches(ratio, mix):
+    model = ivpt.create_model(make_vit(), "ivpt", 7, prompt_length=3, ar_ratio=ratio, ar_mix=mix,
+                              ar_gamma_init=0.7).eval()
+    seen = record_ar(model)
+    inputs = record_block_inputs(model)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        model(images)
+    m = 16
+    k = max(1, round(ratio * m))
+    assert [s[0] for s in seen] == [0, 1, 2]  # every transition of a depth-4 backbone
+    for i, before, after, saliency, selected in seen:
+        changed = (before != after).any(dim=-1)  # (B, m)
+        assert (changed.sum(dim=1) == k).all()
+        top = saliency.topk(k, dim=1).indices
+        for img in range(images.shape[0]):
+            assert set(changed[img].nonzero().flatten().tolist()) == set(top[img].tolist())
+            assert set(selected[img].tolist()) == set(top[img].tolist())
+        expected = full_attention_saliency(model.backbone.blocks[i], inputs[i], slice(0, 1), 1 + 3)
+        assert torch.allclose(saliency, expected, atol=1e-6)
+    records = model.last_reinforcement
+    assert [r.transition for r in records] == [0, 1, 2]
+    assert records[0].saliency.shape == (4, m) and records[0].selected.shape == (4, k)
+
+
+def test_ar_mean_mix_adds_gamma_times_mean_prompt():
+    model = ivpt.create_model(make_vit(), "ivpt", 7, prompt_length=3, ar_gamma_init=0.3, cdc=False).eval()
+    seen = record_ar(model)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    i, before, after, _, selected = seen[0]
+    r = model.method.prompts[i + 1].mean(dim=0)  # cdc=False: Q_{i+1} = P_{i+1}
+    delta = (after - before)[0, selected[0, 0]]
+    assert torch.allclose(delta, 0.3 * r, atol=1e-6)
+
+
+def test_prompt_source_saliency_and_no_cls_backbone():
+    vit = make_vit(class_token=False, global_pool="avg")
+    with pytest.raises(ivpt.OptionError, match="ar_source"):
+        ivpt.create_model(vit, "ivpt", 7)
+    model = ivpt.create_model(make_vit(class_token=False, global_pool="avg"), "ivpt", 7, prompt_length=3,
+                              ar_source="prompts", ar_gamma_init=0.5).eval()
+    seen = record_ar(model)
+    inputs = record_block_inputs(model)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    for i, _, _, saliency, _ in seen:
+        expected = full_attention_saliency(model.backbone.blocks[i], inputs[i], slice(0, 3), 3)
+        assert torch.allclose(saliency, expected, atol=1e-6)
+
+
+def test_register_tokens_keep_cls_as_query():
+    model = ivpt.create_model(make_vit(reg_tokens=2), "ivpt", 7, prompt_length=2, ar_gamma_init=0.5).eval()
+    seen = record_ar(model)
+    inputs = record_block_inputs(model)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    i, _, _, saliency, _ = seen[1]
+    expected = full_attention_saliency(model.backbone.blocks[i], inputs[i], slice(0, 1), 3 + 2)
+    assert torch.allclose(saliency, expected, atol=1e-6)
+
+
+def test_dynamic_image_size_adapts_k():
+    vit = make_vit(dynamic_img_size=True)
+    model = ivpt.create_model(vit, "ivpt", 7, prompt_length=2, ar_ratio=0.25).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 48, 64))  # a 6 x 8 grid of patches
+    assert out.shape == (2, 7)
+    assert model.last_reinforcement[0].selected.shape == (2, round(0.25 * 48))
