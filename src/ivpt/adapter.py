@@ -19,6 +19,7 @@ from torch import nn
 from .backbone import backbone_signature, weights_fingerprint
 from .data.paths import sha256_file
 from .encoder import PromptedViT
+from .options import OptionError
 
 TENSORS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -156,10 +157,13 @@ def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=
         backbone = saved.get("name")
         if not backbone:
             raise AdapterError(f"adapter {directory} records no backbone name; pass backbone=")
-    model = create_model(backbone, config["method"], config["num_classes"], weights=weights, pretrained=pretrained,
-                         class_names=config.get("class_names"),
-                         timm_kwargs=saved.get("timm_kwargs") if isinstance(backbone, str) else None,
-                         **config["options"])
+    try:
+        model = create_model(backbone, config["method"], config["num_classes"], weights=weights,
+                             pretrained=pretrained, class_names=config.get("class_names"),
+                             timm_kwargs=saved.get("timm_kwargs") if isinstance(backbone, str) else None,
+                             **config["options"])
+    except OptionError as err:
+        raise AdapterError(f"{directory / CONFIG_FILE}: {err}") from err
     if not check_weights:
         saved = dict(saved, weights_fingerprint=None)
     check_backbone_matches(dict(config, backbone=saved), model, str(directory))

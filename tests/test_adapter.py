@@ -1,0 +1,140 @@
+"""Adapters: tuned tensors only, exact round trips, and precise refusals."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ivpt
+from ivpt.adapter import AdapterError
+from conftest import clone, make_vit
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=4, qkv_bias=True)
+
+
+def perturb_tuned(model):
+    with torch.no_grad():
+        for p in model.tuned_parameters().values():
+            p.add_(torch.randn_like(p) * 0.3)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("linear", {}), ("full", {}), ("vpt-shallow", {"prompt_length": 3}), ("vpt-deep", {"prompt_length": 3}),
+    ("ivpt", {"prompt_length": 3, "da": "channel", "ar_mix": "attn", "layers": [0, 2]}),
+])
+def test_round_trip_gives_identical_outputs(tmp_path, method, options):
+    vit = make_vit()
+    model = ivpt.create_model(clone(vit), method, 7, class_names=list("abcdefg"), **options).eval()
+    perturb_tuned(model)
+    model.save_adapter(tmp_path / "adapter")
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert files == ["adapter.safetensors", "adapter_config.json"]  # no temporary files left behind
+    stored = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
+    assert set(stored) == set(model.tuned_parameters())
+    loaded = ivpt.load_adapter(tmp_path / "adapter", backbone=clone(vit)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["method"] == method and config["num_classes"] == 7 and config["class_names"] == list("abcdefg")
+    assert config["ivpt_version"] == ivpt.__version__ and config["image_size"] == [32, 32]
+    assert loaded.class_names == list("abcdefg")
+
+
+def test_round_trip_by_name_with_local_weights(tmp_path):
+    source = make_vit()
+    save_file(source.state_dict(), str(tmp_path / "backbone.safetensors"))
+    model = ivpt.create_model("vit_tiny_patch16_224", "ivpt", 7, weights=tmp_path / "backbone.safetensors",
+                              timm_kwargs=TINY, prompt_length=2).eval()
+    perturb_tuned(model)
+    model.save_adapter(tmp_path / "a")
+    loaded = ivpt.load_adapter(tmp_path / "a", weights=tmp_path / "backbone.safetensors").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+    # the same architecture with other (random) weights is caught
+    with pytest.raises(AdapterError, match="weights"):
+        ivpt.load_adapter(tmp_path / "a")
+
+
+def save(tmp_path, **options):
+    model = ivpt.create_model(make_vit(), "ivpt", 7, prompt_length=2, **options)
+    model.save_adapter(tmp_path / "a")
+    return tmp_path / "a"
+
+
+def test_mismatched_backbone_says_what_differs(tmp_path):
+    directory = save(tmp_path)
+    with pytest.raises(AdapterError, match="depth: adapter 4, backbone 6"):
+        ivpt.load_adapter(directory, backbone=make_vit(depth=6))
+    with pytest.raises(AdapterError, match="embed_dim: adapter 32, backbone 64"):
+        ivpt.load_adapter(directory, backbone=make_vit(embed_dim=64))
+    with pytest.raises(AdapterError, match="patch_size"):
+        ivpt.load_adapter(directory, backbone=make_vit(patch_size=4))
+    with pytest.raises(AdapterError, match="weights"):
+        ivpt.load_adapter(directory, backbone=make_vit(seed=1))
+    assert ivpt.load_adapter(directory, backbone=make_vit(seed=1), check_weights=False) is not None
+
+
+def test_truncated_or_altered_tensor_file_is_refused(tmp_path):
+    directory = save(tmp_path)
+    tensors = directory / "adapter.safetensors"
+    data = tensors.read_bytes()
+    tensors.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterError, match="truncated, altered"):
+        ivpt.load_adapter(directory, backbone=make_vit())
+    altered = bytearray(data)
+    altered[-5] ^= 0xFF
+    tensors.write_bytes(bytes(altered))
+    with pytest.raises(AdapterError, match="adapter.safetensors does not match its config"):
+        ivpt.load_adapter(directory, backbone=make_vit())
+
+
+def rewrite_config(directory, change):
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+
+
+def test_wrong_config_is_refused(tmp_path):
+    directory = save(tmp_path)
+    rewrite_config(directory, lambda c: c.__setitem__("method", "vpt-deep"))
+    with pytest.raises(AdapterError, match="adapter_config.json: unknown option 'ar' for method 'vpt-deep'"):
+        ivpt.load_adapter(directory, backbone=make_vit())
+    rewrite_config(directory, lambda c: c.__setitem__("options", {"prompt_length": 2}))
+    with pytest.raises(AdapterError, match="do not fit method 'vpt-deep'.*unexpected"):
+        ivpt.load_adapter(directory, backbone=make_vit())
+    directory = save(tmp_path)
+    rewrite_config(directory, lambda c: c["options"].__setitem__("da", "wide"))
+    with pytest.raises(AdapterError, match="adapter_config.json: option 'da'"):
+        ivpt.load_adapter(directory, backbone=make_vit())
+    directory = save(tmp_path)
+    rewrite_config(directory, lambda c: c["options"].__setitem__("prompt_length", 3))
+    with pytest.raises(AdapterError, match="wrong shape"):
+        ivpt.load_adapter(directory, backbone=make_vit())
+    directory = save(tmp_path)
+    rewrite_config(directory, lambda c: c.pop("tensors_sha256"))
+    with pytest.raises(AdapterError, match="missing field.*tensors_sha256"):
+        ivpt.load_adapter(directory, backbone=make_vit())
+    (directory / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        ivpt.load_adapter(directory, backbone=make_vit())
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        ivpt.load_adapter(tmp_path / "missing", backbone=make_vit())
+
+
+def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
+    directory = save(tmp_path, da="static")
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    model = ivpt.create_model(make_vit(), "ivpt", 7, prompt_length=2)
+    import ivpt.adapter as adapter_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(adapter_module, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        model.save_adapter(directory)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    assert ivpt.load_adapter(directory, backbone=make_vit()).method.config.da == "static"
