@@ -20,6 +20,7 @@ def copy_tuned(src, dst):
     {"reg_tokens": 2},
     {"no_embed_class": True, "reg_tokens": 1},
     {"init_values": 0.1},
+    {"class_token": False, "global_pool": "map"},
 ])
 @pytest.mark.parametrize("method,options", [("linear", {}), ("full", {}), ("vpt-deep", {"prompt_length": 0}),
                                             ("vpt-shallow", {"prompt_length": 0})])
@@ -48,7 +49,8 @@ def reference_vpt(vit, prompts, images, deep: bool):
     return vit.forward_head(x)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"class_token": False, "global_pool": "avg"}, {"reg_tokens": 2}])
+@pytest.mark.parametrize("overrides", [{}, {"class_token": False, "global_pool": "avg"}, {"reg_tokens": 2},
+                                       {"class_token": False, "global_pool": "map"}])
 @pytest.mark.parametrize("method", ["vpt-shallow", "vpt-deep"])
 def test_vpt_matches_independent_reimplementation(overrides, method, images):
     vit = make_vit(**overrides)
