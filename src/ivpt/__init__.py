@@ -4,12 +4,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .adapter import load_adapter, save_adapter
+from .backbones import DEFAULT_BACKBONE
 from .encoder import PromptedViT
 from .factory import count_parameters, create_model
 from .methods import METHODS
 from .options import OptionError
 
 __all__ = [
+    "DEFAULT_BACKBONE",
     "METHODS",
     "OptionError",
     "PromptedViT",

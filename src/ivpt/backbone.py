@@ -16,6 +16,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from .backbones import is_shipped, shipped_files
 from .methods.base import BackboneShape
 
 SUPPORTED_BLOCKS = (Block, ResPostBlock)
@@ -125,17 +126,19 @@ def load_backbone_weights(vit: VisionTransformer, path: str | Path) -> None:
     if suffix not in WEIGHT_SUFFIXES:
         raise BackboneError(f"weights file {path}: unknown format {suffix!r}, expected one of {', '.join(WEIGHT_SUFFIXES)}")
     if suffix == ".npz":
+        head = {k: v.clone() for k, v in vit.get_classifier().state_dict().items()}
         try:
             vit.load_pretrained(str(path))  # timm's converter for Google's original ViT checkpoints
         except Exception as err:
             raise BackboneError(f"cannot load Google ViT checkpoint {path}: {err}") from err
+        vit.get_classifier().load_state_dict(head)  # keep the new task's head
         return
     state = checkpoint_filter_fn(_read_state_dict(path), vit)  # e.g. resamples pos_embed to img_size
     own = vit.state_dict()
-    head = {n for n, _ in vit.get_classifier().named_parameters(prefix="head")} if vit.num_classes else set()
+    head = {n for n, _ in vit.get_classifier().named_parameters(prefix="head")}
     for name in list(state):
-        if name in head and (name not in own or state[name].shape != own[name].shape):
-            del state[name]  # a head for other classes: the new head keeps its fresh init
+        if name.startswith("head."):
+            del state[name]  # the pretraining task's classifier: the new task keeps its fresh head
     mismatched = [f"{n}: file {tuple(state[n].shape)} vs model {tuple(own[n].shape)}"
                   for n in state if n in own and state[n].shape != own[n].shape]
     if mismatched:
@@ -162,6 +165,12 @@ def build_backbone(backbone: str | nn.Module, num_classes: int, *, pretrained: b
         return vit
     if not isinstance(backbone, str):
         raise BackboneError(f"backbone must be a timm model name or a VisionTransformer, got {type(backbone).__name__}")
+    if is_shipped(backbone) and weights is None:
+        pretrained = True  # shipped inside the package: loads offline, no argument needed
+        weights_file, _ = shipped_files(backbone)
+        if not weights_file.is_file():
+            raise BackboneError(f"the weights of {backbone!r} are missing from the package ({weights_file}); "
+                                "reinstall ivpt or run python -m ivpt.backbones.pretrain")
     arch = backbone.split(".", 1)[0]
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models("vit_*"), n=5)
@@ -176,6 +185,8 @@ def build_backbone(backbone: str | nn.Module, num_classes: int, *, pretrained: b
             ) from err
         raise
     check_supported(vit)
+    if pretrained and weights is None:
+        vit.reset_classifier(num_classes)  # a fresh head for the new task, whatever timm kept
     if weights is not None:
         load_backbone_weights(vit, weights)
     return vit

@@ -1,0 +1,92 @@
+"""Dataset classes shared by every layout: images listed on disk, or decoded arrays in memory."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+class DataError(ValueError):
+    """A dataset on disk does not follow its layout, or one of its files is unusable."""
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Open an image as RGB, naming the file when it is missing or cannot be decoded."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as err:
+        raise DataError(f"image file not found: {path}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot decode image {path}: {err}") from err
+
+
+def check_labels(labels: Sequence[int], num_classes: int, where: str) -> None:
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
+        raise DataError(f"{where}: label {bad} is outside the class range 0..{num_classes - 1}")
+
+
+@dataclass
+class ImageListDataset(Dataset):
+    """(image file, label) pairs read lazily from disk."""
+
+    root: Path
+    items: list[tuple[str, int]]
+    classes: list[str]
+    transform: Callable | None = None
+
+    def __post_init__(self):
+        check_labels([label for _, label in self.items], len(self.classes), str(self.root))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        rel, label = self.items[index]
+        image = open_rgb(self.root / rel)
+        return (self.transform(image) if self.transform else image), label
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([label for _, label in self.items], dtype=np.int64)
+
+
+@dataclass
+class ArrayDataset(Dataset):
+    """Decoded images (N, H, W) gray or (N, H, W, 3) RGB uint8, with labels, held in memory."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    transform: Callable | None = None
+
+    def __post_init__(self):
+        if self.images.dtype != np.uint8 or self.images.ndim not in (3, 4):
+            raise DataError(f"images must be uint8 (N,H,W) or (N,H,W,3), got {self.images.dtype} {self.images.shape}")
+        if len(self.images) != len(self.labels):
+            raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        check_labels(self.labels, len(self.classes), "array dataset")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index]).convert("RGB")
+
+    def __getitem__(self, index: int):
+        image = self.image(index)
+        return (self.transform(image) if self.transform else image), int(self.labels[index])
+
+    def subset(self, indices) -> "ArrayDataset":
+        indices = np.asarray(indices)
+        return ArrayDataset(self.images[indices], self.labels[indices], self.classes, self.transform)

@@ -1,0 +1,114 @@
+"""The offline suite: a VTAB-1k-style benchmark that runs on CPU with no downloads.
+
+Each task has 800 train / 200 val images and a fixed test subset of at most 2,000, drawn with a
+fixed seed, and belongs to one of VTAB's groups. Report both the mean of group means and the
+plain mean over tasks (``summarize``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .datasets import ArrayDataset, DataError
+from .paths import cache_dir
+from .procedural import PROCEDURAL_TASKS, render
+from .sources import dtd10, fashion_mnist, pneumonia_mnist
+from .vtab import GROUPS
+
+TRAIN, VAL, TEST_MAX = 800, 200, 2000
+PROCEDURAL_VERSION = 1  # bump when a renderer changes, so stale caches are not reused
+
+# task -> (group, needs the shared data folder or a system package)
+SUITE_TASKS: dict[str, tuple[str, str | None]] = {
+    "dtd10": ("natural", "dtd10-256.tar.gz"),
+    "fashion-mnist": ("natural", "Debian package dataset-fashion-mnist"),
+    "pneumonia": ("specialized", "pneumoniamnist.npz"),
+    **{name: (group, None) for name, (_, _, group, _) in PROCEDURAL_TASKS.items()},
+}
+
+
+@dataclass
+class SuiteTask:
+    name: str
+    group: str
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    @property
+    def trainval(self) -> ArrayDataset:
+        """train800val200, for the final runs of the protocol."""
+        return ArrayDataset(np.concatenate([self.train.images, self.val.images]),
+                            np.concatenate([self.train.labels, self.val.labels]), self.classes)
+
+
+def _sample(rng, n_total: int, n: int) -> np.ndarray:
+    return np.sort(rng.choice(n_total, size=min(n, n_total), replace=False))
+
+
+def _procedural(name: str, seed: int) -> SuiteTask:
+    _, _, group, classes = PROCEDURAL_TASKS[name]
+    path = cache_dir() / f"suite-{name}-v{PROCEDURAL_VERSION}-seed{seed}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    else:
+        base = seed * 1000 + sorted(PROCEDURAL_TASKS).index(name) * 10
+        arrays = {}
+        for offset, (split, count) in enumerate((("train", TRAIN), ("val", VAL), ("test", TEST_MAX))):
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = render(name, count, base + offset)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    splits = {s: ArrayDataset(arrays[f"{s}_images"], arrays[f"{s}_labels"], classes) for s in ("train", "val", "test")}
+    return SuiteTask(name, group, **splits)
+
+
+def load_task(name: str, seed: int = 0) -> SuiteTask:
+    """One suite task; the same seed always gives the same images in the same splits."""
+    if name not in SUITE_TASKS:
+        raise DataError(f"unknown offline-suite task {name!r}; expected one of {', '.join(SUITE_TASKS)}")
+    group = SUITE_TASKS[name][0]
+    rng = np.random.default_rng(seed)
+    if name in PROCEDURAL_TASKS:
+        return _procedural(name, seed)
+    if name == "dtd10":
+        data = dtd10()
+        parts = {"train": [], "val": [], "test": []}
+        for label in range(len(data.classes)):  # seeded per-class split: 80 / 20 / 20
+            idx = rng.permutation(np.flatnonzero(data.labels == label))
+            n_train, n_val = len(idx) * 2 // 3, len(idx) // 6
+            parts["train"].append(idx[:n_train])
+            parts["val"].append(idx[n_train:n_train + n_val])
+            parts["test"].append(idx[n_train + n_val:])
+        return SuiteTask(name, group, **{s: data.subset(np.sort(np.concatenate(p))) for s, p in parts.items()})
+    if name == "fashion-mnist":
+        data = fashion_mnist()
+        pool = rng.permutation(len(data["train"]))[:TRAIN + VAL]
+        return SuiteTask(name, group, data["train"].subset(np.sort(pool[:TRAIN])),
+                         data["train"].subset(np.sort(pool[TRAIN:])),
+                         data["test"].subset(_sample(rng, len(data["test"]), TEST_MAX)))
+    data = pneumonia_mnist()
+    return SuiteTask(name, group, data["train"].subset(_sample(rng, len(data["train"]), TRAIN)),
+                     data["val"].subset(_sample(rng, len(data["val"]), VAL)),
+                     data["test"].subset(_sample(rng, len(data["test"]), TEST_MAX)))
+
+
+def summarize(accuracy: dict[str, float]) -> dict[str, float | dict[str, float]]:
+    """Group means, their mean, and the plain mean over the tasks given."""
+    groups = {}
+    for group in GROUPS:
+        values = [v for task, v in accuracy.items() if SUITE_TASKS.get(task, (None,))[0] == group]
+        if values:
+            groups[group] = float(np.mean(values))
+    return {
+        "groups": groups,
+        "mean_of_group_means": float(np.mean(list(groups.values()))) if groups else float("nan"),
+        "plain_mean": float(np.mean(list(accuracy.values()))) if accuracy else float("nan"),
+    }

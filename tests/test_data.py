@@ -1,0 +1,353 @@
+"""Data layouts, each read from a small fixture that the test writes in that exact layout."""
+import gzip
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ivpt.data import procedural, sources
+from ivpt.data.cifar10 import load_cifar10
+from ivpt.data.datasets import ArrayDataset, DataError
+from ivpt.data.fgvc import FGVC_DATASETS, fgvc
+from ivpt.data.folder import image_folder, image_folder_splits
+from ivpt.data.suite import SUITE_TASKS, load_task, summarize
+from ivpt.data.transforms import backbone_transform, fgvc_transform, vtab_transform
+from ivpt.data.vtab import VTAB_TASKS, vtab_1k
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("IVPT_CACHE", str(tmp_path / "cache"))
+
+
+def write_image(path: Path, value: int = 0, size=(12, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), value, dtype=np.uint8)).save(path)
+
+
+def snapshot(root: Path):
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def image_bytes(value: int, size=(8, 8), fmt="PNG", mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    Image.fromarray(np.full(shape, value, dtype=np.uint8), mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_tar(path: Path, files: dict[str, bytes]):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+# -- folder per class --------------------------------------------------------------------------
+def test_image_folder_reads_classes_in_order_and_leaves_the_folder_alone(tmp_path):
+    for cls, n in (("cat", 2), ("ant", 3)):
+        for i in range(n):
+            write_image(tmp_path / "data" / cls / f"{i}.png", value=10 * i)
+    before = snapshot(tmp_path / "data")
+    ds = image_folder(tmp_path / "data")
+    assert ds.classes == ["ant", "cat"] and len(ds) == 5
+    image, label = ds[4]
+    assert label == 1 and image.size == (12, 10) and image.mode == "RGB"
+    assert snapshot(tmp_path / "data") == before
+
+
+def test_image_folder_splits_share_the_train_class_order(tmp_path):
+    for split in ("train", "test"):
+        for cls in ("b", "a"):
+            write_image(tmp_path / split / cls / "x.jpg")
+    splits = image_folder_splits(tmp_path)
+    assert set(splits) == {"train", "test"} and splits["test"].classes == ["a", "b"]
+    write_image(tmp_path / "val" / "c" / "x.jpg")
+    with pytest.raises(DataError, match="differ from the expected classes"):
+        image_folder_splits(tmp_path)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        image_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        image_folder(tmp_path / "empty")
+    write_image(tmp_path / "d" / "a" / "0.png")
+    (tmp_path / "d" / "b").mkdir()
+    with pytest.raises(DataError, match="d/b holds no images"):
+        image_folder(tmp_path / "d")
+    (tmp_path / "d" / "b" / "broken.png").write_bytes(b"\x89PNG garbage")
+    ds = image_folder(tmp_path / "d")
+    with pytest.raises(DataError, match="cannot decode image .*broken.png"):
+        ds[1]
+
+
+# -- VTAB-1k -----------------------------------------------------------------------------------
+def test_vtab_task_table_is_complete():
+    assert len(VTAB_TASKS) == 19
+    groups = [g for _, g in VTAB_TASKS.values()]
+    assert (groups.count("natural"), groups.count("specialized"), groups.count("structured")) == (7, 4, 8)
+    assert VTAB_TASKS["cifar"][0] == 100 and VTAB_TASKS["sun397"][0] == 397
+    assert VTAB_TASKS["smallnorb_azi"][0] == 18 and VTAB_TASKS["clevr_count"][0] == 8
+
+
+def make_vtab(root: Path, task="eurosat", lines=None):
+    base = root / task
+    for i in range(4):
+        write_image(base / "images" / f"{i}.jpg", value=40 * i)
+    lists = lines or {"train800": ["images/0.jpg 3", "images/1.jpg 9"], "val200": ["images/2.jpg 0"],
+                      "train800val200": ["images/0.jpg 3", "images/1.jpg 9", "images/2.jpg 0"],
+                      "test": ["images/3.jpg 5"]}
+    for split, rows in lists.items():
+        (base / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_vtab_reads_the_list_files(tmp_path):
+    root = make_vtab(tmp_path)
+    before = snapshot(root)
+    train = vtab_1k(root, "eurosat", "train800", transform=vtab_transform(16))
+    assert len(train) == 2 and train.labels.tolist() == [3, 9] and len(train.classes) == 10
+    x, y = train[1]
+    assert x.shape == (3, 16, 16) and y == 9
+    assert len(vtab_1k(root, "eurosat", "train800val200")) == 3
+    assert snapshot(root) == before
+
+
+def test_vtab_errors(tmp_path):
+    root = make_vtab(tmp_path)
+    with pytest.raises(DataError, match="unknown VTAB-1k task 'eurosat2'"):
+        vtab_1k(root, "eurosat2", "test")
+    with pytest.raises(DataError, match="unknown VTAB-1k split"):
+        vtab_1k(root, "eurosat", "train1000")
+    (root / "eurosat" / "val200.txt").unlink()
+    with pytest.raises(DataError, match="list file not found: .*val200.txt"):
+        vtab_1k(root, "eurosat", "val200")
+    (root / "eurosat" / "test.txt").write_text("images/3.jpg 10\n")
+    with pytest.raises(DataError, match="label 10 is outside the class range 0..9"):
+        vtab_1k(root, "eurosat", "test")
+    (root / "eurosat" / "test.txt").write_text("images/3.jpg\n")
+    with pytest.raises(DataError, match="test.txt:1: expected 'relative/path label'"):
+        vtab_1k(root, "eurosat", "test")
+    with pytest.raises(DataError, match="task folder not found"):
+        vtab_1k(root, "dtd", "test")
+
+
+# -- FGVC --------------------------------------------------------------------------------------
+def make_fgvc(root: Path, dataset="StanfordDogs", first_label=1):
+    num_classes, image_dir = FGVC_DATASETS[dataset]
+    base = root / dataset
+    annotations = {}
+    for c in range(num_classes):
+        rel = f"class{c:03d}/img.jpg"
+        write_image(base / image_dir / rel, value=c, size=(6, 6))
+        annotations[rel] = c + first_label
+    (base / "train.json").write_text(json.dumps(annotations))
+    (base / "val.json").write_text(json.dumps(dict(list(annotations.items())[:5])))
+    (base / "test.json").write_text(json.dumps(dict(list(annotations.items())[-3:])))
+    return root
+
+
+def test_fgvc_reads_vpt_layout_with_contiguous_labels(tmp_path):
+    root = make_fgvc(tmp_path)
+    before = snapshot(root)
+    train = fgvc(root, "StanfordDogs", "train", transform=fgvc_transform(train=True, size=8))
+    assert len(train) == 120 and train.labels.min() == 0 and train.labels.max() == 119
+    x, _ = train[0]
+    assert x.shape == (3, 8, 8)
+    test = fgvc(root, "StanfordDogs", "test")
+    assert test.labels.tolist() == [117, 118, 119]
+    assert snapshot(root) == before
+
+
+def test_fgvc_errors(tmp_path):
+    root = make_fgvc(tmp_path)
+    with pytest.raises(DataError, match="unknown FGVC dataset"):
+        fgvc(root, "Dogs", "train")
+    base = root / "StanfordDogs"
+    (base / "test.json").write_text(json.dumps({"class000/img.jpg": 999}))
+    with pytest.raises(DataError, match="label 999 does not occur in train.json"):
+        fgvc(root, "StanfordDogs", "test")
+    (base / "val.json").write_text("{broken")
+    with pytest.raises(DataError, match="val.json is not valid JSON"):
+        fgvc(root, "StanfordDogs", "val")
+    (base / "train.json").write_text(json.dumps({"class000/img.jpg": 1}))
+    with pytest.raises(DataError, match="1 distinct labels, StanfordDogs has 120 classes"):
+        fgvc(root, "StanfordDogs", "train")
+    assert set(FGVC_DATASETS) == {"CUB_200_2011", "nabirds", "OxfordFlower", "StanfordDogs", "StanfordCars"}
+
+
+# -- archives and arrays -----------------------------------------------------------------------
+def test_cifar10_tar_layout(tmp_path):
+    files = {f"cifar10/{split}/{cls}/{i:04d}.jpg": image_bytes(30 * i, (32, 32), "JPEG")
+             for split in ("train", "test") for cls in ("cat", "airplane") for i in range(2)}
+    write_tar(tmp_path / "c.tar.gz", files)
+    data = load_cifar10(tmp_path / "c.tar.gz")
+    assert data["train"].images.shape == (4, 32, 32, 3) and data["train"].classes == ["airplane", "cat"]
+    assert data["test"].labels.tolist() == [0, 0, 1, 1]
+    assert load_cifar10(tmp_path / "c.tar.gz")["train"].images.shape == (4, 32, 32, 3)  # from the cache
+    write_tar(tmp_path / "bad.tar.gz", {"cifar10/train/cat/0.jpg": b"not a jpeg"})
+    with pytest.raises(ValueError, match="cannot decode image 'cifar10/train/cat/0.jpg'"):
+        load_cifar10(tmp_path / "bad.tar.gz")
+
+
+def test_camvid_tar_layout(tmp_path):
+    files = {}
+    for split in ("train", "val", "test"):
+        files[f"camvid/{split}.txt"] = b"a.png\nb.png\n"
+        for name in ("a.png", "b.png"):
+            files[f"camvid/{split}/{name}"] = image_bytes(100, (6, 4))
+            files[f"camvid/{split}annot/{name}"] = image_bytes(11 if name == "a.png" else 3, (6, 4), mode="L")
+    write_tar(tmp_path / "camvid.tar.gz", files)
+    data = sources.camvid(tmp_path / "camvid.tar.gz")
+    assert data["train"]["images"].shape == (2, 4, 6, 3) and data["val"]["masks"].shape == (2, 4, 6)
+    assert set(np.unique(data["test"]["masks"])) == {3, 11}
+    del files["camvid/val/b.png"]
+    write_tar(tmp_path / "broken.tar.gz", files)
+    with pytest.raises(DataError, match="camvid/val/b.png is listed in camvid/val.txt but missing"):
+        sources.camvid(tmp_path / "broken.tar.gz")
+
+
+def write_idx(path: Path, array: np.ndarray):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_files(tmp_path, monkeypatch):
+    for prefix, n in (("train", 5), ("t10k", 3)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.arange(n * 28 * 28).reshape(n, 28, 28) % 256)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    monkeypatch.setenv("IVPT_FASHION_MNIST", str(tmp_path))
+    data = sources.fashion_mnist()
+    assert data["train"].images.shape == (5, 28, 28) and data["test"].labels.tolist() == [0, 1, 2]
+    assert data["train"].image(0).mode == "RGB"
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    with gzip.open(path, "wb") as f:
+        f.write(raw[:-10])
+    with pytest.raises(DataError, match="truncated"):
+        sources.fashion_mnist()
+    monkeypatch.setenv("IVPT_FASHION_MNIST", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="dataset-fashion-mnist"):
+        sources.fashion_mnist()
+
+
+def test_pneumonia_npz(tmp_path):
+    arrays = {f"{s}_images": np.zeros((4, 28, 28), np.uint8) for s in ("train", "val", "test")}
+    arrays.update({f"{s}_labels": np.array([[0], [1], [1], [0]], np.uint8) for s in ("train", "val", "test")})
+    np.savez(tmp_path / "p.npz", **arrays)
+    data = sources.pneumonia_mnist(tmp_path / "p.npz")
+    assert data["val"].labels.tolist() == [0, 1, 1, 0] and data["train"].classes == ["normal", "pneumonia"]
+    del arrays["test_labels"]
+    np.savez(tmp_path / "q.npz", **arrays)
+    with pytest.raises(DataError, match="missing array 'test_labels'"):
+        sources.pneumonia_mnist(tmp_path / "q.npz")
+    arrays["test_labels"] = np.array([0, 1, 2, 0])
+    np.savez(tmp_path / "r.npz", **arrays)
+    with pytest.raises(DataError, match="label 2 is outside the class range 0..1"):
+        sources.pneumonia_mnist(tmp_path / "r.npz")
+
+
+def test_dtd10_tar_layout(tmp_path):
+    files = {f"dtd10/{cls}/{cls}_{i:04d}.jpg": image_bytes(50 * i, (20, 16), "JPEG")
+             for cls in ("bumpy", "banded") for i in range(3)}
+    write_tar(tmp_path / "dtd.tar.gz", files)
+    data = sources.dtd10(tmp_path / "dtd.tar.gz", size=8)
+    assert data.images.shape == (6, 8, 8, 3) and data.classes == ["banded", "bumpy"]
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+# -- transforms ----------------------------------------------------------------------------------
+def test_transforms_follow_the_protocols():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    x = vtab_transform(24, mean=(0.5,) * 3, std=(0.5,) * 3)(image)
+    assert x.shape == (3, 24, 24) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(vtab_transform(24)(image), vtab_transform(24)(image))  # no augmentation
+    test = fgvc_transform(train=False, size=28)
+    assert torch.equal(test(image), test(image)) and test(image).shape == (3, 28, 28)
+    train = fgvc_transform(train=True, size=28)
+    torch.manual_seed(0)
+    assert not all(torch.equal(train(image), train(image)) for _ in range(5))
+    cfg = {"input_size": (3, 32, 32), "mean": (0.1, 0.2, 0.3), "std": (0.3, 0.3, 0.3), "interpolation": "bicubic"}
+    x = backbone_transform(cfg)(image)
+    assert x.shape == (3, 32, 32)
+
+
+# -- the offline suite ---------------------------------------------------------------------------
+def test_procedural_rendering_is_deterministic_and_balanced():
+    for task, (_, num_classes, group, classes) in procedural.PROCEDURAL_TASKS.items():
+        images, labels = procedural.render(task, 2 * num_classes, seed=5)
+        again, labels_again = procedural.render(task, 2 * num_classes, seed=5)
+        other, _ = procedural.render(task, 2 * num_classes, seed=6)
+        assert np.array_equal(images, again) and np.array_equal(labels, labels_again)
+        assert not np.array_equal(images, other)
+        assert np.bincount(labels, minlength=num_classes).tolist() == [2] * num_classes
+        assert images.shape == (2 * num_classes, 64, 64, 3) and len(classes) == num_classes
+        assert group == "structured"
+
+
+def test_procedural_labels_follow_the_rendered_factor():
+    """dSprites-loc: the sprite's centre of mass moves right with the label."""
+    rng = np.random.default_rng(0)
+    centres = []
+    for label in (0, 15):
+        xs = []
+        for _ in range(20):
+            img = procedural.dsprites_loc(label, rng).astype(float).max(axis=2)
+            mask = img > img.mean() + 2 * img.std()
+            xs.append(np.nonzero(mask)[1].mean())
+        centres.append(np.mean(xs))
+    assert centres[1] - centres[0] > 30
+
+
+def test_suite_procedural_task_sizes_and_seed():
+    task = load_task("clevr-dist", seed=0)
+    assert (len(task.train), len(task.val), len(task.test)) == (800, 200, 2000)
+    assert len(task.trainval) == 1000 and task.group == "structured"
+    assert np.array_equal(load_task("clevr-dist", seed=0).test.images, task.test.images)  # cached, identical
+    with pytest.raises(DataError, match="unknown offline-suite task"):
+        load_task("clevr")
+
+
+def test_summary_means():
+    summary = summarize({"dtd10": 0.5, "fashion-mnist": 0.7, "pneumonia": 0.9, "clevr-count": 0.3,
+                         "clevr-dist": 0.1})
+    assert summary["groups"] == pytest.approx({"natural": 0.6, "specialized": 0.9, "structured": 0.2})
+    assert summary["mean_of_group_means"] == pytest.approx(0.5667, abs=1e-4)
+    assert summary["plain_mean"] == pytest.approx(0.5)
+    assert len(SUITE_TASKS) == 7
+
+
+def shared_data_available(name):
+    from ivpt.data.paths import data_root
+
+    return (data_root() / name).is_file()
+
+
+@pytest.mark.parametrize("task", ["dtd10", "pneumonia", "fashion-mnist"])
+def test_suite_real_tasks(task):
+    need = SUITE_TASKS[task][1]
+    if task == "fashion-mnist":
+        if not Path(os.environ.get("IVPT_FASHION_MNIST", sources.FASHION_MNIST_DIR)).is_dir():
+            pytest.skip(f"needs the {need} (apt-get install dataset-fashion-mnist)")
+    elif not shared_data_available(need):
+        pytest.skip(f"needs {need} in the shared data folder ($IVPT_DATA or ../shared/data)")
+    data = load_task(task, seed=0)
+    sizes = {"dtd10": (800, 200, 200), "pneumonia": (800, 200, 468), "fashion-mnist": (800, 200, 2000)}[task]
+    assert (len(data.train), len(data.val), len(data.test)) == sizes
+    again = load_task(task, seed=0)
+    assert np.array_equal(again.val.images, data.val.images)
+    # disjoint: no image of val or test also sits in train (compare raw bytes)
+    train_keys = {img.tobytes() for img in data.train.images}
+    assert sum(img.tobytes() in train_keys for img in data.val.images) <= 2  # allow true duplicates in the source
+    assert np.bincount(data.train.labels).min() > 0
