@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbone import backbone_signature, weights_fingerprint
+from .engine.checkpoint import atomic_write
 from .data.paths import sha256_file
 from .encoder import PromptedViT
 from .options import OptionError
@@ -29,18 +29,6 @@ FORMAT_VERSION = 1
 
 class AdapterError(ValueError):
     """An adapter folder is missing, damaged, or does not fit the backbone it is loaded onto."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def adapter_config(model: PromptedViT) -> dict[str, Any]:
@@ -80,9 +68,9 @@ def save_adapter(model: PromptedViT, directory, **extra) -> Path:
     config = adapter_config(model)
     config.update(extra)
     config["tensors"] = {n: list(t.shape) for n, t in tensors.items()}
-    _atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
     config["tensors_sha256"] = sha256_file(directory / TENSORS_FILE)
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     return directory
 
 

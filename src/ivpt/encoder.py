@@ -99,6 +99,14 @@ class PromptedViT(nn.Module):
         chosen = {id(p) for p in self.head.parameters()} | {id(p) for p in self.method.parameters()}
         return {n: p for n, p in self.named_parameters() if id(p) in chosen}
 
+    def reset_classifier(self, num_classes: int, class_names: list[str] | None = None) -> None:
+        """A fresh head for ``num_classes`` (trainable, like every head)."""
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.backbone.reset_classifier(num_classes)
+        self.class_names = list(class_names) if class_names is not None else None
+        self._set_trainable()
+
     def _set_trainable(self) -> None:
         tuned = {id(p) for p in self.tuned_parameters().values()}
         for p in self.parameters():

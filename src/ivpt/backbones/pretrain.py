@@ -11,19 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from tqdm import tqdm
 
 from ..data.cifar10 import load_cifar10
 from ..data.paths import data_file, sha256_file
+from ..engine.checkpoint import atomic_write, has_checkpoint, load_checkpoint, save_checkpoint
 from .architectures import ARCHITECTURES
 
 
@@ -88,43 +88,13 @@ def lr_at(step: float, total: float, warmup: float, peak: float, floor: float) -
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    tensors, meta = {}, {}
-    for idx, state in opt.state_dict()["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"opt.{idx}.{key}"] = value.contiguous()
-            else:
-                meta[f"{idx}.{key}"] = value
-    return tensors, meta
+def save_state(out: Path, model, opt, epoch: int, log: list) -> None:
+    save_checkpoint(out, model.state_dict(), opt, {"epoch": epoch, "log": log})
 
 
-def save_checkpoint(out: Path, model, opt, epoch: int, log: list) -> None:
-    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
-    opt_tensors, opt_meta = _optimizer_tensors(opt)
-    tensors.update(opt_tensors)
-    tmp = out / "checkpoint.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out / "checkpoint.safetensors")
-    meta = {"epoch": epoch, "optimizer_scalars": opt_meta, "log": log}
-    tmp = out / "checkpoint.json.tmp"
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, out / "checkpoint.json")
-
-
-def load_checkpoint(out: Path, model, opt) -> tuple[int, list]:
-    meta = json.loads((out / "checkpoint.json").read_text())
-    tensors = load_file(str(out / "checkpoint.safetensors"))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state = opt.state_dict()
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            state["state"].setdefault(int(idx), {})[name] = value
-    for key, value in meta["optimizer_scalars"].items():
-        idx, name = key.split(".", 1)
-        state["state"].setdefault(int(idx), {})[name] = value
-    opt.load_state_dict(state)
+def load_state(out: Path, model, opt) -> tuple[int, list]:
+    tensors, meta = load_checkpoint(out, opt)
+    model.load_state_dict(tensors)
     return meta["epoch"], meta["log"]
 
 
@@ -162,8 +132,8 @@ def main(argv=None) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     start, log = 0, []
-    if (out / "checkpoint.json").is_file():
-        start, log = load_checkpoint(out, model, opt)
+    if has_checkpoint(out):
+        start, log = load_state(out, model, opt)
         print(f"resuming from epoch {start} in {out}")
     steps_per_epoch = len(train_x) // args.batch_size  # drop the ragged last batch
     total = steps_per_epoch * args.epochs
@@ -199,7 +169,7 @@ def main(argv=None) -> dict:
                  "lr_end": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
         log.append(entry)
         print(json.dumps(entry), flush=True)
-        save_checkpoint(out, model, opt, epoch + 1, log)
+        save_state(out, model, opt, epoch + 1, log)
 
     test_x = torch.from_numpy(data["test"].images).permute(0, 3, 1, 2).contiguous()
     test_y = torch.from_numpy(data["test"].labels)
@@ -207,8 +177,7 @@ def main(argv=None) -> dict:
     acc = evaluate(model, test_x, test_y, mean.cpu(), std.cpu(), torch.device("cpu"))
     print(f"CIFAR-10 test top-1 (fp32, 10,000 images): {acc:.4f}")
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(out / "weights.safetensors.tmp"))
-    os.replace(out / "weights.safetensors.tmp", out / "weights.safetensors")
+    atomic_write(out / "weights.safetensors", lambda tmp: save_file(weights, str(tmp)))
     recipe = {k: v for k, v in vars(args).items() if k not in ("out", "data", "device", "threads")}
     config = {
         "architecture": {"arch": args.arch, **arch},

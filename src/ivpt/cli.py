@@ -1,0 +1,316 @@
+"""The ``ivpt`` command: train, eval, predict, params, tune, quickstart, pretrain."""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import sys
+from pathlib import Path
+
+EXIT_INTERRUPTED = 130
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+# -- train ---------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from .engine.config import load_config
+    from .engine.loop import train
+
+    overrides = list(args.set or [])
+    if args.output:
+        overrides.append(f"output={args.output}")
+    cfg = load_config(args.config, overrides)
+    results = train(cfg, resume=args.resume)
+    summary = {k: round(results[k]["top1"], 4) for k in ("val", "test") if k in results}
+    print(json.dumps({"output": cfg.output, "top1": summary, "tuned_parameters": results["parameters"]["tuned"]}))
+    return 0
+
+
+# -- eval ----------------------------------------------------------------------------------------
+def _load_for_inference(adapter_dir: str, weights: str | None):
+    from .adapter import load_adapter, read_adapter_config
+
+    config = read_adapter_config(adapter_dir)
+    weights = weights or config.get("backbone_weights")
+    return load_adapter(adapter_dir, weights=weights), config
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .engine.checkpoint import atomic_write
+    from .engine.data import build_task_data, split_of
+    from .engine.loop import evaluate, loader_for, resolve_device
+
+    model, config = _load_for_inference(args.adapter, args.weights)
+    spec = json.loads(args.data) if args.data else config.get("data")
+    if not spec:
+        raise ValueError(f"{args.adapter} records no dataset; pass --data '{{\"kind\": ..., ...}}'")
+    device = resolve_device(args.device)
+    task = build_task_data(spec, model.backbone.pretrained_cfg)
+    if task.classes != (model.class_names or task.classes):
+        raise ValueError(f"the dataset's classes differ from the adapter's ({len(task.classes)} vs "
+                         f"{len(model.class_names)}): is this the dataset the adapter was trained on?")
+    loader = loader_for(split_of(task, args.split), args.batch_size, __import__("ivpt.engine.distributed",
+                        fromlist=["Dist"]).Dist(), 0, False, 0)
+    metrics = evaluate(model.to(device), loader, len(task.classes), device, desc=args.split)
+    metrics.update({"adapter": args.adapter, "split": args.split, "data": spec, "classes": task.classes})
+    print(json.dumps({"split": args.split, "top1": round(metrics["top1"], 4), "count": metrics["count"]}))
+    if args.output:
+        atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
+    del torch
+    return 0
+
+
+# -- predict -------------------------------------------------------------------------------------
+def cmd_predict(args) -> int:
+    import torch
+
+    from .data.datasets import IMAGE_SUFFIXES, open_rgb
+    from .data.transforms import vtab_transform
+    from .engine.checkpoint import atomic_write
+
+    model, config = _load_for_inference(args.adapter, args.weights)
+    model.eval()
+    size = config["image_size"][-1] if config.get("image_size") else 224
+    transform = vtab_transform(size, config["mean"], config["std"], config.get("interpolation", "bilinear"))
+    files = []
+    for item in map(Path, args.images):
+        if item.is_dir():
+            files += sorted(f for f in item.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"no image or folder at {item}")
+    if not files:
+        raise FileNotFoundError(f"no images found in {', '.join(args.images)}")
+    names = model.class_names or [str(i) for i in range(config["num_classes"])]
+    k = min(args.top_k, len(names))
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(files), args.batch_size):
+            chunk = files[start:start + args.batch_size]
+            batch = torch.stack([transform(open_rgb(f)) for f in chunk])
+            scores, index = model(batch).softmax(-1).topk(k, dim=-1)
+            for f, s, i in zip(chunk, scores.tolist(), index.tolist()):
+                predictions.append({"image": str(f), "top_k": [{"label": names[j], "score": round(p, 5)}
+                                                              for p, j in zip(s, i)]})
+    for p in predictions:
+        print(p["image"] + "\t" + "  ".join(f"{t['label']} {t['score']:.3f}" for t in p["top_k"]))
+    if args.output:
+        atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(predictions, indent=2)))
+    return 0
+
+
+# -- params --------------------------------------------------------------------------------------
+def parameter_table(backbone: str, methods: list[str], num_classes: int, prompt_length: int,
+                    options: dict | None = None) -> list[dict]:
+    import torch
+
+    from . import create_model
+    from .factory import count_parameters
+
+    arch = backbone.split(".", 1)[0]  # shapes only: no weights needed, built on the meta device
+    rows = []
+    with torch.device("meta"):
+        for method in methods:
+            extra = {} if method in ("linear", "full") else {"prompt_length": prompt_length}
+            if method == "ivpt":
+                extra.update(options or {})
+            model = create_model(arch, method, num_classes, **extra)
+            counts = count_parameters(model)
+            counts["method"] = method
+            counts["tuned_%"] = f"{100 * counts['tuned'] / counts['backbone']:.3f}"
+            rows.append(counts)
+    return rows
+
+
+def cmd_params(args) -> int:
+    from .methods import METHODS
+
+    methods = list(METHODS) if args.method == "all" else [args.method]
+    options = {k: v for k, v in (json.loads(args.options) if args.options else {}).items()}
+    rows = parameter_table(args.backbone, methods, args.num_classes, args.prompt_length, options)
+    print(f"{args.backbone}, {args.num_classes} classes, prompt length {args.prompt_length}")
+    _print_table(rows, ["method", "tuned", "tuned_%", "head", "prompts", "da", "ar", "backbone"])
+    if args.output:
+        Path(args.output).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+# -- tune ----------------------------------------------------------------------------------------
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected 0 <= i < n")
+    return index, count
+
+
+def cmd_tune(args) -> int:
+    import dataclasses
+
+    from .data.suite import SUITE_TASKS, summarize
+    from .engine.checkpoint import atomic_write
+    from .engine.config import load_config
+    from .engine.protocol import tune
+
+    cfg = load_config(args.config, list(args.set or []))
+    out = Path(args.output or cfg.output)
+    if args.tasks:
+        if cfg.data.get("kind") != "suite":
+            raise ValueError("--tasks applies to recipes whose data kind is 'suite'")
+        tasks = list(SUITE_TASKS) if args.tasks == "all" else args.tasks.split(",")
+        unknown = [t for t in tasks if t not in SUITE_TASKS]
+        if unknown:
+            raise ValueError(f"--tasks: unknown suite task {unknown[0]!r}; expected {', '.join(SUITE_TASKS)} or all")
+        summaries = {}
+        for task in tasks:
+            task_cfg = dataclasses.replace(cfg, data={**cfg.data, "task": task})
+            summaries[task] = tune(task_cfg, out / task, args.shard)
+        if any(s is None for s in summaries.values()):
+            print("this shard is done; other shards still own runs: rerun (any shard) to merge when they finish")
+            return 0
+        means = summarize({t: s["test_mean"] for t, s in summaries.items()})
+        merged = {"method": cfg.method, "tasks": summaries, **means}
+        atomic_write(out / "suite_summary.json", lambda tmp: tmp.write_text(json.dumps(merged, indent=2)))
+        rows = [{"task": t, "group": SUITE_TASKS[t][0], "test_mean": f"{100 * s['test_mean']:.2f}",
+                 "test_std": f"{100 * s['test_std']:.2f}", "lr": s["chosen"]["lr"], "wd": s["chosen"]["weight_decay"]}
+                for t, s in summaries.items()]
+        _print_table(rows, ["task", "group", "test_mean", "test_std", "lr", "wd"])
+        print(f"mean of group means {100 * means['mean_of_group_means']:.2f}, plain mean {100 * means['plain_mean']:.2f}")
+        return 0
+    summary = tune(cfg, out, args.shard)
+    if summary is None:
+        print("this shard is done; other shards still own runs: rerun (any shard) to merge when they finish")
+        return 0
+    print(json.dumps({"chosen": summary["chosen"], "test_mean": round(summary["test_mean"], 4),
+                      "test_std": round(summary["test_std"], 4), "summary": str(out / "summary.json")}))
+    return 0
+
+
+# -- quickstart (the main job) -----------------------------------------------------------------
+def cmd_quickstart(args) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(task=args.task, output=args.output, epochs=args.epochs)
+    return 0
+
+
+# -- pretrain ------------------------------------------------------------------------------------
+def cmd_pretrain(args, rest: list[str]) -> int:
+    from .backbones.pretrain import main as pretrain
+
+    pretrain(rest)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="ivpt", description="Visual prompt tuning (iVPT and baselines) for timm ViTs")
+    parser.add_argument("--version", action="version", version=f"ivpt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one method on one dataset",
+                       description="Train one method on one dataset from a YAML recipe plus key=value overrides. "
+                                   "Writes config.yaml, metrics.jsonl/csv, a checkpoint every epoch, the adapter "
+                                   "and results.json into the output folder.")
+    p.add_argument("config", nargs="?", help="YAML recipe (see configs/); fields not given keep their defaults")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                   help="override recipe fields, e.g. lr=0.5 method_options.prompt_length=20 data.task=dtd10")
+    p.add_argument("--output", help="run folder (overrides the recipe's output)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in the output folder")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a saved adapter on a split",
+                       description="Top-1 of an adapter on a split; per-class accuracy and the confusion matrix "
+                                   "go to --output.")
+    p.add_argument("adapter", help="adapter folder (adapter.safetensors + adapter_config.json)")
+    p.add_argument("--split", default="test", help="train, val, trainval or test (default test)")
+    p.add_argument("--data", help="dataset spec as JSON (default: the one recorded in the adapter)")
+    p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", help="results JSON to write")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k labels for images or folders of images")
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
+    p.add_argument("--output", help="predictions JSON to write")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("params", help="tuned-parameter table for a backbone and one or all methods")
+    p.add_argument("--backbone", default="vit_base_patch16_224")
+    p.add_argument("--method", default="all", help="a method name or 'all'")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--prompt-length", type=int, default=10)
+    p.add_argument("--options", help="iVPT options as JSON, e.g. '{\"da\": \"channel\"}'")
+    p.add_argument("--output", help="JSON file to write the table to")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("tune", help="VPT protocol: lr x wd grid on train->val, then seeds on train+val->test",
+                       description="Runs the grid (train -> val), picks the best val top-1 (ties: smaller lr), "
+                                   "retrains on train+val with every seed and reports the test mean and std. "
+                                   "Completed runs are skipped; --shard i/n splits the work between processes "
+                                   "sharing the output folder; the last one to finish merges (summary.json).")
+    p.add_argument("config", help="YAML recipe (its 'protocol' field sets lrs, wds and seeds)")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override recipe fields")
+    p.add_argument("--output", help="tuning folder (default: the recipe's output)")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="run every N-th job from the I-th")
+    p.add_argument("--tasks", help="with a suite recipe: 'all' or a comma-separated list of offline-suite tasks")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("quickstart", help="the main job: iVPT vs linear probe vs VPT-deep on an offline task",
+                       description="Trains linear probe, VPT-deep and iVPT on the shipped default backbone on one "
+                                   "procedural task of the offline suite (no data needed), prints test top-1 and "
+                                   "tuned parameters side by side, and saves adapters and results.")
+    p.add_argument("--task", default=None, help="offline-suite task (default: the recipe's)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per method (default: the recipe's)")
+    p.add_argument("--output", default="runs/quickstart")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("pretrain", add_help=False, help="pretrain the default backbone on CIFAR-10 "
+                       "(arguments: see ivpt pretrain --help)")
+    p.set_defaults(func=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "pretrain":
+        return cmd_pretrain(None, argv[1:])
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: every file written so far is complete; a training run continues with --resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            print(f"ivpt: disk full while writing ({err}); the last complete checkpoint and adapter are kept",
+                  file=sys.stderr)
+            return 1
+        print(f"ivpt: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # config, option, data, adapter and checkpoint errors all derive from it
+        print(f"ivpt: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

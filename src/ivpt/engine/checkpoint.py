@@ -1,0 +1,101 @@
+"""Training checkpoints as safetensors + JSON, written atomically, read without unpickling.
+
+A checkpoint holds the given model tensors, the optimizer's state (tensors in safetensors, scalars
+in JSON) and any JSON-serialisable ``meta`` (epoch, log, config). The tensors are written first
+and the JSON, which records their sha256, last: a crash between the two leaves the previous pair's
+JSON pointing at a different digest, and loading says so instead of mixing two states.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..data.paths import sha256_file
+
+TENSORS, META = "checkpoint.safetensors", "checkpoint.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged, or does not fit the model or optimizer it is loaded into."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), fsync, then rename over ``path``: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for idx, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{idx}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, scalars
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+    state = optimizer.state_dict()
+    state["state"] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            state["state"].setdefault(int(idx), {})[name] = value
+    for key, value in scalars.items():
+        idx, name = key.split(".", 1)
+        state["state"].setdefault(int(idx), {})[name] = value
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"optimizer state in the checkpoint does not fit: {err}") from err
+
+
+def save_checkpoint(directory, model_tensors: dict[str, torch.Tensor], optimizer, meta: dict[str, Any]) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model_tensors.items()}
+    opt_tensors, opt_scalars = optimizer_tensors(optimizer)
+    tensors.update(opt_tensors)
+    atomic_write(directory / TENSORS, lambda tmp: save_file(tensors, str(tmp)))
+    record = dict(meta, optimizer_scalars=opt_scalars, tensors_sha256=sha256_file(directory / TENSORS))
+    atomic_write(directory / META, lambda tmp: tmp.write_text(json.dumps(record)))
+
+
+def has_checkpoint(directory) -> bool:
+    return (Path(directory) / META).is_file()
+
+
+def load_checkpoint(directory, optimizer=None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model tensors, meta); restores the optimizer in place when one is given."""
+    directory = Path(directory)
+    meta_path, tensor_path = directory / META, directory / TENSORS
+    if not meta_path.is_file() or not tensor_path.is_file():
+        raise CheckpointError(f"no checkpoint in {directory} (expected {META} and {TENSORS})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta_path} is not valid JSON: {err}") from err
+    if sha256_file(tensor_path) != meta.get("tensors_sha256"):
+        raise CheckpointError(f"{tensor_path} does not match {meta_path} (truncated, altered or from another save)")
+    try:
+        tensors = load_file(str(tensor_path))
+    except Exception as err:
+        raise CheckpointError(f"{tensor_path} is not a readable safetensors file: {err}") from err
+    if optimizer is not None:
+        restore_optimizer(optimizer, tensors, meta.get("optimizer_scalars", {}))
+    return {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, meta

@@ -1,0 +1,149 @@
+"""Run configuration: a YAML recipe plus command-line overrides, validated field by field."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..options import OptionError, check_bool, check_choice, check_float, check_int
+
+
+class ConfigError(ValueError):
+    """A recipe or override names an unknown field or gives it a value it does not accept."""
+
+
+@dataclass
+class TrainConfig:
+    # what to tune
+    backbone: str = "vit_mini_patch4_32.ivpt_cifar10"
+    weights: str | None = None
+    backbone_options: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs (img_size, ...)
+    method: str = "ivpt"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    # data: {"kind": suite|vtab|fgvc|folder|cifar10, ...}; see ivpt.engine.data
+    data: dict[str, Any] = field(default_factory=lambda: {"kind": "suite", "task": "clevr-count"})
+    train_split: str = "train"       # train | trainval
+    eval_split: str = "val"          # val | test | none: evaluated after every epoch
+    test_split: str | None = None     # evaluated once at the end (e.g. test), if given
+    # optimisation (VPT: SGD momentum 0.9, cosine, warm-up)
+    optimizer: str = "sgd"
+    lr: float = 0.1                  # base learning rate, scaled by batch_size / 256 when lr_scaling
+    lr_scaling: bool = True
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    epochs: int = 100
+    warmup_epochs: int = 10
+    batch_size: int = 128            # global batch (all processes, all accumulation steps)
+    accumulation: int = 1
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    precision: str = "fp32"          # fp32 | bf16 | fp16 (fp16 on CUDA only)
+    seed: int = 42
+    device: str = "auto"
+    workers: int = 0
+    output: str = "runs/default"
+    # used by `ivpt tune` only: the lr x wd grid and the seeds of the final runs (VPT's protocol)
+    protocol: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            lambda: check_choice("train_split", self.train_split, ("train", "trainval")),
+            lambda: check_choice("eval_split", self.eval_split, ("val", "test", "none")),
+            lambda: self.test_split is None or check_choice("test_split", self.test_split, ("val", "test")),
+            lambda: check_choice("optimizer", self.optimizer, ("sgd", "adamw")),
+            lambda: check_float("lr", self.lr, 0.0, None, low_open=True),
+            lambda: check_bool("lr_scaling", self.lr_scaling),
+            lambda: check_float("weight_decay", self.weight_decay, 0.0),
+            lambda: check_float("momentum", self.momentum, 0.0, 1.0, high_open=True),
+            lambda: check_int("epochs", self.epochs, low=1),
+            lambda: check_int("warmup_epochs", self.warmup_epochs, low=0),
+            lambda: check_int("batch_size", self.batch_size, low=1),
+            lambda: check_int("accumulation", self.accumulation, low=1),
+            lambda: check_float("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True),
+            lambda: self.grad_clip is None or check_float("grad_clip", self.grad_clip, 0.0, None, low_open=True),
+            lambda: check_choice("precision", self.precision, ("fp32", "bf16", "fp16")),
+            lambda: check_int("seed", self.seed, low=0),
+            lambda: check_int("workers", self.workers, low=0),
+        ]
+        for check in checks:
+            try:
+                check()
+            except OptionError as err:
+                raise ConfigError(str(err).replace("option ", "config field ", 1)) from None
+        if self.warmup_epochs >= self.epochs and self.epochs > 1:
+            raise ConfigError(f"config field 'warmup_epochs': {self.warmup_epochs} must be below epochs ({self.epochs})")
+        if self.batch_size % self.accumulation:
+            raise ConfigError(f"config field 'accumulation': {self.accumulation} must divide batch_size ({self.batch_size})")
+        if not isinstance(self.data, dict) or "kind" not in self.data:
+            raise ConfigError("config field 'data': expected a mapping with a 'kind' (suite, vtab, fgvc, folder, cifar10)")
+        if not isinstance(self.protocol, dict) or set(self.protocol) - {"lrs", "wds", "seeds"}:
+            raise ConfigError("config field 'protocol': expected a mapping with lrs, wds and seeds lists")
+        if not isinstance(self.backbone_options, dict):
+            raise ConfigError("config field 'backbone_options': expected a mapping of timm.create_model arguments")
+        if not isinstance(self.method_options, dict):
+            raise ConfigError("config field 'method_options': expected a mapping of option names to values")
+        from ..factory import method_class
+        from ..options import config_from_options
+
+        try:  # method and its options checked now, before any data or weights are loaded
+            config_from_options(method_class(self.method).config_class, self.method, self.method_options)
+        except OptionError as err:
+            raise ConfigError(f"config field 'method'/'method_options': {err}") from None
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def parse_value(text: str) -> Any:
+    """Command-line values are read as YAML scalars: 0.1, true, null, [1, 2], {a: 1}."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; dotted keys reach into mappings (``data.task=dtd10``)."""
+    raw = json.loads(json.dumps(raw))  # deep copy
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        target, parts = raw, key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
+        target[parts[-1]] = parse_value(value)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of config fields")
+    raw = apply_overrides(raw, overrides or [])
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"unknown config field {unknown[0]!r}{where}; known fields: {', '.join(FIELDS)}")
+    base = TrainConfig()
+    if "data" in raw and isinstance(raw["data"], dict) and "kind" not in raw["data"]:
+        raw["data"] = {**base.data, **raw["data"]}
+    return TrainConfig(**raw).validate()

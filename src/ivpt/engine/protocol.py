@@ -1,0 +1,101 @@
+"""VPT's protocol: lr x wd grid on train -> val, pick, retrain on train+val with several seeds, test.
+
+Every run writes its own results.json under the output folder and completed runs are skipped, so an
+interrupted tuning restarts where it stopped. ``shard=(i, n)`` runs every n-th job from the i-th, so
+n processes (or machines sharing the folder) split the work; any process then merges.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .checkpoint import atomic_write
+from .config import TrainConfig
+from .loop import train
+
+# the spec's grid: base lrs (scaled by batch/256) and weight decays; VTAB's five seeds
+VPT_LRS = [50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05]
+VPT_WDS = [0.01, 0.001, 0.0001, 0.0]
+VPT_SEEDS = [42, 44, 82, 100, 800]
+
+
+def _name(value: float) -> str:
+    return f"{value:g}"
+
+
+def grid_jobs(cfg: TrainConfig, out: Path) -> list[tuple[Path, TrainConfig]]:
+    lrs, wds = cfg.protocol.get("lrs", VPT_LRS), cfg.protocol.get("wds", VPT_WDS)
+    jobs = []
+    for lr in lrs:
+        for wd in wds:
+            run = out / "grid" / f"lr{_name(lr)}_wd{_name(wd)}"
+            jobs.append((run, dataclasses.replace(cfg, lr=float(lr), weight_decay=float(wd), train_split="train",
+                                                  eval_split="val", test_split=None, output=str(run))))
+    return jobs
+
+
+def final_jobs(cfg: TrainConfig, out: Path, lr: float, wd: float) -> list[tuple[Path, TrainConfig]]:
+    jobs = []
+    for seed in cfg.protocol.get("seeds", VPT_SEEDS):
+        run = out / "final" / f"seed{seed}"
+        jobs.append((run, dataclasses.replace(cfg, lr=lr, weight_decay=wd, seed=int(seed), train_split="trainval",
+                                              eval_split="none", test_split="test", output=str(run))))
+    return jobs
+
+
+def _done(run: Path) -> dict | None:
+    path = run / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _run_jobs(jobs, shard: tuple[int, int], desc: str) -> None:
+    index, count = shard
+    mine = [job for i, job in enumerate(jobs) if i % count == index and _done(job[0]) is None]
+    for run, cfg in tqdm(mine, desc=desc, leave=True):
+        train(cfg, resume=True, quiet=True)  # resume=True: an interrupted run continues
+
+
+def choose(grid_results: list[dict]) -> dict:
+    """Best val top-1; ties go to the smaller lr, then to the larger weight decay."""
+    best = max(grid_results, key=lambda r: (round(r["val"]["top1"], 6), -r["config"]["lr"],
+                                            r["config"]["weight_decay"]))
+    return {"lr": best["config"]["lr"], "weight_decay": best["config"]["weight_decay"], "val_top1": best["val"]["top1"]}
+
+
+def tune(cfg: TrainConfig, output: str | Path, shard: tuple[int, int] = (0, 1)) -> dict[str, Any] | None:
+    """Run this shard's share; returns the merged summary once every run exists, else None."""
+    out = Path(output)
+    if not 0 <= shard[0] < shard[1]:
+        raise ValueError(f"--shard {shard[0]}/{shard[1]}: expected i/n with 0 <= i < n")
+    grid = grid_jobs(cfg, out)
+    _run_jobs(grid, shard, "grid (train -> val)")
+    grid_results = [_done(run) for run, _ in grid]
+    if any(r is None for r in grid_results):
+        return None  # other shards still own grid runs
+    choice = choose(grid_results)
+    finals = final_jobs(cfg, out, choice["lr"], choice["weight_decay"])
+    _run_jobs(finals, shard, "final (train+val -> test)")
+    final_results = [_done(run) for run, _ in finals]
+    if any(r is None for r in final_results):
+        return None
+    tests = [r["test"]["top1"] for r in final_results]
+    summary = {
+        "data": cfg.data,
+        "method": cfg.method,
+        "method_options": cfg.method_options,
+        "grid": [{"lr": r["config"]["lr"], "weight_decay": r["config"]["weight_decay"], "val_top1": r["val"]["top1"]}
+                 for r in grid_results],
+        "chosen": choice,
+        "seeds": [r["config"]["seed"] for r in final_results],
+        "test_top1": tests,
+        "test_mean": statistics.fmean(tests),
+        "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+        "parameters": final_results[0]["parameters"],
+    }
+    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    return summary
