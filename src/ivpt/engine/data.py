@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from ..data import fgvc, image_folder, load_task, vtab_1k
 from ..data.cifar10 import load_cifar10
@@ -93,6 +93,8 @@ def build_task_data(spec: dict[str, Any], pretrained_cfg: dict) -> TaskData:
     for split in ("val", "test"):
         if (root / split).is_dir():
             splits[split] = image_folder(root / split, classes=train.classes, transform=vtab_tf)
+    if "val" in splits:
+        splits["trainval"] = ConcatDataset([splits["train"], splits["val"]])
     return TaskData(train.classes, splits, "folder")
 
 

@@ -1,0 +1,291 @@
+"""Training engine: resume = uninterrupted, DDP (gloo, 2 CPU processes) = 1 process, protocol, CLI."""
+import errno
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import ivpt
+from ivpt import cli
+from ivpt.engine import checkpoint as ckpt_module
+from ivpt.engine.checkpoint import CheckpointError, load_checkpoint
+from ivpt.engine.config import ConfigError, TrainConfig, load_config
+from ivpt.engine.loop import train
+from ivpt.engine.protocol import choose, tune
+
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def make_folder(root: Path, per_class=12):
+    """Two colour classes (learnable), train and val splits."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 4)):
+        for label, colour in enumerate(((200, 40, 40), (40, 40, 200))):
+            for i in range(n):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                path = root / split / f"class{label}" / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(path)
+    return root
+
+
+@pytest.fixture
+def setup(tmp_path):
+    folder = make_folder(tmp_path / "data")
+    torch.manual_seed(0)
+    import timm
+
+    backbone = timm.create_model("vit_mini_patch4_32", **TINY)
+    save_file(backbone.state_dict(), str(tmp_path / "backbone.safetensors"))
+    return tmp_path, folder
+
+
+def config(tmp_path, folder, **changes):
+    base = dict(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(tmp_path / "backbone.safetensors"),
+                method="ivpt", method_options={"prompt_length": 3, "ar_gamma_init": 0.1, "prompt_dropout": 0.1},
+                data={"kind": "folder", "root": str(folder)}, epochs=3, warmup_epochs=1, batch_size=8, lr=2.0,
+                output=str(tmp_path / "run"))
+    base.update(changes)
+    return TrainConfig(**base).validate()
+
+
+def adapter_tensors(run: Path):
+    return load_file(str(run / "adapter" / "adapter.safetensors"))
+
+
+def test_resume_after_interrupt_ends_like_an_uninterrupted_run(setup, monkeypatch):
+    tmp_path, folder = setup
+    full = train(config(tmp_path, folder, output=str(tmp_path / "full")), quiet=True)
+
+    calls = {"n": 0}
+    real_save = ckpt_module.save_checkpoint
+
+    def interrupt_after_first_epoch(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("ivpt.engine.loop.save_checkpoint", interrupt_after_first_epoch)
+    cfg = config(tmp_path, folder, output=str(tmp_path / "split"))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, quiet=True)
+    _, meta = load_checkpoint(tmp_path / "split")  # the last good checkpoint is loadable
+    assert meta["epoch"] == 1
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, quiet=True)
+    resumed = train(cfg, resume=True, quiet=True)
+    a, b = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "split")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda log: [{k: v for k, v in e.items() if k != "seconds"} for e in log]
+    assert strip(resumed["log"]) == strip(full["log"])
+    assert resumed["val"]["top1"] == full["val"]["top1"]
+
+
+def test_resume_refuses_a_changed_config(setup):
+    tmp_path, folder = setup
+    train(config(tmp_path, folder, epochs=2), quiet=True)
+    with pytest.raises(ValueError, match="config differs .* lr"):
+        train(config(tmp_path, folder, epochs=2, lr=0.3), resume=True, quiet=True)
+
+
+def test_training_learns_and_writes_everything(setup):
+    tmp_path, folder = setup
+    results = train(config(tmp_path, folder, epochs=4, test_split="val", label_smoothing=0.1, grad_clip=1.0,
+                           accumulation=2, optimizer="adamw", lr=0.05, lr_scaling=False), quiet=True)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "results.json", "checkpoint.json",
+                 "checkpoint.safetensors", "adapter/adapter.safetensors", "adapter/adapter_config.json"):
+        assert (run / name).is_file(), name
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert results["val"]["top1"] == 1.0  # two colours: trivially separable once trained
+    assert len(results["val"]["confusion_matrix"]) == 2 and sum(map(sum, results["val"]["confusion_matrix"])) == 8
+    assert load_config(run / "config.yaml").lr == 0.05  # the saved effective config reloads
+    # no checkpoint file left half-written
+    assert not [p for p in run.iterdir() if ".tmp" in p.name]
+
+
+def _ddp_worker(rank, world, port, cfg_dict, result_path):
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+                       "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    results = train(TrainConfig(**cfg_dict), quiet=True)
+    if rank == 0:
+        Path(result_path).write_text(json.dumps({"val": results["val"]["top1"], "log": results["log"]}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one_process(setup):
+    tmp_path, folder = setup
+    common = dict(epochs=2, method_options={"prompt_length": 3, "ar_gamma_init": 0.1}, lr=1.0)
+    single = train(config(tmp_path, folder, output=str(tmp_path / "one"), **common), quiet=True)
+    cfg = config(tmp_path, folder, output=str(tmp_path / "two"), **common)
+    mp.start_processes(_ddp_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path / "two.json")),
+                       nprocs=2, join=True, start_method="spawn")
+    two = json.loads((tmp_path / "two.json").read_text())
+    a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=2e-5), key
+    for one_entry, two_entry in zip(single["log"], two["log"]):
+        assert one_entry["train_loss"] == pytest.approx(two_entry["train_loss"], abs=1e-5)
+        assert one_entry["val_top1"] == two_entry["val_top1"]
+
+
+def test_protocol_on_a_folder_dataset(setup):
+    tmp_path, folder = setup
+    for path in (folder / "val").rglob("*.png"):  # give the folder a test split too
+        target = folder / "test" / path.relative_to(folder / "val")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    cfg = config(tmp_path, folder, epochs=1, warmup_epochs=0, protocol={"lrs": [2.0, 0.5], "wds": [0.0, 0.01],
+                                                                         "seeds": [3]})
+    summary = tune(cfg, tmp_path / "tune")
+    assert len(summary["grid"]) == 4 and summary["seeds"] == [3]
+    best = max(g["val_top1"] for g in summary["grid"])
+    assert summary["chosen"]["val_top1"] == best
+    final = json.loads((tmp_path / "tune" / "final" / "seed3" / "results.json").read_text())
+    assert final["config"]["train_split"] == "trainval" and final["test"]["count"] == 8
+    assert json.loads((tmp_path / "tune" / "summary.json").read_text())["test_mean"] == summary["test_mean"]
+
+
+def test_protocol_on_a_suite_task_with_shards(tmp_path, monkeypatch):
+    monkeypatch.setenv("IVPT_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    import timm
+
+    save_file(timm.create_model("vit_mini_patch4_32", **TINY).state_dict(), str(tmp_path / "b.safetensors"))
+    cfg = TrainConfig(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(tmp_path / "b.safetensors"),
+                      method="vpt-deep", method_options={"prompt_length": 1}, data={"kind": "suite", "task": "clevr-dist"},
+                      epochs=1, warmup_epochs=0, batch_size=200, protocol={"lrs": [0.5, 0.1], "wds": [0.0], "seeds": [1, 2]},
+                      output=str(tmp_path / "tune")).validate()
+    assert tune(cfg, tmp_path / "tune", shard=(0, 2)) is None  # shard 0 cannot finish alone
+    summary = tune(cfg, tmp_path / "tune", shard=(1, 2))
+    assert summary is None or summary["seeds"] == [1, 2]
+    summary = summary or tune(cfg, tmp_path / "tune", shard=(0, 2))
+    assert summary["seeds"] == [1, 2] and len(summary["grid"]) == 2 and len(summary["test_top1"]) == 2
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "tune").rglob("results.json")}
+    assert len(stamp) == 4
+    again = tune(cfg, tmp_path / "tune")  # everything done: nothing retrained, same summary
+    assert again["test_top1"] == summary["test_top1"]
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+
+
+def test_choose_prefers_best_val_then_smaller_lr():
+    runs = [{"config": {"lr": lr, "weight_decay": wd}, "val": {"top1": acc}}
+            for lr, wd, acc in [(1.0, 0.0, 0.8), (0.1, 0.0, 0.8), (0.5, 0.01, 0.7)]]
+    assert choose(runs) == {"lr": 0.1, "weight_decay": 0.0, "val_top1": 0.8}
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="'batch_size'"):
+        TrainConfig(batch_size=0).validate()
+    with pytest.raises(ConfigError, match="'accumulation'.*divide"):
+        TrainConfig(batch_size=10, accumulation=3).validate()
+    with pytest.raises(ConfigError, match="'precision'"):
+        TrainConfig(precision="fp8").validate()
+    (tmp_path / "r.yaml").write_text("epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match="r.yaml is not valid YAML"):
+        load_config(tmp_path / "r.yaml")
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_config(tmp_path / "none.yaml")
+    assert load_config(None, ["lr=0.5", "method_options.prompt_length=20", "data.task=dtd10"]).data["task"] == "dtd10"
+
+
+def test_cli_train_eval_predict_params(setup, capsys):
+    tmp_path, folder = setup
+    recipe = tmp_path / "recipe.yaml"
+    cfg = config(tmp_path, folder, epochs=2, test_split="val").to_dict()
+    import yaml
+
+    recipe.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["train", str(recipe), "--output", str(tmp_path / "cli")]) == 0
+    assert cli.main(["eval", str(tmp_path / "cli" / "adapter"), "--split", "val",
+                     "--output", str(tmp_path / "eval.json")]) == 0
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    results = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert metrics["top1"] == results["val"]["top1"] and len(metrics["per_class_accuracy"]) == 2
+    assert cli.main(["predict", str(tmp_path / "cli" / "adapter"), str(folder / "val" / "class0"), "--top-k", "2",
+                     "--output", str(tmp_path / "pred.json")]) == 0
+    predictions = json.loads((tmp_path / "pred.json").read_text())
+    assert len(predictions) == 4 and predictions[0]["top_k"][0]["label"] in ("class0", "class1")
+    assert cli.main(["params", "--backbone", "vit_base_patch16_224", "--method", "ivpt"]) == 0
+    assert "185978" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--set", "lr=-1"], "config field 'lr'"),
+    (["train", "--set", "method=vpt"], "unknown method 'vpt'"),
+    (["train", "--set", "optimizer=adam"], "'optimizer'"),
+    (["eval", "/nonexistent/adapter"], "adapter_config.json"),
+    (["predict", "/nonexistent/adapter", "x.png"], "adapter_config.json"),
+])
+def test_cli_bad_input_gives_a_clear_message(argv, message, capsys):
+    assert cli.main(argv) != 0
+    assert message in capsys.readouterr().err
+
+
+def test_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(setup, monkeypatch, capsys):
+    tmp_path, folder = setup
+    real = ckpt_module.save_file
+    calls = {"n": 0}
+
+    def disk_full_on_second_save(tensors, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_module, "save_file", disk_full_on_second_save)
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config(tmp_path, folder).to_dict()))
+    assert cli.main(["train", str(recipe)]) == 1
+    assert "disk full" in capsys.readouterr().err
+    _, meta = load_checkpoint(tmp_path / "run")
+    assert meta["epoch"] == 1
+    monkeypatch.setattr(ckpt_module, "save_file", real)
+    assert cli.main(["train", str(recipe), "--resume"]) == 0
+
+
+def test_ctrl_c_exits_130_and_resume_finishes(setup, monkeypatch, capsys):
+    tmp_path, folder = setup
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config(tmp_path, folder).to_dict()))
+    real = ivpt.engine.loop.evaluate
+    calls = {"n": 0}
+
+    def interrupt_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ivpt.engine.loop, "evaluate", interrupt_in_second_epoch)
+    assert cli.main(["train", str(recipe)]) == cli.EXIT_INTERRUPTED
+    assert "--resume" in capsys.readouterr().err
+    monkeypatch.setattr(ivpt.engine.loop, "evaluate", real)
+    assert cli.main(["train", str(recipe), "--resume"]) == 0
+
+
+def test_damaged_checkpoint_is_refused(setup):
+    tmp_path, folder = setup
+    train(config(tmp_path, folder, epochs=2), quiet=True)
+    path = tmp_path / "run" / "checkpoint.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated, altered"):
+        train(config(tmp_path, folder, epochs=2), resume=True, quiet=True)
