@@ -12,3 +12,28 @@ def test_ci_runs_the_readme_test_command():
     assert len(test_commands) == 1
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_commands[0].strip() in [line.strip() for line in ci]
+
+
+SPEC_PROMPT_LENGTHS = {
+    "cifar": 10, "caltech101": 10, "dtd": 10, "oxford_flowers102": 1, "oxford_iiit_pet": 1, "svhn": 50,
+    "sun397": 5, "patch_camelyon": 100, "eurosat": 100, "resisc45": 10, "diabetic_retinopathy": 1,
+    "clevr_count": 100, "clevr_dist": 200, "dmlab": 100, "kitti": 100, "dsprites_loc": 100, "dsprites_ori": 100,
+    "smallnorb_azi": 200, "smallnorb_ele": 200,
+    "CUB_200_2011": 10, "nabirds": 50, "OxfordFlower": 5, "StanfordCars": 200, "StanfordDogs": 100,
+}
+
+
+def test_every_recipe_loads_and_uses_vpts_prompt_length():
+    from ivpt.data.fgvc import FGVC_DATASETS
+    from ivpt.data.vtab import VTAB_TASKS
+    from ivpt.engine.config import load_config
+
+    recipes = sorted((ROOT / "configs").rglob("*.yaml"))
+    names = {p.stem for p in recipes}
+    assert set(VTAB_TASKS) | set(FGVC_DATASETS) <= names
+    for path in recipes:
+        cfg = load_config(path)
+        if path.stem in SPEC_PROMPT_LENGTHS:
+            assert cfg.method_options["prompt_length"] == SPEC_PROMPT_LENGTHS[path.stem], path
+            assert (cfg.epochs, cfg.warmup_epochs, cfg.batch_size, cfg.optimizer) == (100, 10, 128, "sgd")
+            assert len(cfg.protocol["lrs"]) == 10 and cfg.protocol["seeds"] == [42, 44, 82, 100, 800]
