@@ -1,0 +1,56 @@
+"""The default backbone's pretraining script: resumable, reproducible, recorded."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ivpt.backbones import pretrain
+from test_data import image_bytes, write_tar
+
+
+@pytest.fixture
+def cifar_tar(tmp_path, monkeypatch):
+    monkeypatch.setenv("IVPT_CACHE", str(tmp_path / "cache"))
+    files = {f"cifar10/{split}/{cls}/{i:04d}.jpg": image_bytes(20 * i + 60 * c, (32, 32), "JPEG")
+             for split in ("train", "test") for c, cls in enumerate(("cat", "dog")) for i in range(8)}
+    write_tar(tmp_path / "c.tar.gz", files)
+    return tmp_path / "c.tar.gz"
+
+
+def args(tar, out):
+    return ["--data", str(tar), "--out", str(out), "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "4",
+            "--width", "32", "--depth", "2", "--heads", "2", "--precision", "fp32", "--threads", "1"]
+
+
+def test_interrupted_pretraining_resumes_to_the_same_weights(cifar_tar, tmp_path, monkeypatch):
+    full = pretrain.main(args(cifar_tar, tmp_path / "a"))
+    real = pretrain.save_state
+    calls = {"n": 0}
+
+    def stop_after_first(*a, **k):
+        real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "save_state", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(args(cifar_tar, tmp_path / "b"))
+    monkeypatch.setattr(pretrain, "save_state", real)
+    resumed = pretrain.main(args(cifar_tar, tmp_path / "b"))
+    a = load_file(str(tmp_path / "a" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["weights_sha256"] == full["weights_sha256"]
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["architecture"]["embed_dim"] == 32 and config["class_names"] == ["cat", "dog"]
+    assert len(config["train_log"]) == 3 and 0 <= config["cifar10_test_top1"] <= 1
+    assert config["data"]["sha256"] and config["recipe"]["seed"] == 0
+
+
+def test_pretrain_rejects_nonsense(cifar_tar, tmp_path):
+    with pytest.raises(SystemExit):
+        pretrain.main(["--data", str(cifar_tar), "--out", str(tmp_path / "x"), "--epochs", "0"])
+    with pytest.raises(SystemExit):
+        pretrain.main(["--data", str(cifar_tar), "--out", str(tmp_path / "x"), "--warmup-epochs", "40"])
