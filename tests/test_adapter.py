@@ -52,9 +52,25 @@ def test_round_trip_by_name_with_local_weights(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
-    # the same architecture with other (random) weights is caught
-    with pytest.raises(AdapterError, match="weights"):
+    # by default the recorded weights file is used again
+    with torch.no_grad():
+        assert torch.equal(ivpt.load_adapter(tmp_path / "a").eval()(images), model(images))
+    # other weights for the same architecture are caught, with a hint
+    save_file(make_vit(seed=3).state_dict(), str(tmp_path / "other.safetensors"))
+    with pytest.raises(AdapterError, match="weights differ .*backbone.safetensors.*weights=PATH"):
+        ivpt.load_adapter(tmp_path / "a", weights=tmp_path / "other.safetensors")
+    (tmp_path / "backbone.safetensors").rename(tmp_path / "moved.safetensors")
+    with pytest.raises(AdapterError, match="backbone.safetensors, which is not there now"):
         ivpt.load_adapter(tmp_path / "a")
+    # an adapter saved by name loads onto an equivalent built module (name without tag matches)
+    import timm
+
+    built = timm.create_model("vit_tiny_patch16_224", **TINY)
+    from ivpt.backbone import load_backbone_weights
+
+    load_backbone_weights(built, tmp_path / "moved.safetensors")
+    with torch.no_grad():
+        assert torch.equal(ivpt.load_adapter(tmp_path / "a", backbone=built).eval()(images), model(images))
 
 
 def save(tmp_path, **options):

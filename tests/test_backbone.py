@@ -124,6 +124,10 @@ def test_unknown_and_unsupported_backbones_are_refused():
         ivpt.create_model(torch.nn.Linear(3, 3), "ivpt", 7)
     with pytest.raises(BackboneError, match="ParallelScalingBlock"):
         ivpt.create_model(make_vit(block_fn=ParallelScalingBlock), "vpt-deep", 7)
+    from timm.models.vision_transformer import ResPostBlock
+
+    with pytest.raises(BackboneError, match="ResPostBlock.*pre-norm"):  # DA's standardised mixing assumes pre-norm
+        ivpt.create_model(make_vit(block_fn=ResPostBlock), "ivpt", 7)
 
 
 @pytest.mark.parametrize("method,options,match", [

@@ -48,7 +48,7 @@ def test_ar_changes_exactly_top_k_patches(ratio, mix):
     with torch.no_grad():
         model(images)
     m = 16
-    k = max(1, round(ratio * m))
+    k = max(1, int(ratio * m + 0.5))
     assert [s[0] for s in seen] == [0, 1, 2]  # every transition of a depth-4 backbone
     for i, before, after, saliency, selected in seen:
         changed = (before != after).any(dim=-1)  # (B, m)
@@ -107,4 +107,19 @@ def test_dynamic_image_size_adapts_k():
     with torch.no_grad():
         out = model(torch.randn(2, 3, 48, 64))  # a 6 x 8 grid of patches
     assert out.shape == (2, 7)
-    assert model.last_reinforcement[0].selected.shape == (2, round(0.25 * 48))
+    assert model.last_reinforcement[0].selected.shape == (2, 12)
+
+
+def test_k_rounds_half_up():
+    from ivpt.methods.ivpt import AttentiveReinforcement
+
+    assert AttentiveReinforcement("mean", 0.25, 0.0).num_selected(10) == 3  # 2.5 -> 3, not half-even 2
+    assert AttentiveReinforcement("mean", 0.25, 0.0).num_selected(196) == 49
+    assert AttentiveReinforcement("mean", 0.001, 0.0).num_selected(16) == 1
+
+
+def test_saliency_stays_float32_under_bf16_autocast():
+    model = ivpt.create_model(make_vit(), "ivpt", 7, prompt_length=2).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 32, 32))
+    assert model.last_reinforcement[0].saliency.dtype == torch.float32

@@ -49,6 +49,8 @@ def adapter_config(model: PromptedViT) -> dict[str, Any]:
         "backbone": {
             "name": model.backbone_name,
             "timm_kwargs": getattr(model, "timm_kwargs", {}),
+            "weights_source": getattr(model, "weights_source", "module"),  # pretrained | file | none | module
+            "weights_file": getattr(model, "weights_file", None),
             "signature": backbone_signature(vit),
             "weights_fingerprint": None if model.method.tunes_backbone else weights_fingerprint(vit),
         },
@@ -116,9 +118,11 @@ def read_adapter_tensors(directory, config: dict[str, Any]) -> dict[str, torch.T
 def check_backbone_matches(config: dict[str, Any], model: PromptedViT, source: str) -> None:
     saved = config["backbone"]
     problems = []
-    name = model.backbone_name
-    if saved.get("name") and name and saved["name"] != name:
-        problems.append(f"name: adapter {saved['name']!r}, backbone {name!r}")
+    name, recorded = model.backbone_name, saved.get("name")
+    if recorded and name:
+        (arch_a, _, tag_a), (arch_b, _, tag_b) = recorded.partition("."), name.partition(".")
+        if arch_a != arch_b or (tag_a and tag_b and tag_a != tag_b):  # a missing tag matches any
+            problems.append(f"name: adapter {recorded!r}, backbone {name!r}")
     now = backbone_signature(model.backbone)
     for key, value in (saved.get("signature") or {}).items():
         if now.get(key) != value:
@@ -127,14 +131,20 @@ def check_backbone_matches(config: dict[str, Any], model: PromptedViT, source: s
     if not problems and fingerprint and not model.method.tunes_backbone:
         current = weights_fingerprint(model.backbone)
         if current is not None and current != fingerprint:
-            problems.append("weights: the backbone's pretrained weights differ from those the adapter was trained on")
+            source = saved.get("weights_file") or saved.get("weights_source", "unknown")
+            problems.append(f"weights: the backbone's weights differ from those the adapter was trained on ({source}); "
+                            "pass the same ones (weights=PATH or pretrained=True), or check_weights=False")
     if problems:
         raise AdapterError(f"adapter {source} does not fit this backbone: " + "; ".join(problems))
 
 
-def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=None, pretrained: bool = False,
+def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=None, pretrained: bool | None = None,
                  check_weights: bool = True) -> PromptedViT:
-    """Rebuild the tuned model from an adapter folder on ``backbone`` (default: the recorded name)."""
+    """Rebuild the tuned model from an adapter folder on ``backbone`` (default: the recorded name).
+
+    Without ``weights``/``pretrained``, a backbone given by name gets the weights the adapter was
+    trained on, as recorded: timm's pretrained weights, or the same local file if it still exists.
+    """
     from .factory import create_model
 
     directory = Path(directory)
@@ -145,11 +155,24 @@ def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=
         backbone = saved.get("name")
         if not backbone:
             raise AdapterError(f"adapter {directory} records no backbone name; pass backbone=")
+    if isinstance(backbone, str) and weights is None and pretrained is None:
+        source, recorded = saved.get("weights_source"), saved.get("weights_file")
+        if source == "file" and recorded:
+            if not Path(recorded).is_file():
+                raise AdapterError(f"adapter {directory} was trained on backbone weights from {recorded}, which is "
+                                   "not there now; pass weights=PATH to the same file")
+            weights = recorded
+        pretrained = source == "pretrained"
+    if isinstance(backbone, str):
+        timm_kwargs = dict(saved.get("timm_kwargs") or {})
+        if config.get("image_size") and saved.get("weights_source") == "module":
+            timm_kwargs.setdefault("img_size", config["image_size"])  # built by hand at this size
+    else:
+        timm_kwargs = None
     try:
         model = create_model(backbone, config["method"], config["num_classes"], weights=weights,
-                             pretrained=pretrained, class_names=config.get("class_names"),
-                             timm_kwargs=saved.get("timm_kwargs") if isinstance(backbone, str) else None,
-                             **config["options"])
+                             pretrained=bool(pretrained), class_names=config.get("class_names"),
+                             timm_kwargs=timm_kwargs, **config["options"])
     except OptionError as err:
         raise AdapterError(f"{directory / CONFIG_FILE}: {err}") from err
     if not check_weights:

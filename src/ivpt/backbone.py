@@ -13,13 +13,14 @@ from typing import Any
 import timm
 import torch
 from timm.layers import Attention
-from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from .backbones import is_shipped, shipped_files
 from .methods.base import BackboneShape
 
-SUPPORTED_BLOCKS = (Block, ResPostBlock)
+# pre-norm blocks only: DA mixes in standardised space because norm1 sees only each token's direction
+SUPPORTED_BLOCKS = (Block,)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 
 
@@ -39,7 +40,7 @@ def check_supported(vit: nn.Module) -> VisionTransformer:
         if type(block) not in SUPPORTED_BLOCKS:
             raise BackboneError(
                 f"block {i} is {type(block).__name__}; ivpt supports timm's "
-                f"{', '.join(b.__name__ for b in SUPPORTED_BLOCKS)} (pre-norm or post-norm ViT blocks)"
+                f"{', '.join(b.__name__ for b in SUPPORTED_BLOCKS)} (pre-norm ViT blocks)"
             )
         attn = block.attn
         if type(attn) is not Attention or not isinstance(attn.qkv, nn.Linear):

@@ -36,9 +36,8 @@ def cmd_train(args) -> int:
 def _load_for_inference(adapter_dir: str, weights: str | None):
     from .adapter import load_adapter, read_adapter_config
 
-    config = read_adapter_config(adapter_dir)
-    weights = weights or config.get("backbone_weights")
-    return load_adapter(adapter_dir, weights=weights), config
+    # without --weights, the adapter's recorded backbone weights are used
+    return load_adapter(adapter_dir, weights=weights), read_adapter_config(adapter_dir)
 
 
 def cmd_eval(args) -> int:

@@ -142,14 +142,15 @@ class PromptedViT(nn.Module):
                 with _QKVCapture(block.attn) as capture:
                     out = block(tokens)
                 rows = slice(0, 1) if self.ar_source == "cls" else slice(npt, npt + p)
-                with torch.no_grad():
+                # fp32 even under autocast: bf16 would tie many of the ~0.005 weights and make top-K arbitrary
+                with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
                     saliency = query_saliency(block.attn, capture.output, rows, npt + p)
             else:
                 out = block(tokens)
             prefix, z, patches = out[:, :npt], out[:, npt:npt + p], out[:, npt + p:]
             if i < last:
                 following = method.next_prompts(i, z)
-                prompts = z if following is None else following
+                prompts = z if following is None else following.to(z.dtype)
                 if reinforce:
                     patches, selected = method.reinforce(i, patches, saliency, prompts)
                     records.append(Reinforcement(i, saliency.detach(), selected.detach()))

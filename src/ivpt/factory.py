@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from .backbone import backbone_name, backbone_shape, build_backbone
+from .backbones import is_shipped
 from .encoder import PromptedViT
 from .methods import METHODS
 from .options import OptionError, check_int, config_from_options
@@ -40,6 +41,14 @@ def create_model(backbone: str | nn.Module, method: str, num_classes: int, *, pr
     model = PromptedViT(vit, tuner, backbone_name=backbone if isinstance(backbone, str) else backbone_name(vit),
                         class_names=class_names)
     model.timm_kwargs = dict(timm_kwargs or {})
+    # where the backbone weights came from, so an adapter can be reloaded onto the same ones
+    if weights is not None:
+        model.weights_source, model.weights_file = "file", str(Path(weights).resolve())
+    elif not isinstance(backbone, str):
+        model.weights_source, model.weights_file = "module", None
+    else:
+        shipped = is_shipped(backbone)
+        model.weights_source, model.weights_file = ("pretrained" if pretrained or shipped else "none"), None
     return model
 
 

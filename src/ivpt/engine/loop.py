@@ -226,7 +226,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
         results["test"] = evaluate(model, test_loader, len(task.classes), device, ctx, cfg.precision, desc="test")
     if ctx.main:
         summary = {k: results[k]["top1"] for k in (cfg.eval_split, "test") if k in results}
-        model.save_adapter(out / "adapter", metrics=summary, data=cfg.data, backbone_weights=cfg.weights)
+        model.save_adapter(out / "adapter", metrics=summary, data=cfg.data)
         results["adapter"] = str(out / "adapter")
         atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
         if writer:

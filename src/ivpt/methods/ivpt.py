@@ -115,7 +115,7 @@ class AttentiveReinforcement(nn.Module):
         self.gamma = nn.Parameter(torch.tensor(float(gamma_init)))
 
     def num_selected(self, num_patches: int) -> int:
-        return max(1, round(self.ratio * num_patches))
+        return max(1, math.floor(self.ratio * num_patches + 0.5))  # round half up (Python's round is half-even)
 
     def forward(self, patches: torch.Tensor, saliency: torch.Tensor,
                 prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,12 +137,12 @@ class IVPT(_PromptBank):
 
     def __init__(self, config: IVPTConfig, shape: BackboneShape):
         super().__init__(config, shape, prompt_layers=shape.depth)
-        if config.ar and config.ar_source == "cls" and not shape.has_class_token:
+        active = config.transitions(shape.depth)
+        if config.ar and active and config.ar_source == "cls" and not shape.has_class_token:
             raise OptionError(
                 "option 'ar_source': 'cls' needs a class token and this backbone has none; "
                 "use ar_source='prompts' or ar=False"
             )
-        active = config.transitions(shape.depth)
         dim = shape.embed_dim
         self.aggregation = nn.ModuleDict(
             {str(i): DynamicAggregation(config.da, config.da_space, dim, config.da_bias_init)

@@ -1,0 +1,249 @@
+"""What does each method cost? Train step, inference and memory, measured side by side.
+
+    python benchmarks/cost.py                # ViT-B/16 @224 (random weights) and the default backbone
+    python benchmarks/cost.py --quick        # a tiny smoke run
+
+Timing: every configuration runs in the same process, interleaved round by round (A B C ... A B C),
+and each ratio is the median over rounds of the per-round ratio, so slow phases of a shared machine
+hit all methods alike. Memory: the bytes autograd saves for backward during one training forward
+(exact and repeatable), plus, in a fresh subprocess per configuration, the growth of the process's
+peak resident memory over a training step (what the OS saw). On CUDA, torch.cuda.max_memory_allocated.
+
+The floor is the frozen backbone's forward plus the backward to its input, with the same number of
+tokens: what any prompt method must pay at least, since prompt gradients flow back to block 0.
+Results: benchmarks/results/cost.json, cost.csv and cost_vs_prompt_length.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import ivpt
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ["floor", "linear", "full", "vpt-shallow", "vpt-deep", "ivpt"]
+
+
+def build(backbone: str, method: str, prompt_length: int, img_size: int, num_classes: int = 100):
+    kwargs = {"timm_kwargs": {"img_size": img_size}}
+    if method in ("linear", "full"):
+        return ivpt.create_model(backbone, method, num_classes, **kwargs)
+    # the floor is run on a vpt-deep model with its tuned tensors detached (see floor_step)
+    name = "vpt-deep" if method == "floor" else method
+    return ivpt.create_model(backbone, name, num_classes, prompt_length=prompt_length, **kwargs)
+
+
+def floor_step(model, images):
+    """Frozen forward plus backward to the block-0 input, same tokens as the prompt methods."""
+    vit = model.backbone
+    x = model.embed(images)
+    p = model.method.num_prompts
+    extra = torch.zeros(x.shape[0], p, x.shape[2], requires_grad=True)
+    npt = vit.num_prefix_tokens
+    tokens = torch.cat([x[:, :npt], extra, x[:, npt:]], dim=1)
+    tokens.retain_grad()
+    out = vit.norm(vit.blocks(tokens))
+    out[:, 0].sum().backward()
+
+
+def make_step(model, method, images, labels):
+    if method == "floor":
+        return lambda: floor_step(model, images)
+    params = list(model.tuned_parameters().values())
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def saved_bytes(model, method, images, labels) -> int:
+    """Bytes autograd keeps for backward in one training forward (activations; weights not counted)."""
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen and not isinstance(t, torch.nn.Parameter):
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if method == "floor":
+            vit = model.backbone
+            x = model.embed(images)
+            extra = torch.zeros(x.shape[0], model.method.num_prompts, x.shape[2], requires_grad=True)
+            vit.norm(vit.blocks(torch.cat([x[:, :1], extra, x[:, 1:]], 1)))
+        else:
+            torch.nn.functional.cross_entropy(model(images), labels)
+    return total
+
+
+def timed(fn, repeats: int = 1) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def measure(backbone, methods, prompt_length, img_size, batch, rounds, num_classes=100):
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, img_size, img_size)
+    labels = torch.randint(0, num_classes, (batch,))
+    entries = {}
+    for m in methods:
+        model = build(backbone, m, prompt_length, img_size, num_classes)
+        model.train()
+        entries[m] = {"model": model, "step": make_step(model, m, images, labels), "train": [], "infer": []}
+        entries[m]["saved_bytes"] = saved_bytes(model, m, images, labels)
+        entries[m]["step"]()  # warm-up
+        with torch.no_grad():
+            model.eval()(images)
+        model.train()
+    for _ in range(rounds):
+        for m in methods:  # interleaved: every method sees the same machine state per round
+            e = entries[m]
+            e["train"].append(timed(e["step"]))
+            with torch.no_grad():
+                e["model"].eval()
+                e["infer"].append(timed(lambda: e["model"](images)))
+                e["model"].train()
+    return entries
+
+
+def ratio(entries, a, b, key):
+    return statistics.median(x / y for x, y in zip(entries[a][key], entries[b][key]))
+
+
+def rss_probe(args) -> None:
+    """Child process: peak RSS growth over two training steps of one configuration (KiB -> bytes)."""
+    backbone, method, p, size, batch = args
+    torch.manual_seed(0)
+    model = build(backbone, method, int(p), int(size))
+    model.train()
+    images, labels = torch.randn(int(batch), 3, int(size), int(size)), torch.randint(0, 100, (int(batch),))
+    step = make_step(model, method, images, labels)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    step()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_growth_bytes": (after - before) * 1024}))
+
+
+def rss_growth(backbone, method, p, size, batch) -> int:
+    out = subprocess.run([sys.executable, __file__, "--rss-probe", backbone, method, str(p), str(size), str(batch)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_growth_bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rss-probe", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_probe:
+        return rss_probe(args.rss_probe)
+    torch.set_num_threads(torch.get_num_threads())
+    if args.quick:
+        setups = [("vit_mini_patch4_32", 32, 16, 10)]
+        lengths, sizes, rounds = [1, 10], [32, 48], 2
+    else:
+        setups = [("vit_base_patch16_224", 224, 8, 10), (ivpt.DEFAULT_BACKBONE, 32, 128, 10)]
+        lengths, sizes, rounds = [1, 10, 50, 100, 200], [160, 224, 288], args.rounds
+    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                         f"torch {torch.__version__}, timm {__import__('timm').__version__}",
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "setups": [], "prompt_length": [],
+              "image_size": []}
+    rows = []
+    for backbone, size, batch, p in setups:
+        print(f"== {backbone} @{size}, batch {batch}, prompt length {p}", flush=True)
+        entries = measure(backbone, METHODS, p, size, batch, rounds)
+        setup = {"backbone": backbone, "image_size": size, "batch": batch, "prompt_length": p, "methods": {}}
+        for m in METHODS:
+            e = entries[m]
+            stats = {"train_step_s": statistics.median(e["train"]), "inference_s": statistics.median(e["infer"]),
+                     "saved_activation_bytes": e["saved_bytes"],
+                     "peak_rss_growth_bytes": rss_growth(backbone, m, p, size, batch),
+                     "train_vs_floor": ratio(entries, m, "floor", "train"),
+                     "tuned_parameters": ivpt.count_parameters(e["model"])["tuned"]}
+            if m != "floor":
+                stats["inference_vs_linear"] = ratio(entries, m, "linear", "infer")
+            setup["methods"][m] = stats
+            rows.append({"backbone": backbone, "method": m, **{k: v for k, v in stats.items()}})
+        setup["ivpt_vs_vpt_deep"] = {
+            "train_step": ratio(entries, "ivpt", "vpt-deep", "train"),
+            "inference": ratio(entries, "ivpt", "vpt-deep", "infer"),
+            "saved_activation_bytes": entries["ivpt"]["saved_bytes"] / entries["vpt-deep"]["saved_bytes"],
+            "peak_rss_growth": setup["methods"]["ivpt"]["peak_rss_growth_bytes"]
+            / max(1, setup["methods"]["vpt-deep"]["peak_rss_growth_bytes"]),
+        }
+        setup["vpt_deep_vs_floor_train"] = ratio(entries, "vpt-deep", "floor", "train")
+        report["setups"].append(setup)
+        print(json.dumps(setup["ivpt_vs_vpt_deep"]), "vpt-deep/floor", round(setup["vpt_deep_vs_floor_train"], 3))
+    backbone, size, batch, _ = setups[0]
+    for p in lengths:
+        entries = measure(backbone, ["floor", "vpt-deep", "ivpt"], p, size, batch, max(2, rounds - 2))
+        report["prompt_length"].append({"prompt_length": p, **{
+            m: {"train_step_s": statistics.median(entries[m]["train"]), "saved_activation_bytes": entries[m]["saved_bytes"]}
+            for m in entries}, "ivpt_vs_vpt_deep_train": ratio(entries, "ivpt", "vpt-deep", "train")})
+        print("prompt length", p, round(report["prompt_length"][-1]["ivpt_vs_vpt_deep_train"], 3), flush=True)
+    for s in sizes:
+        entries = measure(backbone, ["floor", "vpt-deep", "ivpt"], setups[0][3], s, batch, max(2, rounds - 2))
+        report["image_size"].append({"image_size": s, **{
+            m: {"train_step_s": statistics.median(entries[m]["train"]), "saved_activation_bytes": entries[m]["saved_bytes"]}
+            for m in entries}, "ivpt_vs_vpt_deep_train": ratio(entries, "ivpt", "vpt-deep", "train")})
+        print("image size", s, round(report["image_size"][-1]["ivpt_vs_vpt_deep_train"], 3), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (RESULTS / f"cost{suffix}.json").write_text(json.dumps(report, indent=2))
+    with open(RESULTS / f"cost{suffix}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(report, RESULTS / f"cost_vs_prompt_length{suffix}.png")
+
+
+def plot(report, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot written")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    lengths = [r["prompt_length"] for r in report["prompt_length"]]
+    for m in ("floor", "vpt-deep", "ivpt"):
+        axes[0].plot(lengths, [r[m]["train_step_s"] for r in report["prompt_length"]], marker="o", label=m)
+        axes[1].plot(lengths, [r[m]["saved_activation_bytes"] / 2 ** 20 for r in report["prompt_length"]],
+                     marker="o", label=m)
+    axes[0].set(xlabel="prompt length", ylabel="train step (s)", title="train step time")
+    axes[1].set(xlabel="prompt length", ylabel="MiB saved for backward", title="activation memory")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{report['setups'][0]['backbone']} @{report['setups'][0]['image_size']}, "
+                 f"batch {report['setups'][0]['batch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
