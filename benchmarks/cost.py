@@ -190,8 +190,10 @@ def main() -> None:
             "train_step": ratio(entries, "ivpt", "vpt-deep", "train"),
             "inference": ratio(entries, "ivpt", "vpt-deep", "infer"),
             "saved_activation_bytes": entries["ivpt"]["saved_bytes"] / entries["vpt-deep"]["saved_bytes"],
-            "peak_rss_growth": setup["methods"]["ivpt"]["peak_rss_growth_bytes"]
-            / max(1, setup["methods"]["vpt-deep"]["peak_rss_growth_bytes"]),
+            # None when the step fits in memory the process already held (tiny models): no growth to compare
+            "peak_rss_growth": (setup["methods"]["ivpt"]["peak_rss_growth_bytes"]
+                                / setup["methods"]["vpt-deep"]["peak_rss_growth_bytes"]
+                                if setup["methods"]["vpt-deep"]["peak_rss_growth_bytes"] > 0 else None),
         }
         setup["vpt_deep_vs_floor_train"] = ratio(entries, "vpt-deep", "floor", "train")
         report["setups"].append(setup)
