@@ -66,8 +66,8 @@ def save_adapter(model: PromptedViT, directory, **extra) -> Path:
     """Write the tuned tensors and the config; ``extra`` keys are added to the config (e.g. metrics)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.tuned_parameters().items()}
-    config = adapter_config(model)
+    tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.adapter_tensors().items()}
+    config = model.adapter_config()  # classification or segmentation model
     config.update(extra)
     config["tensors"] = {n: list(t.shape) for n, t in tensors.items()}
     atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
@@ -170,15 +170,25 @@ def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=
     else:
         timm_kwargs = None
     try:
-        model = create_model(backbone, config["method"], config["num_classes"], weights=weights,
-                             pretrained=bool(pretrained), class_names=config.get("class_names"),
-                             timm_kwargs=timm_kwargs, **config["options"])
+        if config.get("task", "classification") == "segmentation":
+            from .segmentation import create_segmentation_model
+
+            model = create_segmentation_model(
+                backbone, config["method"], config["num_classes"], decoder=config["decoder"],
+                crop_size=config["crop_size"], decoder_channels=config.get("decoder_channels", 256), weights=weights,
+                pretrained=bool(pretrained), class_names=config.get("class_names"),
+                ignore_index=config.get("ignore_index"), timm_kwargs=timm_kwargs, **config["options"])
+        else:
+            model = create_model(backbone, config["method"], config["num_classes"], weights=weights,
+                                 pretrained=bool(pretrained), class_names=config.get("class_names"),
+                                 timm_kwargs=timm_kwargs, **config["options"])
     except OptionError as err:
         raise AdapterError(f"{directory / CONFIG_FILE}: {err}") from err
+    encoder = getattr(model, "encoder", model)
     if not check_weights:
         saved = dict(saved, weights_fingerprint=None)
-    check_backbone_matches(dict(config, backbone=saved), model, str(directory))
-    expected = model.tuned_parameters()
+    check_backbone_matches(dict(config, backbone=saved), encoder, str(directory))
+    expected = model.adapter_tensors()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = [f"{n}: file {tuple(tensors[n].shape)} vs model {tuple(p.shape)}"

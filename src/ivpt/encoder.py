@@ -100,12 +100,19 @@ class PromptedViT(nn.Module):
         return {n: p for n, p in self.named_parameters() if id(p) in chosen}
 
     def reset_classifier(self, num_classes: int, class_names: list[str] | None = None) -> None:
-        """A fresh head for ``num_classes`` (trainable, like every head)."""
+        """A fresh head for ``num_classes`` (trainable, like every head); 0 removes the head."""
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.backbone.reset_classifier(num_classes)
         self.class_names = list(class_names) if class_names is not None else None
         self._set_trainable()
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """What an adapter stores: the tuned parameters (and, for 'full', the backbone's buffers)."""
+        tensors = dict(self.tuned_parameters())
+        if self.method.tunes_backbone:
+            tensors.update(self.named_buffers())
+        return tensors
 
     def _set_trainable(self) -> None:
         tuned = {id(p) for p in self.tuned_parameters().values()}
@@ -173,6 +180,13 @@ class PromptedViT(nn.Module):
         return self.forward_head(self.forward_features(images))
 
     # -- saving ------------------------------------------------------------------------------
+    task = "classification"
+
+    def adapter_config(self) -> dict:
+        from .adapter import adapter_config
+
+        return adapter_config(self)
+
     def save_adapter(self, directory, **extra) -> None:
         from .adapter import save_adapter
 
