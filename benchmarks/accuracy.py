@@ -1,0 +1,140 @@
+"""Does iVPT help? Accuracy of every method and ablation on the offline suite, default backbone.
+
+    python benchmarks/accuracy.py                      # all methods, all 7 tasks, 3 seeds (hours on CPU)
+    python benchmarks/accuracy.py --quick              # 1 epoch, 1 seed, 2 tasks: checks the pipeline
+    python benchmarks/accuracy.py --methods vpt-deep ivpt --tasks clevr-count dtd10
+
+Protocol per (method, task), as VPT's: the lr x wd grid of configs/suite/base.yaml is trained on train
+and evaluated on val; the best val top-1 is kept (ties: smaller lr); then one run per seed trains on
+train+val and is evaluated on test. Never selected on test. Runs live under --runs (resumable: finished
+runs are skipped); the tables go to benchmarks/results/accuracy.{json,csv} and accuracy.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ivpt.data.suite import SUITE_TASKS, summarize
+from ivpt.engine.config import load_config
+from ivpt.engine.protocol import tune
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+# name -> (method, options beyond the recipe's prompt length)
+VARIANTS = {
+    "linear": ("linear", None),
+    "full": ("full", None),
+    "vpt-shallow": ("vpt-shallow", {}),
+    "vpt-deep": ("vpt-deep", {}),
+    "cdc-static": ("ivpt", {"da": "static", "ar": False}),     # a connection without selection
+    "cdc-da": ("ivpt", {"ar": False}),                         # CDC + DA
+    "ar-only": ("ivpt", {"cdc": False}),                       # AR alone on VPT-deep prompts
+    "ivpt": ("ivpt", {}),                                      # CDC + DA + AR
+}
+ABLATIONS = ["vpt-deep", "cdc-static", "cdc-da", "ar-only", "ivpt"]
+
+
+def variant_config(base, name: str, task: str, runs: Path, quick: bool):
+    method, extra = VARIANTS[name]
+    options = {} if extra is None else {**base.method_options, **extra}
+    changes = dict(method=method, method_options=options, data={**base.data, "task": task},
+                   output=str(runs / name / task))
+    if method == "full":  # full fine-tuning wants far smaller steps than prompts
+        changes["protocol"] = {**base.protocol, "lrs": [0.05, 0.01, 0.002]}
+    if quick:
+        changes.update(epochs=1, warmup_epochs=0,
+                       protocol={"lrs": base.protocol["lrs"][:2], "wds": [0.0], "seeds": base.protocol["seeds"][:1]})
+    return dataclasses.replace(base, **changes).validate()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=str(ROOT / "configs" / "suite" / "base.yaml"))
+    parser.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--tasks", nargs="+", default=list(SUITE_TASKS), choices=list(SUITE_TASKS))
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "accuracy"), help="folder for every run (resumable)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
+    parser.add_argument("--quick", action="store_true", help="1 epoch, 1 seed, 2 lrs: a pipeline check")
+    args = parser.parse_args()
+    base = load_config(args.recipe, args.set)
+    runs = Path(args.runs) / ("quick" if args.quick else "full")
+    table = {}
+    pairs = [(m, t) for m in args.methods for t in args.tasks]
+    for name, task in tqdm(pairs, desc="method x task"):
+        summary = tune(variant_config(base, name, task, runs, args.quick), runs / name / task)
+        table.setdefault(name, {})[task] = summary
+    report = {"recipe": base.to_dict(), "quick": args.quick, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "methods": {}}
+    rows = []
+    for name, per_task in table.items():
+        means = {t: s["test_mean"] for t, s in per_task.items()}
+        report["methods"][name] = {
+            "tasks": {t: {"test_mean": s["test_mean"], "test_std": s["test_std"], "seeds": s["test_top1"],
+                          "chosen": s["chosen"]} for t, s in per_task.items()},
+            **summarize(means),
+            "tuned_parameters": next(iter(per_task.values()))["parameters"],
+        }
+        for t, s in per_task.items():
+            rows.append({"method": name, "task": t, "group": SUITE_TASKS[t][0], "test_mean": s["test_mean"],
+                         "test_std": s["test_std"], "lr": s["chosen"]["lr"], "weight_decay": s["chosen"]["weight_decay"],
+                         "val_top1": s["chosen"]["val_top1"]})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (RESULTS / f"accuracy{suffix}.json").write_text(json.dumps(report, indent=2))
+    with open(RESULTS / f"accuracy{suffix}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print_tables(report, args.tasks)
+    plot(report, args.tasks, RESULTS / f"accuracy{suffix}.png")
+
+
+def print_tables(report, tasks) -> None:
+    header = ["method"] + tasks + ["natural", "specialized", "structured", "mean of groups", "plain mean", "tuned"]
+    print(" | ".join(header))
+    for name, r in report["methods"].items():
+        cells = [name] + [f"{100 * r['tasks'][t]['test_mean']:.1f}±{100 * r['tasks'][t]['test_std']:.1f}"
+                          if t in r["tasks"] else "-" for t in tasks]
+        cells += [f"{100 * r['groups'][g]:.1f}" if g in r["groups"] else "-" for g in ("natural", "specialized", "structured")]
+        cells += [f"{100 * r['mean_of_group_means']:.2f}", f"{100 * r['plain_mean']:.2f}", str(r["tuned_parameters"]["tuned"])]
+        print(" | ".join(cells))
+
+
+def plot(report, tasks, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot written")
+        return
+    names = list(report["methods"])
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(tasks)), 4.5))
+    for i, name in enumerate(names):
+        r = report["methods"][name]["tasks"]
+        xs = [j + i * width for j in range(len(tasks))]
+        ax.bar(xs, [100 * r[t]["test_mean"] if t in r else 0 for t in tasks], width,
+               yerr=[100 * r[t]["test_std"] if t in r else 0 for t in tasks], label=name, capsize=2)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=20)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("offline suite, default backbone: mean and std over seeds")
+    ax.legend(fontsize=8, ncol=4)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
