@@ -84,3 +84,92 @@ def test_confusion_matrix_metrics():
 def test_unknown_decoder_is_refused():
     with pytest.raises(ivpt.OptionError, match="'decoder'"):
         create_segmentation_model(make_vit(dynamic_img_size=True), "linear", 5, decoder="fpn", crop_size=32)
+
+
+# -- data and training ---------------------------------------------------------------------------
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from ivpt import cli  # noqa: E402
+from ivpt.data.datasets import DataError  # noqa: E402
+from ivpt.data.segmentation import IGNORE_INDEX, SegEvalTransform, SegTrainTransform, ade20k  # noqa: E402
+from ivpt.engine.config import TrainConfig  # noqa: E402
+from ivpt.engine.loop import train  # noqa: E402
+
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def make_ade20k(root: Path, n=4):
+    """ADEChallengeData2016 layout; the left half is class 1 (stored as 2), the right half class 'other' (0)."""
+    base = root / "ADEChallengeData2016"
+    rng = np.random.default_rng(0)
+    for split, prefix in (("training", "train"), ("validation", "val")):
+        for i in range(n):
+            name = f"ADE_{prefix}_{i:08d}"
+            pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            pixels[:, :24] = (220, 30, 30)
+            mask = np.zeros((40, 48), np.uint8)
+            mask[:, :24] = 2
+            mask[:8, 24:] = 150
+            for sub, data, ext in (("images", pixels, "jpg"), ("annotations", mask, "png")):
+                path = base / sub / split / f"{name}.{ext}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(data).save(path)
+    return root
+
+
+def test_ade20k_layout_and_label_mapping(tmp_path):
+    root = make_ade20k(tmp_path)
+    ds = ade20k(root, "train")
+    assert len(ds) == 4 and len(ds.classes) == 150
+    image, mask = ds.load(0)
+    assert image.size == (48, 40) and mask.dtype == np.int64
+    assert set(np.unique(mask)) == {1, 149, IGNORE_INDEX}  # 2 -> 1, 150 -> 149, 0 ignored
+    with pytest.raises(DataError, match="unknown ADE20K split"):
+        ade20k(root, "test")
+    (root / "ADEChallengeData2016" / "annotations" / "validation" / "ADE_val_00000001.png").unlink()
+    with pytest.raises(DataError, match="ADE_val_00000001.jpg has no annotation"):
+        ade20k(root, "val")
+    with pytest.raises(DataError, match="ADE20K folder not found"):
+        ade20k(tmp_path / "nowhere", "train")
+
+
+def test_segmentation_transforms():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    mask = np.arange(40 * 60).reshape(40, 60) % 5
+    train_tf = SegTrainTransform(32, (120, 40), (0.5,) * 3, (0.5,) * 3, ratio_range=(0.5, 2.0))
+    for _ in range(5):
+        x, y = train_tf(image, mask)
+        assert x.shape == (3, 32, 32) and y.shape == (32, 32)
+        assert set(y.unique().tolist()) <= {0, 1, 2, 3, 4, IGNORE_INDEX}  # nearest resize: no new labels
+    x, y = SegEvalTransform((120, 40), (0.5,) * 3, (0.5,) * 3, multiple=8)(image, mask)
+    assert x.shape[1] % 8 == 0 and x.shape[2] % 8 == 0 and y.shape == (40, 60)
+
+
+def test_segmentation_training_eval_and_predict(tmp_path):
+    root = make_ade20k(tmp_path / "data")
+    torch.manual_seed(0)
+    import timm
+
+    save_file(timm.create_model("vit_mini_patch4_32", **TINY).state_dict(), str(tmp_path / "b.safetensors"))
+    cfg = TrainConfig(task="segmentation", backbone="vit_mini_patch4_32", backbone_options=TINY,
+                      weights=str(tmp_path / "b.safetensors"), method="ivpt", method_options={"prompt_length": 2},
+                      data={"kind": "ade20k", "root": str(root)}, segmentation={"decoder": "naive", "crop_size": 32,
+                      "decoder_channels": 8, "base_size": [64, 32]}, optimizer="adamw", lr=0.01, lr_scaling=False,
+                      epochs=2, warmup_epochs=1, batch_size=2, schedule="poly", output=str(tmp_path / "run"))
+    results = train(cfg.validate(), quiet=True)
+    assert results["primary_metric"] == "mIoU" and 0 <= results["val"]["mIoU"] <= 1
+    assert len(results["val"]["per_class_iou"]) == 150 and results["parameters"]["decoder"] > 0
+    assert "val_mIoU" in results["log"][-1] and "train_pixel_accuracy" in results["log"][-1]
+    adapter = tmp_path / "run" / "adapter"
+    assert cli.main(["eval", str(adapter), "--split", "val", "--output", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["mIoU"] == pytest.approx(results["val"]["mIoU"])
+    images = root / "ADEChallengeData2016" / "images" / "validation"
+    assert cli.main(["predict", str(adapter), str(images), "--output", str(tmp_path / "pred")]) == 0
+    mask = Image.open(tmp_path / "pred" / "ADE_val_00000000_mask.png")
+    assert mask.size == (48, 40) and (tmp_path / "pred" / "ADE_val_00000000_overlay.png").is_file()
+    assert len(json.loads((tmp_path / "pred" / "legend.json").read_text())) == 150

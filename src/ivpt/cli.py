@@ -40,30 +40,46 @@ def _load_for_inference(adapter_dir: str, weights: str | None):
     return load_adapter(adapter_dir, weights=weights), read_adapter_config(adapter_dir)
 
 
-def cmd_eval(args) -> int:
-    import torch
+def _data_for(model, config: dict, spec: dict):
+    """The dataset of an adapter's task, built as its training run built it."""
+    from .engine.config import TrainConfig
+    from .engine.data import build_task_data
+    from .engine.segdata import build_segmentation_data
 
+    if config.get("task") == "segmentation":
+        cfg = TrainConfig(task="segmentation", data=spec, segmentation=config.get("segmentation") or
+                          {"crop_size": config["crop_size"], "decoder": config["decoder"]})
+        backbone = model.encoder.backbone
+        return build_segmentation_data(cfg, backbone.pretrained_cfg, backbone.patch_embed.patch_size[0])
+    return build_task_data(spec, model.backbone.pretrained_cfg)
+
+
+def cmd_eval(args) -> int:
     from .engine.checkpoint import atomic_write
-    from .engine.data import build_task_data, split_of
+    from .engine.data import split_of
+    from .engine.distributed import Dist
     from .engine.loop import evaluate, loader_for, resolve_device
+    from .engine.tasks import TASKS
 
     model, config = _load_for_inference(args.adapter, args.weights)
     spec = json.loads(args.data) if args.data else config.get("data")
     if not spec:
         raise ValueError(f"{args.adapter} records no dataset; pass --data '{{\"kind\": ..., ...}}'")
     device = resolve_device(args.device)
-    task = build_task_data(spec, model.backbone.pretrained_cfg)
-    if task.classes != (model.class_names or task.classes):
+    task = _data_for(model, config, spec)
+    if model.class_names and task.classes != model.class_names:
         raise ValueError(f"the dataset's classes differ from the adapter's ({len(task.classes)} vs "
                          f"{len(model.class_names)}): is this the dataset the adapter was trained on?")
-    loader = loader_for(split_of(task, args.split), args.batch_size, __import__("ivpt.engine.distributed",
-                        fromlist=["Dist"]).Dist(), 0, False, 0)
-    metrics = evaluate(model.to(device), loader, len(task.classes), device, desc=args.split)
+    kind = config.get("task", "classification")
+    impl = TASKS[kind]()
+    impl.ignore_index = getattr(task, "ignore_index", None)
+    batch = args.batch_size if kind == "classification" else 1
+    loader = loader_for(split_of(task, args.split), batch, Dist(), 0, False, 0)
+    metrics = evaluate(model.to(device), loader, len(task.classes), device, desc=args.split, task=impl)
     metrics.update({"adapter": args.adapter, "split": args.split, "data": spec, "classes": task.classes})
-    print(json.dumps({"split": args.split, "top1": round(metrics["top1"], 4), "count": metrics["count"]}))
+    print(json.dumps({"split": args.split, impl.primary: round(metrics[impl.primary], 4)}))
     if args.output:
         atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
-    del torch
     return 0
 
 
@@ -77,8 +93,6 @@ def cmd_predict(args) -> int:
 
     model, config = _load_for_inference(args.adapter, args.weights)
     model.eval()
-    size = config["image_size"][-1] if config.get("image_size") else 224
-    transform = vtab_transform(size, config["mean"], config["std"], config.get("interpolation", "bilinear"))
     files = []
     for item in map(Path, args.images):
         if item.is_dir():
@@ -89,6 +103,10 @@ def cmd_predict(args) -> int:
             raise FileNotFoundError(f"no image or folder at {item}")
     if not files:
         raise FileNotFoundError(f"no images found in {', '.join(args.images)}")
+    if config.get("task") == "segmentation":
+        return _predict_masks(model, config, files, Path(args.output or "predictions"))
+    size = config["image_size"][-1] if config.get("image_size") else 224
+    transform = vtab_transform(size, config["mean"], config["std"], config.get("interpolation", "bilinear"))
     names = model.class_names or [str(i) for i in range(config["num_classes"])]
     k = min(args.top_k, len(names))
     predictions = []
@@ -104,6 +122,47 @@ def cmd_predict(args) -> int:
         print(p["image"] + "\t" + "  ".join(f"{t['label']} {t['score']:.3f}" for t in p["top_k"]))
     if args.output:
         atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(predictions, indent=2)))
+    return 0
+
+
+def palette(num_classes: int):
+    """Distinct, fixed colours per class (golden-angle hues)."""
+    import colorsys
+
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.75, 0.95)) for i in range(num_classes)]
+
+
+def _predict_masks(model, config: dict, files: list[Path], out: Path) -> int:
+    """Segmentation: a colour-coded mask and an overlay PNG per image, plus class legend JSON."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from .data.datasets import open_rgb
+    from .data.segmentation import SegEvalTransform
+    from .segmentation import slide_inference
+
+    opts = config.get("segmentation") or {}
+    crop = int(config["crop_size"])
+    base = tuple(opts.get("base_size", (4 * crop, crop)))
+    transform = SegEvalTransform(base, tuple(config["mean"]), tuple(config["std"]),
+                                 model.encoder.backbone.patch_embed.patch_size[0])
+    colours = np.array(palette(model.num_classes), dtype=np.uint8)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        image = open_rgb(f)
+        x, _ = transform(image, np.zeros((image.size[1], image.size[0]), dtype=np.uint8))
+        with torch.no_grad():
+            logits = slide_inference(model, x[None], crop, crop * 2 // 3)
+            labels = F.interpolate(logits, size=(image.size[1], image.size[0]), mode="bilinear",
+                                   align_corners=False).argmax(1)[0].numpy()
+        mask = Image.fromarray(colours[labels])
+        mask.save(out / f"{f.stem}_mask.png")
+        Image.blend(image, mask, 0.5).save(out / f"{f.stem}_overlay.png")
+        print(f"{f}\t{out / (f.stem + '_mask.png')}")
+    names = model.class_names or [str(i) for i in range(model.num_classes)]
+    (out / "legend.json").write_text(json.dumps({n: list(map(int, c)) for n, c in zip(names, colours)}, indent=2))
     return 0
 
 

@@ -18,6 +18,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
+    task: str = "classification"     # classification | segmentation
     # what to tune
     backbone: str = "vit_mini_patch4_32.ivpt_cifar10"
     weights: str | None = None
@@ -41,6 +42,9 @@ class TrainConfig:
     accumulation: int = 1
     label_smoothing: float = 0.0
     grad_clip: float | None = None
+    schedule: str = "cosine"         # cosine | poly (power 0.9, as segmentation recipes use)
+    # segmentation only: decoder (linear|naive|pup), crop_size, decoder_channels, base_size, ratio_range
+    segmentation: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"          # fp32 | bf16 | fp16 (fp16 on CUDA only)
     seed: int = 42
     device: str = "auto"
@@ -51,6 +55,8 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         checks = [
+            lambda: check_choice("task", self.task, ("classification", "segmentation")),
+            lambda: check_choice("schedule", self.schedule, ("cosine", "poly")),
             lambda: check_choice("train_split", self.train_split, ("train", "trainval")),
             lambda: check_choice("eval_split", self.eval_split, ("val", "test", "none")),
             lambda: self.test_split is None or check_choice("test_split", self.test_split, ("val", "test")),
@@ -79,9 +85,14 @@ class TrainConfig:
         if self.batch_size % self.accumulation:
             raise ConfigError(f"config field 'accumulation': {self.accumulation} must divide batch_size ({self.batch_size})")
         if not isinstance(self.data, dict) or "kind" not in self.data:
-            raise ConfigError("config field 'data': expected a mapping with a 'kind' (suite, vtab, fgvc, folder, cifar10)")
+            raise ConfigError("config field 'data': expected a mapping with a 'kind' (suite, vtab, fgvc, folder, "
+                              "cifar10; camvid, ade20k for segmentation)")
         if not isinstance(self.protocol, dict) or set(self.protocol) - {"lrs", "wds", "seeds"}:
             raise ConfigError("config field 'protocol': expected a mapping with lrs, wds and seeds lists")
+        if not isinstance(self.segmentation, dict) or set(self.segmentation) - {
+                "decoder", "crop_size", "decoder_channels", "base_size", "ratio_range"}:
+            raise ConfigError("config field 'segmentation': expected a mapping with decoder, crop_size, "
+                              "decoder_channels, base_size, ratio_range")
         if not isinstance(self.backbone_options, dict):
             raise ConfigError("config field 'backbone_options': expected a mapping of timm.create_model arguments")
         if not isinstance(self.method_options, dict):

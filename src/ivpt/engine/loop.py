@@ -11,16 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..factory import count_parameters, create_model
 from .checkpoint import atomic_write, has_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import build_task_data, split_of
+from .data import split_of
 from .distributed import Dist, GlobalBatchSampler, init_distributed, shutdown
+from .tasks import TASKS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,12 +37,14 @@ def autocast_for(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up from base/warmup, then cosine decay to 0 (VPT's schedule), per optimizer step."""
+def lr_at(step: int, total: int, warmup: int, base: float, schedule: str = "cosine") -> float:
+    """Linear warm-up, then cosine decay to 0 (VPT's schedule) or poly decay (power 0.9), per step."""
     if step < warmup:
         return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * base * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "poly":
+        return base * (1 - progress) ** 0.9
+    return 0.5 * base * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -57,33 +58,11 @@ def loader_for(dataset, batch_size: int, ctx: Dist, seed: int, shuffle: bool, wo
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
 
 
-@torch.no_grad()
 def evaluate(model, loader: DataLoader, num_classes: int, device, ctx: Dist = Dist(), precision: str = "fp32",
-             desc: str = "eval") -> dict[str, Any]:
-    """Top-1, mean loss, per-class accuracy and the confusion matrix (rows: truth, columns: prediction)."""
-    was_training = model.training
-    model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-    loss_sum = 0.0
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not ctx.main):
-        images, labels = images.to(device), labels.to(device)
-        with autocast_for(precision, device):
-            logits = model(images).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        idx = labels.cpu() * num_classes + logits.argmax(-1).cpu()
-        confusion += torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
-    reduced = ctx.all_sum(confusion.flatten().tolist() + [loss_sum], device)
-    confusion = torch.tensor(reduced[:-1], dtype=torch.float64).view(num_classes, num_classes)
-    total = confusion.sum().item()
-    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
-    model.train(was_training)
-    return {
-        "top1": confusion.diag().sum().item() / max(total, 1),
-        "loss": reduced[-1] / max(total, 1),
-        "count": int(total),
-        "per_class_accuracy": per_class,
-        "confusion_matrix": confusion.long().tolist(),
-    }
+             desc: str = "eval", task: str = "classification") -> dict[str, Any]:
+    """Metrics of a split: classification top-1 with per-class accuracy and confusion matrix, or mIoU."""
+    impl = task if not isinstance(task, str) else TASKS[task]()
+    return impl.evaluate(model, loader, num_classes, device, ctx, lambda: autocast_for(precision, device), desc)
 
 
 def _write_log(out: Path, log: list[dict]) -> None:
@@ -123,12 +102,8 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     if has_checkpoint(out) and not resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another output")
     torch.manual_seed(cfg.seed)
-    # the data needs the backbone's input size and normalisation, the head needs the data's classes
-    model = create_model(cfg.backbone, cfg.method, 1, weights=cfg.weights, timm_kwargs=cfg.backbone_options,
-                         **cfg.method_options)
-    task = build_task_data(cfg.data, model.backbone.pretrained_cfg)
-    torch.manual_seed(cfg.seed + 1)
-    model.reset_classifier(len(task.classes), task.classes)
+    impl = TASKS[cfg.task]()
+    model, task = impl.build(cfg)
     model.to(device)
     train_set = split_of(task, cfg.train_split)
     eval_set = None if cfg.eval_split == "none" else split_of(task, cfg.eval_split)
@@ -137,9 +112,11 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     optimizer = make_optimizer(list(tuned.values()), cfg, base_lr)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
     train_loader = loader_for(train_set, cfg.batch_size, ctx, cfg.seed, True, cfg.workers)
+    # segmentation label maps keep their own sizes: one image per evaluation batch
+    eval_batch = max(cfg.batch_size, 256) if impl.name == "classification" else 1
     eval_loader = None
     if eval_set is not None:
-        eval_loader = loader_for(eval_set, max(cfg.batch_size, 256), ctx, cfg.seed, False, cfg.workers)
+        eval_loader = loader_for(eval_set, eval_batch, ctx, cfg.seed, False, cfg.workers)
     steps_per_epoch = len(train_loader.batch_sampler)
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs
 
@@ -150,8 +127,8 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
             diff = [k for k, v in cfg.to_dict().items() if meta.get("config", {}).get(k) != v]
             raise ValueError(f"cannot resume {out}: the config differs from the checkpoint's in {', '.join(diff)}")
         with torch.no_grad():
-            for name, param in tuned.items():
-                param.copy_(tensors[name])
+            for name, tensor in model.adapter_tensors().items():
+                tensor.copy_(tensors[name])
         start_epoch, log = meta["epoch"], meta["log"]
         if meta.get("grad_scaler"):
             scaler.load_state_dict(meta["grad_scaler"])
@@ -167,13 +144,13 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
         net.train()
         torch.manual_seed(cfg.seed * 1009 + epoch)  # prompt dropout draws: same on resume
         train_loader.batch_sampler.set_epoch(epoch)
-        started, loss_sum, correct, seen = time.time(), 0.0, 0.0, 0.0
+        started, loss_sum, correct, seen, samples = time.time(), 0.0, 0.0, 0.0, 0.0
         bar = tqdm(train_loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=quiet or not ctx.main)
         for step, (images, labels) in enumerate(bar):
             global_step = epoch * steps_per_epoch + step
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(global_step, total_steps, warmup_steps, base_lr)
+                group["lr"] = lr_at(global_step, total_steps, warmup_steps, base_lr, cfg.schedule)
             global_count = len(train_loader.batch_sampler.global_batches()[step]) if ctx.active else len(labels)
             micro = list(zip(images.chunk(cfg.accumulation), labels.chunk(cfg.accumulation)))
             for i, (x, y) in enumerate(micro):
@@ -182,12 +159,12 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
                 with (net.no_sync() if ctx.active and not sync else contextlib.nullcontext()):
                     with autocast_for(cfg.precision, device):
                         logits = net(x).float()
-                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing, reduction="sum")
+                    loss = impl.per_sample_loss(logits, y, cfg).sum()
                     # sum / global batch, times world because DDP averages gradients over processes
                     scaler.scale(loss * ctx.world / global_count).backward()
                 loss_sum += loss.item()
-                correct += (logits.argmax(-1) == y).sum().item()
-                seen += len(y)
+                hit, units = impl.hits(logits, y)
+                correct, seen, samples = correct + hit, seen + units, samples + len(y)
             if cfg.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(list(tuned.values()), cfg.grad_clip)
@@ -195,16 +172,17 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if seen:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        loss_sum, correct, seen = ctx.all_sum([loss_sum, correct, seen], device)
-        entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
+                bar.set_postfix(loss=f"{loss_sum / samples:.3f}", acc=f"{correct / seen:.3f}")
+        loss_sum, correct, seen, samples = ctx.all_sum([loss_sum, correct, seen, samples], device)
+        accuracy = "train_top1" if impl.name == "classification" else "train_pixel_accuracy"
+        entry = {"epoch": epoch + 1, "train_loss": loss_sum / samples, accuracy: correct / seen,
                  "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 3)}
         if eval_loader is not None:
-            metrics = evaluate(model, eval_loader, len(task.classes), device, ctx, cfg.precision, desc=cfg.eval_split)
-            entry.update({f"{cfg.eval_split}_top1": metrics["top1"], f"{cfg.eval_split}_loss": metrics["loss"]})
+            metrics = evaluate(model, eval_loader, len(task.classes), device, ctx, cfg.precision, cfg.eval_split, impl)
+            entry.update({f"{cfg.eval_split}_{key}": metrics[key] for key in (impl.primary, "loss") if key in metrics})
         log.append(entry)
         if ctx.main:
-            save_checkpoint(out, {n: p for n, p in tuned.items()}, optimizer,
+            save_checkpoint(out, model.adapter_tensors(), optimizer,
                             {"epoch": epoch + 1, "log": log, "config": cfg.to_dict(),
                              "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None})
             _write_log(out, log)
@@ -216,17 +194,18 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
                 print(json.dumps(entry), flush=True)
         ctx.barrier()
 
-    results = {"config": cfg.to_dict(), "classes": task.classes, "epochs_run": len(log),
-               "parameters": count_parameters(model), "log": log}
+    results = {"config": cfg.to_dict(), "task": impl.name, "primary_metric": impl.primary, "classes": task.classes,
+               "epochs_run": len(log), "parameters": impl.parameters(model), "log": log}
     if eval_loader is not None and log:
-        results[cfg.eval_split] = evaluate(model, eval_loader, len(task.classes), device, ctx, cfg.precision)
+        results[cfg.eval_split] = evaluate(model, eval_loader, len(task.classes), device, ctx, cfg.precision,
+                                           cfg.eval_split, impl)
     if cfg.test_split:
-        test_loader = loader_for(split_of(task, cfg.test_split), max(cfg.batch_size, 256), ctx, cfg.seed, False,
-                                 cfg.workers)
-        results["test"] = evaluate(model, test_loader, len(task.classes), device, ctx, cfg.precision, desc="test")
+        test_loader = loader_for(split_of(task, cfg.test_split), eval_batch, ctx, cfg.seed, False, cfg.workers)
+        results["test"] = evaluate(model, test_loader, len(task.classes), device, ctx, cfg.precision, "test", impl)
     if ctx.main:
-        summary = {k: results[k]["top1"] for k in (cfg.eval_split, "test") if k in results}
-        model.save_adapter(out / "adapter", metrics=summary, data=cfg.data)
+        summary = {k: results[k][impl.primary] for k in (cfg.eval_split, "test") if k in results}
+        extra = {"segmentation": cfg.segmentation} if impl.name == "segmentation" else {}
+        model.save_adapter(out / "adapter", metrics=summary, data=cfg.data, **extra)
         results["adapter"] = str(out / "adapter")
         atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
         if writer:

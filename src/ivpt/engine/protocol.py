@@ -62,9 +62,11 @@ def _run_jobs(jobs, shard: tuple[int, int], desc: str) -> None:
 
 def choose(grid_results: list[dict]) -> dict:
     """Best val top-1; ties go to the smaller lr, then to the larger weight decay."""
-    best = max(grid_results, key=lambda r: (round(r["val"]["top1"], 6), -r["config"]["lr"],
-                                            r["config"]["weight_decay"]))
-    return {"lr": best["config"]["lr"], "weight_decay": best["config"]["weight_decay"], "val_top1": best["val"]["top1"]}
+    def score(r):  # top-1 for classification, mIoU for segmentation
+        return r["val"][r.get("primary_metric", "top1")]
+
+    best = max(grid_results, key=lambda r: (round(score(r), 6), -r["config"]["lr"], r["config"]["weight_decay"]))
+    return {"lr": best["config"]["lr"], "weight_decay": best["config"]["weight_decay"], "val_top1": score(best)}
 
 
 def tune(cfg: TrainConfig, output: str | Path, shard: tuple[int, int] = (0, 1)) -> dict[str, Any] | None:
@@ -83,13 +85,14 @@ def tune(cfg: TrainConfig, output: str | Path, shard: tuple[int, int] = (0, 1)) 
     final_results = [_done(run) for run, _ in finals]
     if any(r is None for r in final_results):
         return None
-    tests = [r["test"]["top1"] for r in final_results]
+    tests = [r["test"][r.get("primary_metric", "top1")] for r in final_results]
     summary = {
         "data": cfg.data,
         "method": cfg.method,
         "method_options": cfg.method_options,
-        "grid": [{"lr": r["config"]["lr"], "weight_decay": r["config"]["weight_decay"], "val_top1": r["val"]["top1"]}
-                 for r in grid_results],
+        "metric": final_results[0].get("primary_metric", "top1"),
+        "grid": [{"lr": r["config"]["lr"], "weight_decay": r["config"]["weight_decay"],
+                  "val_top1": r["val"][r.get("primary_metric", "top1")]} for r in grid_results],
         "chosen": choice,
         "seeds": [r["config"]["seed"] for r in final_results],
         "test_top1": tests,

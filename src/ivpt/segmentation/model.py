@@ -28,6 +28,13 @@ class SegmentationModel(nn.Module):
         self.class_names = list(class_names) if class_names is not None else None
         self.ignore_index = ignore_index
 
+    def reset_decoder(self, num_classes: int, class_names: list[str] | None = None,
+                      ignore_index: int | None = None) -> None:
+        """A fresh decoder for ``num_classes`` (the data decides the classes after the encoder is built)."""
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.class_names = list(class_names) if class_names is not None else None
+        self.decoder = make_decoder(self.decoder_kind, self.encoder.backbone.embed_dim, num_classes, self.channels)
+
     @property
     def method(self):
         return self.encoder.method

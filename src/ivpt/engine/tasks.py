@@ -1,0 +1,118 @@
+"""What differs between classification and segmentation runs: model, data, loss and metrics.
+
+The training loop (``loop.py``) is shared; a task supplies these pieces.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..factory import count_parameters, create_model
+from .data import TaskData, build_task_data
+
+
+class ClassificationTask:
+    name, primary = "classification", "top1"
+
+    def build(self, cfg) -> tuple[torch.nn.Module, TaskData]:
+        # the data needs the backbone's input size and normalisation, the head needs the data's classes
+        model = create_model(cfg.backbone, cfg.method, 1, weights=cfg.weights, timm_kwargs=cfg.backbone_options,
+                             **cfg.method_options)
+        data = build_task_data(cfg.data, model.backbone.pretrained_cfg)
+        torch.manual_seed(cfg.seed + 1)
+        model.reset_classifier(len(data.classes), data.classes)
+        return model, data
+
+    def per_sample_loss(self, logits, target, cfg) -> torch.Tensor:
+        return F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing, reduction="none")
+
+    def hits(self, logits, target) -> tuple[float, float]:
+        return (logits.argmax(1) == target).sum().item(), float(target.numel())
+
+    def parameters(self, model) -> dict[str, int]:
+        return count_parameters(model)
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, num_classes, device, ctx, autocast, desc="eval") -> dict[str, Any]:
+        """Top-1, mean loss, per-class accuracy and the confusion matrix (rows: truth, columns: prediction)."""
+        was_training = model.training
+        model.eval()
+        confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+        loss_sum = 0.0
+        for images, labels in tqdm(loader, desc=desc, leave=False, disable=not ctx.main):
+            images, labels = images.to(device), labels.to(device)
+            with autocast():
+                logits = model(images).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            idx = labels.cpu() * num_classes + logits.argmax(-1).cpu()
+            confusion += torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
+        reduced = ctx.all_sum(confusion.flatten().tolist() + [loss_sum], device)
+        confusion = torch.tensor(reduced[:-1], dtype=torch.float64).view(num_classes, num_classes)
+        total = confusion.sum().item()
+        model.train(was_training)
+        return {
+            "top1": confusion.diag().sum().item() / max(total, 1),
+            "loss": reduced[-1] / max(total, 1),
+            "count": int(total),
+            "per_class_accuracy": (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(),
+            "confusion_matrix": confusion.long().tolist(),
+        }
+
+
+class SegmentationTask:
+    name, primary = "segmentation", "mIoU"
+
+    def build(self, cfg):
+        from ..segmentation import create_segmentation_model
+        from .segdata import build_segmentation_data
+
+        opts = cfg.segmentation
+        model = create_segmentation_model(
+            cfg.backbone, cfg.method, 1, decoder=opts.get("decoder", "pup"), crop_size=int(opts.get("crop_size", 512)),
+            decoder_channels=int(opts.get("decoder_channels", 256)), weights=cfg.weights,
+            timm_kwargs=cfg.backbone_options, **cfg.method_options)
+        data = build_segmentation_data(cfg, model.encoder.backbone.pretrained_cfg,
+                                       model.encoder.backbone.patch_embed.patch_size[0])
+        torch.manual_seed(cfg.seed + 1)
+        model.reset_decoder(len(data.classes), data.classes, data.ignore_index)
+        self.ignore_index = data.ignore_index
+        return model, data
+
+    def per_sample_loss(self, logits, target, cfg) -> torch.Tensor:
+        pixels = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="none")
+        valid = (target != self.ignore_index).flatten(1).sum(1).clamp(min=1)
+        return pixels.flatten(1).sum(1) / valid  # per image: mean over its labelled pixels
+
+    def hits(self, logits, target) -> tuple[float, float]:
+        valid = target != self.ignore_index
+        return ((logits.argmax(1) == target) & valid).sum().item(), float(valid.sum().item())
+
+    def parameters(self, model) -> dict[str, int]:
+        from ..segmentation import count_segmentation_parameters
+
+        return count_segmentation_parameters(model)
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, num_classes, device, ctx, autocast, desc="eval") -> dict[str, Any]:
+        """mIoU, per-class IoU and pixel accuracy at each label map's own size (single scale)."""
+        from ..segmentation import ConfusionMatrix, slide_inference
+
+        was_training = model.training
+        model.eval()
+        matrix = ConfusionMatrix(num_classes, self.ignore_index)
+        for images, masks in tqdm(loader, desc=desc, leave=False, disable=not ctx.main):
+            images = images.to(device)
+            with autocast():
+                logits = slide_inference(model, images, model.crop_size, model.crop_size * 2 // 3).float()
+            logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+            matrix.update(logits.argmax(1), masks)
+        matrix.matrix = torch.tensor(ctx.all_sum(matrix.matrix.flatten().tolist(), device),
+                                     dtype=torch.float64).view(num_classes, num_classes)
+        model.train(was_training)
+        return matrix.compute()
+
+
+TASKS = {"classification": ClassificationTask, "segmentation": SegmentationTask}
