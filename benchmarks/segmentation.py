@@ -1,0 +1,98 @@
+"""CamVid segmentation with the default backbone: linear (frozen encoder + decoder), VPT-deep, iVPT.
+
+    python benchmarks/segmentation.py            # the protocol of configs/segmentation/camvid.yaml
+    python benchmarks/segmentation.py --quick    # 1 epoch, 1 seed: checks the pipeline
+
+Same decoder for every method; lr chosen on val mIoU, then 3 seeds trained on train+val and
+evaluated on test (single scale). Writes benchmarks/results/segmentation.{json,csv} and example
+predictions (image | truth | prediction per method) to benchmarks/results/segmentation_examples.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ivpt import load_adapter
+from ivpt.cli import palette
+from ivpt.data.segmentation import IGNORE_INDEX, SegEvalTransform, camvid_dataset
+from ivpt.engine.config import load_config
+from ivpt.engine.protocol import tune
+from ivpt.segmentation import slide_inference
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+METHODS = {"linear": ("linear", {}), "vpt-deep": ("vpt-deep", None), "ivpt": ("ivpt", None)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=str(ROOT / "configs" / "segmentation" / "camvid.yaml"))
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "segmentation"))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    base = load_config(args.recipe)
+    runs = Path(args.runs) / ("quick" if args.quick else "full")
+    report, rows = {"recipe": base.to_dict(), "methods": {}}, []
+    for name, (method, options) in METHODS.items():
+        cfg = dataclasses.replace(base, method=method,
+                                  method_options=base.method_options if options is None else options)
+        if args.quick:
+            cfg = dataclasses.replace(cfg, epochs=1, warmup_epochs=0,
+                                      protocol={"lrs": cfg.protocol["lrs"][:1], "wds": [0.0], "seeds": [42]})
+        summary = tune(cfg.validate(), runs / name)
+        report["methods"][name] = summary
+        rows.append({"method": name, "test_mIoU_mean": summary["test_mean"], "test_mIoU_std": summary["test_std"],
+                     "lr": summary["chosen"]["lr"], "decoder_params": summary["parameters"]["decoder"],
+                     "prompt_side_params": summary["parameters"]["prompt_side"]})
+        print(f"{name}: test mIoU {100 * summary['test_mean']:.2f} ± {100 * summary['test_std']:.2f}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (RESULTS / f"segmentation{suffix}.json").write_text(json.dumps(report, indent=2))
+    with open(RESULTS / f"segmentation{suffix}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    examples(runs, RESULTS / f"segmentation_examples{suffix}.png")
+
+
+def examples(runs: Path, path: Path, count: int = 3) -> None:
+    """Test images, their ground truth and each method's prediction (first seed), side by side."""
+    from PIL import Image
+
+    test = camvid_dataset("test")
+    models = {}
+    for name in METHODS:
+        adapters = sorted((runs / name / "final").glob("seed*/adapter"))
+        if adapters:
+            models[name] = load_adapter(adapters[0]).eval()
+    if not models:
+        return
+    any_model = next(iter(models.values()))
+    colours = np.array(palette(11) + [(0, 0, 0)] * (256 - 11), dtype=np.uint8)
+    crop = any_model.crop_size
+    tile_rows = []
+    for index in np.linspace(0, len(test) - 1, count).astype(int):
+        image, mask = test.load(int(index))
+        tiles = [np.asarray(image), colours[np.where(mask == IGNORE_INDEX, 255, mask)]]
+        for model in models.values():
+            cfg = model.encoder.backbone.pretrained_cfg
+            x, _ = SegEvalTransform((4 * crop, crop), cfg["mean"], cfg["std"],
+                                    model.encoder.backbone.patch_embed.patch_size[0])(image, mask)
+            with torch.no_grad():
+                logits = slide_inference(model, x[None], crop, crop * 2 // 3)
+            pred = F.interpolate(logits, size=mask.shape, mode="bilinear", align_corners=False).argmax(1)[0].numpy()
+            tiles.append(colours[pred])
+        tile_rows.append(np.concatenate(tiles, axis=1))
+    Image.fromarray(np.concatenate(tile_rows, axis=0)).save(path)
+    print(f"examples: {path} (columns: image, truth, {', '.join(models)})")
+
+
+if __name__ == "__main__":
+    main()
