@@ -80,3 +80,19 @@ def test_prompt_dropout_acts_only_in_train_mode():
         assert not torch.equal(model(images), model(images))
         model.eval()
         assert torch.equal(model(images), model(images))
+
+
+def test_timm_gradient_checkpointing_is_honoured_and_changes_nothing():
+    import copy
+
+    plain = ivpt.create_model(make_vit(), "ivpt", 7, prompt_length=3, ar_gamma_init=0.2, layers=[1])
+    ckpt = copy.deepcopy(plain)
+    ckpt.backbone.set_grad_checkpointing(True)
+    calls = []
+    ckpt.backbone.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 7, (2,))
+    for model in (ckpt, plain):
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+    assert len(calls) == 2  # block 0 recomputed in backward: checkpointing is on
+    for (name, a), b in zip(ckpt.tuned_parameters().items(), plain.tuned_parameters().values()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name

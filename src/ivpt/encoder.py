@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .backbone import backbone_shape
 from .methods.base import TuningMethod
@@ -152,6 +153,9 @@ class PromptedViT(nn.Module):
                 # fp32 even under autocast: bf16 would tie many of the ~0.005 weights and make top-K arbitrary
                 with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
                     saliency = query_saliency(block.attn, capture.output, rows, npt + p)
+            elif vit.grad_checkpointing and torch.is_grad_enabled():
+                # timm's set_grad_checkpointing(): recompute the block in backward to save memory
+                out = checkpoint(block, tokens, use_reentrant=False)
             else:
                 out = block(tokens)
             prefix, z, patches = out[:, :npt], out[:, npt:npt + p], out[:, npt + p:]
