@@ -89,7 +89,7 @@ def test_timm_gradient_checkpointing_is_honoured_and_changes_nothing():
     ckpt = copy.deepcopy(plain)
     ckpt.backbone.set_grad_checkpointing(True)
     calls = []
-    ckpt.backbone.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    ckpt.backbone.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
     images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 7, (2,))
     for model in (ckpt, plain):
         torch.nn.functional.cross_entropy(model(images), labels).backward()
