@@ -1,0 +1,82 @@
+"""Choosing iVPT's defaults on val only: one switch at a time around the spec's defaults.
+
+    python benchmarks/ivpt_defaults.py [--lr 2.5] [--tasks ...] [--quick]
+
+Every setting trains on train and is scored on val (never test), on every offline-suite task, with
+the recipe's lr and wd fixed (--lr/--wd) and seed 42. The table gives the mean val top-1 over tasks
+per setting; a default that loses on val should change in the code (see docs/benchmarks.md).
+Writes benchmarks/results/ivpt_defaults.{json,csv}.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ivpt.data.suite import SUITE_TASKS
+from ivpt.engine.config import load_config
+from ivpt.engine.loop import train
+from ivpt.methods.ivpt import IVPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SWEEP = {
+    "da": ["gate", "channel", "static", "sum"],
+    "da_bias_init": [-4.0, -2.0, 0.0, 2.0],
+    "ar_ratio": [0.1, 0.25, 0.5],
+    "ar_gamma_init": [0.0, 0.1, 0.5],
+    "ar_source": ["cls", "prompts"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=str(ROOT / "configs" / "suite" / "base.yaml"))
+    parser.add_argument("--lr", type=float, default=None, help="base lr (default: the recipe's)")
+    parser.add_argument("--wd", type=float, default=None, help="weight decay (default: the recipe's)")
+    parser.add_argument("--tasks", nargs="+", default=list(SUITE_TASKS), choices=list(SUITE_TASKS))
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "ivpt_defaults"))
+    parser.add_argument("--quick", action="store_true", help="1 epoch, 2 tasks")
+    args = parser.parse_args()
+    base = load_config(args.recipe)
+    base = dataclasses.replace(base, method="ivpt", seed=42, train_split="train", eval_split="val", test_split=None,
+                               lr=args.lr or base.lr, weight_decay=base.weight_decay if args.wd is None else args.wd)
+    tasks = args.tasks[:2] if args.quick else args.tasks
+    if args.quick:
+        base = dataclasses.replace(base, epochs=1, warmup_epochs=0)
+    defaults = dataclasses.asdict(IVPTConfig())
+    settings = [("default", {})] + [(f"{k}={v}", {k: v}) for k, values in SWEEP.items() for v in values
+                                    if v != defaults[k]]
+    runs = Path(args.runs) / ("quick" if args.quick else "full")
+    rows = []
+    for label, change in tqdm(settings, desc="settings"):
+        scores = {}
+        for task in tasks:
+            out = runs / label / task
+            done = out / "results.json"
+            if done.is_file():
+                result = json.loads(done.read_text())
+            else:
+                cfg = dataclasses.replace(base, method_options={**base.method_options, **change},
+                                          data={**base.data, "task": task}, output=str(out)).validate()
+                result = train(cfg, resume=True, quiet=True)
+            scores[task] = result["val"]["top1"]
+        rows.append({"setting": label, "mean_val_top1": statistics.fmean(scores.values()), **scores})
+        print(f"{label:24s} mean val top-1 {100 * rows[-1]['mean_val_top1']:.2f}", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (RESULTS / f"ivpt_defaults{suffix}.json").write_text(json.dumps(
+        {"recipe": base.to_dict(), "spec_defaults": defaults, "rows": rows}, indent=2))
+    with open(RESULTS / f"ivpt_defaults{suffix}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
