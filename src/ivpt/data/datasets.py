@@ -28,6 +28,12 @@ def open_rgb(path: str | Path) -> Image.Image:
         raise DataError(f"cannot decode image {path}: {err}") from err
 
 
+def require_known(what: str, value: str, known) -> None:
+    """DataError naming ``what`` and the accepted values when ``value`` is not among them."""
+    if value not in known:
+        raise DataError(f"unknown {what} {value!r}; expected one of {', '.join(known)}")
+
+
 def check_labels(labels: Sequence[int], num_classes: int, where: str) -> None:
     labels = np.asarray(labels)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .datasets import DataError, ImageListDataset
+from .datasets import DataError, ImageListDataset, require_known
 
 # dataset folder -> (number of classes, image folder inside it, as the VPT code reads it)
 FGVC_DATASETS: dict[str, tuple[int, str]] = {
@@ -34,10 +34,8 @@ def _read_json(path: Path) -> dict[str, int]:
 
 
 def fgvc(root, dataset: str, split: str, transform=None) -> ImageListDataset:
-    if dataset not in FGVC_DATASETS:
-        raise DataError(f"unknown FGVC dataset {dataset!r}; expected one of {', '.join(FGVC_DATASETS)}")
-    if split not in FGVC_SPLITS:
-        raise DataError(f"unknown FGVC split {split!r}; expected one of {', '.join(FGVC_SPLITS)}")
+    require_known("FGVC dataset", dataset, FGVC_DATASETS)
+    require_known("FGVC split", split, FGVC_SPLITS)
     num_classes, image_dir = FGVC_DATASETS[dataset]
     base = Path(root) / dataset
     if not base.is_dir():

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from .datasets import DataError, open_rgb
+from .datasets import DataError, open_rgb, require_known
 from .sources import CAMVID_CLASSES, CAMVID_IGNORE, camvid
 
 IGNORE_INDEX = 255
@@ -36,8 +36,7 @@ def _open_mask(path: Path) -> np.ndarray:
 
 def ade20k_pairs(root, split: str) -> list[tuple[Path, Path]]:
     """(image, annotation) pairs of ``ADEChallengeData2016/{images,annotations}/{training,validation}``."""
-    if split not in ADE20K_SPLITS:
-        raise DataError(f"unknown ADE20K split {split!r}; expected one of {', '.join(ADE20K_SPLITS)}")
+    require_known("ADE20K split", split, ADE20K_SPLITS)
     base = Path(root)
     if (base / "ADEChallengeData2016").is_dir():
         base = base / "ADEChallengeData2016"

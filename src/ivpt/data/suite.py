@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .datasets import ArrayDataset, DataError
+from .datasets import ArrayDataset, require_known
 from .paths import cache_dir
 from .procedural import PROCEDURAL_TASKS, render
 from .sources import dtd10, fashion_mnist, pneumonia_mnist
@@ -72,8 +72,7 @@ def _procedural(name: str, seed: int) -> SuiteTask:
 
 def load_task(name: str, seed: int = 0) -> SuiteTask:
     """One suite task; the same seed always gives the same images in the same splits."""
-    if name not in SUITE_TASKS:
-        raise DataError(f"unknown offline-suite task {name!r}; expected one of {', '.join(SUITE_TASKS)}")
+    require_known("offline-suite task", name, SUITE_TASKS)
     group = SUITE_TASKS[name][0]
     rng = np.random.default_rng(seed)
     if name in PROCEDURAL_TASKS:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .datasets import DataError, ImageListDataset
+from .datasets import DataError, ImageListDataset, require_known
 
 # task -> (number of classes, group)
 VTAB_TASKS: dict[str, tuple[int, str]] = {
@@ -52,10 +52,8 @@ def read_list_file(path: Path) -> list[tuple[str, int]]:
 
 
 def vtab_1k(root, task: str, split: str, transform=None) -> ImageListDataset:
-    if task not in VTAB_TASKS:
-        raise DataError(f"unknown VTAB-1k task {task!r}; expected one of {', '.join(VTAB_TASKS)}")
-    if split not in VTAB_SPLITS:
-        raise DataError(f"unknown VTAB-1k split {split!r}; expected one of {', '.join(VTAB_SPLITS)}")
+    require_known("VTAB-1k task", task, VTAB_TASKS)
+    require_known("VTAB-1k split", split, VTAB_SPLITS)
     num_classes, _ = VTAB_TASKS[task]
     base = Path(root) / task
     if not base.is_dir():
