@@ -13,7 +13,7 @@ from PIL import Image
 
 from ivpt.data import procedural, sources
 from ivpt.data.cifar10 import load_cifar10
-from ivpt.data.datasets import ArrayDataset, DataError
+from ivpt.data.datasets import DataError
 from ivpt.data.fgvc import FGVC_DATASETS, fgvc
 from ivpt.data.folder import image_folder, image_folder_splits
 from ivpt.data.suite import SUITE_TASKS, load_task, summarize

@@ -58,11 +58,12 @@ def loader_for(dataset, batch_size: int, ctx: Dist, seed: int, shuffle: bool, wo
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
 
 
-def evaluate(model, loader: DataLoader, num_classes: int, device, ctx: Dist = Dist(), precision: str = "fp32",
+def evaluate(model, loader: DataLoader, num_classes: int, device, ctx: Dist | None = None, precision: str = "fp32",
              desc: str = "eval", task: str = "classification") -> dict[str, Any]:
     """Metrics of a split: classification top-1 with per-class accuracy and confusion matrix, or mIoU."""
     impl = task if not isinstance(task, str) else TASKS[task]()
-    return impl.evaluate(model, loader, num_classes, device, ctx, lambda: autocast_for(precision, device), desc)
+    return impl.evaluate(model, loader, num_classes, device, ctx or Dist(), lambda: autocast_for(precision, device),
+                         desc)
 
 
 def _write_log(out: Path, log: list[dict]) -> None:

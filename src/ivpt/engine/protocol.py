@@ -56,7 +56,7 @@ def _done(run: Path) -> dict | None:
 def _run_jobs(jobs, shard: tuple[int, int], desc: str) -> None:
     index, count = shard
     mine = [job for i, job in enumerate(jobs) if i % count == index and _done(job[0]) is None]
-    for run, cfg in tqdm(mine, desc=desc, leave=True):
+    for _, cfg in tqdm(mine, desc=desc, leave=True):
         train(cfg, resume=True, quiet=True)  # resume=True: an interrupted run continues
 
 
