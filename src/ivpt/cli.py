@@ -267,8 +267,20 @@ def cmd_quickstart(args) -> int:
 def cmd_pretrain(args, rest: list[str]) -> int:
     from .backbones.pretrain import main as pretrain
 
-    pretrain(rest)
+    pretrain(rest, prog="ivpt pretrain")
     return 0
+
+
+def _config_fields_help() -> str:
+    import dataclasses
+
+    from .engine.config import TrainConfig
+
+    lines = ["config fields (recipe keys, or --set KEY=VALUE; values are YAML):"]
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name} = {default!r}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ivpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one method on one dataset",
+    p = sub.add_parser("train", help="train one method on one dataset", epilog=_config_fields_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train one method on one dataset from a YAML recipe plus key=value overrides. "
                                    "Writes config.yaml, metrics.jsonl/csv, a checkpoint every epoch, the adapter "
                                    "and results.json into the output folder.")

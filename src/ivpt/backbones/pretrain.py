@@ -26,8 +26,8 @@ from ..engine.checkpoint import atomic_write, has_checkpoint, load_checkpoint, s
 from .architectures import ARCHITECTURES
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, prog: str | None = None):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="cifar10-jpg.tar.gz (default: $IVPT_DATA or ../shared/data)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, log, final weights")
     p.add_argument("--arch", default="vit_mini_patch4_32", choices=sorted(ARCHITECTURES))
@@ -107,8 +107,8 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor, mean, std, devic
     return correct / len(images)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def main(argv=None, prog: str | None = None) -> dict:
+    args = parse_args(argv, prog)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
