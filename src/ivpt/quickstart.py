@@ -51,7 +51,7 @@ def run_quickstart(task: str | None = None, output: str | Path = "runs/quickstar
                                   output=str(out / method))
         started = time.time()
         print(f"training {method} on {cfg.data['task']} ({cfg.epochs} epochs) ...", flush=True)
-        results = train(cfg, resume=True, quiet=True)
+        results = train(cfg, resume=True, quiet=True, progress=True)
         params = results["parameters"]
         rows.append({"method": method, "test_top1": round(100 * results["test"]["top1"], 2),
                      "tuned_params": params["tuned"], "prompt_side_params": params["tuned_without_head"],

@@ -1,6 +1,7 @@
 """From a config's ``data`` mapping to train / eval datasets of normalised tensors."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,23 @@ def _limit(dataset: ArrayDataset, limit: int | None, rng) -> ArrayDataset:
     return dataset.subset(np.sort(rng.choice(len(dataset), min(int(limit), len(dataset)), replace=False)))
 
 
+_MEMORY: dict[str, TaskData] = {}  # in-memory tasks already transformed, reused across runs of a process
+
+
 def build_task_data(spec: dict[str, Any], pretrained_cfg: dict) -> TaskData:
     """Datasets for every split of a task, with the protocol's transforms at the backbone's input."""
+    kind = spec.get("kind")
+    if kind in ("suite", "cifar10"):  # decoded and transformed once per process: grids rerun the same data
+        key = json.dumps([spec, [pretrained_cfg.get(k) for k in ("input_size", "mean", "std", "interpolation")]],
+                         sort_keys=True, default=str)
+        if key not in _MEMORY:
+            _MEMORY.clear()  # keep one task at a time: the suite's tasks are visited one after another
+            _MEMORY[key] = _build_task_data(spec, pretrained_cfg)
+        return _MEMORY[key]
+    return _build_task_data(spec, pretrained_cfg)
+
+
+def _build_task_data(spec: dict[str, Any], pretrained_cfg: dict) -> TaskData:
     kind = spec.get("kind")
     if kind not in KINDS:
         raise DataError(f"data kind {kind!r} is unknown; expected one of {', '.join(KINDS)}")

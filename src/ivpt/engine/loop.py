@@ -59,11 +59,11 @@ def loader_for(dataset, batch_size: int, ctx: Dist, seed: int, shuffle: bool, wo
 
 
 def evaluate(model, loader: DataLoader, num_classes: int, device, ctx: Dist | None = None, precision: str = "fp32",
-             desc: str = "eval", task: str = "classification") -> dict[str, Any]:
+             desc: str = "eval", task: str = "classification", progress: bool = True) -> dict[str, Any]:
     """Metrics of a split: classification top-1 with per-class accuracy and confusion matrix, or mIoU."""
     impl = task if not isinstance(task, str) else TASKS[task]()
     return impl.evaluate(model, loader, num_classes, device, ctx or Dist(), lambda: autocast_for(precision, device),
-                         desc)
+                         desc, progress)
 
 
 def _write_log(out: Path, log: list[dict]) -> None:
@@ -84,8 +84,11 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Train one method on one dataset; returns (and writes) the results of the run."""
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, progress: bool | None = None) -> dict[str, Any]:
+    """Train one method on one dataset; returns (and writes) the results of the run.
+
+    quiet: no per-epoch lines on stdout; progress: progress bars (default: not quiet).
+    """
     cfg.validate()
     device = resolve_device(cfg.device)
     ctx = init_distributed(device)
@@ -94,12 +97,12 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
         torch.cuda.set_device(device)
     out = Path(cfg.output)
     try:
-        return _train(cfg, out, device, ctx, resume, quiet)
+        return _train(cfg, out, device, ctx, resume, quiet, (not quiet) if progress is None else progress)
     finally:
         shutdown(ctx)
 
 
-def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: bool) -> dict[str, Any]:
+def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: bool, progress: bool) -> dict[str, Any]:
     if has_checkpoint(out) and not resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another output")
     torch.manual_seed(cfg.seed)
@@ -147,7 +150,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
         train_loader.batch_sampler.set_epoch(epoch)
         started, loss_sum, correct, seen, samples = time.time(), 0.0, 0.0, 0.0, 0.0
         bar = tqdm(train_loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=quiet or not ctx.main)
+                   disable=not progress or not ctx.main)
         for step, (images, labels) in enumerate(bar):
             global_step = epoch * steps_per_epoch + step
             for group in optimizer.param_groups:
@@ -179,7 +182,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
         entry = {"epoch": epoch + 1, "train_loss": loss_sum / samples, accuracy: correct / seen,
                  "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 3)}
         if eval_loader is not None:
-            metrics = evaluate(model, eval_loader, len(task.classes), device, ctx, cfg.precision, cfg.eval_split, impl)
+            metrics = evaluate(model, eval_loader, len(task.classes), device, ctx, cfg.precision, cfg.eval_split, impl, progress)
             entry.update({f"{cfg.eval_split}_{key}": metrics[key] for key in (impl.primary, "loss") if key in metrics})
         log.append(entry)
         if ctx.main:
@@ -199,10 +202,10 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
                "epochs_run": len(log), "parameters": impl.parameters(model), "log": log}
     if eval_loader is not None and log:
         results[cfg.eval_split] = evaluate(model, eval_loader, len(task.classes), device, ctx, cfg.precision,
-                                           cfg.eval_split, impl)
+                                           cfg.eval_split, impl, progress)
     if cfg.test_split:
         test_loader = loader_for(split_of(task, cfg.test_split), eval_batch, ctx, cfg.seed, False, cfg.workers)
-        results["test"] = evaluate(model, test_loader, len(task.classes), device, ctx, cfg.precision, "test", impl)
+        results["test"] = evaluate(model, test_loader, len(task.classes), device, ctx, cfg.precision, "test", impl, progress)
     if ctx.main:
         summary = {k: results[k][impl.primary] for k in (cfg.eval_split, "test") if k in results}
         extra = {"segmentation": cfg.segmentation} if impl.name == "segmentation" else {}

@@ -36,13 +36,13 @@ class ClassificationTask:
         return count_parameters(model)
 
     @torch.no_grad()
-    def evaluate(self, model, loader, num_classes, device, ctx, autocast, desc="eval") -> dict[str, Any]:
+    def evaluate(self, model, loader, num_classes, device, ctx, autocast, desc="eval", progress=True) -> dict[str, Any]:
         """Top-1, mean loss, per-class accuracy and the confusion matrix (rows: truth, columns: prediction)."""
         was_training = model.training
         model.eval()
         confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
         loss_sum = 0.0
-        for images, labels in tqdm(loader, desc=desc, leave=False, disable=not ctx.main):
+        for images, labels in tqdm(loader, desc=desc, leave=False, disable=not (progress and ctx.main)):
             images, labels = images.to(device), labels.to(device)
             with autocast():
                 logits = model(images).float()
@@ -96,14 +96,14 @@ class SegmentationTask:
         return count_segmentation_parameters(model)
 
     @torch.no_grad()
-    def evaluate(self, model, loader, num_classes, device, ctx, autocast, desc="eval") -> dict[str, Any]:
+    def evaluate(self, model, loader, num_classes, device, ctx, autocast, desc="eval", progress=True) -> dict[str, Any]:
         """mIoU, per-class IoU and pixel accuracy at each label map's own size (single scale)."""
         from ..segmentation import ConfusionMatrix, slide_inference
 
         was_training = model.training
         model.eval()
         matrix = ConfusionMatrix(num_classes, self.ignore_index)
-        for images, masks in tqdm(loader, desc=desc, leave=False, disable=not ctx.main):
+        for images, masks in tqdm(loader, desc=desc, leave=False, disable=not (progress and ctx.main)):
             images = images.to(device)
             with autocast():
                 logits = slide_inference(model, images, model.crop_size, model.crop_size * 2 // 3).float()
