@@ -102,7 +102,7 @@ def test_training_learns_and_writes_everything(setup):
                            accumulation=2, optimizer="adamw", lr=0.05, lr_scaling=False), quiet=True)
     run = tmp_path / "run"
     for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "results.json", "checkpoint.json",
-                 "checkpoint.safetensors", "adapter/adapter.safetensors", "adapter/adapter_config.json"):
+                 "checkpoint-4.safetensors", "adapter/adapter.safetensors", "adapter/adapter_config.json"):
         assert (run / name).is_file(), name
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
     assert results["val"]["top1"] == 1.0  # two colours: trivially separable once trained
@@ -285,7 +285,56 @@ def test_ctrl_c_exits_130_and_resume_finishes(setup, monkeypatch, capsys):
 def test_damaged_checkpoint_is_refused(setup):
     tmp_path, folder = setup
     train(config(tmp_path, folder, epochs=2), quiet=True)
-    path = tmp_path / "run" / "checkpoint.safetensors"
+    name = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["tensors_file"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == [name]  # the previous one is gone
+    path = tmp_path / "run" / name
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="truncated, altered"):
         train(config(tmp_path, folder, epochs=2), resume=True, quiet=True)
+
+
+def test_interrupt_between_tensor_file_and_json_keeps_the_previous_checkpoint(setup, monkeypatch):
+    tmp_path, folder = setup
+    cfg = config(tmp_path, folder, epochs=2)
+    train(cfg, quiet=True)
+    _, before = load_checkpoint(tmp_path / "run")
+    real = ckpt_module.atomic_write
+
+    def die_before_json(path, write):
+        if Path(path).name == "checkpoint.json":
+            raise KeyboardInterrupt
+        return real(path, write)
+
+    monkeypatch.setattr(ckpt_module, "atomic_write", die_before_json)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_module.save_checkpoint(tmp_path / "run", {"x": torch.zeros(2)}, optimizer, {"epoch": 99})
+    monkeypatch.setattr(ckpt_module, "atomic_write", real)
+    _, after = load_checkpoint(tmp_path / "run")
+    assert after["epoch"] == before["epoch"] == 2
+
+
+def test_ddp_sampler_never_leaves_a_process_empty():
+    from ivpt.engine.distributed import Dist, GlobalBatchSampler
+
+    for size, batch in ((9, 4), (5, 4), (1, 4)):
+        shares = [list(GlobalBatchSampler(size, batch, Dist(rank, 2, rank), seed=0)) for rank in (0, 1)]
+        assert all(len(b) > 0 for share in shares for b in share)
+        assert len(shares[0]) == len(shares[1])  # the same number of steps on every process
+        evals = [list(GlobalBatchSampler(size, 1, Dist(rank, 2, rank), seed=0, shuffle=False, whole_batches=True))
+                 for rank in (0, 1)]
+        assert sorted(i for share in evals for b in share for i in b) == list(range(size))
+
+
+def test_config_coerces_numeric_strings_and_checks_protocol_and_device():
+    assert load_config(None, ["lr=1e-3"]).lr == 0.001  # YAML 1.1 reads 1e-3 as a string
+    with pytest.raises(ConfigError, match="'lr'"):
+        load_config(None, ["lr=fast"])
+    with pytest.raises(ConfigError, match="protocol.lrs"):
+        TrainConfig(protocol={"lrs": ["a"]}).validate()
+    with pytest.raises(ConfigError, match="protocol.seeds"):
+        TrainConfig(protocol={"seeds": [1.5]}).validate()
+    with pytest.raises(ConfigError, match="'device'"):
+        TrainConfig(device="gpu").validate()
+    with pytest.raises(ConfigError, match="'warmup_epochs'"):
+        TrainConfig(epochs=1, warmup_epochs=5).validate()

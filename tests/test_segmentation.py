@@ -173,3 +173,22 @@ def test_segmentation_training_eval_and_predict(tmp_path):
     mask = Image.open(tmp_path / "pred" / "ADE_val_00000000_mask.png")
     assert mask.size == (48, 40) and (tmp_path / "pred" / "ADE_val_00000000_overlay.png").is_file()
     assert len(json.loads((tmp_path / "pred" / "legend.json").read_text())) == 150
+
+
+def test_miou_counts_classes_that_are_only_predicted():
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 0, 2, 2]), torch.tensor([0, 0, 0, 0]))  # class 2 predicted, never true
+    m = cm.compute()
+    assert m["per_class_iou"][0] == pytest.approx(0.5) and m["per_class_iou"][2] == 0.0
+    assert m["mIoU"] == pytest.approx(0.25)  # class 1 (absent everywhere) is left out, class 2 is not
+
+
+def test_segmentation_augmentation_follows_torch_seed():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    mask = np.arange(40 * 60).reshape(40, 60) % 5
+    tf = SegTrainTransform(32, (120, 40), (0.5,) * 3, (0.5,) * 3)
+    torch.manual_seed(3)
+    a = tf(image, mask)
+    torch.manual_seed(3)
+    b = tf(image, mask)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -27,8 +27,9 @@ def cmd_train(args) -> int:
         overrides.append(f"output={args.output}")
     cfg = load_config(args.config, overrides)
     results = train(cfg, resume=args.resume)
-    summary = {k: round(results[k]["top1"], 4) for k in ("val", "test") if k in results}
-    print(json.dumps({"output": cfg.output, "top1": summary, "tuned_parameters": results["parameters"]["tuned"]}))
+    metric = results["primary_metric"]
+    summary = {k: round(results[k][metric], 4) for k in ("val", "test") if k in results}
+    print(json.dumps({"output": cfg.output, metric: summary, "tuned_parameters": results["parameters"]["tuned"]}))
     return 0
 
 
@@ -88,7 +89,7 @@ def cmd_predict(args) -> int:
     import torch
 
     from .data.datasets import IMAGE_SUFFIXES, open_rgb
-    from .data.transforms import vtab_transform
+    from .data.transforms import fgvc_transform, vtab_transform
     from .engine.checkpoint import atomic_write
 
     model, config = _load_for_inference(args.adapter, args.weights)
@@ -106,7 +107,10 @@ def cmd_predict(args) -> int:
     if config.get("task") == "segmentation":
         return _predict_masks(model, config, files, Path(args.output or "predictions"))
     size = config["image_size"][-1] if config.get("image_size") else 224
-    transform = vtab_transform(size, config["mean"], config["std"], config.get("interpolation", "bilinear"))
+    if (config.get("data") or {}).get("kind") == "fgvc":  # the protocol's test pipeline: resize + centre crop
+        transform = fgvc_transform(False, size, config["mean"], config["std"], config.get("interpolation", "bilinear"))
+    else:
+        transform = vtab_transform(size, config["mean"], config["std"], config.get("interpolation", "bilinear"))
     names = model.class_names or [str(i) for i in range(config["num_classes"])]
     k = min(args.top_k, len(names))
     predictions = []
@@ -141,6 +145,7 @@ def _predict_masks(model, config: dict, files: list[Path], out: Path) -> int:
 
     from .data.datasets import open_rgb
     from .data.segmentation import SegEvalTransform
+    from .engine.checkpoint import atomic_write
     from .segmentation import slide_inference
 
     opts = config.get("segmentation") or {}
@@ -162,7 +167,8 @@ def _predict_masks(model, config: dict, files: list[Path], out: Path) -> int:
         Image.blend(image, mask, 0.5).save(out / f"{f.stem}_overlay.png")
         print(f"{f}\t{out / (f.stem + '_mask.png')}")
     names = model.class_names or [str(i) for i in range(model.num_classes)]
-    (out / "legend.json").write_text(json.dumps({n: list(map(int, c)) for n, c in zip(names, colours)}, indent=2))
+    legend = json.dumps({n: list(map(int, c)) for n, c in zip(names, colours)}, indent=2)
+    atomic_write(out / "legend.json", lambda tmp: tmp.write_text(legend))
     return 0
 
 
@@ -198,7 +204,9 @@ def cmd_params(args) -> int:
     print(f"{args.backbone}, {args.num_classes} classes, prompt length {args.prompt_length}")
     _print_table(rows, ["method", "tuned", "tuned_%", "head", "prompts", "da", "ar", "backbone"])
     if args.output:
-        Path(args.output).write_text(json.dumps(rows, indent=2))
+        from .engine.checkpoint import atomic_write
+
+        atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(rows, indent=2)))
     return 0
 
 
@@ -223,6 +231,7 @@ def cmd_tune(args) -> int:
 
     cfg = load_config(args.config, list(args.set or []))
     out = Path(args.output or cfg.output)
+    wait = None if args.no_wait or args.shard[1] == 1 else args.poll_seconds
     if args.tasks:
         if cfg.data.get("kind") != "suite":
             raise ValueError("--tasks applies to recipes whose data kind is 'suite'")
@@ -233,9 +242,10 @@ def cmd_tune(args) -> int:
         summaries = {}
         for task in tasks:
             task_cfg = dataclasses.replace(cfg, data={**cfg.data, "task": task})
-            summaries[task] = tune(task_cfg, out / task, args.shard)
+            summaries[task] = tune(task_cfg, out / task, args.shard, wait)
         if any(s is None for s in summaries.values()):
-            print("this shard is done; other shards still own runs: rerun (any shard) to merge when they finish")
+            print("this shard's share is done; other shards' runs are missing: run every shard again "
+                  "(or once without --shard) when they have finished, to continue and merge")
             return 0
         means = summarize({t: s["test_mean"] for t, s in summaries.items()})
         merged = {"method": cfg.method, "tasks": summaries, **means}
@@ -246,9 +256,10 @@ def cmd_tune(args) -> int:
         _print_table(rows, ["task", "group", "test_mean", "test_std", "lr", "wd"])
         print(f"mean of group means {100 * means['mean_of_group_means']:.2f}, plain mean {100 * means['plain_mean']:.2f}")
         return 0
-    summary = tune(cfg, out, args.shard)
+    summary = tune(cfg, out, args.shard, wait)
     if summary is None:
-        print("this shard is done; other shards still own runs: rerun (any shard) to merge when they finish")
+        print("this shard's share is done; other shards' runs are missing: run every shard again "
+                  "(or once without --shard) when they have finished, to continue and merge")
         return 0
     print(json.dumps({"chosen": summary["chosen"], "test_mean": round(summary["test_mean"], 4),
                       "test_std": round(summary["test_std"], 4), "summary": str(out / "summary.json")}))
@@ -342,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="tuning folder (default: the recipe's output)")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="run every N-th job from the I-th")
     p.add_argument("--tasks", help="with a suite recipe: 'all' or a comma-separated list of offline-suite tasks")
+    p.add_argument("--no-wait", action="store_true",
+                   help="with --shard: exit when other shards' runs are missing instead of waiting for them")
+    p.add_argument("--poll-seconds", type=float, default=30.0, help="how often a waiting shard looks again")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("quickstart", help="the main job: iVPT vs linear probe vs VPT-deep on an offline task",

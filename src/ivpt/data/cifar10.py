@@ -54,9 +54,12 @@ def load_cifar10(tar_path: str | os.PathLike, use_cache: bool = True) -> dict[st
     digest = sha256_file(tar_path)
     cache = cache_dir() / f"cifar10-{digest[:16]}.npz"
     if use_cache and cache.is_file():
-        with np.load(cache, allow_pickle=False) as z:
-            classes = [str(c) for c in z["classes"]]
-            return {s: ImageArrays(z[f"{s}_images"], z[f"{s}_labels"], classes) for s in SPLITS}
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                classes = [str(c) for c in z["classes"]]
+                return {s: ImageArrays(z[f"{s}_images"], z[f"{s}_labels"], classes) for s in SPLITS}
+        except (OSError, ValueError, KeyError, EOFError):
+            cache.unlink(missing_ok=True)  # a damaged cache is rebuilt from the tar
     found = _decode_tar(tar_path)
     classes = sorted({cls for items in found.values() for cls, _, _ in items})
     if not classes:
@@ -74,7 +77,7 @@ def load_cifar10(tar_path: str | os.PathLike, use_cache: bool = True) -> dict[st
         labels = np.array([index[c] for c, _, _ in items], dtype=np.int64)
         out[split] = ImageArrays(images, labels, classes)
     if use_cache:
-        tmp = cache.with_suffix(".tmp.npz")
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")  # per process: no two writers share it
         np.savez(tmp, classes=np.array(classes), **{f"{s}_images": out[s].images for s in SPLITS},
                  **{f"{s}_labels": out[s].labels for s in SPLITS})
         os.replace(tmp, cache)

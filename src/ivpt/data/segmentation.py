@@ -2,7 +2,6 @@
 image/mask transforms of common segmentation recipes."""
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +80,12 @@ class SegmentationDataset(Dataset):
     def __len__(self):
         return len(self.items)
 
+    def _where(self, index) -> str:
+        image, mask = self.items[index]
+        if isinstance(image, (str, Path)):
+            return f"{image} and {mask}"
+        return self.names[index] if self.names else f"item {index}"
+
     def load(self, index) -> tuple[Image.Image, np.ndarray]:
         image, mask = self.items[index]
         if isinstance(image, (str, Path)):
@@ -88,7 +93,8 @@ class SegmentationDataset(Dataset):
         else:
             image = Image.fromarray(image)
         if image.size != (mask.shape[1], mask.shape[0]):
-            raise DataError(f"image and annotation sizes differ for item {index}: {image.size} vs {mask.shape[::-1]}")
+            raise DataError(f"image and annotation sizes differ for {self._where(index)}: "
+                            f"{image.size} vs {mask.shape[::-1]}")
         return image, self.remap(mask) if self.remap else mask.astype(np.int64)
 
     def __getitem__(self, index):
@@ -126,7 +132,8 @@ class SegTrainTransform:
         self.jitter = T.ColorJitter(brightness=32 / 255, contrast=0.5, saturation=0.5, hue=18 / 360)
 
     def __call__(self, image: Image.Image, mask: np.ndarray):
-        ratio = random.uniform(*self.ratio_range)
+        # torch's generator (seeded per epoch by the engine, per worker by the DataLoader): reproducible
+        ratio = self.ratio_range[0] + (self.ratio_range[1] - self.ratio_range[0]) * torch.rand(()).item()
         long_side, short_side = (s * ratio for s in self.base_size)
         scale = min(long_side / max(image.size), short_side / min(image.size))
         size = (max(1, round(image.size[1] * scale)), max(1, round(image.size[0] * scale)))
@@ -137,11 +144,11 @@ class SegTrainTransform:
         if pad_h or pad_w:
             x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h))
             target = torch.nn.functional.pad(target, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-        top = random.randint(0, x.shape[1] - self.crop)
-        left = random.randint(0, x.shape[2] - self.crop)
+        top = int(torch.randint(0, x.shape[1] - self.crop + 1, ()))
+        left = int(torch.randint(0, x.shape[2] - self.crop + 1, ()))
         x = x[:, top:top + self.crop, left:left + self.crop]
         target = target[top:top + self.crop, left:left + self.crop]
-        if random.random() < self.flip:
+        if torch.rand(()).item() < self.flip:
             x, target = x.flip(-1), target.flip(-1)
         return TF.normalize(x, self.mean, self.std), target.long()
 

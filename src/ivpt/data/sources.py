@@ -29,14 +29,26 @@ CAMVID_IGNORE = 11
 
 def _cached(name: str, source: Path, build) -> dict[str, np.ndarray]:
     path = cache_dir() / f"{name}-{sha256_file(source)[:16]}.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+    cached = load_npz_cache(path)
+    if cached is not None:
+        return cached
     arrays = build()
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
     return arrays
+
+
+def load_npz_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """A cache file's arrays, or None when it is missing or damaged (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError, EOFError):
+        path.unlink(missing_ok=True)
+        return None
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 from .datasets import ArrayDataset, require_known
 from .paths import cache_dir
 from .procedural import PROCEDURAL_TASKS, render
-from .sources import dtd10, fashion_mnist, pneumonia_mnist
+from .sources import dtd10, fashion_mnist, load_npz_cache, pneumonia_mnist
 from .vtab import GROUPS
 
 TRAIN, VAL, TEST_MAX = 800, 200, 2000
@@ -55,10 +55,8 @@ def _sample(rng, n_total: int, n: int) -> np.ndarray:
 def _procedural(name: str, seed: int) -> SuiteTask:
     _, _, group, classes = PROCEDURAL_TASKS[name]
     path = cache_dir() / f"suite-{name}-v{PROCEDURAL_VERSION}-seed{seed}.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    else:
+    arrays = load_npz_cache(path)
+    if arrays is None:
         base = seed * 1000 + sorted(PROCEDURAL_TASKS).index(name) * 10
         arrays = {}
         for offset, (split, count) in enumerate((("train", TRAIN), ("val", VAL), ("test", TEST_MAX))):

@@ -1,9 +1,10 @@
 """Training checkpoints as safetensors + JSON, written atomically, read without unpickling.
 
 A checkpoint holds the given model tensors, the optimizer's state (tensors in safetensors, scalars
-in JSON) and any JSON-serialisable ``meta`` (epoch, log, config). The tensors are written first
-and the JSON, which records their sha256, last: a crash between the two leaves the previous pair's
-JSON pointing at a different digest, and loading says so instead of mixing two states.
+in JSON) and any JSON-serialisable ``meta`` (epoch, log, config). Each save writes a new tensor file
+(``checkpoint-<n>.safetensors``), then atomically replaces ``checkpoint.json``, which names that
+file and records its sha256, and only then deletes the previous tensor file. Whenever the process
+stops, ``checkpoint.json`` names a complete pair: the new one or the previous one.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data.paths import sha256_file
 
-TENSORS, META = "checkpoint.safetensors", "checkpoint.json"
+META = "checkpoint.json"
 
 
 class CheckpointError(ValueError):
@@ -71,25 +72,53 @@ def save_checkpoint(directory, model_tensors: dict[str, torch.Tensor], optimizer
     tensors = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model_tensors.items()}
     opt_tensors, opt_scalars = optimizer_tensors(optimizer)
     tensors.update(opt_tensors)
-    atomic_write(directory / TENSORS, lambda tmp: save_file(tensors, str(tmp)))
-    record = dict(meta, optimizer_scalars=opt_scalars, tensors_sha256=sha256_file(directory / TENSORS))
+    previous = _tensor_file(directory)
+    serial = int(previous.stem.rsplit("-", 1)[-1]) + 1 if previous is not None else 1
+    name = f"checkpoint-{serial}.safetensors"
+    atomic_write(directory / name, lambda tmp: save_file(tensors, str(tmp)))
+    record = dict(meta, optimizer_scalars=opt_scalars, tensors_file=name, tensors_sha256=sha256_file(directory / name))
     atomic_write(directory / META, lambda tmp: tmp.write_text(json.dumps(record)))
+    if previous is not None and previous.name != name and previous.exists():
+        previous.unlink()  # only once the JSON names the new pair
+
+
+def _tensor_file(directory: Path) -> Path | None:
+    """The tensor file the current checkpoint.json names, if any."""
+    try:
+        name = json.loads((directory / META).read_text()).get("tensors_file")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return directory / name if name else None
 
 
 def has_checkpoint(directory) -> bool:
     return (Path(directory) / META).is_file()
 
 
+def checkpoint_meta(directory) -> dict[str, Any]:
+    """The JSON half of a checkpoint (epoch, log, config), without reading the tensors."""
+    path = Path(directory) / META
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+
+
 def load_checkpoint(directory, optimizer=None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model tensors, meta); restores the optimizer in place when one is given."""
     directory = Path(directory)
-    meta_path, tensor_path = directory / META, directory / TENSORS
-    if not meta_path.is_file() or not tensor_path.is_file():
-        raise CheckpointError(f"no checkpoint in {directory} (expected {META} and {TENSORS})")
+    meta_path = directory / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"no checkpoint in {directory} (expected {META})")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{meta_path} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or not meta.get("tensors_file"):
+        raise CheckpointError(f"{meta_path} does not name its tensor file (field 'tensors_file')")
+    tensor_path = directory / meta["tensors_file"]
+    if not tensor_path.is_file():
+        raise CheckpointError(f"{tensor_path}, named by {meta_path}, is missing")
     if sha256_file(tensor_path) != meta.get("tensors_sha256"):
         raise CheckpointError(f"{tensor_path} does not match {meta_path} (truncated, altered or from another save)")
     try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..options import OptionError, check_bool, check_choice, check_float, check_int
@@ -54,6 +55,14 @@ class TrainConfig:
     protocol: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
+        # YAML 1.1 reads 1e-3 (no dot) as a string: accept numeric strings for number fields
+        for name in ("lr", "weight_decay", "momentum", "label_smoothing", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, float(value))
+                except ValueError:
+                    pass  # reported below, naming the field
         checks = [
             lambda: check_choice("task", self.task, ("classification", "segmentation")),
             lambda: check_choice("schedule", self.schedule, ("cosine", "poly")),
@@ -80,8 +89,20 @@ class TrainConfig:
                 check()
             except OptionError as err:
                 raise ConfigError(str(err).replace("option ", "config field ", 1)) from None
-        if self.warmup_epochs >= self.epochs and self.epochs > 1:
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
             raise ConfigError(f"config field 'warmup_epochs': {self.warmup_epochs} must be below epochs ({self.epochs})")
+        if not (self.device in ("auto", "cpu", "mps") or self.device == "cuda" or
+                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ConfigError(f"config field 'device': got {self.device!r}, expected auto, cpu, cuda, cuda:N or mps")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"config field 'device': {self.device!r} asked for, but no CUDA device is available")
+        for key, values in self.protocol.items():
+            numbers = key != "seeds"
+            if not isinstance(values, list) or not values or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and (numbers or isinstance(v, int))
+                    for v in values):
+                kind = "integers" if key == "seeds" else "numbers"
+                raise ConfigError(f"config field 'protocol.{key}': expected a non-empty list of {kind}, got {values!r}")
         if self.batch_size % self.accumulation:
             raise ConfigError(f"config field 'accumulation': {self.accumulation} must divide batch_size ({self.batch_size})")
         if not isinstance(self.data, dict) or "kind" not in self.data:

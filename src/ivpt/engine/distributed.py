@@ -51,34 +51,48 @@ def shutdown(ctx: Dist) -> None:
 
 
 class GlobalBatchSampler:
-    """Seeded per-epoch order cut into global batches; each process takes its share of every batch.
+    """Seeded per-epoch order cut into global batches, shared out between processes.
 
-    One process and n processes see the same global batches, so results match at the same global
-    batch size (up to floating-point reduction order).
+    Training (``whole_batches=False``): each process takes its share of every global batch, so one
+    process and n processes see the same global batches and results match at the same global batch
+    size (up to floating-point reduction order). A global batch with fewer samples than processes
+    (only ever the ragged last one) is skipped when there are several processes, since DDP needs a
+    backward on every process. Evaluation (``whole_batches=True``): whole batches go round-robin to
+    the processes; one that gets none only adds zeros to the summed metrics.
     """
 
     def __init__(self, size: int, batch_size: int, ctx: Dist, seed: int, shuffle: bool = True,
-                 drop_last: bool = False):
+                 whole_batches: bool = False):
         self.size, self.batch_size, self.ctx = size, batch_size, ctx
-        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.seed, self.shuffle, self.whole_batches = seed, shuffle, whole_batches
         self.epoch = 0
+        self._cache: tuple[int, list[torch.Tensor]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def global_batches(self) -> list[torch.Tensor]:
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
         if self.shuffle:
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1009 + self.epoch))
         else:
             order = torch.arange(self.size)
         batches = list(order.split(self.batch_size))
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
+        if not self.whole_batches and self.ctx.world > 1:
+            batches = [b for b in batches if len(b) >= self.ctx.world]
+        self._cache = (self.epoch, batches)
         return batches
 
     def __iter__(self):
-        for batch in self.global_batches():
-            yield batch[self.ctx.rank::self.ctx.world].tolist()
+        batches = self.global_batches()
+        if self.whole_batches:
+            yield from (b.tolist() for b in batches[self.ctx.rank::self.ctx.world])
+        else:
+            yield from (b[self.ctx.rank::self.ctx.world].tolist() for b in batches)
 
     def __len__(self) -> int:
-        return len(self.global_batches())
+        n = len(self.global_batches())
+        if self.whole_batches:
+            return len(range(self.ctx.rank, n, self.ctx.world))
+        return n

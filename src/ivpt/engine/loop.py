@@ -15,7 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, has_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, atomic_write, checkpoint_meta, has_checkpoint, load_checkpoint,
+                         save_checkpoint)
 from .config import TrainConfig
 from .data import split_of
 from .distributed import Dist, GlobalBatchSampler, init_distributed, shutdown
@@ -54,7 +55,8 @@ def make_optimizer(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer
 
 
 def loader_for(dataset, batch_size: int, ctx: Dist, seed: int, shuffle: bool, workers: int) -> DataLoader:
-    sampler = GlobalBatchSampler(len(dataset), batch_size, ctx, seed, shuffle=shuffle)
+    """Training loaders (shuffle) share every batch out; evaluation loaders hand out whole batches."""
+    sampler = GlobalBatchSampler(len(dataset), batch_size, ctx, seed, shuffle=shuffle, whole_batches=not shuffle)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
 
 
@@ -126,12 +128,17 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
 
     start_epoch, log = 0, []
     if resume and has_checkpoint(out):
+        saved = _result_fields(checkpoint_meta(out).get("config") or {})
+        diff = [k for k, v in _result_fields(cfg.to_dict()).items() if saved.get(k) != v]
+        if diff:
+            raise CheckpointError(f"cannot resume {out}: the config differs from the checkpoint's in {', '.join(diff)}")
         tensors, meta = load_checkpoint(out, optimizer)
-        if meta.get("config") != cfg.to_dict():
-            diff = [k for k, v in cfg.to_dict().items() if meta.get("config", {}).get(k) != v]
-            raise ValueError(f"cannot resume {out}: the config differs from the checkpoint's in {', '.join(diff)}")
+        expected = model.adapter_tensors()
+        wrong = sorted(n for n, t in expected.items() if n not in tensors or tensors[n].shape != t.shape)
+        if wrong:
+            raise CheckpointError(f"checkpoint in {out} does not fit the model: {', '.join(wrong[:5])}")
         with torch.no_grad():
-            for name, tensor in model.adapter_tensors().items():
+            for name, tensor in expected.items():
                 tensor.copy_(tensors[name])
         start_epoch, log = meta["epoch"], meta["log"]
         if meta.get("grad_scaler"):
@@ -141,12 +148,15 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(_yaml(cfg.to_dict())))
+    if ctx.active and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # decoder BatchNorm sees the global batch
     net = DistributedDataParallel(model) if ctx.active else model
     writer = _tensorboard(out) if ctx.main else None
 
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
-        torch.manual_seed(cfg.seed * 1009 + epoch)  # prompt dropout draws: same on resume
+        # prompt dropout and augmentation draws: the same on resume, different per process
+        torch.manual_seed(cfg.seed * 1009 + epoch * 7919 + ctx.rank)
         train_loader.batch_sampler.set_epoch(epoch)
         started, loss_sum, correct, seen, samples = time.time(), 0.0, 0.0, 0.0, 0.0
         bar = tqdm(train_loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", leave=False,
@@ -155,7 +165,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
             global_step = epoch * steps_per_epoch + step
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(global_step, total_steps, warmup_steps, base_lr, cfg.schedule)
-            global_count = len(train_loader.batch_sampler.global_batches()[step]) if ctx.active else len(labels)
+            global_count = len(train_loader.batch_sampler.global_batches()[step])
             micro = list(zip(images.chunk(cfg.accumulation), labels.chunk(cfg.accumulation)))
             for i, (x, y) in enumerate(micro):
                 x, y = x.to(device), y.to(device)
@@ -216,6 +226,12 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
             writer.close()
     ctx.barrier()
     return results
+
+
+def _result_fields(config: dict) -> dict:
+    """The config fields that change a run's result (not where it is written or how it is fed)."""
+    normal = json.loads(json.dumps(config))  # tuples and lists compare alike
+    return {k: v for k, v in normal.items() if k not in ("output", "device", "workers")}
 
 
 def _yaml(data: dict) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,18 @@ def _done(run: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _wait_for(jobs, wait: float | None, what: str) -> bool:
+    """True once every run exists; polls every ``wait`` seconds (None: do not wait)."""
+    while True:
+        missing = [run for run, _ in jobs if _done(run) is None]
+        if not missing:
+            return True
+        if wait is None:
+            return False
+        print(f"waiting for {len(missing)} {what} run(s) of other shards, e.g. {missing[0]} ...", flush=True)
+        time.sleep(wait)
+
+
 def _run_jobs(jobs, shard: tuple[int, int], desc: str) -> None:
     index, count = shard
     mine = [job for i, job in enumerate(jobs) if i % count == index and _done(job[0]) is None]
@@ -69,22 +82,28 @@ def choose(grid_results: list[dict]) -> dict:
     return {"lr": best["config"]["lr"], "weight_decay": best["config"]["weight_decay"], "val_top1": score(best)}
 
 
-def tune(cfg: TrainConfig, output: str | Path, shard: tuple[int, int] = (0, 1)) -> dict[str, Any] | None:
-    """Run this shard's share; returns the merged summary once every run exists, else None."""
+def tune(cfg: TrainConfig, output: str | Path, shard: tuple[int, int] = (0, 1),
+         wait: float | None = None) -> dict[str, Any] | None:
+    """Run this shard's share and return the merged summary.
+
+    With several shards, a shard whose share is done waits (polling every ``wait`` seconds) for the
+    others' grid runs before the final runs, and for their final runs before merging; every shard then
+    writes the same summary. With ``wait=None`` it returns None instead of waiting.
+    """
     out = Path(output)
     if not 0 <= shard[0] < shard[1]:
         raise ValueError(f"--shard {shard[0]}/{shard[1]}: expected i/n with 0 <= i < n")
     grid = grid_jobs(cfg, out)
     _run_jobs(grid, shard, "grid (train -> val)")
-    grid_results = [_done(run) for run, _ in grid]
-    if any(r is None for r in grid_results):
+    if not _wait_for(grid, wait, "grid"):
         return None  # other shards still own grid runs
+    grid_results = [_done(run) for run, _ in grid]
     choice = choose(grid_results)
     finals = final_jobs(cfg, out, choice["lr"], choice["weight_decay"])
     _run_jobs(finals, shard, "final (train+val -> test)")
-    final_results = [_done(run) for run, _ in finals]
-    if any(r is None for r in final_results):
+    if not _wait_for(finals, wait, "final"):
         return None
+    final_results = [_done(run) for run, _ in finals]
     tests = [r["test"][r.get("primary_metric", "top1")] for r in final_results]
     summary = {
         "data": cfg.data,

@@ -23,8 +23,9 @@ class ConfusionMatrix:
         m = self.matrix
         tp = m.diag()
         union = m.sum(0) + m.sum(1) - tp
-        present = m.sum(1) > 0  # classes absent from the ground truth do not count in the mean
-        iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+        # a class counts when it occurs in the truth or in the predictions (union > 0), as mmseg's nanmean
+        present = union > 0
+        iou = torch.where(present, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
         return {
             "mIoU": iou[present].mean().item() if present.any() else float("nan"),
             "per_class_iou": iou.tolist(),
