@@ -314,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on a split",
-                       description="Top-1 of an adapter on a split; per-class accuracy and the confusion matrix "
-                                   "go to --output.")
+                       description="Classification: top-1 of an adapter on a split, with per-class accuracy and "
+                                   "the confusion matrix in --output. Segmentation: mIoU (single scale, sliding "
+                                   "window), per-class IoU and pixel accuracy.")
     p.add_argument("adapter", help="adapter folder (adapter.safetensors + adapter_config.json)")
     p.add_argument("--split", default="test", help="train, val, trainval or test (default test)")
     p.add_argument("--data", help="dataset spec as JSON (default: the one recorded in the adapter)")
@@ -325,7 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="results JSON to write")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="top-k labels for images or folders of images")
+    p = sub.add_parser("predict", help="top-k labels (or segmentation masks) for images or folders",
+                       description="Classification adapters: top-k labels with scores (printed, and as JSON with "
+                                   "--output). Segmentation adapters: a colour-coded mask and an overlay PNG per "
+                                   "image, and legend.json, in the --output folder (default predictions/).")
     p.add_argument("adapter", help="adapter folder")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=int, default=5)
