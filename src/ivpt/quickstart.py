@@ -34,11 +34,11 @@ BASE = TrainConfig(
     precision="fp32",
     seed=42,
 )
-# method -> (options, learning rate)
+# method -> (options, learning rate); lrs chosen on val by benchmarks/quickstart_hparams.py
 METHODS = {
-    "linear": ({}, 3e-3),
-    "vpt-deep": ({"prompt_length": 10}, 3e-3),
-    "ivpt": ({"prompt_length": 10}, 3e-3),
+    "linear": ({}, 1e-2),
+    "vpt-deep": ({"prompt_length": 10}, 1e-2),
+    "ivpt": ({"prompt_length": 10}, 1e-2),
 }
 
 
