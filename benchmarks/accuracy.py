@@ -12,7 +12,6 @@ runs are skipped); the tables go to benchmarks/results/accuracy.{json,csv} and a
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import platform
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from ivpt.data.suite import SUITE_TASKS, summarize
 from ivpt.engine.config import load_config
 from ivpt.engine.protocol import tune
+from ivpt.tables import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -91,10 +91,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"accuracy{suffix}.json").write_text(json.dumps(report, indent=2))
-    with open(RESULTS / f"accuracy{suffix}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(RESULTS / f"accuracy{suffix}.csv", rows)
     print_tables(report, args.tasks)
     plot(report, args.tasks, RESULTS / f"accuracy{suffix}.png")
 

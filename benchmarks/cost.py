@@ -16,7 +16,6 @@ Results: benchmarks/results/cost.json, cost.csv and cost_vs_prompt_length.png.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import resource
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 import ivpt
+from ivpt.tables import write_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["floor", "linear", "full", "vpt-shallow", "vpt-deep", "ivpt"]
@@ -44,17 +44,18 @@ def build(backbone: str, method: str, prompt_length: int, img_size: int, num_cla
     return ivpt.create_model(backbone, name, num_classes, prompt_length=prompt_length, **kwargs)
 
 
-def floor_step(model, images):
-    """Frozen forward plus backward to the block-0 input, same tokens as the prompt methods."""
+def floor_forward(model, images):
+    """The frozen blocks on the embedded tokens plus as many placeholder tokens as prompts."""
     vit = model.backbone
     x = model.embed(images)
-    p = model.method.num_prompts
-    extra = torch.zeros(x.shape[0], p, x.shape[2], requires_grad=True)
+    extra = torch.zeros(x.shape[0], model.method.num_prompts, x.shape[2], requires_grad=True)
     npt = vit.num_prefix_tokens
-    tokens = torch.cat([x[:, :npt], extra, x[:, npt:]], dim=1)
-    tokens.retain_grad()
-    out = vit.norm(vit.blocks(tokens))
-    out[:, 0].sum().backward()
+    return vit.norm(vit.blocks(torch.cat([x[:, :npt], extra, x[:, npt:]], dim=1)))
+
+
+def floor_step(model, images):
+    """Frozen forward plus backward to the block-0 input, same tokens as the prompt methods."""
+    floor_forward(model, images)[:, 0].sum().backward()
 
 
 def make_step(model, method, images, labels):
@@ -85,10 +86,7 @@ def saved_bytes(model, method, images, labels) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if method == "floor":
-            vit = model.backbone
-            x = model.embed(images)
-            extra = torch.zeros(x.shape[0], model.method.num_prompts, x.shape[2], requires_grad=True)
-            vit.norm(vit.blocks(torch.cat([x[:, :1], extra, x[:, 1:]], 1)))
+            floor_forward(model, images)
         else:
             torch.nn.functional.cross_entropy(model(images), labels)
     return total
@@ -214,10 +212,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"cost{suffix}.json").write_text(json.dumps(report, indent=2))
-    with open(RESULTS / f"cost{suffix}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(RESULTS / f"cost{suffix}.csv", rows)
     plot(report, RESULTS / f"cost_vs_prompt_length{suffix}.png")
 
 

@@ -10,7 +10,6 @@ Writes benchmarks/results/ivpt_defaults.{json,csv}.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import statistics
@@ -22,6 +21,7 @@ from ivpt.data.suite import SUITE_TASKS
 from ivpt.engine.config import load_config
 from ivpt.engine.loop import train
 from ivpt.methods.ivpt import IVPTConfig
+from ivpt.tables import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -72,10 +72,7 @@ def main() -> None:
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"ivpt_defaults{suffix}.json").write_text(json.dumps(
         {"recipe": base.to_dict(), "spec_defaults": defaults, "rows": rows}, indent=2))
-    with open(RESULTS / f"ivpt_defaults{suffix}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(RESULTS / f"ivpt_defaults{suffix}.csv", rows)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ predictions (image | truth | prediction per method) to benchmarks/results/segmen
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -25,6 +24,7 @@ from ivpt.data.segmentation import IGNORE_INDEX, SegEvalTransform, camvid_datase
 from ivpt.engine.config import load_config
 from ivpt.engine.protocol import tune
 from ivpt.segmentation import slide_inference
+from ivpt.tables import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -55,10 +55,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"segmentation{suffix}.json").write_text(json.dumps(report, indent=2))
-    with open(RESULTS / f"segmentation{suffix}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(RESULTS / f"segmentation{suffix}.csv", rows)
     examples(runs, RESULTS / f"segmentation_examples{suffix}.png")
 
 

@@ -7,14 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from .tables import print_table
+
 EXIT_INTERRUPTED = 130
-
-
-def _print_table(rows: list[dict], columns: list[str]) -> None:
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for row in rows:
-        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
 # -- train ---------------------------------------------------------------------------------------
@@ -202,7 +197,7 @@ def cmd_params(args) -> int:
     options = {k: v for k, v in (json.loads(args.options) if args.options else {}).items()}
     rows = parameter_table(args.backbone, methods, args.num_classes, args.prompt_length, options)
     print(f"{args.backbone}, {args.num_classes} classes, prompt length {args.prompt_length}")
-    _print_table(rows, ["method", "tuned", "tuned_%", "head", "prompts", "da", "ar", "backbone"])
+    print_table(rows, ["method", "tuned", "tuned_%", "head", "prompts", "da", "ar", "backbone"])
     if args.output:
         from .engine.checkpoint import atomic_write
 
@@ -253,7 +248,7 @@ def cmd_tune(args) -> int:
         rows = [{"task": t, "group": SUITE_TASKS[t][0], "test_mean": f"{100 * s['test_mean']:.2f}",
                  "test_std": f"{100 * s['test_std']:.2f}", "lr": s["chosen"]["lr"], "wd": s["chosen"]["weight_decay"]}
                 for t, s in summaries.items()]
-        _print_table(rows, ["task", "group", "test_mean", "test_std", "lr", "wd"])
+        print_table(rows, ["task", "group", "test_mean", "test_std", "lr", "wd"])
         print(f"mean of group means {100 * means['mean_of_group_means']:.2f}, plain mean {100 * means['plain_mean']:.2f}")
         return 0
     summary = tune(cfg, out, args.shard, wait)

@@ -5,9 +5,7 @@ task's val split, never on test (see docs/benchmarks.md). The full protocol is `
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import time
 from pathlib import Path
@@ -16,6 +14,7 @@ from .backbones import DEFAULT_BACKBONE
 from .engine.checkpoint import atomic_write
 from .engine.config import TrainConfig
 from .engine.loop import train
+from .tables import print_table, write_csv
 
 TASK = "dsprites-loc"
 EPOCHS = 10
@@ -59,15 +58,8 @@ def run_quickstart(task: str | None = None, output: str | Path = "runs/quickstar
     header = ["method", "test_top1", "tuned_params", "prompt_side_params", "seconds"]
     print(f"\n{DEFAULT_BACKBONE} on offline-suite task {task or TASK} "
           f"(train+val 1,000 images, test 2,000)")
-    widths = {h: max(len(h), *(len(str(r[h])) for r in rows)) for h in header}
-    print("  ".join(h.ljust(widths[h]) for h in header))
-    for r in rows:
-        print("  ".join(str(r[h]).ljust(widths[h]) for h in header))
+    print_table(rows, header)
     atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(rows, indent=2)))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(out / "results.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
+    write_csv(out / "results.csv", rows)
     print(f"adapters and results in {out}/")
     return rows

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import math
 import time
@@ -69,13 +67,10 @@ def evaluate(model, loader: DataLoader, num_classes: int, device, ctx: Dist | No
 
 
 def _write_log(out: Path, log: list[dict]) -> None:
+    from ..tables import write_csv
+
     atomic_write(out / "metrics.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(e) + "\n" for e in log)))
-    buffer = io.StringIO()
-    fields = sorted({k for entry in log for k in entry}, key=lambda k: (k != "epoch", k))
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(log)
-    atomic_write(out / "metrics.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
+    write_csv(out / "metrics.csv", log, first=("epoch",))
 
 
 def _tensorboard(out: Path):
