@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import ivpt
+from ivpt.engine.checkpoint import atomic_write
 from ivpt.tables import write_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -119,7 +120,7 @@ def measure(backbone, methods, prompt_length, img_size, batch, rounds, num_class
             e["train"].append(timed(e["step"]))
             with torch.no_grad():
                 e["model"].eval()
-                e["infer"].append(timed(lambda: e["model"](images)))
+                e["infer"].append(timed(lambda model=e["model"]: model(images)))
                 e["model"].train()
     return entries
 
@@ -168,7 +169,14 @@ def main() -> None:
                          f"torch {torch.__version__}, timm {__import__('timm').__version__}",
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "setups": [], "prompt_length": [],
               "image_size": []}
+    RESULTS.mkdir(exist_ok=True)
+    suffix = "_quick" if args.quick else ""
     rows = []
+
+    def save() -> None:  # after every section: a late failure (e.g. out of memory) keeps what was measured
+        atomic_write(RESULTS / f"cost{suffix}.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+        write_csv(RESULTS / f"cost{suffix}.csv", rows)
+
     for backbone, size, batch, p in setups:
         print(f"== {backbone} @{size}, batch {batch}, prompt length {p}", flush=True)
         entries = measure(backbone, METHODS, p, size, batch, rounds)
@@ -188,32 +196,40 @@ def main() -> None:
             "train_step": ratio(entries, "ivpt", "vpt-deep", "train"),
             "inference": ratio(entries, "ivpt", "vpt-deep", "infer"),
             "saved_activation_bytes": entries["ivpt"]["saved_bytes"] / entries["vpt-deep"]["saved_bytes"],
-            # None when the step fits in memory the process already held (tiny models): no growth to compare
-            "peak_rss_growth": (setup["methods"]["ivpt"]["peak_rss_growth_bytes"]
-                                / setup["methods"]["vpt-deep"]["peak_rss_growth_bytes"]
-                                if setup["methods"]["vpt-deep"]["peak_rss_growth_bytes"] > 0 else None),
+            "peak_rss_growth": rss_ratio(setup["methods"]["ivpt"], setup["methods"]["vpt-deep"]),
         }
         setup["vpt_deep_vs_floor_train"] = ratio(entries, "vpt-deep", "floor", "train")
+        del entries  # free this setup's models before the next section builds its own
         report["setups"].append(setup)
+        save()
         print(json.dumps(setup["ivpt_vs_vpt_deep"]), "vpt-deep/floor", round(setup["vpt_deep_vs_floor_train"], 3))
-    backbone, size, batch, _ = setups[0]
-    for p in lengths:
-        entries = measure(backbone, ["floor", "vpt-deep", "ivpt"], p, size, batch, max(2, rounds - 2))
-        report["prompt_length"].append({"prompt_length": p, **{
-            m: {"train_step_s": statistics.median(entries[m]["train"]), "saved_activation_bytes": entries[m]["saved_bytes"]}
-            for m in entries}, "ivpt_vs_vpt_deep_train": ratio(entries, "ivpt", "vpt-deep", "train")})
-        print("prompt length", p, round(report["prompt_length"][-1]["ivpt_vs_vpt_deep_train"], 3), flush=True)
-    for s in sizes:
-        entries = measure(backbone, ["floor", "vpt-deep", "ivpt"], setups[0][3], s, batch, max(2, rounds - 2))
-        report["image_size"].append({"image_size": s, **{
-            m: {"train_step_s": statistics.median(entries[m]["train"]), "saved_activation_bytes": entries[m]["saved_bytes"]}
-            for m in entries}, "ivpt_vs_vpt_deep_train": ratio(entries, "ivpt", "vpt-deep", "train")})
-        print("image size", s, round(report["image_size"][-1]["ivpt_vs_vpt_deep_train"], 3), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    (RESULTS / f"cost{suffix}.json").write_text(json.dumps(report, indent=2))
-    write_csv(RESULTS / f"cost{suffix}.csv", rows)
+    backbone, size, batch, default_p = setups[0]
+    for key, values in (("prompt_length", lengths), ("image_size", sizes)):
+        for value in values:
+            p, s = (value, size) if key == "prompt_length" else (default_p, value)
+            report[key].append(scaling_point(backbone, p, s, batch, max(2, rounds - 2), key, value))
+            save()
+            print(key, value, round(report[key][-1]["ivpt_vs_vpt_deep_train"], 3), flush=True)
     plot(report, RESULTS / f"cost_vs_prompt_length{suffix}.png")
+
+
+def rss_ratio(a: dict, b: dict) -> float | None:
+    # None when the step fits in memory the process already held (tiny models): no growth to compare
+    return a["peak_rss_growth_bytes"] / b["peak_rss_growth_bytes"] if b["peak_rss_growth_bytes"] > 0 else None
+
+
+def scaling_point(backbone, p, size, batch, rounds, key, value) -> dict:
+    """floor, VPT-deep and iVPT at one prompt length and image size: times, saved bytes, peak RSS growth."""
+    entries = measure(backbone, ["floor", "vpt-deep", "ivpt"], p, size, batch, rounds)
+    point = {key: value}
+    for m, e in entries.items():
+        point[m] = {"train_step_s": statistics.median(e["train"]), "saved_activation_bytes": e["saved_bytes"],
+                    "peak_rss_growth_bytes": rss_growth(backbone, m, p, size, batch)}
+    point["ivpt_vs_vpt_deep_train"] = ratio(entries, "ivpt", "vpt-deep", "train")
+    point["vpt_deep_vs_floor_train"] = ratio(entries, "vpt-deep", "floor", "train")
+    point["ivpt_vs_vpt_deep_saved_bytes"] = entries["ivpt"]["saved_bytes"] / entries["vpt-deep"]["saved_bytes"]
+    point["ivpt_vs_vpt_deep_peak_rss_growth"] = rss_ratio(point["ivpt"], point["vpt-deep"])
+    return point
 
 
 def plot(report, path: Path) -> None:
@@ -225,14 +241,18 @@ def plot(report, path: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no plot written")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     lengths = [r["prompt_length"] for r in report["prompt_length"]]
+    sizes = [r["image_size"] for r in report["image_size"]]
     for m in ("floor", "vpt-deep", "ivpt"):
         axes[0].plot(lengths, [r[m]["train_step_s"] for r in report["prompt_length"]], marker="o", label=m)
         axes[1].plot(lengths, [r[m]["saved_activation_bytes"] / 2 ** 20 for r in report["prompt_length"]],
                      marker="o", label=m)
+        axes[2].plot(sizes, [r[m]["train_step_s"] for r in report["image_size"]], marker="o", label=m)
     axes[0].set(xlabel="prompt length", ylabel="train step (s)", title="train step time")
     axes[1].set(xlabel="prompt length", ylabel="MiB saved for backward", title="activation memory")
+    axes[2].set(xlabel="image size (px)", ylabel="train step (s)", title="train step time, prompt length "
+                f"{report['setups'][0]['prompt_length']}")
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)

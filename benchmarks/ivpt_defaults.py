@@ -1,10 +1,12 @@
 """Choosing iVPT's defaults on val only: one switch at a time around the spec's defaults.
 
-    python benchmarks/ivpt_defaults.py [--lr 2.5] [--tasks ...] [--quick]
+    python benchmarks/ivpt_defaults.py [--lr 0.01] [--tasks ...] [--quick]
 
-Every setting trains on train and is scored on val (never test), on every offline-suite task, with
-the recipe's lr and wd fixed (--lr/--wd) and seed 42. The table gives the mean val top-1 over tasks
-per setting; a default that loses on val should change in the code (see docs/benchmarks.md).
+Every setting trains on train and is scored on val (never test), by default on one or two tasks of
+each group, with the recipe's lr and wd fixed (--lr/--wd) and seed 42. The table gives the mean val
+top-1 over tasks per setting. Rule, fixed before the run: a spec default changes in the code only
+if another value beats it by at least 1 point of mean val top-1 (smaller gaps are within the noise
+of 200 val images and one seed); see docs/benchmarks.md.
 Writes benchmarks/results/ivpt_defaults.{json,csv}.
 """
 from __future__ import annotations
@@ -25,21 +27,24 @@ from ivpt.tables import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+# one switch at a time around the spec's defaults (the default itself is skipped where it appears)
 SWEEP = {
-    "da": ["gate", "channel", "static", "sum"],
-    "da_bias_init": [-4.0, -2.0, 0.0, 2.0],
+    "da": ["gate", "static", "sum"],
+    "da_bias_init": [-2.0, 0.0, 2.0],
     "ar_ratio": [0.1, 0.25, 0.5],
-    "ar_gamma_init": [0.0, 0.1, 0.5],
+    "ar_gamma_init": [0.0, 0.1],
     "ar_source": ["cls", "prompts"],
 }
+TASKS = ["dtd10", "pneumonia", "dsprites-loc", "clevr-count"]  # natural, specialized, 2 x structured
+MARGIN = 0.01  # the rule above
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default=str(ROOT / "configs" / "suite" / "base.yaml"))
+    parser.add_argument("--recipe", default=str(ROOT / "configs" / "suite" / "benchmark.yaml"))
     parser.add_argument("--lr", type=float, default=None, help="base lr (default: the recipe's)")
     parser.add_argument("--wd", type=float, default=None, help="weight decay (default: the recipe's)")
-    parser.add_argument("--tasks", nargs="+", default=list(SUITE_TASKS), choices=list(SUITE_TASKS))
+    parser.add_argument("--tasks", nargs="+", default=TASKS, choices=list(SUITE_TASKS))
     parser.add_argument("--runs", default=str(ROOT / "runs" / "ivpt_defaults"))
     parser.add_argument("--quick", action="store_true", help="1 epoch, 2 tasks")
     args = parser.parse_args()
@@ -68,11 +73,29 @@ def main() -> None:
             scores[task] = result["val"]["top1"]
         rows.append({"setting": label, "mean_val_top1": statistics.fmean(scores.values()), **scores})
         print(f"{label:24s} mean val top-1 {100 * rows[-1]['mean_val_top1']:.2f}", flush=True)
+    verdicts = decide(rows, defaults)
+    for key, v in verdicts.items():
+        print(f"{key}: best on val {v['best']!r} ({v['gain_points']:+.2f} points over the default {v['default']!r})"
+              f" -> {'CHANGE the default' if v['change'] else 'keep the default'}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"ivpt_defaults{suffix}.json").write_text(json.dumps(
-        {"recipe": base.to_dict(), "spec_defaults": defaults, "rows": rows}, indent=2))
+        {"recipe": base.to_dict(), "tasks": tasks, "spec_defaults": defaults, "margin": MARGIN, "rows": rows,
+         "verdicts": verdicts}, indent=2))
     write_csv(RESULTS / f"ivpt_defaults{suffix}.csv", rows)
+
+
+def decide(rows: list[dict], defaults: dict) -> dict:
+    """Per switch: the best value on mean val top-1 and whether it clears the margin over the default."""
+    score = {r["setting"]: r["mean_val_top1"] for r in rows}
+    verdicts = {}
+    for key, values in SWEEP.items():
+        options = {v: score["default" if v == defaults[key] else f"{key}={v}"] for v in values}
+        best = max(options, key=lambda v: (options[v], v == defaults[key]))  # ties keep the default
+        gain = options[best] - score["default"]
+        verdicts[key] = {"default": defaults[key], "best": best, "gain_points": 100 * gain,
+                         "change": gain >= MARGIN - 1e-9, "mean_val_top1": {str(v): s for v, s in options.items()}}
+    return verdicts
 
 
 if __name__ == "__main__":

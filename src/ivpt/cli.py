@@ -206,7 +206,7 @@ def cmd_params(args) -> int:
 
 
 # -- tune ----------------------------------------------------------------------------------------
-def _shard(text: str) -> tuple[int, int]:
+def parse_shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(v) for v in text.split("/"))
     except ValueError:
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML recipe (its 'protocol' field sets lrs, wds and seeds)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override recipe fields")
     p.add_argument("--output", help="tuning folder (default: the recipe's output)")
-    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="run every N-th job from the I-th")
+    p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N", help="run every N-th job from the I-th")
     p.add_argument("--tasks", help="with a suite recipe: 'all' or a comma-separated list of offline-suite tasks")
     p.add_argument("--no-wait", action="store_true",
                    help="with --shard: exit when other shards' runs are missing instead of waiting for them")
