@@ -40,7 +40,7 @@ VARIANTS = {
     "vpt-shallow": ("vpt-shallow", {}),
     "vpt-deep": ("vpt-deep", {}),
     "cdc-static": ("ivpt", {"da": "static", "ar": False}),     # a connection without selection
-    "cdc-da": ("ivpt", {"ar": False}),                         # CDC + DA
+    "cdc-da": ("ivpt", {"da": "gate", "ar": False}),           # CDC + DA (the gate: selection)
     "ar-only": ("ivpt", {"cdc": False}),                       # AR alone on VPT-deep prompts
     "ivpt": ("ivpt", {}),                                      # CDC + DA + AR
 }

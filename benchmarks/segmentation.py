@@ -56,10 +56,10 @@ def main() -> None:
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"segmentation{suffix}.json").write_text(json.dumps(report, indent=2))
     write_csv(RESULTS / f"segmentation{suffix}.csv", rows)
-    examples(runs, RESULTS / f"segmentation_examples{suffix}.png")
+    examples(runs, RESULTS / f"segmentation_examples{suffix}.png", tuple(base.segmentation["base_size"]))
 
 
-def examples(runs: Path, path: Path, count: int = 3) -> None:
+def examples(runs: Path, path: Path, base_size: tuple[int, int], count: int = 3) -> None:
     """Test images, their ground truth and each method's prediction (first seed), side by side."""
     from PIL import Image
 
@@ -80,7 +80,7 @@ def examples(runs: Path, path: Path, count: int = 3) -> None:
         tiles = [np.asarray(image), colours[np.where(mask == IGNORE_INDEX, 255, mask)]]
         for model in models.values():
             cfg = model.encoder.backbone.pretrained_cfg
-            x, _ = SegEvalTransform((4 * crop, crop), cfg["mean"], cfg["std"],
+            x, _ = SegEvalTransform(base_size, cfg["mean"], cfg["std"],
                                     model.encoder.backbone.patch_embed.patch_size[0])(image, mask)
             with torch.no_grad():
                 logits = slide_inference(model, x[None], crop, crop * 2 // 3)

@@ -89,6 +89,19 @@ def test_resume_after_interrupt_ends_like_an_uninterrupted_run(setup, monkeypatc
     assert resumed["val"]["top1"] == full["val"]["top1"]
 
 
+def test_eval_every_skips_evaluations_without_changing_training(setup):
+    tmp_path, folder = setup
+    every = train(config(tmp_path, folder, output=str(tmp_path / "every")), quiet=True)
+    sparse = train(config(tmp_path, folder, eval_every=2, output=str(tmp_path / "sparse")), quiet=True)
+    assert ["val_top1" in e for e in every["log"]] == [True, True, True]
+    assert ["val_top1" in e for e in sparse["log"]] == [False, True, True]  # epoch 2, and always the last
+    assert sparse["val"]["top1"] == sparse["log"][-1]["val_top1"] == every["val"]["top1"]
+    a, b = adapter_tensors(tmp_path / "every"), adapter_tensors(tmp_path / "sparse")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="eval_every"):
+        config(tmp_path, folder, eval_every=-1)
+
+
 def test_resume_refuses_a_changed_config(setup):
     tmp_path, folder = setup
     train(config(tmp_path, folder, epochs=2), quiet=True)

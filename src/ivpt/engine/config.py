@@ -29,7 +29,8 @@ class TrainConfig:
     # data: {"kind": suite|vtab|fgvc|folder|cifar10, ...}; see ivpt.engine.data
     data: dict[str, Any] = field(default_factory=lambda: {"kind": "suite", "task": "clevr-count"})
     train_split: str = "train"       # train | trainval
-    eval_split: str = "val"          # val | test | none: evaluated after every epoch
+    eval_split: str = "val"          # val | test | none: evaluated every eval_every epochs and after the last
+    eval_every: int = 1              # 0: only after the last epoch (segmentation evaluation is costly)
     test_split: str | None = None     # evaluated once at the end (e.g. test), if given
     # optimisation (VPT: SGD momentum 0.9, cosine, warm-up)
     optimizer: str = "sgd"
@@ -76,6 +77,7 @@ class TrainConfig:
             lambda: check_float("momentum", self.momentum, 0.0, 1.0, high_open=True),
             lambda: check_int("epochs", self.epochs, low=1),
             lambda: check_int("warmup_epochs", self.warmup_epochs, low=0),
+            lambda: check_int("eval_every", self.eval_every, low=0),
             lambda: check_int("batch_size", self.batch_size, low=1),
             lambda: check_int("accumulation", self.accumulation, low=1),
             lambda: check_float("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True),

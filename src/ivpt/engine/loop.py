@@ -121,7 +121,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     steps_per_epoch = len(train_loader.batch_sampler)
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs
 
-    start_epoch, log = 0, []
+    start_epoch, log, last_eval = 0, [], None
     if resume and has_checkpoint(out):
         saved = _result_fields(checkpoint_meta(out).get("config") or {})
         diff = [k for k, v in _result_fields(cfg.to_dict()).items() if saved.get(k) != v]
@@ -186,8 +186,10 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
         accuracy = "train_top1" if impl.name == "classification" else "train_pixel_accuracy"
         entry = {"epoch": epoch + 1, "train_loss": loss_sum / samples, accuracy: correct / seen,
                  "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 3)}
-        if eval_loader is not None:
+        last_epoch = epoch + 1 == cfg.epochs
+        if eval_loader is not None and (last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             metrics = evaluate(model, eval_loader, len(task.classes), device, ctx, cfg.precision, cfg.eval_split, impl, progress)
+            last_eval = (epoch + 1, metrics)
             entry.update({f"{cfg.eval_split}_{key}": metrics[key] for key in (impl.primary, "loss") if key in metrics})
         log.append(entry)
         if ctx.main:
@@ -206,8 +208,10 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     results = {"config": cfg.to_dict(), "task": impl.name, "primary_metric": impl.primary, "classes": task.classes,
                "epochs_run": len(log), "parameters": impl.parameters(model), "log": log}
     if eval_loader is not None and log:
-        results[cfg.eval_split] = evaluate(model, eval_loader, len(task.classes), device, ctx, cfg.precision,
-                                           cfg.eval_split, impl, progress)
+        # the last epoch's evaluation is the final one; only a resumed, already finished run evaluates again
+        results[cfg.eval_split] = (last_eval[1] if last_eval and last_eval[0] == len(log) else
+                                   evaluate(model, eval_loader, len(task.classes), device, ctx, cfg.precision,
+                                            cfg.eval_split, impl, progress))
     if cfg.test_split:
         test_loader = loader_for(split_of(task, cfg.test_split), eval_batch, ctx, cfg.seed, False, cfg.workers)
         results["test"] = evaluate(model, test_loader, len(task.classes), device, ctx, cfg.precision, "test", impl, progress)
@@ -226,7 +230,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
 def _result_fields(config: dict) -> dict:
     """The config fields that change a run's result (not where it is written or how it is fed)."""
     normal = json.loads(json.dumps(config))  # tuples and lists compare alike
-    return {k: v for k, v in normal.items() if k not in ("output", "device", "workers")}
+    return {k: v for k, v in normal.items() if k not in ("output", "device", "workers", "eval_every")}
 
 
 def _yaml(data: dict) -> str:
