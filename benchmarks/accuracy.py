@@ -45,6 +45,9 @@ VARIANTS = {
     "ivpt": ("ivpt", {}),                                      # CDC + DA + AR
 }
 ABLATIONS = ["vpt-deep", "cdc-static", "cdc-da", "ar-only", "ivpt"]
+# Ablations train at the lr and wd chosen on val for full iVPT on the same task (no grid of their own:
+# it halves their cost on 2 cores; --own-grid gives each its own). Run --methods ivpt before them.
+REUSE_CHOICE = {"cdc-static": "ivpt", "cdc-da": "ivpt", "ar-only": "ivpt"}
 FULL_LRS = [3e-4, 1e-4]  # full fine-tuning moves every weight: far smaller AdamW steps than prompts
 
 
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--runs", default=str(ROOT / "runs" / "accuracy"), help="folder for every run (resumable)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
     parser.add_argument("--quick", action="store_true", help="1 epoch, 1 seed, 2 lrs: a pipeline check")
+    parser.add_argument("--own-grid", action="store_true", help="ablations choose their own lr on val")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: run every n-th (method, task) pair only, no tables")
     args = parser.parse_args()
     index, count = args.shard
@@ -77,7 +81,8 @@ def main() -> None:
     table = {}
     pairs = [(m, t) for m in args.methods for t in args.tasks]
     for name, task in tqdm(pairs[index::count], desc=f"method x task (shard {index}/{count})"):
-        summary = tune(variant_config(base, name, task, runs, args.quick), runs / name / task)
+        chosen = None if args.own_grid else reused_choice(runs, name, task)
+        summary = tune(variant_config(base, name, task, runs, args.quick), runs / name / task, chosen=chosen)
         table.setdefault(name, {})[task] = summary
     if count > 1:
         print("shard done; run once more without --shard to write the tables")
@@ -104,6 +109,17 @@ def main() -> None:
     write_csv(RESULTS / f"accuracy{suffix}.csv", rows)
     print_tables(report, args.tasks)
     plot(report, args.tasks, RESULTS / f"accuracy{suffix}.png")
+
+
+def reused_choice(runs: Path, name: str, task: str) -> dict | None:
+    source = REUSE_CHOICE.get(name)
+    if source is None:
+        return None
+    path = runs / source / task / "summary.json"
+    if not path.is_file():
+        raise SystemExit(f"{name} on {task} reuses {source}'s choice on val, but {path} does not exist yet: "
+                         f"run --methods {source} first (or pass --own-grid)")
+    return {**json.loads(path.read_text())["chosen"], "from": source}
 
 
 def print_tables(report, tasks) -> None:

@@ -171,6 +171,12 @@ def test_protocol_on_a_folder_dataset(setup):
     final = json.loads((tmp_path / "tune" / "final" / "seed3" / "results.json").read_text())
     assert final["config"]["train_split"] == "trainval" and final["test"]["count"] == 8
     assert json.loads((tmp_path / "tune" / "summary.json").read_text())["test_mean"] == summary["test_mean"]
+    # a choice made elsewhere on val: no grid runs, the final runs train at that lr and weight decay
+    reused = tune(cfg, tmp_path / "reuse", chosen={"lr": 0.5, "weight_decay": 0.01, "from": "another run"})
+    assert reused["grid"] == [] and reused["chosen"]["from"] == "another run"
+    assert not (tmp_path / "reuse" / "grid").exists()
+    final = json.loads((tmp_path / "reuse" / "final" / "seed3" / "results.json").read_text())
+    assert (final["config"]["lr"], final["config"]["weight_decay"]) == (0.5, 0.01)
 
 
 def test_protocol_on_a_suite_task_with_shards(tmp_path, monkeypatch):

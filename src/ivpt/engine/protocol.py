@@ -83,8 +83,11 @@ def choose(grid_results: list[dict]) -> dict:
 
 
 def tune(cfg: TrainConfig, output: str | Path, shard: tuple[int, int] = (0, 1),
-         wait: float | None = None) -> dict[str, Any] | None:
+         wait: float | None = None, chosen: dict | None = None) -> dict[str, Any] | None:
     """Run this shard's share and return the merged summary.
+
+    ``chosen`` ({"lr", "weight_decay"} and optionally "from") skips the grid and trains the final runs
+    at a choice made elsewhere on val, e.g. an ablation reusing its full method's choice.
 
     With several shards, a shard whose share is done waits (polling every ``wait`` seconds) for the
     others' grid runs before the final runs, and for their final runs before merging; every shard then
@@ -93,12 +96,15 @@ def tune(cfg: TrainConfig, output: str | Path, shard: tuple[int, int] = (0, 1),
     out = Path(output)
     if not 0 <= shard[0] < shard[1]:
         raise ValueError(f"--shard {shard[0]}/{shard[1]}: expected i/n with 0 <= i < n")
-    grid = grid_jobs(cfg, out)
-    _run_jobs(grid, shard, "grid (train -> val)")
-    if not _wait_for(grid, wait, "grid"):
-        return None  # other shards still own grid runs
-    grid_results = [_done(run) for run, _ in grid]
-    choice = choose(grid_results)
+    if chosen is None:
+        grid = grid_jobs(cfg, out)
+        _run_jobs(grid, shard, "grid (train -> val)")
+        if not _wait_for(grid, wait, "grid"):
+            return None  # other shards still own grid runs
+        grid_results = [_done(run) for run, _ in grid]
+        choice = choose(grid_results)
+    else:
+        grid_results, choice = [], dict(chosen)
     finals = final_jobs(cfg, out, choice["lr"], choice["weight_decay"])
     _run_jobs(finals, shard, "final (train+val -> test)")
     if not _wait_for(finals, wait, "final"):

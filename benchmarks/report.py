@@ -1,0 +1,184 @@
+"""Render the benchmark results (benchmarks/results/*.json) as the markdown tables of docs/benchmarks.md.
+
+    python benchmarks/report.py            # rewrites every <!-- table:NAME --> ... <!-- /table:NAME --> block
+    python benchmarks/report.py --print    # prints the tables instead
+
+The tables are generated, never typed by hand, so the document cannot drift from the JSON files.
+A block whose results file does not exist yet is left as it is.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+GROUPS = ("natural", "specialized", "structured")
+SWITCHES = {  # ablation name -> (CDC, DA, AR) as the spec's switches
+    "vpt-deep": ("-", "-", "-"), "cdc-static": ("yes", "static", "-"), "cdc-da": ("yes", "gate", "-"),
+    "ar-only": ("-", "-", "yes"), "ivpt": ("yes", "default", "yes"),
+}
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def verdict(a: dict, b: dict) -> str:
+    """a against b from per-seed test scores: a tie unless the gap exceeds twice its standard error."""
+    gap = a["test_mean"] - b["test_mean"]
+    n_a, n_b = len(a["seeds"]), len(b["seeds"])
+    error = math.sqrt(a["test_std"] ** 2 / n_a + b["test_std"] ** 2 / n_b)
+    if abs(gap) <= 2 * error:
+        return f"tie ({100 * gap:+.1f})"
+    return f"{'win' if gap > 0 else 'loss'} ({100 * gap:+.1f})"
+
+
+def accuracy_tables(report: dict) -> str:
+    methods = report["methods"]
+    tasks = list(next(iter(methods.values()))["tasks"])
+    rows = []
+    for name, r in methods.items():
+        cells = [name] + [f"{pct(r['tasks'][t]['test_mean'])} ± {pct(r['tasks'][t]['test_std'])}" for t in tasks]
+        cells += [pct(r["groups"].get(g)) for g in GROUPS]
+        cells += [f"**{pct(r['mean_of_group_means'], 2)}**", pct(r["plain_mean"], 2),
+                  f"{r['tuned_parameters']['tuned']:,}"]
+        rows.append(cells)
+    out = [table(["method"] + tasks + list(GROUPS) + ["mean of groups", "plain mean", "tuned params"], rows)]
+    chosen = [[name] + [f"{r['tasks'][t]['chosen']['lr']:g}" for t in tasks] for name, r in methods.items()]
+    out += ["", "Learning rate chosen on val per task:", "", table(["method"] + tasks, chosen)]
+    if "ivpt" in methods and "vpt-deep" in methods:
+        rows = []
+        for name in [m for m in methods if m not in ("vpt-deep",)]:
+            rows.append([name] + [verdict(methods[name]["tasks"][t], methods["vpt-deep"]["tasks"][t]) for t in tasks])
+        note = ("Each method against VPT-deep per task (test top-1 points; a tie unless the gap exceeds "
+                "twice its standard error over the 3 seeds):")
+        out += ["", note, "", table(["method"] + tasks, rows)]
+    return "\n".join(out)
+
+
+def ablation_table(report: dict) -> str:
+    methods = report["methods"]
+    base = methods.get("vpt-deep")
+    rows = []
+    for name, (cdc, da, ar) in SWITCHES.items():
+        if name not in methods:
+            continue
+        r = methods[name]
+        delta = "-" if base is None or name == "vpt-deep" else \
+            f"{100 * (r['mean_of_group_means'] - base['mean_of_group_means']):+.2f}"
+        rows.append([name, cdc, da, ar, pct(r["mean_of_group_means"], 2), pct(r["plain_mean"], 2), delta,
+                     f"{r['tuned_parameters']['tuned']:,}"])
+    return table(["variant", "CDC", "DA", "AR", "mean of groups", "plain mean", "vs VPT-deep", "tuned params"], rows)
+
+
+def defaults_table(report: dict) -> str:
+    tasks = report["tasks"]
+    rows = [[r["setting"]] + [pct(r[t]) for t in tasks] + [pct(r["mean_val_top1"], 2)] for r in report["rows"]]
+    out = [table(["setting"] + tasks + ["mean val top-1"], rows), ""]
+    for key, v in report["verdicts"].items():
+        out.append(f"- `{key}`: best on val `{v['best']}` ({v['gain_points']:+.2f} points over the spec default "
+                   f"`{v['default']}`): {'**changed** in the code' if v['change'] else 'default kept'}.")
+    return "\n".join(out)
+
+
+def segmentation_table(report: dict) -> str:
+    rows = []
+    for name, s in report["methods"].items():
+        rows.append([name, f"**{pct(s['test_mean'], 2)}** ± {pct(s['test_std'], 2)}",
+                     ", ".join(pct(x, 2) for x in s["test_top1"]), f"{s['chosen']['lr']:g}",
+                     pct(s["chosen"]["val_top1"], 2), f"{s['parameters']['decoder']:,}",
+                     f"{s['parameters']['prompt_side']:,}"])
+    return table(["method", "test mIoU (mean ± std)", "per seed", "lr (val)", "val mIoU", "decoder params",
+                  "prompt-side params"], rows)
+
+
+def cost_tables(report: dict) -> str:
+    out = []
+    for setup in report["setups"]:
+        title = f"**{setup['backbone']} @{setup['image_size']}, batch {setup['batch']}, prompt length {setup['prompt_length']}**"
+        out += [title, ""]
+        rows = []
+        for m, s in setup["methods"].items():
+            rows.append([m, f"{s['train_step_s']:.3f}", f"{s['train_vs_floor']:.3f}", f"{s['inference_s']:.3f}",
+                         f"{s.get('inference_vs_linear', 1.0):.3f}" if m != "floor" else "-",
+                         f"{s['saved_activation_bytes'] / 2 ** 20:.1f}", f"{s['peak_rss_growth_bytes'] / 2 ** 20:.0f}",
+                         f"{s['tuned_parameters']:,}"])
+        out += [table(["method", "train step (s)", "/ floor", "inference (s)", "/ linear", "saved for backward (MiB)",
+                       "peak RSS growth (MiB)", "tuned params"], rows), ""]
+        r = setup["ivpt_vs_vpt_deep"]
+        rss = "n/a" if r["peak_rss_growth"] is None else f"{r['peak_rss_growth']:.3f}"
+        summary = (f"iVPT / VPT-deep: train step **{r['train_step']:.3f}**, inference **{r['inference']:.3f}**, "
+                   f"saved activations **{r['saved_activation_bytes']:.3f}**, peak RSS growth **{rss}**; "
+                   f"VPT-deep / floor train step **{setup['vpt_deep_vs_floor_train']:.3f}**.")
+        out += [summary, ""]
+    for key, label in (("prompt_length", "prompt length"), ("image_size", "image size")):
+        if not report.get(key):
+            continue
+        rows = []
+        for p in report[key]:
+            rows.append([str(p[key])] + [f"{p[m]['train_step_s']:.3f}" for m in ("floor", "vpt-deep", "ivpt")] +
+                        [f"{p['ivpt_vs_vpt_deep_train']:.3f}", f"{p['vpt_deep_vs_floor_train']:.3f}",
+                         f"{p['ivpt_vs_vpt_deep_saved_bytes']:.3f}",
+                         "n/a" if p["ivpt_vs_vpt_deep_peak_rss_growth"] is None
+                         else f"{p['ivpt_vs_vpt_deep_peak_rss_growth']:.3f}"])
+        out += [f"Against {label} ({report['setups'][0]['backbone']}):", "",
+                table([label, "floor step (s)", "VPT-deep step (s)", "iVPT step (s)", "iVPT / VPT-deep step",
+                       "VPT-deep / floor step", "iVPT / VPT-deep saved", "iVPT / VPT-deep peak RSS"], rows), ""]
+    return "\n".join(out).rstrip()
+
+
+RENDERERS = {  # block name -> (results file, renderer)
+    "accuracy": ("accuracy", accuracy_tables),
+    "ablation": ("accuracy", ablation_table),
+    "defaults": ("ivpt_defaults", defaults_table),
+    "segmentation": ("segmentation", segmentation_table),
+    "cost": ("cost", cost_tables),
+}
+
+
+def render() -> dict[str, str]:
+    blocks = {}
+    for name, (source, fn) in RENDERERS.items():
+        data = load(source)
+        if data is not None:
+            blocks[name] = fn(data)
+    return blocks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--print", action="store_true", help="print the tables, do not touch the document")
+    args = parser.parse_args()
+    blocks = render()
+    if args.print:
+        for name, text in blocks.items():
+            print(f"## {name}\n\n{text}\n")
+        return
+    doc = DOC.read_text()
+    for name, text in blocks.items():
+        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.DOTALL)
+        if not pattern.search(doc):
+            print(f"note: no <!-- table:{name} --> block in {DOC}")
+            continue
+        doc = pattern.sub(lambda m, text=text: m.group(1) + text + m.group(2), doc)
+    DOC.write_text(doc)
+    print(f"updated {DOC}: {', '.join(blocks) or 'nothing (no results yet)'}")
+
+
+if __name__ == "__main__":
+    main()
