@@ -10,12 +10,13 @@ CASES = {
     "full": ("full", {}),
     "vpt-shallow": ("vpt-shallow", {"prompt_length": 10}),
     "vpt-deep": ("vpt-deep", {"prompt_length": 10}),
-    "ivpt": ("ivpt", {"prompt_length": 10}),
+    "ivpt": ("ivpt", {"prompt_length": 10, "da": "gate"}),  # the spec's formulas are for the gate
+    "ivpt-default": ("ivpt", {"prompt_length": 10}),
     "ivpt-channel": ("ivpt", {"prompt_length": 10, "da": "channel"}),
     "ivpt-static": ("ivpt", {"prompt_length": 10, "da": "static"}),
     "ivpt-sum": ("ivpt", {"prompt_length": 10, "da": "sum"}),
     "ivpt-noar": ("ivpt", {"prompt_length": 10, "ar": False}),
-    "ivpt-layers": ("ivpt", {"prompt_length": 10, "layers": [0, 5, 10]}),
+    "ivpt-layers": ("ivpt", {"prompt_length": 10, "da": "gate", "layers": [0, 5, 10]}),
 }
 
 
@@ -43,6 +44,8 @@ def test_vit_b16_counts_match_spec(vit_b_counts):
     assert vit_b_counts["full"]["tuned"] == vit_b_counts["full"]["total"]
     assert vit_b_counts["ivpt-channel"]["da"] == (n - 1) * 3 * d
     assert vit_b_counts["ivpt-static"]["da"] == n - 1
+    # the code's default DA is "static" (chosen on val, docs/benchmarks.md): 92,160 + 11 + 11
+    assert vit_b_counts["ivpt-default"]["da"] == n - 1 and vit_b_counts["ivpt-default"]["tuned_without_head"] == 92_182
     assert vit_b_counts["ivpt-sum"]["da"] == 0
     assert vit_b_counts["ivpt-noar"]["ar"] == 0
     assert vit_b_counts["ivpt-layers"]["da"] == 3 * (2 * d + 1) and vit_b_counts["ivpt-layers"]["ar"] == 3

@@ -4,6 +4,7 @@ import torch
 
 import ivpt
 from conftest import make_vit
+from ivpt.methods.ivpt import IVPTConfig
 
 
 def train_steps(model, steps=3, opt_cls=torch.optim.AdamW):
@@ -42,7 +43,7 @@ def test_gradients_reach_tuned_tensors_only(method, options):
     if expected:
         assert len(tuned) == expected
     else:  # prompts + head + every DA and AR tensor of the 3 transitions
-        per_gate = {"gate": 3, "channel": 3, "static": 1}[options.get("da", "gate")]
+        per_gate = {"gate": 3, "channel": 3, "static": 1}[options.get("da", IVPTConfig().da)]
         assert len(tuned) == 1 + 2 + 3 * per_gate + 3
     model.zero_grad()
     train_steps(model)
