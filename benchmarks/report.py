@@ -20,7 +20,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 GROUPS = ("natural", "specialized", "structured")
 SWITCHES = {  # ablation name -> (CDC, DA, AR) as the spec's switches
     "vpt-deep": ("-", "-", "-"), "cdc-static": ("yes", "static", "-"), "cdc-da": ("yes", "gate", "-"),
-    "ar-only": ("-", "-", "yes"), "ivpt": ("yes", "default", "yes"),
+    "ar-only": ("-", "-", "yes"), "ivpt": ("yes", "static (default)", "yes"),
 }
 
 
