@@ -171,11 +171,11 @@ def main() -> None:
         return
     doc = DOC.read_text()
     for name, text in blocks.items():
-        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.DOTALL)
+        pattern = re.compile(rf"(<!-- table:{name} -->\n)(?:.*?\n)?(<!-- /table:{name} -->)", re.DOTALL)
         if not pattern.search(doc):
             print(f"note: no <!-- table:{name} --> block in {DOC}")
             continue
-        doc = pattern.sub(lambda m, text=text: m.group(1) + text + m.group(2), doc)
+        doc = pattern.sub(lambda m, text=text: m.group(1) + text + "\n" + m.group(2), doc)
     DOC.write_text(doc)
     print(f"updated {DOC}: {', '.join(blocks) or 'nothing (no results yet)'}")
 
