@@ -4,7 +4,8 @@
     python benchmarks/segmentation.py --quick    # 1 epoch, 1 seed: checks the pipeline
 
 Same decoder for every method; lr chosen on val mIoU, then 3 seeds trained on train+val and
-evaluated on test (single scale). Writes benchmarks/results/segmentation.{json,csv} and example
+evaluated on test, single scale (mIoU-SS) and multi-scale + flip (mIoU-MS at BENCH_SCALES: three
+scales instead of mmseg's six, to fit 2 CPU cores; `ivpt eval --multiscale` uses all six). Writes benchmarks/results/segmentation.{json,csv} and example
 predictions (image | truth | prediction per method) to benchmarks/results/segmentation_examples.png.
 """
 from __future__ import annotations
@@ -21,13 +22,19 @@ import torch.nn.functional as F
 from ivpt import load_adapter
 from ivpt.cli import palette
 from ivpt.data.segmentation import IGNORE_INDEX, SegEvalTransform, camvid_dataset
+from ivpt.engine.checkpoint import atomic_write
 from ivpt.engine.config import load_config
+from ivpt.engine.distributed import Dist
+from ivpt.engine.loop import evaluate, loader_for
 from ivpt.engine.protocol import tune
+from ivpt.engine.segdata import build_segmentation_data
+from ivpt.engine.tasks import SegmentationTask
 from ivpt.segmentation import slide_inference
 from ivpt.tables import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+BENCH_SCALES = (0.75, 1.0, 1.25)
 METHODS = {"linear": ("linear", {}), "vpt-deep": ("vpt-deep", None), "ivpt": ("ivpt", None)}
 
 
@@ -47,16 +54,40 @@ def main() -> None:
             cfg = dataclasses.replace(cfg, epochs=1, warmup_epochs=0,
                                       protocol={"lrs": cfg.protocol["lrs"][:1], "wds": [0.0], "seeds": [42]})
         summary = tune(cfg.validate(), runs / name)
+        summary["test_ms"] = multiscale_test(cfg, runs / name)
+        summary["test_ms_mean"] = float(np.mean(summary["test_ms"]))
+        summary["test_ms_std"] = float(np.std(summary["test_ms"], ddof=1)) if len(summary["test_ms"]) > 1 else 0.0
         report["methods"][name] = summary
         rows.append({"method": name, "test_mIoU_mean": summary["test_mean"], "test_mIoU_std": summary["test_std"],
+                     "test_mIoU_ms_mean": summary["test_ms_mean"], "test_mIoU_ms_std": summary["test_ms_std"],
                      "lr": summary["chosen"]["lr"], "decoder_params": summary["parameters"]["decoder"],
                      "prompt_side_params": summary["parameters"]["prompt_side"]})
-        print(f"{name}: test mIoU {100 * summary['test_mean']:.2f} ± {100 * summary['test_std']:.2f}")
+        print(f"{name}: test mIoU-SS {100 * summary['test_mean']:.2f} ± {100 * summary['test_std']:.2f}, "
+              f"mIoU-MS {100 * summary['test_ms_mean']:.2f} ± {100 * summary['test_ms_std']:.2f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"segmentation{suffix}.json").write_text(json.dumps(report, indent=2))
     write_csv(RESULTS / f"segmentation{suffix}.csv", rows)
     examples(runs, RESULTS / f"segmentation_examples{suffix}.png", tuple(base.segmentation["base_size"]))
+
+
+def multiscale_test(cfg, runs: Path) -> list[float]:
+    """mIoU-MS on test of every final seed's adapter (cached next to it as test_ms.json)."""
+    scores = []
+    for adapter in sorted((runs / "final").glob("seed*/adapter")):
+        cached = adapter.parent / "test_ms.json"
+        if not cached.is_file():
+            model = load_adapter(adapter).eval()
+            backbone = model.encoder.backbone
+            data = build_segmentation_data(cfg, backbone.pretrained_cfg, backbone.patch_embed.patch_size[0])
+            task = SegmentationTask()
+            task.ignore_index, task.multiscale = data.ignore_index, BENCH_SCALES
+            loader = loader_for(data.splits["test"], 1, Dist(), 0, False, 0)
+            metrics = evaluate(model, loader, len(data.classes), torch.device("cpu"), precision=cfg.precision,
+                               desc="test (multi-scale + flip)", task=task)
+            atomic_write(cached, lambda tmp, m=metrics: tmp.write_text(json.dumps({**m, "scales": BENCH_SCALES})))
+        scores.append(json.loads(cached.read_text())["mIoU"])
+    return scores
 
 
 def examples(runs: Path, path: Path, base_size: tuple[int, int], count: int = 3) -> None:

@@ -235,6 +235,9 @@ def test_cli_train_eval_predict_params(setup, capsys):
     metrics = json.loads((tmp_path / "eval.json").read_text())
     results = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert metrics["top1"] == results["val"]["top1"] and len(metrics["per_class_accuracy"]) == 2
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "cli" / "adapter"), "--multiscale"]) == 2  # segmentation only
+    assert "--multiscale applies to segmentation" in capsys.readouterr().err
     assert cli.main(["predict", str(tmp_path / "cli" / "adapter"), str(folder / "val" / "class0"), "--top-k", "2",
                      "--output", str(tmp_path / "pred.json")]) == 0
     predictions = json.loads((tmp_path / "pred.json").read_text())

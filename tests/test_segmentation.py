@@ -25,6 +25,15 @@ def test_logits_at_image_size_for_any_size(decoder, method):
         assert model.encoder.last_reinforcement[0].selected.shape == (2, 12)
 
 
+@pytest.mark.parametrize("patch, stages", [(4, 2), (16, 4)])
+def test_pup_upsamples_back_to_full_resolution_and_no_further(patch, stages):
+    from ivpt.segmentation.decoders import make_decoder
+
+    pup = make_decoder("pup", 32, 5, channels=8, patch_size=patch)
+    assert sum(isinstance(m, torch.nn.Upsample) for m in pup.modules()) == stages
+    assert pup.body(torch.randn(1, 32, 3, 5)).shape[-2:] == (3 * patch, 5 * patch)
+
+
 def test_decoder_trains_and_is_counted_apart():
     model = seg_model("vpt-deep", "naive")
     counts = count_segmentation_parameters(model)
@@ -168,6 +177,27 @@ def test_segmentation_training_eval_and_predict(tmp_path):
     adapter = tmp_path / "run" / "adapter"
     assert cli.main(["eval", str(adapter), "--split", "val", "--output", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["mIoU"] == pytest.approx(results["val"]["mIoU"])
+    # mIoU-MS: every default scale, flipped and not; the metric must equal a direct computation
+    assert cli.main(["eval", str(adapter), "--split", "val", "--multiscale", "--output", str(tmp_path / "ms.json")]) == 0
+    ms = json.loads((tmp_path / "ms.json").read_text())
+    assert ms["scales"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and 0 <= ms["mIoU"] <= 1
+    model = ivpt.load_adapter(adapter).eval()
+    from ivpt.engine.segdata import build_segmentation_data
+
+    val = build_segmentation_data(cfg, model.encoder.backbone.pretrained_cfg, 4).splits["val"]
+    single, multi = ConfusionMatrix(150, IGNORE_INDEX), ConfusionMatrix(150, IGNORE_INDEX)
+    for i in range(len(val)):
+        image, mask = val[i]
+        for matrix, logits in ((single, slide_inference(model, image[None], 32, 21)),
+                               (multi, multiscale_flip_inference(model, image[None]))):
+            logits = torch.nn.functional.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+            matrix.update(logits.argmax(1), torch.as_tensor(mask)[None])
+    expected = multi.compute()
+    assert ms["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"]) and ms["pixels"] == expected["pixels"]
+    assert np.allclose(np.nan_to_num(ms["per_class_iou"], nan=-1), np.nan_to_num(expected["per_class_iou"], nan=-1))
+    assert not torch.equal(single.matrix, multi.matrix)  # the scales and flips changed some predictions
+    with pytest.raises(SystemExit):
+        cli.main(["eval", str(adapter), "--multiscale", "0"])
     images = root / "ADEChallengeData2016" / "images" / "validation"
     assert cli.main(["predict", str(adapter), str(images), "--output", str(tmp_path / "pred")]) == 0
     mask = Image.open(tmp_path / "pred" / "ADE_val_00000000_mask.png")

@@ -69,11 +69,20 @@ def cmd_eval(args) -> int:
     kind = config.get("task", "classification")
     impl = TASKS[kind]()
     impl.ignore_index = getattr(task, "ignore_index", None)
+    if args.multiscale is not None:
+        if kind != "segmentation":
+            raise ValueError(f"--multiscale applies to segmentation adapters; {args.adapter} is {kind}")
+        from .segmentation import MS_SCALES
+
+        args.multiscale = list(args.multiscale or MS_SCALES)
+        impl.multiscale = tuple(args.multiscale)
     batch = args.batch_size if kind == "classification" else 1
     loader = loader_for(split_of(task, args.split), batch, Dist(), 0, False, 0)
     metrics = evaluate(model.to(device), loader, len(task.classes), device, desc=args.split, task=impl)
-    metrics.update({"adapter": args.adapter, "split": args.split, "data": spec, "classes": task.classes})
-    print(json.dumps({"split": args.split, impl.primary: round(metrics[impl.primary], 4)}))
+    metrics.update({"adapter": args.adapter, "split": args.split, "data": spec, "classes": task.classes,
+                    "scales": args.multiscale})
+    print(json.dumps({"split": args.split, impl.primary: round(metrics[impl.primary], 4),
+                      **({"scales": args.multiscale} if args.multiscale else {})}))
     if args.output:
         atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     return 0
@@ -206,6 +215,16 @@ def cmd_params(args) -> int:
 
 
 # -- tune ----------------------------------------------------------------------------------------
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number above 0")
+    return value
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(v) for v in text.split("/"))
@@ -317,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset spec as JSON (default: the one recorded in the adapter)")
     p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--multiscale", nargs="*", type=_positive_float, metavar="SCALE",
+                   help="segmentation: mIoU-MS, averaging these scales with horizontal flips "
+                        "(no values: 0.5 0.75 1.0 1.25 1.5 1.75); default single scale")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="results JSON to write")
     p.set_defaults(func=cmd_eval)

@@ -64,6 +64,8 @@ class ClassificationTask:
 
 class SegmentationTask:
     name, primary = "segmentation", "mIoU"
+    # None: single scale (mIoU-SS); a tuple of scales: their flipped and unflipped copies averaged (mIoU-MS)
+    multiscale: tuple[float, ...] | None = None
 
     def build(self, cfg):
         from ..segmentation import create_segmentation_model
@@ -97,8 +99,8 @@ class SegmentationTask:
 
     @torch.no_grad()
     def evaluate(self, model, loader, num_classes, device, ctx, autocast, desc="eval", progress=True) -> dict[str, Any]:
-        """mIoU, per-class IoU and pixel accuracy at each label map's own size (single scale)."""
-        from ..segmentation import ConfusionMatrix, slide_inference
+        """mIoU, per-class IoU and pixel accuracy at each label map's own size (single or multi-scale)."""
+        from ..segmentation import ConfusionMatrix, multiscale_flip_inference, slide_inference
 
         was_training = model.training
         model.eval()
@@ -106,7 +108,10 @@ class SegmentationTask:
         for images, masks in tqdm(loader, desc=desc, leave=False, disable=not (progress and ctx.main)):
             images = images.to(device)
             with autocast():
-                logits = slide_inference(model, images, model.crop_size, model.crop_size * 2 // 3).float()
+                if self.multiscale:  # softmax averages: argmax is all that is used below
+                    logits = multiscale_flip_inference(model, images, self.multiscale).float()
+                else:
+                    logits = slide_inference(model, images, model.crop_size, model.crop_size * 2 // 3).float()
             logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
             matrix.update(logits.argmax(1), masks)
         matrix.matrix = torch.tensor(ctx.all_sum(matrix.matrix.flatten().tolist(), device),

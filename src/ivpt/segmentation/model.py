@@ -24,7 +24,7 @@ class SegmentationModel(nn.Module):
         check_int("num_classes", num_classes, low=1)
         self.encoder = encoder
         self.decoder_kind, self.num_classes, self.crop_size, self.channels = decoder, num_classes, crop_size, channels
-        self.decoder = make_decoder(decoder, encoder.backbone.embed_dim, num_classes, channels)
+        self.decoder = make_decoder(decoder, encoder.backbone.embed_dim, num_classes, channels, self.patch_size)
         self.class_names = list(class_names) if class_names is not None else None
         self.ignore_index = ignore_index
 
@@ -33,7 +33,12 @@ class SegmentationModel(nn.Module):
         """A fresh decoder for ``num_classes`` (the data decides the classes after the encoder is built)."""
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.class_names = list(class_names) if class_names is not None else None
-        self.decoder = make_decoder(self.decoder_kind, self.encoder.backbone.embed_dim, num_classes, self.channels)
+        self.decoder = make_decoder(self.decoder_kind, self.encoder.backbone.embed_dim, num_classes, self.channels,
+                                    self.patch_size)
+
+    @property
+    def patch_size(self) -> int:
+        return self.encoder.backbone.patch_embed.patch_size[0]
 
     @property
     def method(self):
@@ -100,26 +105,40 @@ def count_segmentation_parameters(model: SegmentationModel) -> dict[str, int]:
 
 
 @torch.no_grad()
-def slide_inference(model: SegmentationModel, images: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
-    """Logits for images larger than the crop: overlapping crop x crop windows, averaged."""
+def slide_inference(model: SegmentationModel, images: torch.Tensor, crop: int, stride: int,
+                    windows_per_batch: int = 64) -> torch.Tensor:
+    """Logits for images larger than the crop: overlapping crop x crop windows, averaged.
+
+    Windows go through the model together, up to ``windows_per_batch`` at a time: one call per window
+    would cost more in per-call overhead than in arithmetic at small crops. In eval mode every layer
+    treats samples independently, so batching does not change the result.
+    """
     b, _, height, width = images.shape
     if height <= crop and width <= crop:
         return model(images)
-    logits = images.new_zeros(b, model.num_classes, height, width)
-    counts = images.new_zeros(1, 1, height, width)
     rows = max(1, math.ceil((height - crop) / stride) + 1)
     cols = max(1, math.ceil((width - crop) / stride) + 1)
-    for r in range(rows):
-        for c in range(cols):
-            top, left = min(r * stride, max(height - crop, 0)), min(c * stride, max(width - crop, 0))
-            window = images[:, :, top:top + crop, left:left + crop]
-            logits[:, :, top:top + window.shape[-2], left:left + window.shape[-1]] += model(window)
-            counts[:, :, top:top + window.shape[-2], left:left + window.shape[-1]] += 1
+    boxes = [(min(r * stride, max(height - crop, 0)), min(c * stride, max(width - crop, 0)))
+             for r in range(rows) for c in range(cols)]
+    logits = images.new_zeros(b, model.num_classes, height, width)
+    counts = images.new_zeros(1, 1, height, width)
+    per_call = max(1, windows_per_batch // b)
+    for start in range(0, len(boxes), per_call):
+        chunk = boxes[start:start + per_call]
+        windows = torch.cat([images[:, :, top:top + crop, left:left + crop] for top, left in chunk])
+        outputs = model(windows).split(b)
+        for (top, left), out in zip(chunk, outputs):
+            h, w = out.shape[-2:]
+            logits[:, :, top:top + h, left:left + w] += out
+            counts[:, :, top:top + h, left:left + w] += 1
     return logits / counts
 
 
+MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the mmseg / SETR multi-scale evaluation
+
+
 @torch.no_grad()
-def multiscale_flip_inference(model: SegmentationModel, images: torch.Tensor, scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+def multiscale_flip_inference(model: SegmentationModel, images: torch.Tensor, scales=MS_SCALES,
                               crop: int | None = None, stride: int | None = None) -> torch.Tensor:
     """mIoU-MS: average softmax over rescaled and flipped copies, back at the input size."""
     crop = crop or model.crop_size
