@@ -7,7 +7,8 @@
 
 Protocol per (method, task), as VPT's: the lr x wd grid of the recipe (configs/suite/benchmark.yaml) is trained on train
 and evaluated on val; the best val top-1 is kept (ties: smaller lr); then one run per seed trains on
-train+val and is evaluated on test. Never selected on test. Runs live under --runs (resumable: finished
+train+val and is evaluated on test. The ablations (cdc-static, cdc-da, ar-only) reuse full iVPT's
+choice on the same task instead of a grid of their own (--own-grid: their own). Never selected on test. Runs live under --runs (resumable: finished
 runs are skipped); the tables go to benchmarks/results/accuracy.{json,csv} and accuracy.png.
 With --shard i/n, this process takes every n-th (method, task) pair and writes no tables; a final run
 without --shard finds every run done and writes them.
@@ -18,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -59,8 +61,9 @@ def variant_config(base, name: str, task: str, runs: Path, quick: bool):
     if method == "full":  # full fine-tuning wants far smaller steps than prompts
         changes["protocol"] = {**base.protocol, "lrs": FULL_LRS}
     if quick:
+        lrs = changes.get("protocol", base.protocol)["lrs"][:2]
         changes.update(epochs=1, warmup_epochs=0,
-                       protocol={"lrs": base.protocol["lrs"][:2], "wds": [0.0], "seeds": base.protocol["seeds"][:1]})
+                       protocol={"lrs": lrs, "wds": [0.0], "seeds": base.protocol["seeds"][:1]})
     return dataclasses.replace(base, **changes).validate()
 
 
@@ -79,9 +82,11 @@ def main() -> None:
     base = load_config(args.recipe, args.set)
     runs = Path(args.runs) / ("quick" if args.quick else "full")
     table = {}
-    pairs = [(m, t) for m in args.methods for t in args.tasks]
+    # methods whose val choice an ablation reuses come first, so one process never waits on itself
+    order = sorted(args.methods, key=lambda m: m not in REUSE_CHOICE.values())
+    pairs = [(m, t) for m in order for t in args.tasks]
     for name, task in tqdm(pairs[index::count], desc=f"method x task (shard {index}/{count})"):
-        chosen = None if args.own_grid else reused_choice(runs, name, task)
+        chosen = None if args.own_grid else reused_choice(runs, name, task, wait=count > 1)
         summary = tune(variant_config(base, name, task, runs, args.quick), runs / name / task, chosen=chosen)
         table.setdefault(name, {})[task] = summary
     if count > 1:
@@ -102,7 +107,7 @@ def main() -> None:
         for t, s in per_task.items():
             rows.append({"method": name, "task": t, "group": SUITE_TASKS[t][0], "test_mean": s["test_mean"],
                          "test_std": s["test_std"], "lr": s["chosen"]["lr"], "weight_decay": s["chosen"]["weight_decay"],
-                         "val_top1": s["chosen"]["val_top1"]})
+                         "val_top1": s["chosen"].get("val_top1"), "choice_from": s["chosen"].get("from", name)})
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"accuracy{suffix}.json").write_text(json.dumps(report, indent=2))
@@ -111,15 +116,21 @@ def main() -> None:
     plot(report, args.tasks, RESULTS / f"accuracy{suffix}.png")
 
 
-def reused_choice(runs: Path, name: str, task: str) -> dict | None:
+def reused_choice(runs: Path, name: str, task: str, wait: bool) -> dict | None:
+    """The lr and wd chosen on val for the method this ablation reuses (its own val score is not known)."""
     source = REUSE_CHOICE.get(name)
     if source is None:
         return None
     path = runs / source / task / "summary.json"
-    if not path.is_file():
-        raise SystemExit(f"{name} on {task} reuses {source}'s choice on val, but {path} does not exist yet: "
-                         f"run --methods {source} first (or pass --own-grid)")
-    return {**json.loads(path.read_text())["chosen"], "from": source}
+    while not path.is_file():
+        if not wait:
+            raise SystemExit(f"{name} on {task} reuses {source}'s choice on val, but {path} does not exist yet: "
+                             f"run --methods {source} first (or pass --own-grid)")
+        print(f"waiting for {path} (another shard runs {source} on {task}) ...", flush=True)
+        time.sleep(30)
+    chosen = json.loads(path.read_text())["chosen"]
+    return {"lr": chosen["lr"], "weight_decay": chosen["weight_decay"], "from": source,
+            "source_val_top1": chosen["val_top1"]}
 
 
 def print_tables(report, tasks) -> None:

@@ -177,6 +177,8 @@ def test_protocol_on_a_folder_dataset(setup):
     assert not (tmp_path / "reuse" / "grid").exists()
     final = json.loads((tmp_path / "reuse" / "final" / "seed3" / "results.json").read_text())
     assert (final["config"]["lr"], final["config"]["weight_decay"]) == (0.5, 0.01)
+    with pytest.raises(ValueError, match="trained at lr 0.5"):  # finished at another choice: never reused silently
+        tune(cfg, tmp_path / "reuse", chosen={"lr": 2.0, "weight_decay": 0.01})
 
 
 def test_protocol_on_a_suite_task_with_shards(tmp_path, monkeypatch):

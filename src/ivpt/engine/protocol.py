@@ -73,6 +73,19 @@ def _run_jobs(jobs, shard: tuple[int, int], desc: str) -> None:
         train(cfg, resume=True, quiet=True)  # resume=True: an interrupted run continues
 
 
+def _check_finals(finals, choice: dict) -> None:
+    """A finished final run is reused only if it trained at the chosen lr and weight decay."""
+    for run, _ in finals:
+        done = _done(run)
+        if done is None:
+            continue
+        trained = (done["config"]["lr"], done["config"]["weight_decay"])
+        if trained != (choice["lr"], choice["weight_decay"]):
+            raise ValueError(f"{run} was trained at lr {trained[0]:g}, wd {trained[1]:g}, but the choice is now "
+                             f"lr {choice['lr']:g}, wd {choice['weight_decay']:g}: remove that run folder or use "
+                             "another output")
+
+
 def choose(grid_results: list[dict]) -> dict:
     """Best val top-1; ties go to the smaller lr, then to the larger weight decay."""
     def score(r):  # top-1 for classification, mIoU for segmentation
@@ -106,9 +119,11 @@ def tune(cfg: TrainConfig, output: str | Path, shard: tuple[int, int] = (0, 1),
     else:
         grid_results, choice = [], dict(chosen)
     finals = final_jobs(cfg, out, choice["lr"], choice["weight_decay"])
+    _check_finals(finals, choice)
     _run_jobs(finals, shard, "final (train+val -> test)")
     if not _wait_for(finals, wait, "final"):
         return None
+    _check_finals(finals, choice)
     final_results = [_done(run) for run, _ in finals]
     tests = [r["test"][r.get("primary_metric", "top1")] for r in final_results]
     summary = {
