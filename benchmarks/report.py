@@ -59,14 +59,19 @@ def accuracy_tables(report: dict) -> str:
                   f"{r['tuned_parameters']['tuned']:,}"]
         rows.append(cells)
     out = [table(["method"] + tasks + list(GROUPS) + ["mean of groups", "plain mean", "tuned params"], rows)]
-    chosen = [[name] + [f"{r['tasks'][t]['chosen']['lr']:g}" for t in tasks] for name, r in methods.items()]
-    out += ["", "Learning rate chosen on val per task:", "", table(["method"] + tasks, chosen)]
+    def lr(c: dict) -> str:
+        return f"{c['lr']:g}" + (f" ({c['from']}'s)" if c.get("from") else "")
+
+    chosen = [[name] + [lr(r["tasks"][t]["chosen"]) for t in tasks] for name, r in methods.items()]
+    out += ["", "Learning rate chosen on val per task (an ablation reuses the named method's choice):", "",
+            table(["method"] + tasks, chosen)]
     if "ivpt" in methods and "vpt-deep" in methods:
         rows = []
         for name in [m for m in methods if m not in ("vpt-deep",)]:
             rows.append([name] + [verdict(methods[name]["tasks"][t], methods["vpt-deep"]["tasks"][t]) for t in tasks])
+        seeds = len(methods["vpt-deep"]["tasks"][tasks[0]]["seeds"])
         note = ("Each method against VPT-deep per task (test top-1 points; a tie unless the gap exceeds "
-                "twice its standard error over the 3 seeds):")
+                f"twice its standard error over the {seeds} seeds):")
         out += ["", note, "", table(["method"] + tasks, rows)]
     return "\n".join(out)
 
@@ -99,12 +104,13 @@ def defaults_table(report: dict) -> str:
 def segmentation_table(report: dict) -> str:
     rows = []
     for name, s in report["methods"].items():
+        ms = f"{pct(s['test_ms_mean'], 2)} ± {pct(s['test_ms_std'], 2)}" if "test_ms_mean" in s else "-"
         rows.append([name, f"**{pct(s['test_mean'], 2)}** ± {pct(s['test_std'], 2)}",
-                     ", ".join(pct(x, 2) for x in s["test_top1"]), f"{s['chosen']['lr']:g}",
+                     ", ".join(pct(x, 2) for x in s["test_top1"]), ms, f"{s['chosen']['lr']:g}",
                      pct(s["chosen"]["val_top1"], 2), f"{s['parameters']['decoder']:,}",
                      f"{s['parameters']['prompt_side']:,}"])
-    return table(["method", "test mIoU (mean ± std)", "per seed", "lr (val)", "val mIoU", "decoder params",
-                  "prompt-side params"], rows)
+    return table(["method", "test mIoU-SS (mean ± std)", "SS per seed", "test mIoU-MS (mean ± std)", "lr (val)",
+                  "val mIoU-SS", "decoder params", "prompt-side params"], rows)
 
 
 def cost_tables(report: dict) -> str:
@@ -116,7 +122,7 @@ def cost_tables(report: dict) -> str:
         for m, s in setup["methods"].items():
             rows.append([m, f"{s['train_step_s']:.3f}", f"{s['train_vs_floor']:.3f}", f"{s['inference_s']:.3f}",
                          f"{s.get('inference_vs_linear', 1.0):.3f}" if m != "floor" else "-",
-                         f"{s['saved_activation_bytes'] / 2 ** 20:.1f}", f"{s['peak_rss_growth_bytes'] / 2 ** 20:.0f}",
+                         f"{s['saved_activation_bytes'] / 2 ** 20:.1f}", "n/a" if s["peak_rss_growth_bytes"] is None else f"{s['peak_rss_growth_bytes'] / 2 ** 20:.0f}",
                          f"{s['tuned_parameters']:,}"])
         out += [table(["method", "train step (s)", "/ floor", "inference (s)", "/ linear", "saved for backward (MiB)",
                        "peak RSS growth (MiB)", "tuned params"], rows), ""]

@@ -54,7 +54,7 @@ def main() -> None:
             cfg = dataclasses.replace(cfg, epochs=1, warmup_epochs=0,
                                       protocol={"lrs": cfg.protocol["lrs"][:1], "wds": [0.0], "seeds": [42]})
         summary = tune(cfg.validate(), runs / name)
-        summary["test_ms"] = multiscale_test(cfg, runs / name)
+        summary["test_ms"] = multiscale_test(cfg, runs / name, summary["seeds"])
         summary["test_ms_mean"] = float(np.mean(summary["test_ms"]))
         summary["test_ms_std"] = float(np.std(summary["test_ms"], ddof=1)) if len(summary["test_ms"]) > 1 else 0.0
         report["methods"][name] = summary
@@ -71,12 +71,13 @@ def main() -> None:
     examples(runs, RESULTS / f"segmentation_examples{suffix}.png", tuple(base.segmentation["base_size"]))
 
 
-def multiscale_test(cfg, runs: Path) -> list[float]:
-    """mIoU-MS on test of every final seed's adapter (cached next to it as test_ms.json)."""
+def multiscale_test(cfg, runs: Path, seeds: list[int]) -> list[float]:
+    """mIoU-MS on test of each final seed's adapter, in the order of ``seeds`` (cached as test_ms.json)."""
     scores = []
-    for adapter in sorted((runs / "final").glob("seed*/adapter")):
+    for seed in seeds:
+        adapter = runs / "final" / f"seed{seed}" / "adapter"
         cached = adapter.parent / "test_ms.json"
-        if not cached.is_file():
+        if not cached.is_file() or tuple(json.loads(cached.read_text())["scales"]) != BENCH_SCALES:
             model = load_adapter(adapter).eval()
             backbone = model.encoder.backbone
             data = build_segmentation_data(cfg, backbone.pretrained_cfg, backbone.patch_embed.patch_size[0])

@@ -89,10 +89,17 @@ def test_resume_after_interrupt_ends_like_an_uninterrupted_run(setup, monkeypatc
     assert resumed["val"]["top1"] == full["val"]["top1"]
 
 
-def test_eval_every_skips_evaluations_without_changing_training(setup):
+def test_eval_every_skips_evaluations_without_changing_training(setup, monkeypatch):
     tmp_path, folder = setup
+    import ivpt.engine.loop as loop
+
+    calls = []
+    real_evaluate = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: calls.append(1) or real_evaluate(*a, **k))
     every = train(config(tmp_path, folder, output=str(tmp_path / "every")), quiet=True)
+    assert len(calls) == 3  # one per epoch; the last one is the final evaluation, not run twice
     sparse = train(config(tmp_path, folder, eval_every=2, output=str(tmp_path / "sparse")), quiet=True)
+    assert len(calls) == 3 + 2
     assert ["val_top1" in e for e in every["log"]] == [True, True, True]
     assert ["val_top1" in e for e in sparse["log"]] == [False, True, True]  # epoch 2, and always the last
     assert sparse["val"]["top1"] == sparse["log"][-1]["val_top1"] == every["val"]["top1"]

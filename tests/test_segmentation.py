@@ -27,11 +27,28 @@ def test_logits_at_image_size_for_any_size(decoder, method):
 
 @pytest.mark.parametrize("patch, stages", [(4, 2), (16, 4)])
 def test_pup_upsamples_back_to_full_resolution_and_no_further(patch, stages):
-    from ivpt.segmentation.decoders import make_decoder
+    model = create_segmentation_model(make_vit(patch_size=patch, img_size=4 * patch), "linear", 5, decoder="pup",
+                                      crop_size=4 * patch, decoder_channels=8)
+    assert model.decoder_stages == stages and model.adapter_config()["decoder_stages"] == stages
+    assert sum(isinstance(m, torch.nn.Upsample) for m in model.decoder.modules()) == stages
+    assert model.decoder.body(torch.randn(1, 32, 3, 5)).shape[-2:] == (3 * patch, 5 * patch)
 
-    pup = make_decoder("pup", 32, 5, channels=8, patch_size=patch)
-    assert sum(isinstance(m, torch.nn.Upsample) for m in pup.modules()) == stages
-    assert pup.body(torch.randn(1, 32, 3, 5)).shape[-2:] == (3 * patch, 5 * patch)
+
+def test_adapter_without_decoder_stages_loads_with_its_own_stages(tmp_path):
+    """Adapters written before decoder_stages was recorded: the stages are counted in the tensors."""
+    import json as _json
+
+    model = create_segmentation_model(make_vit(dynamic_img_size=True), "linear", 5, decoder="pup", crop_size=32,
+                                      decoder_channels=8, decoder_stages=4)
+    model.save_adapter(tmp_path / "old")
+    config_file = tmp_path / "old" / "adapter_config.json"
+    config = _json.loads(config_file.read_text())
+    del config["decoder_stages"]
+    config_file.write_text(_json.dumps(config))
+    loaded = ivpt.load_adapter(tmp_path / "old", backbone=make_vit(dynamic_img_size=True))
+    assert loaded.decoder_stages == 4
+    for a, b in zip(model.decoder.state_dict().values(), loaded.decoder.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_decoder_trains_and_is_counted_apart():

@@ -138,6 +138,13 @@ def check_backbone_matches(config: dict[str, Any], model: PromptedViT, source: s
         raise AdapterError(f"adapter {source} does not fit this backbone: " + "; ".join(problems))
 
 
+def _pup_stages(config: dict, tensors: dict) -> int | None:
+    """Adapters written before decoder_stages was recorded: count SETR-PUP's convolutions in the tensors."""
+    if config.get("decoder") != "pup":
+        return None
+    return sum(1 for name, t in tensors.items() if name.startswith("decoder.body.") and t.dim() == 4) or None
+
+
 def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=None, pretrained: bool | None = None,
                  check_weights: bool = True) -> PromptedViT:
     """Rebuild the tuned model from an adapter folder on ``backbone`` (default: the recorded name).
@@ -176,6 +183,7 @@ def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=
             model = create_segmentation_model(
                 backbone, config["method"], config["num_classes"], decoder=config["decoder"],
                 crop_size=config["crop_size"], decoder_channels=config.get("decoder_channels", 256), weights=weights,
+                decoder_stages=config.get("decoder_stages") or _pup_stages(config, tensors),
                 pretrained=bool(pretrained), class_names=config.get("class_names"),
                 ignore_index=config.get("ignore_index"), timm_kwargs=timm_kwargs, **config["options"])
         else:

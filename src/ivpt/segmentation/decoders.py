@@ -5,8 +5,6 @@ the image size. The decoder always trains and is counted apart from the prompt-s
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,12 +57,12 @@ class SETRPUP(nn.Module):
         return logits
 
 
-def make_decoder(kind: str, dim: int, num_classes: int, channels: int = 256, patch_size: int = 16) -> nn.Module:
+def make_decoder(kind: str, dim: int, num_classes: int, channels: int = 256, stages: int = 4) -> nn.Module:
+    """``stages``: SETR-PUP's 2x upsampling stages (log2 of the patch size brings the grid to full size)."""
     if kind == "linear":
         return LinearDecoder(dim, num_classes)
     if kind == "naive":
         return SETRNaive(dim, num_classes, channels)
     if kind == "pup":
-        # one 2x stage per factor of 2 in the patch size: back to full resolution, no further (SETR: 16 = 2^4)
-        return SETRPUP(dim, num_classes, channels, stages=max(1, round(math.log2(patch_size))))
+        return SETRPUP(dim, num_classes, channels, stages=stages)
     raise ValueError(f"option 'decoder': got {kind!r}, expected one of {', '.join(map(repr, DECODERS))}")

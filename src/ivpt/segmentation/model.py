@@ -18,13 +18,16 @@ class SegmentationModel(nn.Module):
     task = "segmentation"
 
     def __init__(self, encoder: PromptedViT, decoder: str, num_classes: int, crop_size: int,
-                 channels: int = 256, class_names: list[str] | None = None, ignore_index: int | None = None):
+                 channels: int = 256, class_names: list[str] | None = None, ignore_index: int | None = None,
+                 decoder_stages: int | None = None):
         super().__init__()
         check_choice("decoder", decoder, DECODERS)
         check_int("num_classes", num_classes, low=1)
         self.encoder = encoder
         self.decoder_kind, self.num_classes, self.crop_size, self.channels = decoder, num_classes, crop_size, channels
-        self.decoder = make_decoder(decoder, encoder.backbone.embed_dim, num_classes, channels, self.patch_size)
+        # SETR-PUP's 2x stages: log2(patch) brings the grid back to full resolution; recorded in adapters
+        self.decoder_stages = decoder_stages or max(1, round(math.log2(self.patch_size)))
+        self.decoder = make_decoder(decoder, encoder.backbone.embed_dim, num_classes, channels, self.decoder_stages)
         self.class_names = list(class_names) if class_names is not None else None
         self.ignore_index = ignore_index
 
@@ -34,7 +37,7 @@ class SegmentationModel(nn.Module):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.class_names = list(class_names) if class_names is not None else None
         self.decoder = make_decoder(self.decoder_kind, self.encoder.backbone.embed_dim, num_classes, self.channels,
-                                    self.patch_size)
+                                    self.decoder_stages)
 
     @property
     def patch_size(self) -> int:
@@ -70,8 +73,8 @@ class SegmentationModel(nn.Module):
 
         config = adapter_config(self.encoder)
         config.update(task="segmentation", num_classes=self.num_classes, class_names=self.class_names,
-                      decoder=self.decoder_kind, decoder_channels=self.channels, crop_size=self.crop_size,
-                      ignore_index=self.ignore_index)
+                      decoder=self.decoder_kind, decoder_channels=self.channels, decoder_stages=self.decoder_stages,
+                      crop_size=self.crop_size, ignore_index=self.ignore_index)
         return config
 
     def save_adapter(self, directory, **extra) -> None:
@@ -83,7 +86,8 @@ class SegmentationModel(nn.Module):
 def create_segmentation_model(backbone, method: str, num_classes: int, *, decoder: str = "pup",
                               crop_size: int = 512, decoder_channels: int = 256, weights=None,
                               pretrained: bool = False, class_names=None, ignore_index: int | None = None,
-                              timm_kwargs: dict | None = None, **options) -> SegmentationModel:
+                              timm_kwargs: dict | None = None, decoder_stages: int | None = None,
+                              **options) -> SegmentationModel:
     """A prompted encoder (any method) at ``crop_size`` plus a decoder; position embeddings are resized
     for the crop by timm and follow any other input size (``dynamic_img_size``)."""
     check_choice("decoder", decoder, DECODERS)
@@ -92,7 +96,8 @@ def create_segmentation_model(backbone, method: str, num_classes: int, *, decode
         kwargs = None
     encoder = create_model(backbone, method, 1, weights=weights, pretrained=pretrained, timm_kwargs=kwargs, **options)
     encoder.reset_classifier(0)  # no classification head: the decoder replaces it
-    return SegmentationModel(encoder, decoder, num_classes, crop_size, decoder_channels, class_names, ignore_index)
+    return SegmentationModel(encoder, decoder, num_classes, crop_size, decoder_channels, class_names, ignore_index,
+                             decoder_stages)
 
 
 def count_segmentation_parameters(model: SegmentationModel) -> dict[str, int]:
@@ -154,5 +159,6 @@ def multiscale_flip_inference(model: SegmentationModel, images: torch.Tensor, sc
             x = scaled.flip(-1) if flip else scaled
             out = slide_inference(model, x, crop, stride)
             out = out.flip(-1) if flip else out
-            total = total + F.interpolate(out, size=size, mode="bilinear", align_corners=False).softmax(1)
+            # fp32: the probabilities of many copies are summed (autocast would keep them in bf16)
+            total = total + F.interpolate(out.float(), size=size, mode="bilinear", align_corners=False).softmax(1)
     return total / (2 * len(scales))
