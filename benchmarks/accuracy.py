@@ -96,7 +96,7 @@ def main() -> None:
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "methods": {}}
     rows = []
-    for name, per_task in table.items():
+    for name, per_task in ((m, table[m]) for m in args.methods if m in table):  # the order asked for
         means = {t: s["test_mean"] for t, s in per_task.items()}
         report["methods"][name] = {
             "tasks": {t: {"test_mean": s["test_mean"], "test_std": s["test_std"], "seeds": s["test_top1"],

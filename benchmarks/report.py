@@ -56,9 +56,9 @@ def accuracy_tables(report: dict) -> str:
         cells = [name] + [f"{pct(r['tasks'][t]['test_mean'])} ± {pct(r['tasks'][t]['test_std'])}" for t in tasks]
         cells += [pct(r["groups"].get(g)) for g in GROUPS]
         cells += [f"**{pct(r['mean_of_group_means'], 2)}**", pct(r["plain_mean"], 2),
-                  f"{r['tuned_parameters']['tuned']:,}"]
+                  f"{r['tuned_parameters']['tuned_without_head']:,}"]
         rows.append(cells)
-    out = [table(["method"] + tasks + list(GROUPS) + ["mean of groups", "plain mean", "tuned params"], rows)]
+    out = [table(["method"] + tasks + list(GROUPS) + ["mean of groups", "plain mean", "tuned without head"], rows)]
     def lr(c: dict) -> str:
         return f"{c['lr']:g}" + (f" ({c['from']}'s)" if c.get("from") else "")
 
@@ -87,8 +87,9 @@ def ablation_table(report: dict) -> str:
         delta = "-" if base is None or name == "vpt-deep" else \
             f"{100 * (r['mean_of_group_means'] - base['mean_of_group_means']):+.2f}"
         rows.append([name, cdc, da, ar, pct(r["mean_of_group_means"], 2), pct(r["plain_mean"], 2), delta,
-                     f"{r['tuned_parameters']['tuned']:,}"])
-    return table(["variant", "CDC", "DA", "AR", "mean of groups", "plain mean", "vs VPT-deep", "tuned params"], rows)
+                     f"{r['tuned_parameters']['tuned_without_head']:,}"])
+    return table(["variant", "CDC", "DA", "AR", "mean of groups", "plain mean", "vs VPT-deep", "tuned without head"],
+                 rows)
 
 
 def defaults_table(report: dict) -> str:
