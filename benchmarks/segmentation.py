@@ -119,7 +119,22 @@ def examples(runs: Path, path: Path, base_size: tuple[int, int], count: int = 3)
             pred = F.interpolate(logits, size=mask.shape, mode="bilinear", align_corners=False).argmax(1)[0].numpy()
             tiles.append(colours[pred])
         tile_rows.append(np.concatenate(tiles, axis=1))
-    Image.fromarray(np.concatenate(tile_rows, axis=0)).save(path)
+    grid = np.concatenate(tile_rows, axis=0)
+    # a header naming each column, and a legend strip of the class colours
+    from PIL import ImageDraw
+
+    names = ["image", "truth", *models]
+    width = grid.shape[1] // len(names)
+    canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + 40), "white")
+    canvas.paste(Image.fromarray(grid), (0, 20))
+    draw = ImageDraw.Draw(canvas)
+    for i, name in enumerate(names):
+        draw.text((i * width + 6, 4), name, fill="black")
+    step = grid.shape[1] // len(test.classes)
+    for i, name in enumerate(test.classes):
+        draw.rectangle([i * step + 2, grid.shape[0] + 24, i * step + 12, grid.shape[0] + 34], fill=tuple(colours[i]))
+        draw.text((i * step + 15, grid.shape[0] + 23), name, fill="black")
+    canvas.save(path)
     print(f"examples: {path} (columns: image, truth, {', '.join(models)})")
 
 
