@@ -155,7 +155,7 @@ def plot(report, tasks, path: Path) -> None:
         return
     names = list(report["methods"])
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(tasks)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(tasks)), 5))
     for i, name in enumerate(names):
         r = report["methods"][name]["tasks"]
         xs = [j + i * width for j in range(len(tasks))]
@@ -164,7 +164,7 @@ def plot(report, tasks, path: Path) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=20)
     ax.set_ylabel("test top-1 (%)")
     ax.set_title("offline suite, default backbone: mean and std over seeds")
-    ax.legend(fontsize=8, ncol=4)
+    ax.legend(fontsize=8, ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
