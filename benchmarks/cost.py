@@ -6,8 +6,9 @@
 Timing: every configuration runs in the same process, interleaved round by round (A B C ... A B C),
 and each ratio is the median over rounds of the per-round ratio, so slow phases of a shared machine
 hit all methods alike. Memory: the bytes autograd saves for backward during one training forward
-(exact and repeatable), plus, in a fresh subprocess per configuration, the growth of the process's
-peak resident memory over a training step (what the OS saw). On CUDA, torch.cuda.max_memory_allocated.
+(exact and repeatable), plus, in a fresh subprocess per configuration, how far the peak resident
+memory rises over two training steps above the level right after the model is built (what the OS
+saw; Linux /proc, peak reset with clear_refs). On CUDA, torch.cuda.max_memory_allocated.
 
 The floor is the frozen backbone's forward plus the backward to its input, with the same number of
 tokens: what any prompt method must pay at least, since prompt gradients flow back to block 0.
@@ -16,9 +17,9 @@ Results: benchmarks/results/cost.json, cost.csv and cost_vs_prompt_length.png.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -129,19 +130,29 @@ def ratio(entries, a, b, key):
     return statistics.median(x / y for x, y in zip(entries[a][key], entries[b][key]))
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
 def rss_probe(args) -> None:
-    """Child process: peak RSS growth over two training steps of one configuration (KiB -> bytes)."""
+    """Child process: how far resident memory rises above its level after building the model, over two
+    training steps (gradients, optimizer state, activations). Linux: the peak (VmHWM) is reset after
+    the model is built, since building a large model peaks higher than a step does."""
     backbone, method, p, size, batch = args
     torch.manual_seed(0)
     model = build(backbone, method, int(p), int(size))
     model.train()
     images, labels = torch.randn(int(batch), 3, int(size), int(size)), torch.randint(0, 100, (int(batch),))
     step = make_step(model, method, images, labels)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = _status_kib("VmRSS")
     step()
     step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_rss_growth_bytes": (after - before) * 1024}))
+    print(json.dumps({"peak_rss_growth_bytes": (_status_kib("VmHWM") - before) * 1024}))
 
 
 def rss_growth(backbone, method, p, size, batch) -> int | None:
