@@ -1,6 +1,6 @@
 """Does iVPT help? Accuracy of every method and ablation on the offline suite, default backbone.
 
-    python benchmarks/accuracy.py                      # all methods, all 7 tasks, 3 seeds (about 1 h on 2 cores)
+    python benchmarks/accuracy.py                      # all methods, all 7 tasks, 3 seeds (1-2 h on 2 cores)
     python benchmarks/accuracy.py --shard 0/2 & python benchmarks/accuracy.py --shard 1/2   # one process per core
     python benchmarks/accuracy.py --quick              # 1 epoch, 1 seed, 2 tasks: checks the pipeline
     python benchmarks/accuracy.py --methods vpt-deep ivpt --tasks clevr-count dtd10
