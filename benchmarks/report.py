@@ -124,7 +124,7 @@ def cost_tables(report: dict) -> str:
             rows.append([m, f"{s['train_step_s']:.3f}", f"{s['train_vs_floor']:.3f}", f"{s['inference_s']:.3f}",
                          f"{s.get('inference_vs_linear', 1.0):.3f}" if m != "floor" else "-",
                          f"{s['saved_activation_bytes'] / 2 ** 20:.1f}", "n/a" if s["peak_rss_growth_bytes"] is None else f"{s['peak_rss_growth_bytes'] / 2 ** 20:.0f}",
-                         f"{s['tuned_parameters']:,}"])
+                         "-" if m == "floor" else f"{s['tuned_parameters']:,}"])
         out += [table(["method", "train step (s)", "/ floor", "inference (s)", "/ linear", "saved for backward (MiB)",
                        "peak RSS growth (MiB)", "tuned params"], rows), ""]
         r = setup["ivpt_vs_vpt_deep"]
