@@ -168,10 +168,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the sections and points already in the results file, measure the rest")
     parser.add_argument("--rss-probe", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--scaling-probe", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_probe:
         return rss_probe(args.rss_probe)
+    if args.scaling_probe:
+        backbone, p, size, batch, rounds, key, value = args.scaling_probe
+        print(json.dumps(scaling_point(backbone, int(p), int(size), int(batch), int(rounds), key, int(value))))
+        return None
     torch.set_num_threads(torch.get_num_threads())
     if args.quick:
         setups = [("vit_mini_patch4_32", 32, 16, 10)]
@@ -186,12 +193,20 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""
     rows = []
+    if args.resume and (RESULTS / f"cost{suffix}.json").is_file():
+        report = json.loads((RESULTS / f"cost{suffix}.json").read_text())
+        rows = [{"backbone": s["backbone"], "method": m, **stats} for s in report["setups"]
+                for m, stats in s["methods"].items()]
+        done = {s["backbone"] for s in report["setups"]}
+        setups_to_run = [s for s in setups if s[0] not in done]
+    else:
+        setups_to_run = setups
 
     def save() -> None:  # after every section: a late failure (e.g. out of memory) keeps what was measured
         atomic_write(RESULTS / f"cost{suffix}.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
         write_csv(RESULTS / f"cost{suffix}.csv", rows)
 
-    for backbone, size, batch, p in setups:
+    for backbone, size, batch, p in setups_to_run:
         print(f"== {backbone} @{size}, batch {batch}, prompt length {p}", flush=True)
         entries = measure(backbone, METHODS, p, size, batch, rounds)
         setup = {"backbone": backbone, "image_size": size, "batch": batch, "prompt_length": p, "methods": {}}
@@ -220,8 +235,17 @@ def main() -> None:
     backbone, size, batch, default_p = setups[0]
     for key, values in (("prompt_length", lengths), ("image_size", sizes)):
         for value in values:
+            if any(point[key] == value for point in report[key]):
+                continue  # measured by an earlier run (--resume)
             p, s = (value, size) if key == "prompt_length" else (default_p, value)
-            report[key].append(scaling_point(backbone, p, s, batch, max(2, rounds - 2), key, value))
+            # a fresh process per point: in one long-lived process, resident memory grew from point to point
+            # until the system killed the run at prompt length 100 (24 GB; one point alone needs ~7 GB)
+            out = subprocess.run([sys.executable, __file__, "--scaling-probe", backbone, str(p), str(s), str(batch),
+                                  str(max(2, rounds - 2)), key, str(value)], check=False, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{key} {value}: the measuring process failed (exit {out.returncode}): {out.stderr[-300:]}")
+                continue
+            report[key].append(json.loads(out.stdout.strip().splitlines()[-1]))
             save()
             print(key, value, round(report[key][-1]["ivpt_vs_vpt_deep_train"], 3), flush=True)
     plot(report, RESULTS / f"cost_vs_prompt_length{suffix}.png")
