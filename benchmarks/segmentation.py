@@ -79,8 +79,7 @@ def multiscale_test(cfg, runs: Path, seeds: list[int]) -> list[float]:
         cached = adapter.parent / "test_ms.json"
         if not cached.is_file() or tuple(json.loads(cached.read_text())["scales"]) != BENCH_SCALES:
             model = load_adapter(adapter).eval()
-            backbone = model.encoder.backbone
-            data = build_segmentation_data(cfg, backbone.pretrained_cfg, backbone.patch_embed.patch_size[0])
+            data = build_segmentation_data(cfg, model.encoder.backbone.pretrained_cfg, model.patch_size)
             task = SegmentationTask()
             task.ignore_index, task.multiscale = data.ignore_index, BENCH_SCALES
             loader = loader_for(data.splits["test"], 1, Dist(), 0, False, 0)
@@ -103,19 +102,16 @@ def examples(runs: Path, path: Path, base_size: tuple[int, int], count: int = 3)
             models[name] = load_adapter(adapters[0]).eval()
     if not models:
         return
-    any_model = next(iter(models.values()))
     colours = np.array(palette(11) + [(0, 0, 0)] * (256 - 11), dtype=np.uint8)
-    crop = any_model.crop_size
     tile_rows = []
     for index in np.linspace(0, len(test) - 1, count).astype(int):
         image, mask = test.load(int(index))
         tiles = [np.asarray(image), colours[np.where(mask == IGNORE_INDEX, 255, mask)]]
         for model in models.values():
             cfg = model.encoder.backbone.pretrained_cfg
-            x, _ = SegEvalTransform(base_size, cfg["mean"], cfg["std"],
-                                    model.encoder.backbone.patch_embed.patch_size[0])(image, mask)
+            x, _ = SegEvalTransform(base_size, cfg["mean"], cfg["std"], model.patch_size)(image, mask)
             with torch.no_grad():
-                logits = slide_inference(model, x[None], crop, crop * 2 // 3)
+                logits = slide_inference(model, x[None])
             pred = F.interpolate(logits, size=mask.shape, mode="bilinear", align_corners=False).argmax(1)[0].numpy()
             tiles.append(colours[pred])
         tile_rows.append(np.concatenate(tiles, axis=1))

@@ -45,8 +45,7 @@ def _data_for(model, config: dict, spec: dict):
     if config.get("task") == "segmentation":
         cfg = TrainConfig(task="segmentation", data=spec, segmentation=config.get("segmentation") or
                           {"crop_size": config["crop_size"], "decoder": config["decoder"]})
-        backbone = model.encoder.backbone
-        return build_segmentation_data(cfg, backbone.pretrained_cfg, backbone.patch_embed.patch_size[0])
+        return build_segmentation_data(cfg, model.encoder.backbone.pretrained_cfg, model.patch_size)
     return build_task_data(spec, model.backbone.pretrained_cfg)
 
 
@@ -155,15 +154,14 @@ def _predict_masks(model, config: dict, files: list[Path], out: Path) -> int:
     opts = config.get("segmentation") or {}
     crop = int(config["crop_size"])
     base = tuple(opts.get("base_size", (4 * crop, crop)))
-    transform = SegEvalTransform(base, tuple(config["mean"]), tuple(config["std"]),
-                                 model.encoder.backbone.patch_embed.patch_size[0])
+    transform = SegEvalTransform(base, tuple(config["mean"]), tuple(config["std"]), model.patch_size)
     colours = np.array(palette(model.num_classes), dtype=np.uint8)
     out.mkdir(parents=True, exist_ok=True)
     for f in files:
         image = open_rgb(f)
         x, _ = transform(image, np.zeros((image.size[1], image.size[0]), dtype=np.uint8))
         with torch.no_grad():
-            logits = slide_inference(model, x[None], crop, crop * 2 // 3)
+            logits = slide_inference(model, x[None])
             labels = F.interpolate(logits, size=(image.size[1], image.size[0]), mode="bilinear",
                                    align_corners=False).argmax(1)[0].numpy()
         mask = Image.fromarray(colours[labels])

@@ -76,8 +76,7 @@ class SegmentationTask:
             cfg.backbone, cfg.method, 1, decoder=opts.get("decoder", "pup"), crop_size=int(opts.get("crop_size", 512)),
             decoder_channels=int(opts.get("decoder_channels", 256)), weights=cfg.weights,
             timm_kwargs=cfg.backbone_options, **cfg.method_options)
-        data = build_segmentation_data(cfg, model.encoder.backbone.pretrained_cfg,
-                                       model.encoder.backbone.patch_embed.patch_size[0])
+        data = build_segmentation_data(cfg, model.encoder.backbone.pretrained_cfg, model.patch_size)
         torch.manual_seed(cfg.seed + 1)
         model.reset_decoder(len(data.classes), data.classes, data.ignore_index)
         self.ignore_index = data.ignore_index
@@ -111,7 +110,7 @@ class SegmentationTask:
                 if self.multiscale:  # softmax averages: argmax is all that is used below
                     logits = multiscale_flip_inference(model, images, self.multiscale).float()
                 else:
-                    logits = slide_inference(model, images, model.crop_size, model.crop_size * 2 // 3).float()
+                    logits = slide_inference(model, images).float()
             logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
             matrix.update(logits.argmax(1), masks)
         matrix.matrix = torch.tensor(ctx.all_sum(matrix.matrix.flatten().tolist(), device),

@@ -110,14 +110,18 @@ def count_segmentation_parameters(model: SegmentationModel) -> dict[str, int]:
 
 
 @torch.no_grad()
-def slide_inference(model: SegmentationModel, images: torch.Tensor, crop: int, stride: int,
-                    windows_per_batch: int = 64) -> torch.Tensor:
+def slide_inference(model: SegmentationModel, images: torch.Tensor, crop: int | None = None,
+                    stride: int | None = None, windows_per_batch: int = 64) -> torch.Tensor:
     """Logits for images larger than the crop: overlapping crop x crop windows, averaged.
+
+    ``crop`` defaults to the model's crop size and ``stride`` to 2/3 of the crop (the windows overlap).
 
     Windows go through the model together, up to ``windows_per_batch`` at a time: one call per window
     would cost more in per-call overhead than in arithmetic at small crops. In eval mode every layer
     treats samples independently, so batching does not change the result.
     """
+    crop = crop or model.crop_size
+    stride = stride or crop * 2 // 3
     b, _, height, width = images.shape
     if height <= crop and width <= crop:
         return model(images)
@@ -146,10 +150,8 @@ MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the mmseg / SETR multi-scale ev
 def multiscale_flip_inference(model: SegmentationModel, images: torch.Tensor, scales=MS_SCALES,
                               crop: int | None = None, stride: int | None = None) -> torch.Tensor:
     """mIoU-MS: average softmax over rescaled and flipped copies, back at the input size."""
-    crop = crop or model.crop_size
-    stride = stride or crop * 2 // 3
     size = images.shape[-2:]
-    ph = model.encoder.backbone.patch_embed.patch_size[0]
+    ph = model.patch_size
     total = 0
     for scale in scales:
         h = max(ph, round(size[0] * scale / ph) * ph)
