@@ -155,13 +155,20 @@ def rss_probe(args) -> None:
     print(json.dumps({"peak_rss_growth_bytes": (_status_kib("VmHWM") - before) * 1024}))
 
 
-def rss_growth(backbone, method, p, size, batch) -> int | None:
-    out = subprocess.run([sys.executable, __file__, "--rss-probe", backbone, method, str(p), str(size), str(batch)],
-                         check=False, capture_output=True, text=True)
-    if out.returncode != 0:  # e.g. killed for memory: record the gap, keep measuring the rest
-        print(f"peak-RSS probe {method} p={p} @{size} failed (exit {out.returncode}): {out.stderr[-300:]}")
+def in_child(flag: str, *values, what: str) -> dict | None:
+    """Run this script with ``flag values`` in a fresh process and return the JSON it prints last, or
+    None when that process fails (e.g. killed for memory): the gap is recorded, the rest is measured."""
+    out = subprocess.run([sys.executable, __file__, flag, *map(str, values)], check=False, capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        print(f"{what}: the measuring process failed (exit {out.returncode}): {out.stderr[-300:]}")
         return None
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_growth_bytes"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rss_growth(backbone, method, p, size, batch) -> int | None:
+    probe = in_child("--rss-probe", backbone, method, p, size, batch, what=f"peak-RSS probe {method} p={p} @{size}")
+    return None if probe is None else probe["peak_rss_growth_bytes"]
 
 
 def main() -> None:
@@ -240,12 +247,11 @@ def main() -> None:
             p, s = (value, size) if key == "prompt_length" else (default_p, value)
             # a fresh process per point: in one long-lived process, resident memory grew from point to point
             # until the system killed the run at prompt length 100 (24 GB; one point alone needs ~7 GB)
-            out = subprocess.run([sys.executable, __file__, "--scaling-probe", backbone, str(p), str(s), str(batch),
-                                  str(max(2, rounds - 2)), key, str(value)], check=False, capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"{key} {value}: the measuring process failed (exit {out.returncode}): {out.stderr[-300:]}")
+            point = in_child("--scaling-probe", backbone, p, s, batch, max(2, rounds - 2), key, value,
+                             what=f"{key} {value}")
+            if point is None:
                 continue
-            report[key].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            report[key].append(point)
             save()
             print(key, value, round(report[key][-1]["ivpt_vs_vpt_deep_train"], 3), flush=True)
     plot(report, RESULTS / f"cost_vs_prompt_length{suffix}.png")
