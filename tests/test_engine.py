@@ -252,7 +252,7 @@ def test_cli_train_eval_predict_params(setup, capsys):
     predictions = json.loads((tmp_path / "pred.json").read_text())
     assert len(predictions) == 4 and predictions[0]["top_k"][0]["label"] in ("class0", "class1")
     assert cli.main(["params", "--backbone", "vit_base_patch16_224", "--method", "ivpt"]) == 0
-    assert "169082" in capsys.readouterr().out  # 92,160 prompts + 11 DA-static + 11 AR + 76,900 head
+    assert "185978" in capsys.readouterr().out  # 92,160 prompts + 16,907 DA-gate + 11 AR + 76,900 head
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -14,6 +14,7 @@ CASES = {
     "ivpt-default": ("ivpt", {"prompt_length": 10}),
     "ivpt-channel": ("ivpt", {"prompt_length": 10, "da": "channel"}),
     "ivpt-static": ("ivpt", {"prompt_length": 10, "da": "static"}),
+    "preset-ivpt-static": ("ivpt-static", {"prompt_length": 10}),
     "ivpt-sum": ("ivpt", {"prompt_length": 10, "da": "sum"}),
     "ivpt-noar": ("ivpt", {"prompt_length": 10, "ar": False}),
     "ivpt-layers": ("ivpt", {"prompt_length": 10, "da": "gate", "layers": [0, 5, 10]}),
@@ -44,8 +45,10 @@ def test_vit_b16_counts_match_spec(vit_b_counts):
     assert vit_b_counts["full"]["tuned"] == vit_b_counts["full"]["total"]
     assert vit_b_counts["ivpt-channel"]["da"] == (n - 1) * 3 * d
     assert vit_b_counts["ivpt-static"]["da"] == n - 1
-    # the code's default DA is "static" (chosen on val, docs/benchmarks.md): 92,160 + 11 + 11
-    assert vit_b_counts["ivpt-default"]["da"] == n - 1 and vit_b_counts["ivpt-default"]["tuned_without_head"] == 92_182
+    # method="ivpt" with no options is the spec's method (gate DA); the preset ivpt-static: 92,160 + 11 + 11
+    assert vit_b_counts["ivpt-default"] == vit_b_counts["ivpt"]
+    assert vit_b_counts["preset-ivpt-static"]["da"] == n - 1
+    assert vit_b_counts["preset-ivpt-static"]["tuned_without_head"] == 92_182
     assert vit_b_counts["ivpt-sum"]["da"] == 0
     assert vit_b_counts["ivpt-noar"]["ar"] == 0
     assert vit_b_counts["ivpt-layers"]["da"] == 3 * (2 * d + 1) and vit_b_counts["ivpt-layers"]["ar"] == 3

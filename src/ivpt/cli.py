@@ -181,13 +181,14 @@ def parameter_table(backbone: str, methods: list[str], num_classes: int, prompt_
 
     from . import create_model
     from .factory import count_parameters
+    from .methods import METHODS, IVPTConfig
 
     arch = backbone.split(".", 1)[0]  # shapes only: no weights needed, built on the meta device
     rows = []
     with torch.device("meta"):
         for method in methods:
             extra = {} if method in ("linear", "full") else {"prompt_length": prompt_length}
-            if method == "ivpt":
+            if issubclass(METHODS[method].config_class, IVPTConfig):  # ivpt and its presets
                 extra.update(options or {})
             model = create_model(arch, method, num_classes, **extra)
             counts = count_parameters(model)

@@ -49,7 +49,12 @@ def _pretrained_cfg(name: str) -> dict:
 
 
 SHIPPED = (DEFAULT_BACKBONE,)
-default_cfgs = generate_default_cfgs({name: _pretrained_cfg(name) for name in SHIPPED})
+# Architectures whose pretrained weights do not ship (yet): the bare name builds the network with
+# random weights and CIFAR-10 normalisation, so that weights pretrained by ivpt load with ``weights=``.
+UNSHIPPED_ARCHS = ("vit_deep_patch4_32",)
+default_cfgs = generate_default_cfgs({**{name: _pretrained_cfg(name) for name in SHIPPED},
+                                      **{name: {k: v for k, v in _pretrained_cfg(name).items() if k != "file"}
+                                         for name in UNSHIPPED_ARCHS}})
 
 
 def is_shipped(name: str) -> bool:
@@ -57,9 +62,18 @@ def is_shipped(name: str) -> bool:
     return name in SHIPPED
 
 
+def _build(arch: str, pretrained: bool, **kwargs) -> VisionTransformer:
+    return build_model_with_cfg(VisionTransformer, arch, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **{**ARCHITECTURES[arch], **kwargs})
+
+
 @register_model
 def vit_mini_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT 'mini' (d=192, 6 blocks, 3 heads), patch 4 at 32x32: ivpt's CPU-sized default."""
-    args = {**ARCHITECTURES["vit_mini_patch4_32"], **kwargs}
-    return build_model_with_cfg(VisionTransformer, "vit_mini_patch4_32", pretrained,
-                                pretrained_filter_fn=checkpoint_filter_fn, **args)
+    return _build("vit_mini_patch4_32", pretrained, **kwargs)
+
+
+@register_model
+def vit_deep_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT 'deep' (d=128, 12 blocks, 4 heads), patch 4 at 32x32: vit_mini's cost with ViT-B's depth."""
+    return _build("vit_deep_patch4_32", pretrained, **kwargs)

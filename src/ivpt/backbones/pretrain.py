@@ -43,6 +43,8 @@ def parse_args(argv=None, prog: str | None = None):
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--drop-path", type=float, default=0.05)
     p.add_argument("--crop-padding", type=int, default=4)
+    p.add_argument("--no-hflip", dest="hflip", action="store_false",
+                   help="no random horizontal flips (flips teach left/right invariance, which hides position)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
@@ -65,16 +67,17 @@ def build_model(args) -> VisionTransformer:
     return VisionTransformer(num_classes=10, drop_path_rate=args.drop_path, **cfg), cfg
 
 
-def augment(batch: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Random crop after reflect padding plus horizontal flip, vectorised over the batch (N,C,H,W)."""
+def augment(batch: torch.Tensor, pad: int, gen: torch.Generator, hflip: bool = True) -> torch.Tensor:
+    """Random crop after reflect padding plus (optionally) horizontal flip, vectorised over the batch (N,C,H,W)."""
     n, _, h, w = batch.shape
     padded = F.pad(batch, (pad, pad, pad, pad), mode="reflect")
     oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
     cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
-    flip = torch.rand(n, generator=gen) < 0.5
-    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+    if hflip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
     idx_n = torch.arange(n)[:, None, None, None]
     idx_c = torch.arange(batch.shape[1])[None, :, None, None]
     return padded[idx_n, idx_c, rows, cols]
@@ -148,7 +151,7 @@ def main(argv=None, prog: str | None = None) -> dict:
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         for it in bar:
             idx = order[it * args.batch_size:(it + 1) * args.batch_size]
-            x = augment(train_x[idx].float() / 255, args.crop_padding, gen).to(device)
+            x = augment(train_x[idx].float() / 255, args.crop_padding, gen, args.hflip).to(device)
             x = (x - mean) / std
             y = train_y[idx].to(device)
             for group in opt.param_groups:
@@ -187,7 +190,8 @@ def main(argv=None, prog: str | None = None) -> dict:
         "interpolation": "bicubic",
         "class_names": data["train"].classes,
         "recipe": {**recipe, "optimizer": "AdamW", "schedule": "linear warm-up + cosine (per step)",
-                   "augmentation": f"reflect-pad {args.crop_padding} random crop + horizontal flip",
+                   "augmentation": f"reflect-pad {args.crop_padding} random crop"
+                                   + (" + horizontal flip" if args.hflip else " (no flips)"),
                    "device": device.type, "torch": torch.__version__},
         "train_log": log,
         "cifar10_test_top1": acc,

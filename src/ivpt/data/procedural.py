@@ -4,10 +4,17 @@ structured group: where is it, which way does it point, how many are there, how 
 Every image is drawn at twice its size and downsampled (anti-aliasing). Nuisance factors (shape,
 colour, size, position, background, clutter) vary freely so that no single pixel statistic gives
 the label away; labels are balanced.
+
+Two versions, both kept: version 1 (the suite's original tasks) and version 2, whose labels live at
+VTAB's resolution in patch units on a 32-px input with 4-px patches (an 8 x 8 grid): one position
+bin per ~0.8 patch column (VTAB's dSprites-loc: 16 bins over 14 columns), objects of 1-4 patches,
+depth bins evenly spaced on the screen. Version 1 puts 16 position bins over 8 columns and its far
+depth bins a tenth of a patch apart, below the grid that prompts attend over.
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -64,26 +71,26 @@ def _clutter(draw: ImageDraw.ImageDraw, rng, count: int) -> None:
         draw.line([(x0, y0), (x1, y1)], fill=(shade, shade, shade), width=int(rng.integers(1, 3)))
 
 
-def dsprites_loc(label: int, rng) -> np.ndarray:
-    """A sprite whose horizontal position falls in bin ``label`` of 16."""
+def dsprites_loc(label: int, rng, bins: int = 16) -> np.ndarray:
+    """A sprite whose horizontal position falls in bin ``label`` of ``bins``."""
     img = _background(rng)
     draw = ImageDraw.Draw(img)
     _clutter(draw, rng, int(rng.integers(0, 4)))
     r = rng.uniform(7, 16)
     lo, hi = r, _S - r
-    cx = lo + (label + rng.uniform(0.05, 0.95)) * (hi - lo) / 16
+    cx = lo + (label + rng.uniform(0.05, 0.95)) * (hi - lo) / bins
     cy = rng.uniform(r, _S - r)
     kind = ["square", "ellipse", "heart", "triangle"][rng.integers(4)]
     draw.polygon(_polygon(kind, cx, cy, r, rng.uniform(0, 2 * math.pi)), fill=_colour(rng))
     return _finish(img)
 
 
-def dsprites_ori(label: int, rng) -> np.ndarray:
+def dsprites_ori(label: int, rng, radius: tuple[float, float] = (14, 26)) -> np.ndarray:
     """An asymmetric sprite rotated into bin ``label`` of 16 (22.5 degrees each)."""
     img = _background(rng)
     draw = ImageDraw.Draw(img)
     _clutter(draw, rng, int(rng.integers(0, 4)))
-    r = rng.uniform(14, 26)
+    r = rng.uniform(*radius)
     cx, cy = rng.uniform(r + 4, _S - r - 4, size=2)
     angle = (label + rng.uniform(0.1, 0.9)) * 2 * math.pi / 16
     kind = ["arrow", "flag"][rng.integers(2)]
@@ -104,12 +111,12 @@ def _place(rng, radii, tries: int = 200) -> list[tuple[float, float]]:
     return [(x, y) for x, y, _ in placed]
 
 
-def clevr_count(label: int, rng) -> np.ndarray:
+def clevr_count(label: int, rng, radius: tuple[float, float] = (5, 11)) -> np.ndarray:
     """A scene holding 3 + ``label`` objects (3..10) of mixed shapes, colours and sizes."""
     img = _background(rng, dark=False)
     draw = ImageDraw.Draw(img)
     count = 3 + label
-    radii = sorted(rng.uniform(5, 11, size=count), reverse=True)
+    radii = sorted(rng.uniform(*radius, size=count), reverse=True)
     for (x, y), r in zip(_place(rng, radii), radii):
         kind = ["square", "ellipse", "triangle"][rng.integers(3)]
         fill = _colour(rng, low=40)
@@ -122,17 +129,25 @@ def clevr_count(label: int, rng) -> np.ndarray:
 DIST_NEAR, DIST_FAR, HORIZON = 1.0, 7.0, 0.3
 
 
-def clevr_dist(label: int, rng) -> np.ndarray:
-    """A ground-plane scene; the label is the depth bin (6) of the nearest object."""
+def clevr_dist(label: int, rng, screen_bins: bool = False) -> np.ndarray:
+    """A ground-plane scene; the label is the depth bin (6) of the nearest object.
+
+    Bins are equal in depth (version 1: the far ones a few pixels apart on screen) or, with
+    ``screen_bins``, equal in the height of the ground contact on screen (version 2).
+    """
     img = _background(rng, dark=False)
     draw = ImageDraw.Draw(img)
     horizon = HORIZON * _S
     sky = tuple(int(v) for v in rng.uniform(120, 220, size=3))
     draw.rectangle([0, 0, _S, horizon], fill=sky)
-    edges = np.linspace(DIST_NEAR, DIST_FAR, 7)
-    nearest = rng.uniform(edges[label], edges[label + 1])
-    others = rng.uniform(nearest, DIST_FAR + 2, size=int(rng.integers(0, 4)))
     focal = (_S - horizon) * DIST_NEAR * 0.92
+    if screen_bins:  # ground-contact heights from the nearest to the farthest depth, evenly split
+        heights = np.linspace(focal / DIST_NEAR, focal / DIST_FAR, 7)
+        nearest = focal / rng.uniform(heights[label + 1], heights[label])
+    else:
+        edges = np.linspace(DIST_NEAR, DIST_FAR, 7)
+        nearest = rng.uniform(edges[label], edges[label + 1])
+    others = rng.uniform(nearest, DIST_FAR + 2, size=int(rng.integers(0, 4)))
     for z in sorted(np.concatenate([[nearest], others]), reverse=True):  # far to near
         size = rng.uniform(0.35, 0.6)  # object height in world units: size alone does not tell depth
         r = max(2.0, size * focal / z / 1.6)
@@ -151,11 +166,25 @@ PROCEDURAL_TASKS = {
     "clevr-count": (clevr_count, 8, "structured", [str(i) for i in range(3, 11)]),
     "clevr-dist": (clevr_dist, 6, "structured", [f"depth-bin-{i}" for i in range(6)]),
 }
+# Version 2: the same tasks at VTAB's label resolution in patch units (see the module docstring).
+PROCEDURAL_TASKS_V2 = {
+    "dsprites-loc": (partial(dsprites_loc, bins=8), 8, "structured", [f"x-bin-{i}" for i in range(8)]),
+    "dsprites-ori": (partial(dsprites_ori, radius=(20, 30)), 16, "structured", [f"angle-bin-{i}" for i in range(16)]),
+    "clevr-count": (partial(clevr_count, radius=(7, 12)), 8, "structured", [str(i) for i in range(3, 11)]),
+    "clevr-dist": (partial(clevr_dist, screen_bins=True), 6, "structured", [f"depth-bin-{i}" for i in range(6)]),
+}
+VERSIONS = {1: PROCEDURAL_TASKS, 2: PROCEDURAL_TASKS_V2}
 
 
-def render(task: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def tasks_of(version: int) -> dict:
+    if version not in VERSIONS:
+        raise ValueError(f"procedural tasks have versions {', '.join(map(str, VERSIONS))}; got {version!r}")
+    return VERSIONS[version]
+
+
+def render(task: str, count: int, seed: int, version: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """``count`` images of a task with balanced, shuffled labels, fully determined by ``seed``."""
-    renderer, num_classes, _, _ = PROCEDURAL_TASKS[task]
+    renderer, num_classes, _, _ = tasks_of(version)[task]
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(count) % num_classes)
     images = np.stack([renderer(int(label), rng) for label in labels])

@@ -11,14 +11,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .datasets import ArrayDataset, require_known
+from .datasets import ArrayDataset, DataError, require_known
 from .paths import cache_dir
-from .procedural import PROCEDURAL_TASKS, render
+from .procedural import PROCEDURAL_TASKS, VERSIONS, render, tasks_of
 from .sources import dtd10, fashion_mnist, load_npz_cache, pneumonia_mnist
 from .vtab import GROUPS
 
 TRAIN, VAL, TEST_MAX = 800, 200, 2000
-PROCEDURAL_VERSION = 1  # bump when a renderer changes, so stale caches are not reused
+# Versions of the procedural tasks (ivpt.data.procedural): 1, the original; 2, VTAB's label
+# resolution in patch units. Natural and specialized tasks are the same in every version.
+SUITE_VERSIONS = tuple(VERSIONS)
 
 # task -> (group, needs the shared data folder or a system package)
 SUITE_TASKS: dict[str, tuple[str, str | None]] = {
@@ -52,15 +54,16 @@ def _sample(rng, n_total: int, n: int) -> np.ndarray:
     return np.sort(rng.choice(n_total, size=min(n, n_total), replace=False))
 
 
-def _procedural(name: str, seed: int) -> SuiteTask:
-    _, _, group, classes = PROCEDURAL_TASKS[name]
-    path = cache_dir() / f"suite-{name}-v{PROCEDURAL_VERSION}-seed{seed}.npz"
+def _procedural(name: str, seed: int, version: int) -> SuiteTask:
+    _, _, group, classes = tasks_of(version)[name]
+    # the version is in the name, so a cache of one version is never read as another
+    path = cache_dir() / f"suite-{name}-v{version}-seed{seed}.npz"
     arrays = load_npz_cache(path)
     if arrays is None:
         base = seed * 1000 + sorted(PROCEDURAL_TASKS).index(name) * 10
         arrays = {}
         for offset, (split, count) in enumerate((("train", TRAIN), ("val", VAL), ("test", TEST_MAX))):
-            arrays[f"{split}_images"], arrays[f"{split}_labels"] = render(name, count, base + offset)
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = render(name, count, base + offset, version)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
@@ -68,13 +71,16 @@ def _procedural(name: str, seed: int) -> SuiteTask:
     return SuiteTask(name, group, **splits)
 
 
-def load_task(name: str, seed: int = 0) -> SuiteTask:
-    """One suite task; the same seed always gives the same images in the same splits."""
+def load_task(name: str, seed: int = 0, version: int = 1) -> SuiteTask:
+    """One suite task; the same seed and version always give the same images in the same splits."""
     require_known("offline-suite task", name, SUITE_TASKS)
+    if version not in SUITE_VERSIONS:
+        raise DataError(f"offline-suite version {version!r} is unknown; expected one of "
+                        f"{', '.join(map(str, SUITE_VERSIONS))}")
     group = SUITE_TASKS[name][0]
     rng = np.random.default_rng(seed)
     if name in PROCEDURAL_TASKS:
-        return _procedural(name, seed)
+        return _procedural(name, seed, version)
     if name == "dtd10":
         data = dtd10()
         parts = {"train": [], "val": [], "test": []}

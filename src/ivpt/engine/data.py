@@ -80,7 +80,7 @@ def _build_task_data(spec: dict[str, Any], pretrained_cfg: dict) -> TaskData:
         raise DataError(f"data kind {kind!r} is unknown; expected one of {', '.join(KINDS)}")
     vtab_tf = backbone_transform(pretrained_cfg, "vtab")
     if kind == "suite":
-        task = load_task(_need(spec, "task"), seed=int(spec.get("seed", 0)))
+        task = load_task(_need(spec, "task"), seed=int(spec.get("seed", 0)), version=int(spec.get("version", 1)))
         splits = {"train": task.train, "val": task.val, "test": task.test, "trainval": task.trainval}
         return TaskData(task.classes, {k: materialize(v, vtab_tf) for k, v in splits.items()}, "vtab")
     if kind == "cifar10":

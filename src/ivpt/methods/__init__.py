@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from .base import BackboneShape, TuningMethod
-from .ivpt import IVPT, IVPTConfig
+from .ivpt import IVPT, IVPTConfig, IVPTStatic
 from .linear import FullFineTune, LinearProbe
 from .vpt import VPTConfig, VPTDeep, VPTShallow
 
 METHODS: dict[str, type[TuningMethod]] = {
-    cls.name: cls for cls in (LinearProbe, FullFineTune, VPTShallow, VPTDeep, IVPT)
+    cls.name: cls for cls in (LinearProbe, FullFineTune, VPTShallow, VPTDeep, IVPT, IVPTStatic)
 }
 
 __all__ = ["METHODS", "BackboneShape", "TuningMethod", "IVPTConfig", "VPTConfig"]

@@ -34,7 +34,7 @@ class IVPTConfig:
     prompt_length: int = 10
     prompt_dropout: float = 0.0
     cdc: bool = True
-    da: str = "static"  # the spec says "gate"; "static" won the val sweep (docs/benchmarks.md)
+    da: str = "gate"  # the spec's reading of the paper; the preset "ivpt-static" is what won on our testbed
     da_space: str = "standardized"
     da_bias_init: float = 0.0
     ar: bool = True
@@ -173,3 +173,19 @@ class IVPT(_PromptBank):
             "da": list(self.aggregation.parameters()),
             "ar": list(self.reinforcement.parameters()),
         }
+
+
+@dataclass(frozen=True)
+class IVPTStaticConfig(IVPTConfig):
+    da: str = "static"
+
+
+class IVPTStatic(IVPT):
+    """Preset: iVPT with the static connection (one learned sigmoid(theta) per transition).
+
+    It beat the gate by 1.75 points of mean val top-1 on the offline suite's defaults sweep
+    (docs/benchmarks.md); ``method="ivpt"`` stays the paper's method as the spec reads it.
+    """
+
+    name = "ivpt-static"
+    config_class = IVPTStaticConfig
