@@ -351,3 +351,61 @@ def test_suite_real_tasks(task):
     train_keys = {img.tobytes() for img in data.train.images}
     assert sum(img.tobytes() in train_keys for img in data.val.images) <= 2  # allow true duplicates in the source
     assert np.bincount(data.train.labels).min() > 0
+
+
+def test_procedural_version_1_is_unchanged():
+    """Version 1 is what every published suite figure was measured on: its pixels must never move."""
+    import hashlib
+
+    pinned = {"dsprites-loc": "e0e8b6ee9cb1a0c3", "dsprites-ori": "bb0e77b345c9e523",
+              "clevr-count": "86447f69ef619f77", "clevr-dist": "316b2a9347255960"}
+    for task, digest in pinned.items():
+        images, labels = procedural.render(task, 16, seed=5)
+        assert hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16] == digest, task
+
+
+def test_procedural_version_2_is_deterministic_balanced_and_at_patch_resolution():
+    for task, (_, num_classes, group, classes) in procedural.PROCEDURAL_TASKS_V2.items():
+        images, labels = procedural.render(task, 2 * num_classes, seed=5, version=2)
+        again, _ = procedural.render(task, 2 * num_classes, seed=5, version=2)
+        assert np.array_equal(images, again) and images.shape == (2 * num_classes, 64, 64, 3)
+        assert np.bincount(labels, minlength=num_classes).tolist() == [2] * num_classes and len(classes) == num_classes
+        assert not np.array_equal(images, procedural.render(task, 2 * num_classes, seed=5)[0])  # not version 1
+    assert procedural.PROCEDURAL_TASKS_V2["dsprites-loc"][1] == 8  # one bin per patch column of an 8 x 8 grid
+    rng = np.random.default_rng(0)
+    centres = []
+    for label in range(8):
+        img = np.stack([procedural.PROCEDURAL_TASKS_V2["dsprites-loc"][0](label, rng) for _ in range(10)])
+        bright = img.astype(float).max(axis=3)
+        centres.append(np.mean([np.nonzero(b > b.mean() + 2 * b.std())[1].mean() for b in bright]))
+    assert all(b > a for a, b in zip(centres, centres[1:]))  # the sprite moves right bin by bin
+    with pytest.raises(ValueError, match="versions 1, 2"):
+        procedural.render("dsprites-loc", 4, seed=0, version=3)
+
+
+def test_suite_versions_are_cached_apart_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("IVPT_CACHE", str(tmp_path))
+    v1, v2 = load_task("dsprites-loc", seed=3), load_task("dsprites-loc", seed=3, version=2)
+    assert len(v1.classes) == 16 and len(v2.classes) == 8
+    assert {p.name for p in tmp_path.iterdir()} == {"suite-dsprites-loc-v1-seed3.npz", "suite-dsprites-loc-v2-seed3.npz"}
+    assert np.array_equal(load_task("dsprites-loc", seed=3, version=2).val.images, v2.val.images)
+    with pytest.raises(DataError, match="offline-suite version 9 is unknown"):
+        load_task("dsprites-loc", version=9)
+
+
+def test_find_shape_knows_where_its_target_is(tmp_path, monkeypatch):
+    images, labels, boxes = procedural.render("find-shape", 8, seed=2)
+    assert np.bincount(labels).tolist() == [2, 2, 2, 2] and boxes.shape == (8, 4)
+    assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()
+    for image, box in zip(images, boxes):  # the target's box holds object pixels, brighter than the background
+        x0, y0, x1, y1 = (box * 64).round().astype(int)
+        inside = image[y0:y1 + 1, x0:x1 + 1].max(axis=2)
+        assert inside.max() > np.median(image.max(axis=2)) + 60
+    assert procedural.box_patches([0.0, 0.0, 0.1, 0.1], (8, 8)).tolist() == [0]
+    assert procedural.box_patches([0.2, 0.45, 0.3, 0.6], (8, 8)).tolist() == [25, 26, 33, 34]
+    assert procedural.box_patches([0.9, 0.9, 1.0, 1.0], (8, 8)).tolist() == [63]
+    monkeypatch.setenv("IVPT_CACHE", str(tmp_path))
+    task = load_task("find-shape", seed=0)
+    assert task.group == "mechanism" and task.classes == procedural.TARGET_KINDS
+    assert task.boxes["test"].shape == (len(task.test), 4) and len(task.boxes["trainval"]) == len(task.trainval)
+    assert "find-shape" not in SUITE_TASKS  # outside the suite's means

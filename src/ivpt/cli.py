@@ -1,4 +1,4 @@
-"""The ``ivpt`` command: train, eval, predict, params, tune, quickstart, pretrain."""
+"""The ``ivpt`` command: train, eval, predict, explain, params, tune, quickstart, pretrain."""
 from __future__ import annotations
 
 import argparse
@@ -91,29 +91,15 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     import torch
 
-    from .data.datasets import IMAGE_SUFFIXES, open_rgb
-    from .data.transforms import fgvc_transform, vtab_transform
+    from .data.datasets import open_rgb
     from .engine.checkpoint import atomic_write
 
     model, config = _load_for_inference(args.adapter, args.weights)
     model.eval()
-    files = []
-    for item in map(Path, args.images):
-        if item.is_dir():
-            files += sorted(f for f in item.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"no image or folder at {item}")
-    if not files:
-        raise FileNotFoundError(f"no images found in {', '.join(args.images)}")
+    files = _image_files(args.images)
     if config.get("task") == "segmentation":
         return _predict_masks(model, config, files, Path(args.output or "predictions"))
-    size = config["image_size"][-1] if config.get("image_size") else 224
-    if (config.get("data") or {}).get("kind") == "fgvc":  # the protocol's test pipeline: resize + centre crop
-        transform = fgvc_transform(False, size, config["mean"], config["std"], config.get("interpolation", "bilinear"))
-    else:
-        transform = vtab_transform(size, config["mean"], config["std"], config.get("interpolation", "bilinear"))
+    transform = _classification_transform(config)
     names = model.class_names or [str(i) for i in range(config["num_classes"])]
     k = min(args.top_k, len(names))
     predictions = []
@@ -129,6 +115,75 @@ def cmd_predict(args) -> int:
         print(p["image"] + "\t" + "  ".join(f"{t['label']} {t['score']:.3f}" for t in p["top_k"]))
     if args.output:
         atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(predictions, indent=2)))
+    return 0
+
+
+def _image_files(items: list[str]) -> list[Path]:
+    from .data.datasets import IMAGE_SUFFIXES
+
+    files = []
+    for item in map(Path, items):
+        if item.is_dir():
+            files += sorted(f for f in item.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"no image or folder at {item}")
+    if not files:
+        raise FileNotFoundError(f"no images found in {', '.join(items)}")
+    return files
+
+
+def _classification_transform(config: dict):
+    """The adapter's evaluation pipeline: VTAB's resize, or FGVC's resize + centre crop."""
+    from .data.transforms import fgvc_transform, vtab_transform
+
+    size = config["image_size"][-1] if config.get("image_size") else 224
+    if (config.get("data") or {}).get("kind") == "fgvc":
+        return fgvc_transform(False, size, config["mean"], config["std"], config.get("interpolation", "bilinear"))
+    return vtab_transform(size, config["mean"], config["std"], config.get("interpolation", "bilinear"))
+
+
+# -- explain -------------------------------------------------------------------------------------
+def cmd_explain(args) -> int:
+    import torch
+    from torchvision import transforms
+
+    from .data.datasets import open_rgb
+    from .engine.checkpoint import atomic_write
+    from .explain import _pyplot, denormalize, explain, plot_adapter, plot_image
+
+    _pyplot()  # matplotlib missing: say so before any work
+    model, config = _load_for_inference(args.adapter, args.weights)
+    model.eval()
+    files = _image_files(args.images)
+    if config.get("task") == "segmentation":  # one centre window at the training crop size
+        crop = int(config["crop_size"])
+        transform = transforms.Compose([transforms.Resize(crop), transforms.CenterCrop(crop), transforms.ToTensor(),
+                                        transforms.Normalize(config["mean"], config["std"])])
+    else:
+        transform = _classification_transform(config)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{config['method']} on {config.get('backbone') or 'backbone'}"
+    records, last = [], None
+    for start in range(0, len(files), args.batch_size):
+        chunk = files[start:start + args.batch_size]
+        batch = torch.stack([transform(open_rgb(f)) for f in chunk])
+        last = explain(model, batch)
+        pixels = denormalize(batch, config["mean"], config["std"])
+        for n, (f, e) in enumerate(zip(chunk, last.to_dict()["images"])):
+            figure = out / f"{start + n:04d}_{f.stem}.png"
+            plot_image(last, n, pixels[n], figure, title=f"{title} | {f.name}")
+            records.append({"image": str(f), "figure": str(figure), **e})
+            print(f"{f}\t{figure}" + (f"\t{e['prediction']} {e['score']:.3f}" if e["prediction"] is not None else ""))
+    # learned quantities: DA's gate values gathered over every image given, the rest from the tensors
+    whole = explain(model, torch.stack([transform(open_rgb(f)) for f in files])) if len(files) > args.batch_size else last
+    plot_adapter(whole, out / "adapter.png", title=f"{title}: learned per-transition quantities")
+    summary = {k: v for k, v in whole.to_dict().items() if k != "images"}
+    summary.update(adapter=str(args.adapter), adapter_figure=str(out / "adapter.png"), images=records)
+    atomic_write(out / "explain.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    print(f"figures and explain.json in {out}/")
     return 0
 
 
@@ -354,6 +409,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="predictions JSON to write")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("explain", help="figures of what the prompts do: saliency, AR's patches, DA and AR weights",
+                       description="For every image, a PNG of the input and each block's saliency (the class "
+                                   "token's attention over the patches, as AR uses it) with the patches AR "
+                                   "reinforced outlined, and the prediction; for the adapter, adapter.png with "
+                                   "DA's mixing weight, AR's gamma and AR's relative change per transition; all "
+                                   "numbers in explain.json. Works for every prompt method (VPT-deep: attention "
+                                   "maps only) and segmentation adapters (one centre crop). Needs matplotlib: "
+                                   "pip install 'ivpt[explain]'.")
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--output", required=True, help="folder for the figures and explain.json")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
+    p.set_defaults(func=cmd_explain)
+
     p = sub.add_parser("params", help="tuned-parameter table for a backbone and one or all methods")
     p.add_argument("--backbone", default="vit_base_patch16_224")
     p.add_argument("--method", default="all", help="a method name or 'all'")
@@ -401,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except ImportError as err:  # an optional extra that is not installed; the message names it
+        print(f"ivpt: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: every file written so far is complete; a training run continues with --resume",
               file=sys.stderr)

@@ -36,6 +36,8 @@ class Reinforcement:
     transition: int            # block i -> i+1
     saliency: torch.Tensor     # (B, m) attention of the saliency queries to each patch
     selected: torch.Tensor     # (B, K) indices of the reinforced patches
+    # (B,) mean over the selected patches of |gamma r| / |E_j|; only while recording (``record_attention``)
+    ratio: torch.Tensor | None = None
 
 
 class _QKVCapture:
@@ -69,6 +71,14 @@ def query_saliency(attn: nn.Module, qkv: torch.Tensor, query_rows: slice, key_st
     return probs.mean(dim=(1, 2))[:, key_start:]
 
 
+@torch.no_grad()
+def _relative_change(before: torch.Tensor, after: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """(B,) mean over the selected patches of |after - before| / |before|."""
+    index = selected.unsqueeze(-1).expand(-1, -1, before.shape[-1])
+    old, new = before.gather(1, index).float(), after.gather(1, index).float()
+    return ((new - old).norm(dim=-1) / old.norm(dim=-1).clamp_min(1e-12)).mean(dim=1)
+
+
 class PromptedViT(nn.Module):
     """A timm VisionTransformer plus one tuning method; ``forward(images)`` gives logits."""
 
@@ -81,6 +91,10 @@ class PromptedViT(nn.Module):
         self.class_names = list(class_names) if class_names is not None else None
         self.ar_source = getattr(method.config, "ar_source", "cls")
         self.last_reinforcement: list[Reinforcement] = []
+        # record_attention: every block's saliency (even where AR does not act, e.g. VPT-deep) goes to
+        # last_attention, and AR's relative change to last_reinforcement; for ivpt.explain and diagnostics
+        self.record_attention = False
+        self.last_attention: dict[int, torch.Tensor] = {}
         self.shape = backbone_shape(backbone)
         self._set_trainable()
 
@@ -140,19 +154,22 @@ class PromptedViT(nn.Module):
         prefix, patches = x[:, :npt], x[:, npt:]
         prompts = method.first_prompts(x.shape[0])
         prompts = x[:, :0] if prompts is None else prompts.to(x.dtype)  # no prompts: an empty slice
-        records = []
+        records, attention = [], {}
         last = len(vit.blocks) - 1
+        record = self.record_attention
         for i, block in enumerate(vit.blocks):
             p = prompts.shape[1]
             tokens = torch.cat([prefix, prompts, patches], dim=1)
             reinforce = i < last and method.needs_saliency(i)
-            if reinforce:
+            if reinforce or record:
                 with _QKVCapture(block.attn) as capture:
                     out = block(tokens)
-                rows = slice(0, 1) if self.ar_source == "cls" else slice(npt, npt + p)
+                rows = self._saliency_rows(npt, p)
                 # fp32 even under autocast: bf16 would tie many of the ~0.005 weights and make top-K arbitrary
                 with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
                     saliency = query_saliency(block.attn, capture.output, rows, npt + p)
+                if record:
+                    attention[i] = saliency.detach()
             elif vit.grad_checkpointing and torch.is_grad_enabled():
                 # timm's set_grad_checkpointing(): recompute the block in backward to save memory
                 out = checkpoint(block, tokens, use_reentrant=False)
@@ -163,14 +180,25 @@ class PromptedViT(nn.Module):
                 following = method.next_prompts(i, z)
                 prompts = z if following is None else following.to(z.dtype)
                 if reinforce:
+                    before = patches
                     patches, selected = method.reinforce(i, patches, saliency, prompts)
-                    records.append(Reinforcement(i, saliency.detach(), selected.detach()))
+                    ratio = _relative_change(before, patches, selected) if record else None
+                    records.append(Reinforcement(i, saliency.detach(), selected.detach(), ratio))
             else:
                 prompts = z
         self.last_reinforcement = records
+        self.last_attention = attention
         tokens = vit.norm(torch.cat([prefix, prompts, patches], dim=1))
         p = prompts.shape[1]
         return EncoderTokens(tokens[:, :npt], tokens[:, npt:npt + p], tokens[:, npt + p:])
+
+    def _saliency_rows(self, num_prefix: int, num_prompts: int) -> slice:
+        """The query rows whose attention is the saliency: CLS, or the prompts (``ar_source``)."""
+        if self.ar_source == "cls" and self.shape.has_class_token:
+            return slice(0, 1)
+        if num_prompts == 0:
+            raise ValueError("saliency needs a class token or prompt tokens as queries; this model has neither")
+        return slice(num_prefix, num_prefix + num_prompts)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised tokens in timm's layout (prefix + patches; prompts dropped)."""

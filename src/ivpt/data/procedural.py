@@ -55,6 +55,9 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
                for t in ts]
     elif kind == "arrow":  # no rotational symmetry: its orientation is well defined over 360 degrees
         pts = [(0, -1.3), (0.8, -0.2), (0.3, -0.2), (0.3, 1.1), (-0.3, 1.1), (-0.3, -0.2), (-0.8, -0.2)]
+    elif kind == "cross":
+        a, b = 0.35, 1.1
+        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
     elif kind == "flag":
         pts = [(-0.25, -1.2), (0.9, -0.8), (0.15, -0.35), (0.15, 1.2), (-0.25, 1.2)]
     else:
@@ -159,6 +162,42 @@ def clevr_dist(label: int, rng, screen_bins: bool = False) -> np.ndarray:
     return _finish(img)
 
 
+TARGET_KINDS = ["heart", "arrow", "flag", "cross"]
+DISTRACTOR_KINDS = ["square", "ellipse", "triangle"]
+
+
+def find_shape(label: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """One small target of kind ``label`` (heart, arrow, flag, cross) among 5-8 distractor shapes.
+
+    The mechanism task of docs/benchmarks.md: the evidence is one object of about one patch, and the
+    generator knows where it is. Targets and distractors share sizes and colours; only the shape
+    tells them apart. Returns the image and the target's box (x0, y0, x1, y1) as image fractions.
+    """
+    img = _background(rng)
+    draw = ImageDraw.Draw(img)
+    _clutter(draw, rng, int(rng.integers(0, 3)))
+    radii = rng.uniform(9, 13, size=1 + int(rng.integers(5, 9)))  # 1.1-1.6 patches wide at 32 px, patch 4
+    centres = _place(rng, radii)
+    for (x, y), r in zip(centres[1:], radii[1:]):
+        kind = DISTRACTOR_KINDS[rng.integers(len(DISTRACTOR_KINDS))]
+        draw.polygon(_polygon(kind, x, y, r, rng.uniform(0, 2 * math.pi)), fill=_colour(rng))
+    (x, y), r = centres[0], radii[0]
+    outline = _polygon(TARGET_KINDS[label], x, y, r, rng.uniform(0, 2 * math.pi))
+    draw.polygon(outline, fill=_colour(rng))
+    xs, ys = zip(*outline)
+    box = np.clip(np.array([min(xs), min(ys), max(xs), max(ys)]) / _S, 0.0, 1.0)
+    return _finish(img), box.astype(np.float32)
+
+
+def box_patches(box, grid: tuple[int, int]) -> np.ndarray:
+    """Indices (row-major) of the patches of an (h, w) grid that a fractional box overlaps."""
+    gh, gw = grid
+    x0, y0, x1, y1 = box
+    cols = range(int(math.floor(x0 * gw)), max(int(math.ceil(x1 * gw)), int(math.floor(x0 * gw)) + 1))
+    rows = range(int(math.floor(y0 * gh)), max(int(math.ceil(y1 * gh)), int(math.floor(y0 * gh)) + 1))
+    return np.array([r * gw + c for r in rows for c in cols if r < gh and c < gw], dtype=np.int64)
+
+
 # name -> (renderer, number of classes, group, class names)
 PROCEDURAL_TASKS = {
     "dsprites-loc": (dsprites_loc, 16, "structured", [f"x-bin-{i}" for i in range(16)]),
@@ -174,6 +213,8 @@ PROCEDURAL_TASKS_V2 = {
     "clevr-dist": (partial(clevr_dist, screen_bins=True), 6, "structured", [f"depth-bin-{i}" for i in range(6)]),
 }
 VERSIONS = {1: PROCEDURAL_TASKS, 2: PROCEDURAL_TASKS_V2}
+# Tasks outside the benchmark suite whose renderers also return the evidence's box (for pointing scores).
+MECHANISM_TASKS = {"find-shape": (find_shape, 4, "mechanism", TARGET_KINDS)}
 
 
 def tasks_of(version: int) -> dict:
@@ -182,10 +223,16 @@ def tasks_of(version: int) -> dict:
     return VERSIONS[version]
 
 
-def render(task: str, count: int, seed: int, version: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` images of a task with balanced, shuffled labels, fully determined by ``seed``."""
-    renderer, num_classes, _, _ = tasks_of(version)[task]
+def render(task: str, count: int, seed: int, version: int = 1):
+    """``count`` images of a task with balanced, shuffled labels, fully determined by ``seed``.
+
+    Returns (images, labels), and for the mechanism tasks (images, labels, boxes).
+    """
+    table = MECHANISM_TASKS if task in MECHANISM_TASKS else tasks_of(version)
+    renderer, num_classes, _, _ = table[task]
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(count) % num_classes)
-    images = np.stack([renderer(int(label), rng) for label in labels])
-    return images, labels.astype(np.int64)
+    drawn = [renderer(int(label), rng) for label in labels]
+    if task in MECHANISM_TASKS:
+        return np.stack([d[0] for d in drawn]), labels.astype(np.int64), np.stack([d[1] for d in drawn])
+    return np.stack(drawn), labels.astype(np.int64)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .datasets import ArrayDataset, DataError, require_known
 from .paths import cache_dir
-from .procedural import PROCEDURAL_TASKS, VERSIONS, render, tasks_of
+from .procedural import MECHANISM_TASKS, PROCEDURAL_TASKS, VERSIONS, render, tasks_of
 from .sources import dtd10, fashion_mnist, load_npz_cache, pneumonia_mnist
 from .vtab import GROUPS
 
@@ -29,6 +29,9 @@ SUITE_TASKS: dict[str, tuple[str, str | None]] = {
     "pneumonia": ("specialized", "pneumoniamnist.npz"),
     **{name: (group, None) for name, (_, _, group, _) in PROCEDURAL_TASKS.items()},
 }
+# Procedural tasks outside the benchmark suite (not in its means): their images come with the box of
+# the evidence, for pointing scores (benchmarks/mechanism.py). Loaded like suite tasks.
+EXTRA_TASKS: dict[str, tuple[str, str | None]] = {name: (group, None) for name, (_, _, group, _) in MECHANISM_TASKS.items()}
 
 
 @dataclass
@@ -38,6 +41,7 @@ class SuiteTask:
     train: ArrayDataset
     val: ArrayDataset
     test: ArrayDataset
+    boxes: dict[str, np.ndarray] | None = None  # split -> (N, 4) evidence boxes (mechanism tasks only)
 
     @property
     def classes(self) -> list[str]:
@@ -55,31 +59,40 @@ def _sample(rng, n_total: int, n: int) -> np.ndarray:
 
 
 def _procedural(name: str, seed: int, version: int) -> SuiteTask:
-    _, _, group, classes = tasks_of(version)[name]
+    mechanism = name in MECHANISM_TASKS
+    _, _, group, classes = MECHANISM_TASKS[name] if mechanism else tasks_of(version)[name]
     # the version is in the name, so a cache of one version is never read as another
-    path = cache_dir() / f"suite-{name}-v{version}-seed{seed}.npz"
+    path = cache_dir() / (f"suite-{name}-seed{seed}.npz" if mechanism else f"suite-{name}-v{version}-seed{seed}.npz")
     arrays = load_npz_cache(path)
     if arrays is None:
-        base = seed * 1000 + sorted(PROCEDURAL_TASKS).index(name) * 10
+        names = sorted(PROCEDURAL_TASKS) + sorted(MECHANISM_TASKS)
+        base = seed * 1000 + names.index(name) * 10
         arrays = {}
         for offset, (split, count) in enumerate((("train", TRAIN), ("val", VAL), ("test", TEST_MAX))):
-            arrays[f"{split}_images"], arrays[f"{split}_labels"] = render(name, count, base + offset, version)
+            drawn = render(name, count, base + offset, version)
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = drawn[:2]
+            if mechanism:
+                arrays[f"{split}_boxes"] = drawn[2]
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
     splits = {s: ArrayDataset(arrays[f"{s}_images"], arrays[f"{s}_labels"], classes) for s in ("train", "val", "test")}
-    return SuiteTask(name, group, **splits)
+    boxes = None
+    if mechanism:
+        boxes = {s: arrays[f"{s}_boxes"] for s in ("train", "val", "test")}
+        boxes["trainval"] = np.concatenate([boxes["train"], boxes["val"]])
+    return SuiteTask(name, group, **splits, boxes=boxes)
 
 
 def load_task(name: str, seed: int = 0, version: int = 1) -> SuiteTask:
     """One suite task; the same seed and version always give the same images in the same splits."""
-    require_known("offline-suite task", name, SUITE_TASKS)
+    require_known("offline-suite task", name, {**SUITE_TASKS, **EXTRA_TASKS})
     if version not in SUITE_VERSIONS:
         raise DataError(f"offline-suite version {version!r} is unknown; expected one of "
                         f"{', '.join(map(str, SUITE_VERSIONS))}")
-    group = SUITE_TASKS[name][0]
+    group = {**SUITE_TASKS, **EXTRA_TASKS}[name][0]
     rng = np.random.default_rng(seed)
-    if name in PROCEDURAL_TASKS:
+    if name in PROCEDURAL_TASKS or name in EXTRA_TASKS:
         return _procedural(name, seed, version)
     if name == "dtd10":
         data = dtd10()

@@ -118,6 +118,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     eval_loader = None
     if eval_set is not None:
         eval_loader = loader_for(eval_set, eval_batch, ctx, cfg.seed, False, cfg.workers)
+    diagnostic_images = _diagnostic_batch(model, eval_set if eval_set is not None else train_set) if ctx.main else None
     steps_per_epoch = len(train_loader.batch_sampler)
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs
 
@@ -191,6 +192,10 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
             metrics = evaluate(model, eval_loader, len(task.classes), device, ctx, cfg.precision, cfg.eval_split, impl, progress)
             last_eval = (epoch + 1, metrics)
             entry.update({f"{cfg.eval_split}_{key}": metrics[key] for key in (impl.primary, "loss") if key in metrics})
+        if diagnostic_images is not None:  # DA's weight, AR's gamma and AR's relative change per transition
+            from ..explain import epoch_diagnostics
+
+            entry.update(epoch_diagnostics(model, diagnostic_images.to(device)))
         log.append(entry)
         if ctx.main:
             save_checkpoint(out, model.adapter_tensors(), optimizer,
@@ -225,6 +230,19 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
             writer.close()
     ctx.barrier()
     return results
+
+
+def _diagnostic_batch(model, dataset, count: int = 32) -> torch.Tensor | None:
+    """A fixed batch for the per-epoch diagnostics of methods with DA or AR (None: nothing to log).
+
+    Classification only: segmentation images differ in size (``ivpt explain`` covers them).
+    """
+    from ..encoder import PromptedViT
+
+    method = getattr(model, "method", None)
+    if not isinstance(model, PromptedViT) or not (getattr(method, "aggregation", None) or getattr(method, "reinforcement", None)):
+        return None
+    return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
 
 
 def _result_fields(config: dict) -> dict:
