@@ -20,7 +20,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 GROUPS = ("natural", "specialized", "structured")
 SWITCHES = {  # ablation name -> (CDC, DA, AR) as the spec's switches
     "vpt-deep": ("-", "-", "-"), "cdc-static": ("yes", "static", "-"), "cdc-da": ("yes", "gate", "-"),
-    "ar-only": ("-", "-", "yes"), "ivpt": ("yes", "static (default)", "yes"),
+    "ar-only": ("-", "-", "yes"), "ivpt": ("yes", "static (then the default)", "yes"),
 }
 
 
@@ -149,12 +149,64 @@ def cost_tables(report: dict) -> str:
     return "\n".join(out).rstrip()
 
 
+def testbed_table(report: dict) -> str:
+    tasks = ["dsprites-loc", "dsprites-ori", "clevr-count", "clevr-dist", "dtd10"]
+    rows = []
+    for name, c in report["candidates"].items():
+        for method, scores in c["val_top1"].items():
+            rows.append([name, method] + [pct(scores.get(t)) for t in tasks] +
+                        [pct(sum(scores[t] for t in tasks[:4]) / 4), pct(sum(scores[t] for t in tasks) / 5)])
+    out = [table(["candidate", "method"] + tasks + ["structured mean", "mean"], rows), ""]
+    rule = report["rule"]
+    verdicts = []
+    for name, c in report["candidates"].items():
+        v = c["verdict"]
+        verdicts.append([name, f"{c['pretrain_seconds'] / 3600:.2f}", pct(c["cifar10_test_top1"], 2),
+                         f"{v['vpt_over_linear_structured']:+.2f}", f"{v['full_over_vpt_mean']:+.2f}",
+                         f"{v['ivpt_over_vpt_mean']:+.2f}", "**passes**" if v["passes"] else "fails"])
+    out += [f"The rule per candidate (VPT-deep - linear on the structured mean >= {rule['min_vpt_over_linear_structured']:g};"
+            f" full - VPT-deep on the mean <= {rule['max_full_over_vpt_mean']:g}; val top-1 points):", "",
+            table(["candidate", "pretraining (h)", "CIFAR-10 test top-1", "VPT-deep - linear (structured)",
+                   "full - VPT-deep (mean)", "iVPT - VPT-deep (mean)", "verdict"], verdicts), ""]
+    chosen = report.get("chosen")
+    out.append(f"Chosen: **{chosen}**." if chosen else "Chosen: none of the candidates measured so far passes the rule.")
+    return "\n".join(out)
+
+
+def mechanism_table(report: dict) -> str:
+    methods, chance = report["methods"], report["chance"]
+    rows = []
+    for name, e in methods.items():
+        for when in ("before", "after"):
+            if when not in e:
+                continue
+            rows.append([name, "freshly initialised" if when == "before" else "trained (mean of seeds)",
+                         f"{e[when]['coverage']:.3f}", f"{e[when]['hit_at_1']:.3f}",
+                         f"{pct(e['test_mean'], 2)} ± {pct(e['test_std'], 2)}" if when == "after" else "-"])
+    out = [table(["method", "model", "coverage (chance 0.250)", f"hit@1 (chance {chance['hit_at_1']:.3f})",
+                  "test top-1 (3 seeds)"], rows), ""]
+    iv = methods["ivpt"]
+    per = [[str(t), f"{iv['pointing_before'][str(t)]['coverage']:.3f}", f"{iv['pointing_after'][str(t)]['coverage']:.3f}"]
+           for t in iv["ar_transitions"]]  # JSON keys are strings
+    out += ["iVPT's coverage per transition:", "", table(["transition", "fresh", "trained"], per), ""]
+    v = report["verdict"]
+    out.append(f"- AR finds the target (mean coverage >= {report['rule']['coverage']}): "
+               f"**{'yes' if v['ar_finds_target'] else 'no'}** ({v['coverage_after']:.3f}).")
+    out.append(f"- Training sharpens it (+{report['rule']['sharpen']} over the fresh model): "
+               f"**{'yes' if v['training_sharpens'] else 'no'}** ({v['coverage_after'] - v['coverage_before']:+.3f}).")
+    out.append(f"- iVPT against VPT-deep, test top-1: **{v['accuracy']}** ({v['ivpt_minus_vpt_deep_points']:+.2f} points; "
+               f"twice the standard error {v['two_standard_errors_points']:.2f}).")
+    return "\n".join(out)
+
+
 RENDERERS = {  # block name -> (results file, renderer)
     "accuracy": ("accuracy", accuracy_tables),
     "ablation": ("accuracy", ablation_table),
     "defaults": ("ivpt_defaults", defaults_table),
     "segmentation": ("segmentation", segmentation_table),
     "cost": ("cost", cost_tables),
+    "testbed": ("testbed_probe", testbed_table),
+    "mechanism": ("mechanism", mechanism_table),
 }
 
 
