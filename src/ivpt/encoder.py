@@ -177,7 +177,7 @@ class PromptedViT(nn.Module):
                 out = block(tokens)
             prefix, z, patches = out[:, :npt], out[:, npt:npt + p], out[:, npt + p:]
             if i < last:
-                following = method.next_prompts(i, z)
+                following = method.next_prompts(i, z, prompts)  # prompts: Q_i, what entered block i
                 prompts = z if following is None else following.to(z.dtype)
                 if reinforce:
                     before = patches

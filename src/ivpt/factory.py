@@ -68,6 +68,7 @@ def count_parameters(model: PromptedViT) -> dict[str, int]:
         "prompts": size(groups.get("prompts", [])),
         "da": size(groups.get("da", [])),
         "ar": size(groups.get("ar", [])),
+        **{name: size(params) for name, params in groups.items() if name not in ("prompts", "da", "ar")},
     }
     counts["tuned_without_head"] = counts["tuned"] - head
     return counts

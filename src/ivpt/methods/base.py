@@ -43,8 +43,8 @@ class TuningMethod(nn.Module):
         """Q_0 as (batch, p, d), or None when the method has no prompts."""
         return None
 
-    def next_prompts(self, i: int, z: torch.Tensor) -> torch.Tensor | None:
-        """Q_{i+1} from Z_i (the prompt outputs of block i), for i = 0..N-2."""
+    def next_prompts(self, i: int, z: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Q_{i+1} from Z_i (the prompt outputs of block i) and Q_i (the prompts that entered it), i = 0..N-2."""
         return None
 
     def needs_saliency(self, i: int) -> bool:

@@ -156,7 +156,7 @@ class IVPT(_PromptBank):
              for i in (active if config.ar else ())}
         )
 
-    def next_prompts(self, i, z):
+    def next_prompts(self, i, z, q=None):
         learned = self.learned(i + 1, z.shape[0])
         gate = self.aggregation[str(i)] if str(i) in self.aggregation else None
         return learned if gate is None else gate(z, learned)

@@ -49,7 +49,7 @@ class VPTShallow(_PromptBank):
 
     name = "vpt-shallow"
 
-    def next_prompts(self, i, z):
+    def next_prompts(self, i, z, q=None):
         return z
 
 
@@ -61,5 +61,40 @@ class VPTDeep(_PromptBank):
     def __init__(self, config, shape):
         super().__init__(config, shape, prompt_layers=shape.depth)
 
-    def next_prompts(self, i, z):
+    def next_prompts(self, i, z, q=None):
         return self.learned(i + 1, z.shape[0])
+
+
+@dataclass(frozen=True)
+class GateVPTConfig:
+    prompt_length: int = 10
+    prompt_dropout: float = 0.0
+    # gate logits start at -gate_init, as the GateVPT code does (GATE_INIT = 10): sigmoid(-10) = 4.5e-5,
+    # so at the start each block's prompts pass on nearly unchanged and training opens the gates
+    gate_init: float = 10.0
+
+    def __post_init__(self):
+        check_int("prompt_length", self.prompt_length, low=1)
+        check_float("prompt_dropout", self.prompt_dropout, 0.0, 1.0, high_open=True)
+        check_float("gate_init", self.gate_init)
+
+
+class GateVPT(_PromptBank):
+    """GateVPT (Yoo et al., ICML 2023): shallow prompts carried through the blocks, one learned scalar
+    gate per block mixing its input and output prompt states: Q_{i+1} = g_i Z_i + (1 - g_i) Q_i,
+    g_i = sigmoid(logit_i). Gates fully open (g = 1) give VPT-shallow exactly.
+    """
+
+    name = "gatevpt"
+    config_class = GateVPTConfig
+
+    def __init__(self, config, shape):
+        super().__init__(config, shape, prompt_layers=1)
+        self.gate_logits = nn.Parameter(torch.full((shape.depth - 1,), -float(config.gate_init)))
+
+    def next_prompts(self, i, z, q=None):
+        gate = torch.sigmoid(self.gate_logits[i]).to(z.dtype)
+        return gate * z + (1 - gate) * q
+
+    def parameter_groups(self):
+        return {"prompts": [self.prompts], "gates": [self.gate_logits]}
