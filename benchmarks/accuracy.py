@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ivpt.cli import parse_shard
 from ivpt.data.suite import SUITE_TASKS, summarize
 from ivpt.engine.config import load_config
+from ivpt.engine.hardware import configure_threads
 from ivpt.engine.protocol import tune
 from ivpt.tables import write_csv
 
@@ -41,6 +42,7 @@ VARIANTS = {
     "full": ("full", None),
     "vpt-shallow": ("vpt-shallow", {}),
     "vpt-deep": ("vpt-deep", {}),
+    "gatevpt": ("gatevpt", {}),                                # GateVPT: one gate per block, shallow prompts
     "cdc-static": ("ivpt", {"da": "static", "ar": False}),     # a connection without selection
     "cdc-da": ("ivpt", {"da": "gate", "ar": False}),           # CDC + DA (the gate: selection)
     "ar-only": ("ivpt", {"cdc": False}),                       # AR alone on VPT-deep prompts
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: run every n-th (method, task) pair only, no tables")
     args = parser.parse_args()
     index, count = args.shard
+    configure_threads(processes=count)  # shards on one machine share its cores (unless OMP_NUM_THREADS is set)
     base = load_config(args.recipe, args.set)
     runs = Path(args.runs) / ("quick" if args.quick else "full")
     table = {}

@@ -134,9 +134,11 @@ def test_training_learns_and_writes_everything(setup):
 
 def _ddp_worker(rank, world, port, cfg_dict, result_path):
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-                       "RANK": str(rank), "LOCAL_RANK": str(rank)})
-    torch.set_num_threads(1)
+                       "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
+    os.environ.pop("OMP_NUM_THREADS", None)  # as under torchrun without it: ivpt divides the cores itself
     results = train(TrainConfig(**cfg_dict), quiet=True)
+    Path(f"{result_path}.rank{rank}").write_text(json.dumps({"threads": results["threads"],
+                                                             "inside": torch.get_num_threads()}))
     if rank == 0:
         Path(result_path).write_text(json.dumps({"val": results["val"]["top1"], "log": results["log"]}))
 
@@ -155,6 +157,11 @@ def test_ddp_two_processes_match_one_process(setup):
     mp.start_processes(_ddp_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path / "two.json")),
                        nprocs=2, join=True, start_method="spawn")
     two = json.loads((tmp_path / "two.json").read_text())
+    from ivpt.engine.hardware import machine_cores
+
+    for rank in (0, 1):  # each rank got its share of the cores, read back from inside the process
+        threads = json.loads((tmp_path / f"two.json.rank{rank}").read_text())
+        assert threads["threads"] == threads["inside"] == max(1, machine_cores() // 2)
     a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=2e-5), key

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..data.cifar10 import load_cifar10
 from ..data.paths import data_file, sha256_file
 from ..engine.checkpoint import atomic_write, has_checkpoint, load_checkpoint, save_checkpoint
+from ..engine.hardware import resolve_precision
 from .architectures import ARCHITECTURES
 
 
@@ -47,8 +48,9 @@ def parse_args(argv=None, prog: str | None = None):
                    help="no random horizontal flips (flips teach left/right invariance, which hides position)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="autocast dtype for the forward pass (bf16 on CPUs with avx512_bf16, fp16 never)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="autocast dtype of the forward pass; auto: bf16 where the device computes it natively "
+                        "(CUDA with bf16, CPUs with AVX512_BF16 or AMX), else fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size"):
@@ -140,7 +142,9 @@ def main(argv=None, prog: str | None = None) -> dict:
     steps_per_epoch = len(train_x) // args.batch_size  # drop the ragged last batch
     total = steps_per_epoch * args.epochs
     warmup = steps_per_epoch * args.warmup_epochs
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    precision = resolve_precision(args.precision, device)
+    print(f"precision {precision.used} ({precision.reason})", flush=True)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision.used == "bf16")
 
     for epoch in range(start, args.epochs):
         model.train()
@@ -189,7 +193,7 @@ def main(argv=None, prog: str | None = None) -> dict:
         "std": std_list,
         "interpolation": "bicubic",
         "class_names": data["train"].classes,
-        "recipe": {**recipe, "optimizer": "AdamW", "schedule": "linear warm-up + cosine (per step)",
+        "recipe": {**recipe, "precision_used": precision.used, "optimizer": "AdamW", "schedule": "linear warm-up + cosine (per step)",
                    "augmentation": f"reflect-pad {args.crop_padding} random crop"
                                    + (" + horizontal flip" if args.hflip else " (no flips)"),
                    "device": device.type, "torch": torch.__version__},

@@ -47,10 +47,11 @@ class TrainConfig:
     schedule: str = "cosine"         # cosine | poly (power 0.9, as segmentation recipes use)
     # segmentation only: decoder (linear|naive|pup), crop_size, decoder_channels, base_size, ratio_range
     segmentation: dict[str, Any] = field(default_factory=dict)
-    precision: str = "fp32"          # fp32 | bf16 | fp16 (fp16 on CUDA only)
+    precision: str = "fp32"          # auto | fp32 | bf16 | fp16 (fp16 on CUDA only); auto: see engine/hardware.py
     seed: int = 42
     device: str = "auto"
     workers: int = 0
+    threads: int | None = None       # torch CPU threads of this process (None: a share of the cores, see docs)
     output: str = "runs/default"
     # used by `ivpt tune` only: the lr x wd grid and the seeds of the final runs (VPT's protocol)
     protocol: dict[str, Any] = field(default_factory=dict)
@@ -82,7 +83,8 @@ class TrainConfig:
             lambda: check_int("accumulation", self.accumulation, low=1),
             lambda: check_float("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True),
             lambda: self.grad_clip is None or check_float("grad_clip", self.grad_clip, 0.0, None, low_open=True),
-            lambda: check_choice("precision", self.precision, ("fp32", "bf16", "fp16")),
+            lambda: check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16")),
+            lambda: self.threads is None or check_int("threads", self.threads, low=1),
             lambda: check_int("seed", self.seed, low=0),
             lambda: check_int("workers", self.workers, low=0),
         ]

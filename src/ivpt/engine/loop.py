@@ -18,6 +18,7 @@ from .checkpoint import (CheckpointError, atomic_write, checkpoint_meta, has_che
 from .config import TrainConfig
 from .data import split_of
 from .distributed import Dist, GlobalBatchSampler, init_distributed, shutdown
+from .hardware import configure_threads, resolve_precision
 from .tasks import TASKS
 
 
@@ -28,10 +29,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_for(precision: str, device: torch.device):
+    """Autocast for a resolved precision (fp32, bf16 or fp16; 'auto' is resolved first)."""
+    if precision == "auto":
+        precision = resolve_precision(precision, device).used
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("config field 'precision': fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        raise ValueError("config field 'precision': fp16 needs a CUDA device; use auto, bf16 or fp32 on CPU")
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -87,6 +91,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, progress:
     quiet: no per-epoch lines on stdout; progress: progress bars (default: not quiet).
     """
     cfg.validate()
+    configure_threads(cfg.threads)  # several processes on one machine (torchrun ranks, shards) share its cores
     device = resolve_device(cfg.device)
     ctx = init_distributed(device)
     if ctx.active and device.type == "cuda":
@@ -102,6 +107,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, progress:
 def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: bool, progress: bool) -> dict[str, Any]:
     if has_checkpoint(out) and not resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another output")
+    precision = resolve_precision(cfg.precision, device)
+    if ctx.main and not quiet:
+        print(f"precision {precision.used} ({precision.reason}); {torch.get_num_threads()} CPU threads", flush=True)
     torch.manual_seed(cfg.seed)
     impl = TASKS[cfg.task]()
     model, task = impl.build(cfg)
@@ -111,7 +119,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     base_lr = cfg.lr * (cfg.batch_size / 256 if cfg.lr_scaling else 1.0)
     tuned = model.tuned_parameters()
     optimizer = make_optimizer(list(tuned.values()), cfg, base_lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=precision.grad_scaler and device.type == "cuda")
     train_loader = loader_for(train_set, cfg.batch_size, ctx, cfg.seed, True, cfg.workers)
     # segmentation label maps keep their own sizes: one image per evaluation batch
     eval_batch = max(cfg.batch_size, 256) if impl.name == "classification" else 1
@@ -167,7 +175,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
                 x, y = x.to(device), y.to(device)
                 sync = i == len(micro) - 1
                 with (net.no_sync() if ctx.active and not sync else contextlib.nullcontext()):
-                    with autocast_for(cfg.precision, device):
+                    with autocast_for(precision.used, device):
                         logits = net(x).float()
                     loss = impl.per_sample_loss(logits, y, cfg).sum()
                     # sum / global batch, times world because DDP averages gradients over processes
@@ -189,7 +197,8 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
                  "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 3)}
         last_epoch = epoch + 1 == cfg.epochs
         if eval_loader is not None and (last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            metrics = evaluate(model, eval_loader, len(task.classes), device, ctx, cfg.precision, cfg.eval_split, impl, progress)
+            metrics = evaluate(model, eval_loader, len(task.classes), device, ctx, precision.used, cfg.eval_split, impl,
+                               progress)
             last_eval = (epoch + 1, metrics)
             entry.update({f"{cfg.eval_split}_{key}": metrics[key] for key in (impl.primary, "loss") if key in metrics})
         if diagnostic_images is not None:  # DA's weight, AR's gamma and AR's relative change per transition
@@ -211,15 +220,17 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
         ctx.barrier()
 
     results = {"config": cfg.to_dict(), "task": impl.name, "primary_metric": impl.primary, "classes": task.classes,
+               "precision": precision.to_dict(), "threads": torch.get_num_threads(),
                "epochs_run": len(log), "parameters": impl.parameters(model), "log": log}
     if eval_loader is not None and log:
         # the last epoch's evaluation is the final one; only a resumed, already finished run evaluates again
         results[cfg.eval_split] = (last_eval[1] if last_eval and last_eval[0] == len(log) else
-                                   evaluate(model, eval_loader, len(task.classes), device, ctx, cfg.precision,
+                                   evaluate(model, eval_loader, len(task.classes), device, ctx, precision.used,
                                             cfg.eval_split, impl, progress))
     if cfg.test_split:
         test_loader = loader_for(split_of(task, cfg.test_split), eval_batch, ctx, cfg.seed, False, cfg.workers)
-        results["test"] = evaluate(model, test_loader, len(task.classes), device, ctx, cfg.precision, "test", impl, progress)
+        results["test"] = evaluate(model, test_loader, len(task.classes), device, ctx, precision.used, "test", impl,
+                                   progress)
     if ctx.main:
         summary = {k: results[k][impl.primary] for k in (cfg.eval_split, "test") if k in results}
         extra = {"segmentation": cfg.segmentation} if impl.name == "segmentation" else {}
@@ -248,7 +259,7 @@ def _diagnostic_batch(model, dataset, count: int = 32) -> torch.Tensor | None:
 def _result_fields(config: dict) -> dict:
     """The config fields that change a run's result (not where it is written or how it is fed)."""
     normal = json.loads(json.dumps(config))  # tuples and lists compare alike
-    return {k: v for k, v in normal.items() if k not in ("output", "device", "workers", "eval_every")}
+    return {k: v for k, v in normal.items() if k not in ("output", "device", "workers", "eval_every", "threads")}
 
 
 def _yaml(data: dict) -> str:
