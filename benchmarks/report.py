@@ -199,6 +199,23 @@ def mechanism_table(report: dict) -> str:
     return "\n".join(out)
 
 
+def precision_threads_table(report: dict) -> str:
+    flags = ", ".join(report["cpu_bf16_flags"]) or "none"
+    rows = [[name, str(r["batch"]), f"{r['fp32_step_s']:.3f}", f"{r['bf16_step_s']:.3f}", f"{r['bf16_over_fp32']:.2f}"]
+            for name, r in report["precision"].items()]
+    c = report["concurrency"]
+    out = [f"CPU bf16 flags: {flags}; `precision: auto` picks **{report['auto_picks']['used']}** here "
+           f"({report['auto_picks']['reason']}).", "",
+           table(["VPT-deep training step", "batch", "fp32 (s)", "bf16 autocast (s)", "bf16 / fp32"], rows), "",
+           table(["two trainings at once", "step time of each (s)", "against one alone"],
+                 [[f"each on all {report['cores']} cores (no division)",
+                   ", ".join(f"{t:.3f}" for t in c["two_each_all_cores_step_s"]), f"{c['slowdown_oversubscribed']:.2f}x"],
+                  [f"each on {max(1, report['cores'] // 2)} (ivpt's division)",
+                   ", ".join(f"{t:.3f}" for t in c["two_each_half_the_cores_step_s"]), f"{c['slowdown_divided']:.2f}x"],
+                  [f"one alone on all {report['cores']} cores", f"{c['alone_all_cores_step_s']:.3f}", "1.00x"]])]
+    return "\n".join(out)
+
+
 RENDERERS = {  # block name -> (results file, renderer)
     "accuracy": ("accuracy", accuracy_tables),
     "ablation": ("accuracy", ablation_table),
@@ -207,6 +224,7 @@ RENDERERS = {  # block name -> (results file, renderer)
     "cost": ("cost", cost_tables),
     "testbed": ("testbed_probe", testbed_table),
     "mechanism": ("mechanism", mechanism_table),
+    "precision_threads": ("precision_threads", precision_threads_table),
 }
 
 

@@ -104,9 +104,12 @@ class Payload:
 
 def test_pickled_code_in_a_checkpoint_is_never_executed(tmp_path, capsys):
     torch.save({"state_dict": Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(BackboneError, match="evil.pth"):
+    with pytest.raises(BackboneError, match="evil.pth") as refused:
         ivpt.create_model("vit_tiny_patch16_224", "linear", 7, weights=tmp_path / "evil.pth", timm_kwargs=TINY)
     assert "pickled code ran" not in capsys.readouterr().out
+    message = str(refused.value)
+    assert "it pickles the global" in message and "print" in message and "safetensors" in message
+    assert "weights_only" not in message  # never the advice to switch the protection off
 
 
 def test_offline_pretrained_says_how_to_pass_local_weights(monkeypatch):

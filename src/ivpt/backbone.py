@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,12 @@ def weights_fingerprint(vit: VisionTransformer) -> str | None:
     return digest.hexdigest()
 
 
+def _refused_object(err: Exception) -> str:
+    """What the unpickler refused, without PyTorch's advice to re-run with the protection off."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    return f"the global {found.group(1)}" if found else "an object that is not a tensor"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     suffix = path.suffix.lower()
     try:
@@ -108,6 +116,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             # weights_only: never execute pickled code from a checkpoint
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # PyTorch's own advice here would be to turn the protection off
+        raise BackboneError(
+            f"refused to load weights file {path}: it pickles {_refused_object(err)}, and unpickling "
+            "objects other than tensors could run code from the file. Use a .safetensors file; if the file comes from a source "
+            "you trust, convert it once in a throwaway environment (torch.load it there and write its state dict "
+            "with safetensors.torch.save_file), then pass the .safetensors file"
+        ) from None
     except Exception as err:
         raise BackboneError(f"cannot read weights file {path}: {err}") from err
     for key in ("state_dict", "model", "module"):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
-from tqdm import tqdm
+from ..progress import progress as tqdm_or_lines
 
 from ..data.cifar10 import load_cifar10
 from ..data.paths import data_file, sha256_file
@@ -152,7 +152,7 @@ def main(argv=None, prog: str | None = None) -> dict:
         torch.manual_seed(args.seed * 100003 + epoch)  # drop-path draws
         order = torch.randperm(len(train_x), generator=gen)
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        bar = tqdm_or_lines(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         for it in bar:
             idx = order[it * args.batch_size:(it + 1) * args.batch_size]
             x = augment(train_x[idx].float() / 255, args.crop_padding, gen, args.hflip).to(device)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from ..progress import progress as tqdm_or_lines
 
 from .checkpoint import (CheckpointError, atomic_write, checkpoint_meta, has_checkpoint, load_checkpoint,
                          save_checkpoint)
@@ -163,7 +163,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
         torch.manual_seed(cfg.seed * 1009 + epoch * 7919 + ctx.rank)
         train_loader.batch_sampler.set_epoch(epoch)
         started, loss_sum, correct, seen, samples = time.time(), 0.0, 0.0, 0.0, 0.0
-        bar = tqdm(train_loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+        bar = tqdm_or_lines(train_loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not progress or not ctx.main)
         for step, (images, labels) in enumerate(bar):
             global_step = epoch * steps_per_epoch + step

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+from ..progress import progress as tqdm_or_lines
 
 from .checkpoint import atomic_write
 from .config import TrainConfig
@@ -69,7 +69,7 @@ def _wait_for(jobs, wait: float | None, what: str) -> bool:
 def _run_jobs(jobs, shard: tuple[int, int], desc: str) -> None:
     index, count = shard
     mine = [job for i, job in enumerate(jobs) if i % count == index and _done(job[0]) is None]
-    for _, cfg in tqdm(mine, desc=desc, leave=True):
+    for _, cfg in tqdm_or_lines(mine, desc=desc, leave=True):
         train(cfg, resume=True, quiet=True)  # resume=True: an interrupted run continues
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from ..progress import progress as tqdm_or_lines
 
 from ..factory import count_parameters, create_model
 from .data import TaskData, build_task_data
@@ -42,7 +42,7 @@ class ClassificationTask:
         model.eval()
         confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
         loss_sum = 0.0
-        for images, labels in tqdm(loader, desc=desc, leave=False, disable=not (progress and ctx.main)):
+        for images, labels in tqdm_or_lines(loader, desc=desc, leave=False, disable=not (progress and ctx.main)):
             images, labels = images.to(device), labels.to(device)
             with autocast():
                 logits = model(images).float()
@@ -104,7 +104,7 @@ class SegmentationTask:
         was_training = model.training
         model.eval()
         matrix = ConfusionMatrix(num_classes, self.ignore_index)
-        for images, masks in tqdm(loader, desc=desc, leave=False, disable=not (progress and ctx.main)):
+        for images, masks in tqdm_or_lines(loader, desc=desc, leave=False, disable=not (progress and ctx.main)):
             images = images.to(device)
             with autocast():
                 if self.multiscale:  # softmax averages: argmax is all that is used below
