@@ -257,7 +257,24 @@ def test_cli_train_eval_predict_params(setup, capsys):
     assert cli.main(["predict", str(tmp_path / "cli" / "adapter"), str(folder / "val" / "class0"), "--top-k", "2",
                      "--output", str(tmp_path / "pred.json")]) == 0
     predictions = json.loads((tmp_path / "pred.json").read_text())
-    assert len(predictions) == 4 and predictions[0]["top_k"][0]["label"] in ("class0", "class1")
+    assert predictions["skipped"] == [] and len(predictions["predictions"]) == 4
+    assert predictions["predictions"][0]["top_k"][0]["label"] in ("class0", "class1")
+    # an imperfect folder: the unreadable file is skipped with a warning, listed, and the exit code says so
+    (folder / "val" / "class0" / "corrupt.png").write_bytes(b"\x89PNG broken")
+    capsys.readouterr()
+    assert cli.main(["predict", str(tmp_path / "cli" / "adapter"), str(folder / "val" / "class0"),
+                     "--output", str(tmp_path / "pred2.json")]) == cli.EXIT_SKIPPED == 3
+    partial = json.loads((tmp_path / "pred2.json").read_text())
+    assert len(partial["predictions"]) == 4 and [s["image"] for s in partial["skipped"]] == [
+        str(folder / "val" / "class0" / "corrupt.png")]
+    assert "warning: skipped: cannot decode image" in capsys.readouterr().err
+    assert cli.main(["predict", str(tmp_path / "cli" / "adapter"), str(folder / "val" / "class0"), "--strict"]) == 2
+    assert cli.main(["eval", str(tmp_path / "cli" / "adapter"), "--split", "val", "--output",
+                     str(tmp_path / "eval2.json")]) == 3
+    evaluated = json.loads((tmp_path / "eval2.json").read_text())
+    assert evaluated["count"] == 8 and evaluated["skipped"][0]["image"].endswith("corrupt.png")
+    assert cli.main(["eval", str(tmp_path / "cli" / "adapter"), "--split", "val", "--strict"]) == 2
+    (folder / "val" / "class0" / "corrupt.png").unlink()
     assert cli.main(["params", "--backbone", "vit_base_patch16_224", "--method", "ivpt"]) == 0
     assert "185978" in capsys.readouterr().out  # 92,160 prompts + 16,907 DA-gate + 11 AR + 76,900 head
 

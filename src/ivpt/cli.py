@@ -10,6 +10,7 @@ from pathlib import Path
 from .tables import print_table
 
 EXIT_INTERRUPTED = 130
+EXIT_SKIPPED = 3  # predict / eval finished, but skipped unreadable images (listed under "skipped")
 
 
 # -- train ---------------------------------------------------------------------------------------
@@ -76,37 +77,71 @@ def cmd_eval(args) -> int:
         args.multiscale = list(args.multiscale or MS_SCALES)
         impl.multiscale = tuple(args.multiscale)
     batch = args.batch_size if kind == "classification" else 1
-    loader = loader_for(split_of(task, args.split), batch, Dist(), 0, False, 0)
+    dataset = split_of(task, args.split)
+    if not args.strict:  # unreadable images are skipped with a warning each and listed in the output
+        from .data.datasets import SkipUnreadable, collate_readable
+
+        dataset = SkipUnreadable(dataset)
+    loader = loader_for(dataset, batch, Dist(), 0, False, 0, None if args.strict else collate_readable)
     metrics = evaluate(model.to(device), loader, len(task.classes), device, desc=args.split, task=impl)
+    skipped = [] if args.strict else [_named(dataset.dataset, s) for s in dataset.skipped]
     metrics.update({"adapter": args.adapter, "split": args.split, "data": spec, "classes": task.classes,
-                    "scales": args.multiscale})
+                    "scales": args.multiscale, "skipped": skipped})
     print(json.dumps({"split": args.split, impl.primary: round(metrics[impl.primary], 4),
                       **({"scales": args.multiscale} if args.multiscale else {})}))
     if args.output:
         atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
-    return 0
+    return _skipped_exit(skipped)
+
+
+def _named(dataset, skipped: dict) -> dict:
+    """A skipped item with its file, where the dataset lists files."""
+    items = getattr(dataset, "items", None)
+    if items is not None and getattr(dataset, "root", None) is not None:
+        return {"image": str(dataset.root / items[skipped["index"]][0]), **skipped}
+    return skipped
+
+
+def _read_images(files: list[Path], strict: bool, transform=None):
+    """(file, image) for every readable file; unreadable ones warned about and returned apart, or raised."""
+    from .data.datasets import DataError, open_rgb
+
+    readable, skipped = [], []
+    for f in files:
+        try:
+            image = open_rgb(f)
+            readable.append((f, transform(image) if transform else image))
+        except DataError as err:
+            if strict:
+                raise
+            print(f"warning: skipped: {err}", file=sys.stderr, flush=True)
+            skipped.append({"image": str(f), "error": str(err)})
+    return readable, skipped
 
 
 # -- predict -------------------------------------------------------------------------------------
 def cmd_predict(args) -> int:
     import torch
 
-    from .data.datasets import open_rgb
     from .engine.checkpoint import atomic_write
 
     model, config = _load_for_inference(args.adapter, args.weights)
     model.eval()
     files = _image_files(args.images)
     if config.get("task") == "segmentation":
-        return _predict_masks(model, config, files, Path(args.output or "predictions"))
+        return _predict_masks(model, config, files, Path(args.output or "predictions"), args.strict)
     transform = _classification_transform(config)
     names = model.class_names or [str(i) for i in range(config["num_classes"])]
     k = min(args.top_k, len(names))
-    predictions = []
+    predictions, skipped = [], []
     with torch.no_grad():
         for start in range(0, len(files), args.batch_size):
-            chunk = files[start:start + args.batch_size]
-            batch = torch.stack([transform(open_rgb(f)) for f in chunk])
+            readable, unreadable = _read_images(files[start:start + args.batch_size], args.strict, transform)
+            skipped += unreadable
+            if not readable:
+                continue
+            chunk = [f for f, _ in readable]
+            batch = torch.stack([x for _, x in readable])
             scores, index = model(batch).softmax(-1).topk(k, dim=-1)
             for f, s, i in zip(chunk, scores.tolist(), index.tolist()):
                 predictions.append({"image": str(f), "top_k": [{"label": names[j], "score": round(p, 5)}
@@ -114,8 +149,15 @@ def cmd_predict(args) -> int:
     for p in predictions:
         print(p["image"] + "\t" + "  ".join(f"{t['label']} {t['score']:.3f}" for t in p["top_k"]))
     if args.output:
-        atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(predictions, indent=2)))
-    return 0
+        result = {"predictions": predictions, "skipped": skipped}
+        atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    return _skipped_exit(skipped)
+
+
+def _skipped_exit(skipped: list) -> int:
+    if skipped:
+        print(f"ivpt: {len(skipped)} unreadable image(s) skipped (--strict stops at the first)", file=sys.stderr)
+    return EXIT_SKIPPED if skipped else 0
 
 
 def _image_files(items: list[str]) -> list[Path]:
@@ -194,14 +236,13 @@ def palette(num_classes: int):
     return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.75, 0.95)) for i in range(num_classes)]
 
 
-def _predict_masks(model, config: dict, files: list[Path], out: Path) -> int:
+def _predict_masks(model, config: dict, files: list[Path], out: Path, strict: bool = False) -> int:
     """Segmentation: a colour-coded mask and an overlay PNG per image, plus class legend JSON."""
     import numpy as np
     import torch
     import torch.nn.functional as F
     from PIL import Image
 
-    from .data.datasets import open_rgb
     from .data.segmentation import SegEvalTransform
     from .engine.checkpoint import atomic_write
     from .segmentation import slide_inference
@@ -212,8 +253,8 @@ def _predict_masks(model, config: dict, files: list[Path], out: Path) -> int:
     transform = SegEvalTransform(base, tuple(config["mean"]), tuple(config["std"]), model.patch_size)
     colours = np.array(palette(model.num_classes), dtype=np.uint8)
     out.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        image = open_rgb(f)
+    readable, skipped = _read_images(files, strict)
+    for f, image in readable:
         x, _ = transform(image, np.zeros((image.size[1], image.size[0]), dtype=np.uint8))
         with torch.no_grad():
             logits = slide_inference(model, x[None])
@@ -226,7 +267,9 @@ def _predict_masks(model, config: dict, files: list[Path], out: Path) -> int:
     names = model.class_names or [str(i) for i in range(model.num_classes)]
     legend = json.dumps({n: list(map(int, c)) for n, c in zip(names, colours)}, indent=2)
     atomic_write(out / "legend.json", lambda tmp: tmp.write_text(legend))
-    return 0
+    if skipped:
+        atomic_write(out / "skipped.json", lambda tmp: tmp.write_text(json.dumps(skipped, indent=2)))
+    return _skipped_exit(skipped)
 
 
 # -- params --------------------------------------------------------------------------------------
@@ -395,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(no values: 0.5 0.75 1.0 1.25 1.5 1.75); default single scale")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="results JSON to write")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip it with "
+                   "a warning, list it under 'skipped' and exit 3)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-k labels (or segmentation masks) for images or folders",
@@ -406,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
-    p.add_argument("--output", help="predictions JSON to write")
+    p.add_argument("--output", help="predictions JSON to write: {predictions: [...], skipped: [...]}")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip it with "
+                   "a warning, list it under 'skipped' and exit 3)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="figures of what the prompts do: saliency, AR's patches, DA and AR weights",

@@ -24,6 +24,7 @@ from ..data.cifar10 import load_cifar10
 from ..data.paths import data_file, sha256_file
 from ..engine.checkpoint import atomic_write, has_checkpoint, load_checkpoint, save_checkpoint
 from ..engine.hardware import resolve_precision
+from ..engine.runlock import RunLock
 from .architectures import ARCHITECTURES
 
 
@@ -118,7 +119,11 @@ def main(argv=None, prog: str | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):  # one pretraining per folder: a second one fails at once, naming the holder
+        return _pretrain(args, out, device)
+
+
+def _pretrain(args, out: Path, device: torch.device) -> dict:
     tar = Path(args.data) if args.data else data_file("cifar10-jpg.tar.gz")
     data = load_cifar10(tar)
     train_x = torch.from_numpy(data["train"].images).permute(0, 3, 1, 2).contiguous()

@@ -1,6 +1,7 @@
 """Dataset classes shared by every layout: images listed on disk, or decoded arrays in memory."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -64,6 +65,37 @@ class ImageListDataset(Dataset):
     @property
     def labels(self) -> np.ndarray:
         return np.array([label for _, label in self.items], dtype=np.int64)
+
+
+class SkipUnreadable(Dataset):
+    """A dataset whose unreadable items become None (with a warning line each), recorded in ``skipped``.
+
+    For evaluation on imperfect folders; pair it with ``collate_readable`` and zero loader workers
+    (``skipped`` lives in this process).
+    """
+
+    def __init__(self, dataset: Dataset, warn=None):
+        self.dataset, self.skipped = dataset, []
+        self.warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except DataError as err:
+            self.skipped.append({"index": int(index), "error": str(err)})
+            self.warn(f"warning: skipped: {err}")
+            return None
+
+
+def collate_readable(batch):
+    """default_collate over the readable items; (None, None) when a whole batch was unreadable."""
+    from torch.utils.data import default_collate
+
+    items = [item for item in batch if item is not None]
+    return default_collate(items) if items else (None, None)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .config import TrainConfig
 from .data import split_of
 from .distributed import Dist, GlobalBatchSampler, init_distributed, shutdown
 from .hardware import configure_threads, resolve_precision
+from .runlock import RunLock
 from .tasks import TASKS
 
 
@@ -56,10 +57,11 @@ def make_optimizer(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
-def loader_for(dataset, batch_size: int, ctx: Dist, seed: int, shuffle: bool, workers: int) -> DataLoader:
+def loader_for(dataset, batch_size: int, ctx: Dist, seed: int, shuffle: bool, workers: int,
+               collate_fn=None) -> DataLoader:
     """Training loaders (shuffle) share every batch out; evaluation loaders hand out whole batches."""
     sampler = GlobalBatchSampler(len(dataset), batch_size, ctx, seed, shuffle=shuffle, whole_batches=not shuffle)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn)
 
 
 def evaluate(model, loader: DataLoader, num_classes: int, device, ctx: Dist | None = None, precision: str = "fp32",
@@ -99,7 +101,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, progress:
         torch.cuda.set_device(device)
     out = Path(cfg.output)
     try:
-        return _train(cfg, out, device, ctx, resume, quiet, (not quiet) if progress is None else progress)
+        # one writer per run folder (rank 0 writes): a second process on it fails at once, naming the holder
+        with RunLock(out) if ctx.main else contextlib.nullcontext():
+            return _train(cfg, out, device, ctx, resume, quiet, (not quiet) if progress is None else progress)
     finally:
         shutdown(ctx)
 

@@ -43,6 +43,8 @@ class ClassificationTask:
         confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
         loss_sum = 0.0
         for images, labels in tqdm_or_lines(loader, desc=desc, leave=False, disable=not (progress and ctx.main)):
+            if images is None:  # every image of this batch was unreadable (ivpt eval without --strict)
+                continue
             images, labels = images.to(device), labels.to(device)
             with autocast():
                 logits = model(images).float()
@@ -105,6 +107,8 @@ class SegmentationTask:
         model.eval()
         matrix = ConfusionMatrix(num_classes, self.ignore_index)
         for images, masks in tqdm_or_lines(loader, desc=desc, leave=False, disable=not (progress and ctx.main)):
+            if images is None:  # unreadable (ivpt eval without --strict)
+                continue
             images = images.to(device)
             with autocast():
                 if self.multiscale:  # softmax averages: argmax is all that is used below
