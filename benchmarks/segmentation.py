@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ivpt import load_adapter
-from ivpt.cli import palette
+from ivpt.palette import palette
 from ivpt.data.segmentation import IGNORE_INDEX, SegEvalTransform, camvid_dataset
 from ivpt.engine.checkpoint import atomic_write
 from ivpt.engine.config import load_config

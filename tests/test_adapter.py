@@ -108,10 +108,21 @@ def test_truncated_or_altered_tensor_file_is_refused(tmp_path):
 
 
 def rewrite_config(directory, change):
-    path = directory / "adapter_config.json"
-    config = json.loads(path.read_text())
-    change(config)
-    path.write_text(json.dumps(config))
+    """Damage the config where the loader reads it: inside adapter.safetensors (format 2)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = directory / "adapter.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    if callable(change):
+        config = json.loads(metadata["ivpt_adapter_config"])
+        change(config)
+        metadata["ivpt_adapter_config"] = json.dumps(config)
+    else:
+        metadata["ivpt_adapter_config"] = change
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def test_wrong_config_is_refused(tmp_path):
@@ -131,13 +142,13 @@ def test_wrong_config_is_refused(tmp_path):
     with pytest.raises(AdapterError, match="wrong shape"):
         ivpt.load_adapter(directory, backbone=make_vit())
     directory = save(tmp_path)
-    rewrite_config(directory, lambda c: c.pop("tensors_sha256"))
-    with pytest.raises(AdapterError, match="missing field.*tensors_sha256"):
+    rewrite_config(directory, lambda c: c.pop("method"))
+    with pytest.raises(AdapterError, match="missing field.*method"):
         ivpt.load_adapter(directory, backbone=make_vit())
-    (directory / "adapter_config.json").write_text("{not json")
+    rewrite_config(directory, "{not json")
     with pytest.raises(AdapterError, match="not valid JSON"):
         ivpt.load_adapter(directory, backbone=make_vit())
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match="adapter.safetensors and adapter_config.json"):
         ivpt.load_adapter(tmp_path / "missing", backbone=make_vit())
 
 
@@ -145,7 +156,7 @@ def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
     directory = save(tmp_path, da="static")
     before = {p.name: p.read_bytes() for p in directory.iterdir()}
     model = ivpt.create_model(make_vit(), "ivpt", 7, prompt_length=2)
-    import ivpt.adapter as adapter_module
+    import ivpt.adapter_format as adapter_module
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")

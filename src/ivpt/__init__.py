@@ -1,7 +1,7 @@
 """ivpt: visual prompt tuning (iVPT and its baselines) for timm Vision Transformers."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .adapter import load_adapter, save_adapter
 from .backbones import DEFAULT_BACKBONE

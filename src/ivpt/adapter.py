@@ -1,118 +1,38 @@
-"""Adapters: only the tuned tensors (``adapter.safetensors``) plus ``adapter_config.json``.
+"""Loading adapters: a model rebuilt from an adapter folder, checked against its backbone.
 
-Written atomically (temporary file, then rename); read with safetensors and JSON only, so loading
-an adapter never executes code. The config records a sha256 of the tensor file, so a truncated or
-altered file is caught before it is used.
+This module sits above both the file format (``ivpt.adapter_format``: tensors + config, no models)
+and the code that builds models (``ivpt.factory``, ``ivpt.segmentation``); nothing below imports it.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .adapter_format import (CONFIG_FILE, FORMAT, FORMAT_VERSION, TENSORS_FILE, AdapterError, read_adapter_config,
+                             read_adapter_tensors, write_adapter)
 from .backbone import backbone_signature, weights_fingerprint
-from .engine.checkpoint import atomic_write
-from .data.paths import sha256_file
 from .encoder import PromptedViT
+from .factory import create_model
 from .options import OptionError
+from .segmentation import create_segmentation_model
 
-TENSORS_FILE = "adapter.safetensors"
-CONFIG_FILE = "adapter_config.json"
-FORMAT = "ivpt-adapter"
-FORMAT_VERSION = 1
-
-
-class AdapterError(ValueError):
-    """An adapter folder is missing, damaged, or does not fit the backbone it is loaded onto."""
+__all__ = ["AdapterError", "CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "adapter_config",
+           "check_backbone_matches", "load_adapter", "read_adapter_config", "read_adapter_tensors", "save_adapter",
+           "write_adapter"]
 
 
-def adapter_config(model: PromptedViT) -> dict[str, Any]:
-    from . import __version__
-
-    vit = model.backbone
-    pcfg = getattr(vit, "pretrained_cfg", None) or {}
-    options = dataclasses.asdict(model.method.config)
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "ivpt_version": __version__,
-        "task": "classification",
-        "method": model.method_name,
-        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
-        "num_classes": vit.num_classes,
-        "class_names": model.class_names,
-        "backbone": {
-            "name": model.backbone_name,
-            "timm_kwargs": getattr(model, "timm_kwargs", {}),
-            "weights_source": getattr(model, "weights_source", "module"),  # pretrained | file | none | module
-            "weights_file": getattr(model, "weights_file", None),
-            "signature": backbone_signature(vit),
-            "weights_fingerprint": None if model.method.tunes_backbone else weights_fingerprint(vit),
-        },
-        "image_size": list(vit.patch_embed.img_size) if vit.patch_embed.img_size else None,
-        "dynamic_img_size": bool(getattr(vit, "dynamic_img_size", False)),
-        "mean": list(pcfg.get("mean", (0.485, 0.456, 0.406))),
-        "std": list(pcfg.get("std", (0.229, 0.224, 0.225))),
-        "interpolation": pcfg.get("interpolation", "bicubic"),
-    }
+def adapter_config(model) -> dict[str, Any]:
+    """The config an adapter of ``model`` records (classification or segmentation)."""
+    return model.adapter_config()
 
 
-def save_adapter(model: PromptedViT, directory, **extra) -> Path:
-    """Write the tuned tensors and the config; ``extra`` keys are added to the config (e.g. metrics)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.adapter_tensors().items()}
-    config = model.adapter_config()  # classification or segmentation model
-    config.update(extra)
-    config["tensors"] = {n: list(t.shape) for n, t in tensors.items()}
-    atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
-    config["tensors_sha256"] = sha256_file(directory / TENSORS_FILE)
-    atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-    return directory
-
-
-REQUIRED_FIELDS = ("format", "method", "options", "num_classes", "backbone", "tensors", "tensors_sha256")
-
-
-def read_adapter_config(directory) -> dict[str, Any]:
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no adapter config at {path} (expected {CONFIG_FILE} beside {TENSORS_FILE})")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
-    missing = [f for f in REQUIRED_FIELDS if f not in config]
-    if missing:
-        raise AdapterError(f"{path}: missing field(s) {', '.join(missing)}")
-    if config["format"] != FORMAT:
-        raise AdapterError(f"{path}: field 'format' is {config['format']!r}, expected {FORMAT!r}")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise AdapterError(f"{path}: format_version {config['format_version']} is newer than this ivpt reads ({FORMAT_VERSION})")
-    return config
-
-
-def read_adapter_tensors(directory, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    path = Path(directory) / TENSORS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no adapter tensors at {path}")
-    digest = sha256_file(path)
-    if digest != config["tensors_sha256"]:
-        raise AdapterError(
-            f"{path} does not match its config (sha256 {digest[:12]}…, config says "
-            f"{str(config['tensors_sha256'])[:12]}…): the file is truncated, altered or from another adapter"
-        )
-    try:
-        return load_file(str(path))
-    except Exception as err:
-        raise AdapterError(f"{path} is not a readable safetensors file: {err}") from err
+def save_adapter(model, directory, **extra) -> Path:
+    """Write ``model``'s tuned tensors and config; ``extra`` keys are added to the config (e.g. metrics)."""
+    model.save_adapter(directory, **extra)
+    return Path(directory)
 
 
 def check_backbone_matches(config: dict[str, Any], model: PromptedViT, source: str) -> None:
@@ -152,8 +72,6 @@ def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=
     Without ``weights``/``pretrained``, a backbone given by name gets the weights the adapter was
     trained on, as recorded: timm's pretrained weights, or the same local file if it still exists.
     """
-    from .factory import create_model
-
     directory = Path(directory)
     config = read_adapter_config(directory)
     tensors = read_adapter_tensors(directory, config)
@@ -178,8 +96,6 @@ def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=
         timm_kwargs = None
     try:
         if config.get("task", "classification") == "segmentation":
-            from .segmentation import create_segmentation_model
-
             model = create_segmentation_model(
                 backbone, config["method"], config["num_classes"], decoder=config["decoder"],
                 crop_size=config["crop_size"], decoder_channels=config.get("decoder_channels", 256), weights=weights,

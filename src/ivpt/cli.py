@@ -229,13 +229,6 @@ def cmd_explain(args) -> int:
     return 0
 
 
-def palette(num_classes: int):
-    """Distinct, fixed colours per class (golden-angle hues)."""
-    import colorsys
-
-    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.75, 0.95)) for i in range(num_classes)]
-
-
 def _predict_masks(model, config: dict, files: list[Path], out: Path, strict: bool = False) -> int:
     """Segmentation: a colour-coded mask and an overlay PNG per image, plus class legend JSON."""
     import numpy as np
@@ -245,6 +238,7 @@ def _predict_masks(model, config: dict, files: list[Path], out: Path, strict: bo
 
     from .data.segmentation import SegEvalTransform
     from .engine.checkpoint import atomic_write
+    from .palette import palette
     from .segmentation import slide_inference
 
     opts = config.get("segmentation") or {}

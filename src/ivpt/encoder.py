@@ -5,6 +5,7 @@ inserted after timm's position embedding, patch dropout and pre-norm, so they ca
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .backbone import backbone_shape
+from ._version import __version__
+from .adapter_format import write_adapter
+from .backbone import backbone_shape, backbone_signature, weights_fingerprint
 from .methods.base import TuningMethod
 
 
@@ -215,11 +218,32 @@ class PromptedViT(nn.Module):
     task = "classification"
 
     def adapter_config(self) -> dict:
-        from .adapter import adapter_config
-
-        return adapter_config(self)
+        """What an adapter records beside the tensors: method, options, backbone, classes, input."""
+        vit = self.backbone
+        pcfg = getattr(vit, "pretrained_cfg", None) or {}
+        options = dataclasses.asdict(self.method.config)
+        return {
+            "ivpt_version": __version__,
+            "task": "classification",
+            "method": self.method_name,
+            "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+            "num_classes": vit.num_classes,
+            "class_names": self.class_names,
+            "backbone": {
+                "name": self.backbone_name,
+                "timm_kwargs": getattr(self, "timm_kwargs", {}),
+                "weights_source": getattr(self, "weights_source", "module"),  # pretrained | file | none | module
+                "weights_file": getattr(self, "weights_file", None),
+                "signature": backbone_signature(vit),
+                "weights_fingerprint": None if self.method.tunes_backbone else weights_fingerprint(vit),
+            },
+            "image_size": list(vit.patch_embed.img_size) if vit.patch_embed.img_size else None,
+            "dynamic_img_size": bool(getattr(vit, "dynamic_img_size", False)),
+            "mean": list(pcfg.get("mean", (0.485, 0.456, 0.406))),
+            "std": list(pcfg.get("std", (0.229, 0.224, 0.225))),
+            "interpolation": pcfg.get("interpolation", "bicubic"),
+        }
 
     def save_adapter(self, directory, **extra) -> None:
-        from .adapter import save_adapter
-
-        save_adapter(self, directory, **extra)
+        """The tuned tensors and the config (plus ``extra``, e.g. metrics), committed in one atomic step."""
+        write_adapter(directory, self.adapter_tensors(), {**self.adapter_config(), **extra})

@@ -235,7 +235,7 @@ def plot_image(explanation: Explanation, index: int, pixels: np.ndarray, path: s
             outlined[block] = list(chosen)
         ax.set_title(f"block {block}" + (f": AR top-{len(chosen)}" if chosen else ""), fontsize=9)
     if e.mask is not None:
-        from .cli import palette
+        from .palette import palette
 
         colours = np.array(palette(int(e.mask.max()) + 1), dtype=np.uint8)
         axes.flat[1 + len(blocks)].imshow(colours[e.mask])

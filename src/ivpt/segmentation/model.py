@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapter_format import write_adapter
 from ..encoder import PromptedViT
 from ..factory import count_parameters, create_model
 from ..options import check_choice, check_int
@@ -69,18 +70,14 @@ class SegmentationModel(nn.Module):
         return self.decoder(self.patch_grid(images), images.shape[-2:])
 
     def adapter_config(self) -> dict:
-        from ..adapter import adapter_config
-
-        config = adapter_config(self.encoder)
+        config = self.encoder.adapter_config()
         config.update(task="segmentation", num_classes=self.num_classes, class_names=self.class_names,
                       decoder=self.decoder_kind, decoder_channels=self.channels, decoder_stages=self.decoder_stages,
                       crop_size=self.crop_size, ignore_index=self.ignore_index)
         return config
 
     def save_adapter(self, directory, **extra) -> None:
-        from ..adapter import save_adapter
-
-        save_adapter(self, directory, **extra)
+        write_adapter(directory, self.adapter_tensors(), {**self.adapter_config(), **extra})
 
 
 def create_segmentation_model(backbone, method: str, num_classes: int, *, decoder: str = "pup",
