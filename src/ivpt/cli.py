@@ -508,10 +508,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] == "pretrain":
-        return cmd_pretrain(None, argv[1:])
+        from .engine.preemption import EXIT_PREEMPTED, Preempted
+
+        try:
+            return cmd_pretrain(None, argv[1:])
+        except Preempted as stop:
+            print(f"ivpt: {stop}", file=sys.stderr)
+            return EXIT_PREEMPTED
     args = parser.parse_args(argv)
+    from .engine.preemption import EXIT_PREEMPTED, Preempted
+
     try:
         return args.func(args)
+    except Preempted as stop:
+        print(f"ivpt: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except ImportError as err:  # an optional extra that is not installed; the message names it
         print(f"ivpt: {err}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ resumed run follows the same path as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 import time
@@ -24,6 +25,7 @@ from ..data.cifar10 import load_cifar10
 from ..data.paths import data_file, sha256_file
 from ..engine.checkpoint import atomic_write, has_checkpoint, load_checkpoint, save_checkpoint
 from ..engine.hardware import resolve_precision
+from ..engine.preemption import Preempted, StopRequest, rng_state, set_rng_state
 from ..engine.runlock import RunLock
 from .architectures import ARCHITECTURES
 
@@ -93,14 +95,15 @@ def lr_at(step: float, total: float, warmup: float, peak: float, floor: float) -
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def save_state(out: Path, model, opt, epoch: int, log: list) -> None:
-    save_checkpoint(out, model.state_dict(), opt, {"epoch": epoch, "log": log})
+def save_state(out: Path, model, opt, epoch: int, log: list, inside: dict | None = None) -> None:
+    """A checkpoint after ``epoch`` epochs; ``inside``: step, sums and generator states within the next one."""
+    save_checkpoint(out, model.state_dict(), opt, {"epoch": epoch, "log": log, "inside": inside})
 
 
-def load_state(out: Path, model, opt) -> tuple[int, list]:
+def load_state(out: Path, model, opt) -> tuple[int, list, dict | None]:
     tensors, meta = load_checkpoint(out, opt)
     model.load_state_dict(tensors)
-    return meta["epoch"], meta["log"]
+    return meta["epoch"], meta["log"], meta.get("inside")
 
 
 @torch.no_grad()
@@ -140,24 +143,36 @@ def _pretrain(args, out: Path, device: torch.device) -> dict:
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    start, log = 0, []
+    start, log, inside = 0, [], None
     if has_checkpoint(out):
-        start, log = load_state(out, model, opt)
-        print(f"resuming from epoch {start} in {out}")
-    steps_per_epoch = len(train_x) // args.batch_size  # drop the ragged last batch
-    total = steps_per_epoch * args.epochs
-    warmup = steps_per_epoch * args.warmup_epochs
+        start, log, inside = load_state(out, model, opt)
+        print(f"resuming from epoch {start}" + (f", step {inside['step']}" if inside else "") + f" in {out}")
     precision = resolve_precision(args.precision, device)
     print(f"precision {precision.used} ({precision.reason})", flush=True)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision.used == "bf16")
 
+    data_tensors = (train_x, train_y, mean, std)
+    with StopRequest() as stopper:  # SIGTERM / SIGUSR1: checkpoint after the current step, then stop
+        _epochs(args, out, model, opt, data_tensors, start, log, inside, stopper, autocast, device)
+    return _finish(args, out, model, data, tar, arch, mean_list, std_list, log, precision, mean, std)
+
+
+def _epochs(args, out, model, opt, data_tensors, start, log, inside, stopper, autocast, device) -> None:
+    train_x, train_y, mean, std = data_tensors
+    steps_per_epoch = len(train_x) // args.batch_size  # drop the ragged last batch
+    total = steps_per_epoch * args.epochs
+    warmup = steps_per_epoch * args.warmup_epochs
     for epoch in range(start, args.epochs):
         model.train()
         gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
         torch.manual_seed(args.seed * 100003 + epoch)  # drop-path draws
         order = torch.randperm(len(train_x), generator=gen)
-        t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
-        bar = tqdm_or_lines(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        t0, loss_sum, correct, seen, first = time.time(), 0.0, 0, 0, 0
+        if inside and epoch == start:  # resumed inside this epoch: the same order, draws and sums as before
+            first, (loss_sum, correct, seen) = inside["step"], inside["sums"]
+            gen.set_state(_bytes_tensor(inside["generator"]))
+            set_rng_state(inside["rng"])
+        bar = tqdm_or_lines(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         for it in bar:
             idx = order[it * args.batch_size:(it + 1) * args.batch_size]
             x = augment(train_x[idx].float() / 255, args.crop_padding, gen, args.hflip).to(device)
@@ -176,12 +191,27 @@ def _pretrain(args, out: Path, device: torch.device) -> dict:
             correct += (logits.argmax(-1) == y).sum().item()
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            if stopper.requested:
+                save_state(out, model, opt, epoch, log, {"step": it + 1, "sums": [loss_sum, correct, seen],
+                                                         "generator": _text(gen.get_state()), "rng": rng_state()})
+                raise Preempted(f"pretraining stopped by {stopper.signal} after step {it + 1}/{steps_per_epoch} of "
+                                f"epoch {epoch + 1}; checkpoint written in {out}: run the same command to resume", str(out))
         entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                  "lr_end": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
         log.append(entry)
         print(json.dumps(entry), flush=True)
         save_state(out, model, opt, epoch + 1, log)
 
+
+def _text(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def _bytes_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def _finish(args, out, model, data, tar, arch, mean_list, std_list, log, precision, mean, std) -> dict:
     test_x = torch.from_numpy(data["test"].images).permute(0, 3, 1, 2).contiguous()
     test_y = torch.from_numpy(data["test"].labels)
     model.to("cpu")
@@ -201,10 +231,10 @@ def _pretrain(args, out: Path, device: torch.device) -> dict:
         "recipe": {**recipe, "precision_used": precision.used, "optimizer": "AdamW", "schedule": "linear warm-up + cosine (per step)",
                    "augmentation": f"reflect-pad {args.crop_padding} random crop"
                                    + (" + horizontal flip" if args.hflip else " (no flips)"),
-                   "device": device.type, "torch": torch.__version__},
+                   "device": args.device, "torch": torch.__version__},
         "train_log": log,
         "cifar10_test_top1": acc,
-        "data": {"file": tar.name, "sha256": sha256_file(tar), "train_images": len(train_x)},
+        "data": {"file": tar.name, "sha256": sha256_file(tar), "train_images": len(data["train"].labels)},
         "weights_sha256": sha256_file(out / "weights.safetensors"),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))

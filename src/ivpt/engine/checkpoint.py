@@ -26,8 +26,12 @@ class CheckpointError(ValueError):
 
 
 def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), fsync, then rename over ``path``: readers see the old file or the new one."""
+    """write(tmp_path), fsync, then rename over ``path``: readers see the old file or the new one.
+
+    Temporaries that a killed process left for the same file are removed first (never a live one's).
+    """
     path = Path(path)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -37,6 +41,25 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    if not path.parent.is_dir():
+        return
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -52,6 +52,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 0
     threads: int | None = None       # torch CPU threads of this process (None: a share of the cores, see docs)
+    checkpoint_every_steps: int = 0  # also checkpoint inside epochs (a SIGKILL then loses at most this many steps)
     output: str = "runs/default"
     # used by `ivpt tune` only: the lr x wd grid and the seeds of the final runs (VPT's protocol)
     protocol: dict[str, Any] = field(default_factory=dict)
@@ -85,6 +86,7 @@ class TrainConfig:
             lambda: self.grad_clip is None or check_float("grad_clip", self.grad_clip, 0.0, None, low_open=True),
             lambda: check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16")),
             lambda: self.threads is None or check_int("threads", self.threads, low=1),
+            lambda: check_int("checkpoint_every_steps", self.checkpoint_every_steps, low=0),
             lambda: check_int("seed", self.seed, low=0),
             lambda: check_int("workers", self.workers, low=0),
         ]

@@ -66,6 +66,7 @@ class GlobalBatchSampler:
         self.size, self.batch_size, self.ctx = size, batch_size, ctx
         self.seed, self.shuffle, self.whole_batches = seed, shuffle, whole_batches
         self.epoch = 0
+        self.start = 0  # global batches of the epoch already trained (a run resumed inside an epoch)
         self._cache: tuple[int, list[torch.Tensor]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -85,14 +86,14 @@ class GlobalBatchSampler:
         return batches
 
     def __iter__(self):
-        batches = self.global_batches()
+        batches = self.global_batches()[self.start:]
         if self.whole_batches:
             yield from (b.tolist() for b in batches[self.ctx.rank::self.ctx.world])
         else:
             yield from (b[self.ctx.rank::self.ctx.world].tolist() for b in batches)
 
     def __len__(self) -> int:
-        n = len(self.global_batches())
+        n = len(self.global_batches()) - self.start
         if self.whole_batches:
             return len(range(self.ctx.rank, n, self.ctx.world))
         return n

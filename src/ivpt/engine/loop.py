@@ -19,6 +19,7 @@ from .config import TrainConfig
 from .data import split_of
 from .distributed import Dist, GlobalBatchSampler, init_distributed, shutdown
 from .hardware import configure_threads, resolve_precision
+from .preemption import Preempted, StepCheckpoints, StopRequest
 from .runlock import RunLock
 from .tasks import TASKS
 
@@ -102,13 +103,15 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, progress:
     out = Path(cfg.output)
     try:
         # one writer per run folder (rank 0 writes): a second process on it fails at once, naming the holder
-        with RunLock(out) if ctx.main else contextlib.nullcontext():
-            return _train(cfg, out, device, ctx, resume, quiet, (not quiet) if progress is None else progress)
+        # SIGTERM / SIGUSR1 (preemption, a job's time limit): checkpoint at the next step boundary, then stop
+        with RunLock(out) if ctx.main else contextlib.nullcontext(), StopRequest() as stopper:
+            return _train(cfg, out, device, ctx, resume, quiet, (not quiet) if progress is None else progress, stopper)
     finally:
         shutdown(ctx)
 
 
-def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: bool, progress: bool) -> dict[str, Any]:
+def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: bool, progress: bool,
+           stopper: StopRequest) -> dict[str, Any]:
     if has_checkpoint(out) and not resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another output")
     precision = resolve_precision(cfg.precision, device)
@@ -134,7 +137,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     steps_per_epoch = len(train_loader.batch_sampler)
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs
 
-    start_epoch, log, last_eval = 0, [], None
+    start_epoch, start_step, partial, log, last_eval = 0, 0, None, [], None
     if resume and has_checkpoint(out):
         saved = _result_fields(checkpoint_meta(out).get("config") or {})
         diff = [k for k, v in _result_fields(cfg.to_dict()).items() if saved.get(k) != v]
@@ -149,10 +152,11 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
             for name, tensor in expected.items():
                 tensor.copy_(tensors[name])
         start_epoch, log = meta["epoch"], meta["log"]
+        start_step, partial = meta.get("step") or 0, meta.get("partial")  # a checkpoint inside an epoch
         if meta.get("grad_scaler"):
             scaler.load_state_dict(meta["grad_scaler"])
         if ctx.main and not quiet:
-            print(f"resuming {out} after epoch {start_epoch}")
+            print(f"resuming {out} after epoch {start_epoch}" + (f", step {start_step}" if start_step else ""))
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(_yaml(cfg.to_dict())))
@@ -161,15 +165,29 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     net = DistributedDataParallel(model) if ctx.active else model
     writer = _tensorboard(out) if ctx.main else None
 
+    def checkpoint(epochs_done: int, step: int = 0, sums: list[float] | None = None) -> None:
+        if ctx.main:
+            save_checkpoint(out, model.adapter_tensors(), optimizer,
+                            {"epoch": epochs_done, "step": step, "partial": sums, "log": log, "config": cfg.to_dict(),
+                             "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None})
+        ctx.barrier()
+
+    policy = StepCheckpoints(cfg.checkpoint_every_steps, stopper, ctx, device)
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
-        # prompt dropout and augmentation draws: the same on resume, different per process
-        torch.manual_seed(cfg.seed * 1009 + epoch * 7919 + ctx.rank)
+        first = start_step if epoch == start_epoch else 0
         train_loader.batch_sampler.set_epoch(epoch)
-        started, loss_sum, correct, seen, samples = time.time(), 0.0, 0.0, 0.0, 0.0
-        bar = tqdm_or_lines(train_loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not progress or not ctx.main)
-        for step, (images, labels) in enumerate(bar):
+        train_loader.batch_sampler.start = first
+        _seed_step(cfg, epoch, -1, ctx)  # creating the loader's iterator draws its workers' seeds
+        batches = iter(train_loader)
+        _seed_step(cfg, epoch, first, ctx)
+        # a run resumed inside an epoch: rank 0 carries the epoch's sums so far, the others start at 0
+        sums = partial if first and partial and ctx.main else [0.0, 0.0, 0.0, 0.0]
+        loss_sum, correct, seen, samples = sums
+        started = time.time()
+        bar = tqdm_or_lines(batches, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", total=len(train_loader),
+                            leave=False, disable=not progress or not ctx.main)
+        for step, (images, labels) in enumerate(bar, start=first):
             global_step = epoch * steps_per_epoch + step
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(global_step, total_steps, warmup_steps, base_lr, cfg.schedule)
@@ -195,6 +213,14 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
             optimizer.zero_grad(set_to_none=True)
             if seen:
                 bar.set_postfix(loss=f"{loss_sum / samples:.3f}", acc=f"{correct / seen:.3f}")
+            _seed_step(cfg, epoch, step + 1, ctx)  # the next batch's draws, the same after a resume here
+            action = policy.after_step(epoch * steps_per_epoch + step + 1, step + 1 == steps_per_epoch)
+            if action:
+                checkpoint(epoch, step + 1, ctx.all_sum([loss_sum, correct, seen, samples], device))
+                if action == "stop":
+                    raise Preempted(f"stopped by {stopper.signal or 'a signal'} after step {step + 1}/{steps_per_epoch} "
+                                    f"of epoch {epoch + 1}; checkpoint written: continue with --resume", str(out))
+        train_loader.batch_sampler.start = 0
         loss_sum, correct, seen, samples = ctx.all_sum([loss_sum, correct, seen, samples], device)
         accuracy = "train_top1" if impl.name == "classification" else "train_pixel_accuracy"
         entry = {"epoch": epoch + 1, "train_loss": loss_sum / samples, accuracy: correct / seen,
@@ -210,10 +236,8 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
 
             entry.update(epoch_diagnostics(model, diagnostic_images.to(device)))
         log.append(entry)
+        checkpoint(epoch + 1)
         if ctx.main:
-            save_checkpoint(out, model.adapter_tensors(), optimizer,
-                            {"epoch": epoch + 1, "log": log, "config": cfg.to_dict(),
-                             "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None})
             _write_log(out, log)
             if writer:
                 for key, value in entry.items():
@@ -221,7 +245,9 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
                         writer.add_scalar(key, value, epoch + 1)
             if not quiet:
                 print(json.dumps(entry), flush=True)
-        ctx.barrier()
+        if not last_epoch and stopper.agreed(ctx, device):  # asked to stop during the evaluation
+            raise Preempted(f"stopped by {stopper.signal or 'a signal'} after epoch {epoch + 1}; checkpoint written: "
+                            "continue with --resume", str(out))
 
     results = {"config": cfg.to_dict(), "task": impl.name, "primary_metric": impl.primary, "classes": task.classes,
                "precision": precision.to_dict(), "threads": torch.get_num_threads(),
@@ -245,6 +271,12 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
             writer.close()
     ctx.barrier()
     return results
+
+
+def _seed_step(cfg: TrainConfig, epoch: int, step: int, ctx: Dist) -> None:
+    """Seed the draws of one step (prompt dropout, augmentation): the same after a resume at that step,
+    different per process."""
+    torch.manual_seed(cfg.seed * 1009 + epoch * 7919 + (step + 1) * 104_729 + ctx.rank * 1_000_003)
 
 
 def _diagnostic_batch(model, dataset, count: int = 32) -> torch.Tensor | None:

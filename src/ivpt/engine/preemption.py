@@ -1,0 +1,94 @@
+"""Graceful preemption: SIGTERM or SIGUSR1 ends a run at the next step boundary with a checkpoint.
+
+SLURM and Kubernetes send SIGTERM before killing a job (preemption, the end of its time), and SLURM
+can send SIGUSR1 ahead of the time limit (``--signal=USR1@120``). ``StopRequest`` turns either
+into a flag; the training loop checks it after every optimizer step, writes a checkpoint of that
+exact step and raises ``Preempted``, which ``ivpt`` turns into exit code ``EXIT_PREEMPTED`` (75,
+EX_TEMPFAIL: try again). ``--resume`` then continues from that step. Under torchrun the flag is
+all-reduced every step, so every rank stops at the same step even if only one got the signal.
+"""
+from __future__ import annotations
+
+import base64
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+EXIT_PREEMPTED = 75
+SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after writing a checkpoint; continue it with --resume."""
+
+    def __init__(self, message: str, output: str):
+        super().__init__(message)
+        self.output = output
+
+
+class StopRequest:
+    """A context in which SIGTERM / SIGUSR1 set ``requested`` instead of ending the process."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def agreed(self, ctx, device) -> bool:
+        """Whether any process was asked to stop (one all-reduce per call under DDP)."""
+        if not ctx.active:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def rng_state() -> dict[str, str]:
+    """torch's CPU (and CUDA) generator states, as text for a JSON checkpoint."""
+    state = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict[str, str]) -> None:
+    def tensor(text):
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["cpu"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
+
+
+class StepCheckpoints:
+    """When to write a checkpoint inside an epoch: every ``every`` steps (0: never), and on a stop request."""
+
+    def __init__(self, every: int, stopper: StopRequest, ctx, device):
+        self.every, self.stopper, self.ctx, self.device = every, stopper, ctx, device
+
+    def after_step(self, global_step: int, epoch_done: bool) -> str | None:
+        """'stop' (checkpoint, then end the run), 'save' (checkpoint, go on) or None, after ``global_step`` steps."""
+        if self.stopper.agreed(self.ctx, self.device):
+            return "stop"
+        if self.every and global_step % self.every == 0 and not epoch_done:  # the epoch's end checkpoints anyway
+            return "save"
+        return None
