@@ -125,7 +125,7 @@ def main() -> None:
     rows = [{"method": m, "when": when, "block": b, **v} for m, e in report["methods"].items()
             for when in ("before", "after") for b, v in e.get(f"pointing_{when}", {}).items()]
     write_csv(RESULTS / f"mechanism{suffix}.csv", rows)
-    figures(runs, images, data.classes, suffix)
+    figures(runs, images, data.classes, suffix, task.boxes["test"], test.labels)
     print(json.dumps(report["verdict"], indent=2))
 
 
@@ -141,15 +141,16 @@ def verdict(report: dict) -> dict:
             "accuracy": "win" if gap > 2 * error else "loss" if gap < -2 * error else "tie"}
 
 
-def figures(runs: Path, images: torch.Tensor, classes: list[str], suffix: str) -> None:
-    """Example explain figures of the first seed's adapters on two test images, for the docs."""
+def figures(runs: Path, images: torch.Tensor, classes: list[str], suffix: str, boxes, labels) -> None:
+    """Example explain figures of the first seed's adapters on a test image, for the docs."""
     for method in METHODS:
         model = ivpt.load_adapter(runs / method / "final" / "seed42" / "adapter").eval()
         e = explain(model, images[:2], class_names=classes)
         cfg = model.backbone.pretrained_cfg
         pixels = denormalize(images[:2], cfg["mean"], cfg["std"])
         plot_image(e, 0, pixels[0], RESULTS / f"mechanism_{method}_example{suffix}.png",
-                   title=f"{method} on find-shape (test image 0)")
+                   title=f"{method} on find-shape (test image 0, true class {classes[int(labels[0])]})",
+                   evidence=tuple(boxes[0]))
         if method == "ivpt":
             plot_adapter(explain(model, images[:256], class_names=classes),
                          RESULTS / f"mechanism_ivpt_adapter{suffix}.png", title="iVPT on find-shape: learned quantities")

@@ -198,10 +198,11 @@ def _pyplot():
 
 
 def plot_image(explanation: Explanation, index: int, pixels: np.ndarray, path: str | Path,
-               title: str | None = None) -> dict[int, list[int]]:
+               title: str | None = None, evidence: tuple[float, float, float, float] | None = None) -> dict[int, list[int]]:
     """One PNG: the input, then every block's saliency over it with AR's reinforced patches outlined.
 
-    Returns block -> the patch indices outlined, exactly as drawn.
+    ``evidence``: a known box (x0, y0, x1, y1, fractions of the image) drawn on the input, e.g. the
+    target of a mechanism task. Returns block -> the patch indices outlined, exactly as drawn.
     """
     plt = _pyplot()
     from matplotlib.patches import Patch, Rectangle
@@ -211,7 +212,8 @@ def plot_image(explanation: Explanation, index: int, pixels: np.ndarray, path: s
     panels = 1 + len(blocks) + (e.mask is not None)
     cols = min(panels, 7)
     rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols + 1.0, 1.9 * rows + 0.7), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     height, width = pixels.shape[:2]
@@ -219,6 +221,10 @@ def plot_image(explanation: Explanation, index: int, pixels: np.ndarray, path: s
     cell_h, cell_w = height / gh, width / gw
     axes.flat[0].imshow(pixels)
     axes.flat[0].set_title("input", fontsize=9)
+    if evidence is not None:
+        x0, y0, x1, y1 = evidence
+        axes.flat[0].add_patch(Rectangle((x0 * width, y0 * height), (x1 - x0) * width, (y1 - y0) * height,
+                                         fill=False, edgecolor="lime", lw=1.5))
     vmax = max((float(s.max()) for s in e.saliency.values()), default=1.0) or 1.0
     outlined: dict[int, list[int]] = {}
     image = None
@@ -245,10 +251,12 @@ def plot_image(explanation: Explanation, index: int, pixels: np.ndarray, path: s
         heading += f" | prediction: {e.prediction} ({e.score:.2f})"
     fig.suptitle(heading, fontsize=10)
     handles = [Patch(facecolor="none", edgecolor="cyan", label="patch reinforced by AR")] if outlined else []
+    if evidence is not None:
+        handles.append(Patch(facecolor="none", edgecolor="lime", label="the evidence (known to the generator)"))
     if handles:
-        fig.legend(handles=handles, loc="lower left", fontsize=8, frameon=False)
+        fig.legend(handles=handles, loc="outside lower left", fontsize=8, frameon=False)
     if image is not None:
-        bar = fig.colorbar(image, ax=list(axes.flat[1:1 + len(blocks)]), shrink=0.7, pad=0.01)
+        bar = fig.colorbar(image, ax=axes, shrink=0.8, pad=0.01)
         bar.set_label("saliency (attention to the patch)", fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
