@@ -85,8 +85,9 @@ def test_reinforcement_ratio_is_the_relative_change_of_the_selected_patches(imag
         assert [im.ratio[i] for im in e.images] == pytest.approx(delta.mean(dim=1).tolist(), rel=1e-4)
 
 
-def test_vpt_deep_gets_attention_maps_without_da_or_ar(images, tmp_path):
-    model = ivpt.create_model(make_vit(), "vpt-deep", 7, prompt_length=3)
+@pytest.mark.parametrize("method", ["vpt-deep", "vpt-shallow", "gatevpt"])
+def test_prompt_methods_without_da_or_ar_get_attention_maps(images, tmp_path, method):
+    model = ivpt.create_model(make_vit(), method, 7, prompt_length=3)
     e = explain(model, images)
     assert sorted(e.images[0].saliency) == [0, 1, 2, 3] and e.images[0].selected == {}
     assert all(t.da_mode is None and t.gamma is None for t in e.transitions)

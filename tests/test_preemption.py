@@ -138,3 +138,40 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_adapter(setup, tar
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["method"] == "ivpt"
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]  # the killed process's temporaries are gone
+
+
+def _ddp_stop_worker(rank, world, port, cfg_dict, out):
+    import torch.distributed  # noqa: F401
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+                       "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
+    from ivpt.engine import preemption
+    from ivpt.engine.config import TrainConfig
+
+    real = preemption.StepCheckpoints.after_step
+
+    def after_step(self, step, epoch_done):
+        if rank == 1 and step == 2:  # only one rank gets the signal
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, step, epoch_done)
+
+    preemption.StepCheckpoints.after_step = after_step
+    try:
+        train(TrainConfig(**cfg_dict), quiet=True)
+        Path(f"{out}.rank{rank}").write_text("finished")
+    except Preempted as stop:
+        Path(f"{out}.rank{rank}").write_text(str(stop))
+
+
+def test_under_ddp_every_rank_stops_at_the_same_step(setup):
+    import torch.multiprocessing as mp
+    from test_engine import free_port
+
+    tmp_path, folder = setup
+    cfg = config(tmp_path, folder, **COMMON)
+    mp.start_processes(_ddp_stop_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path / "stop")), nprocs=2,
+                       join=True, start_method="spawn")
+    said = [(tmp_path / f"stop.rank{r}").read_text() for r in (0, 1)]
+    # rank 0 never got the signal, yet stopped at the same step
+    assert all("after step 2/3 of epoch 1" in text for text in said), said
+    assert said[1].startswith("stopped by SIGTERM") and said[0].startswith("stopped by a signal")
+    assert checkpoint_meta(tmp_path / "run")["step"] == 2  # written by rank 0
