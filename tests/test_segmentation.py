@@ -41,9 +41,16 @@ def test_adapter_without_decoder_stages_loads_with_its_own_stages(tmp_path):
     model = create_segmentation_model(make_vit(dynamic_img_size=True), "linear", 5, decoder="pup", crop_size=32,
                                       decoder_channels=8, decoder_stages=4)
     model.save_adapter(tmp_path / "old")
-    config_file = tmp_path / "old" / "adapter_config.json"
+    # rewrite it as format 1 wrote it: the config only in the JSON, with the tensor file's sha256
+    from safetensors.torch import load_file, save_file
+
+    from ivpt.data.paths import sha256_file
+
+    tensors_file, config_file = tmp_path / "old" / "adapter.safetensors", tmp_path / "old" / "adapter_config.json"
+    save_file(load_file(str(tensors_file)), str(tensors_file), metadata={"format": "ivpt-adapter"})
     config = _json.loads(config_file.read_text())
     del config["decoder_stages"]
+    config.update(format_version=1, tensors_sha256=sha256_file(tensors_file))
     config_file.write_text(_json.dumps(config))
     loaded = ivpt.load_adapter(tmp_path / "old", backbone=make_vit(dynamic_img_size=True))
     assert loaded.decoder_stages == 4

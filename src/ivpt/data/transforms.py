@@ -40,3 +40,20 @@ def backbone_transform(pretrained_cfg: dict, protocol: str = "vtab", train: bool
     if protocol == "fgvc":
         return fgvc_transform(train, size, mean, std, interpolation)
     raise ValueError(f"protocol {protocol!r}: expected 'vtab' or 'fgvc'")
+
+
+def folder_transform(pretrained_cfg: dict, preprocess: str = "crop", augment: bool = False):
+    """Folder data at the backbone's input: timm's evaluation pipeline (resize the shorter side to
+    size / crop_pct, centre-crop, normalise), or ``squash`` to a square; ``augment``: random resized
+    crops (60-100% of the image) and horizontal flips for training."""
+    size = pretrained_cfg["input_size"][-1]
+    mean, std = pretrained_cfg.get("mean", IMAGENET_MEAN), pretrained_cfg.get("std", IMAGENET_STD)
+    interpolation = _interp(pretrained_cfg.get("interpolation", "bilinear"))
+    if augment:
+        steps = [T.RandomResizedCrop(size, scale=(0.6, 1.0), interpolation=interpolation), T.RandomHorizontalFlip()]
+    elif preprocess == "squash":
+        steps = [T.Resize((size, size), interpolation=interpolation)]
+    else:
+        crop_pct = float(pretrained_cfg.get("crop_pct") or 1.0)
+        steps = [T.Resize(round(size / crop_pct), interpolation=interpolation), T.CenterCrop(size)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,10 @@ from typing import Any
 import torch
 import yaml
 
+from ..backbones import DEFAULT_BACKBONE, is_shipped
+from ..data.datasets import DataError
 from ..options import OptionError, check_bool, check_choice, check_float, check_int
+from .data import check_data_spec
 
 
 class ConfigError(ValueError):
@@ -23,6 +27,9 @@ class TrainConfig:
     # what to tune
     backbone: str = "vit_mini_patch4_32.ivpt_cifar10"
     weights: str | None = None
+    # timm's pretrained weights (its hub); None: only a shipped backbone or a weights file gives weights, and a
+    # run without any is refused (but for 'full'); false: train on random weights on purpose
+    pretrained: bool | None = None
     backbone_options: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs (img_size, ...)
     method: str = "ivpt"
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -95,8 +102,22 @@ class TrainConfig:
                 check()
             except OptionError as err:
                 raise ConfigError(str(err).replace("option ", "config field ", 1)) from None
-        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
-            raise ConfigError(f"config field 'warmup_epochs': {self.warmup_epochs} must be below epochs ({self.epochs})")
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:  # short runs work: the warm-up shrinks
+            warnings.warn(f"warmup_epochs {self.warmup_epochs} is not below epochs {self.epochs}: using "
+                          f"{self.epochs - 1} warm-up epoch(s)", stacklevel=2)
+            self.warmup_epochs = self.epochs - 1
+        if self.pretrained is not None and not isinstance(self.pretrained, bool):
+            raise ConfigError(f"config field 'pretrained': got {self.pretrained!r}, expected true, false or null")
+        if self.pretrained is None and not self.weights and self.method != "full" and not is_shipped(self.backbone):
+            raise ConfigError(
+                f"config field 'backbone': {self.backbone!r} gets no pretrained weights, and prompt tuning a "
+                "randomly initialised ViT is meaningless. Pass weights=FILE (.safetensors, .pth/.bin state dict or "
+                "Google .npz), pretrained=true (timm's hub), or a shipped backbone such as "
+                f"{DEFAULT_BACKBONE!r}; set pretrained=false to train on random weights on purpose")
+        try:
+            self.data = check_data_spec(self.data)
+        except DataError as err:
+            raise ConfigError(f"config field 'data': {err}") from None
         if not (self.device in ("auto", "cpu", "mps") or self.device == "cuda" or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ConfigError(f"config field 'device': got {self.device!r}, expected auto, cpu, cuda, cuda:N or mps")
@@ -111,9 +132,6 @@ class TrainConfig:
                 raise ConfigError(f"config field 'protocol.{key}': expected a non-empty list of {kind}, got {values!r}")
         if self.batch_size % self.accumulation:
             raise ConfigError(f"config field 'accumulation': {self.accumulation} must divide batch_size ({self.batch_size})")
-        if not isinstance(self.data, dict) or "kind" not in self.data:
-            raise ConfigError("config field 'data': expected a mapping with a 'kind' (suite, vtab, fgvc, folder, "
-                              "cifar10; camvid, ade20k for segmentation)")
         if not isinstance(self.protocol, dict) or set(self.protocol) - {"lrs", "wds", "seeds"}:
             raise ConfigError("config field 'protocol': expected a mapping with lrs, wds and seeds lists")
         if not isinstance(self.segmentation, dict) or set(self.segmentation) - {
@@ -182,6 +200,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         where = f" in {path}" if path else ""
         raise ConfigError(f"unknown config field {unknown[0]!r}{where}; known fields: {', '.join(FIELDS)}")
     base = TrainConfig()
-    if "data" in raw and isinstance(raw["data"], dict) and "kind" not in raw["data"]:
-        raw["data"] = {**base.data, **raw["data"]}
+    if "data" in raw and isinstance(raw["data"], dict) and not {"kind", "root"} & set(raw["data"]):
+        raw["data"] = {**base.data, **raw["data"]}  # e.g. {task: dtd10}: a task of the default suite
     return TrainConfig(**raw).validate()

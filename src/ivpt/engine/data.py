@@ -17,6 +17,61 @@ from ..data.paths import data_file
 from ..data.transforms import backbone_transform
 
 KINDS = ("suite", "vtab", "fgvc", "folder", "cifar10")
+# kind -> (required fields, optional fields); a spec is checked as a whole against its kind
+DATA_FIELDS = {
+    "suite": (("task",), ("seed", "version")),
+    "vtab": (("root", "task"), ()),
+    "fgvc": (("root", "dataset"), ()),
+    "folder": (("root",), ("val_fraction", "test_fraction", "seed", "preprocess", "augment")),
+    "cifar10": ((), ("path", "limit", "seed")),
+    "camvid": ((), ("path",)),
+    "ade20k": (("root",), ()),
+}
+FOLDER_HOLDOUT = 0.2  # the share of each class held out of train for val (and for test) when the folder has none
+
+
+def check_data_spec(spec: Any) -> dict[str, Any]:
+    """A data spec checked as a whole: its kind, every field known to it, nothing that could be misread.
+
+    ``root`` without a kind means a folder of images; a suite task and a root together are refused
+    (it is one or the other: the built-in task, or the user's folder).
+    """
+    if not isinstance(spec, dict):
+        raise DataError(f"data spec: expected a mapping with a 'kind', got {spec!r}")
+    spec = dict(spec)
+    if "kind" not in spec:
+        if "root" not in spec:
+            raise DataError(f"data spec {spec}: needs a 'kind' ({', '.join(DATA_FIELDS)}), or a 'root' folder of images")
+        spec["kind"] = "folder"
+    kind = spec["kind"]
+    if kind not in DATA_FIELDS:
+        raise DataError(f"data kind {kind!r} is unknown; expected one of {', '.join(DATA_FIELDS)}")
+    if kind == "suite" and "root" in spec:
+        raise DataError(f"data spec: kind 'suite' (the built-in task {spec.get('task')!r}) and a 'root' "
+                        f"({spec['root']}) together: for your own images set data.kind=folder and remove "
+                        "data.task; for the built-in task remove data.root")
+    required, optional = DATA_FIELDS[kind]
+    known = ("kind", *required, *optional)
+    unknown = sorted(set(spec) - set(known))
+    if unknown:
+        raise DataError(f"data spec of kind {kind!r}: unknown field {unknown[0]!r}; its fields are "
+                        f"{', '.join(known)}")
+    missing = [f for f in required if f not in spec]
+    if missing:
+        raise DataError(f"data spec of kind {kind!r} needs the field {missing[0]!r}")
+    for name in ("val_fraction", "test_fraction"):
+        if name in spec and (isinstance(spec[name], bool) or not isinstance(spec[name], (int, float))
+                             or not 0 <= spec[name] < 0.9):
+            raise DataError(f"data field {name!r}: got {spec[name]!r}, expected a fraction in [0, 0.9)")
+    if spec.get("preprocess", "crop") not in ("crop", "squash"):
+        raise DataError(f"data field 'preprocess': got {spec['preprocess']!r}, expected 'crop' (resize the shorter "
+                        "side and centre-crop, as timm evaluates) or 'squash' (resize to a square, aspect ratio lost)")
+    if not isinstance(spec.get("augment", False), bool):
+        raise DataError(f"data field 'augment': got {spec['augment']!r}, expected true or false")
+    for name in ("seed", "version", "limit"):
+        if name in spec and (isinstance(spec[name], bool) or not isinstance(spec[name], int) or spec[name] < 0):
+            raise DataError(f"data field {name!r}: got {spec[name]!r}, expected a non-negative integer")
+    return spec
 
 
 class TensorImages(Dataset):
@@ -43,6 +98,7 @@ class TaskData:
     classes: list[str]
     splits: dict[str, Dataset]   # train, val, test, trainval where the layout has them
     protocol: str
+    description: str = ""        # what a run trains on, said in its first lines
 
 
 def _need(spec: dict[str, Any], key: str) -> Any:
@@ -69,9 +125,20 @@ def build_task_data(spec: dict[str, Any], pretrained_cfg: dict) -> TaskData:
                          sort_keys=True, default=str)
         if key not in _MEMORY:
             _MEMORY.clear()  # keep one task at a time: the suite's tasks are visited one after another
-            _MEMORY[key] = _build_task_data(spec, pretrained_cfg)
+            _MEMORY[key] = _described(_build_task_data(spec, pretrained_cfg), spec, pretrained_cfg)
         return _MEMORY[key]
-    return _build_task_data(spec, pretrained_cfg)
+    return _described(_build_task_data(spec, pretrained_cfg), spec, pretrained_cfg)
+
+
+def _described(task: TaskData, spec: dict[str, Any], pretrained_cfg: dict) -> TaskData:
+    if not task.description:
+        size = pretrained_cfg["input_size"][-1]
+        source = ", ".join(f"{k} {v}" for k, v in spec.items())
+        how = (f"resize to {size}x{size}, no augmentation (VTAB-1k's pipeline)" if task.protocol == "vtab" else
+               f"FGVC's pipeline at {size}x{size} (train: resize, random crop, flip; eval: resize, centre crop)")
+        counts = ", ".join(f"{s} {len(task.splits[s])}" for s in ("train", "val", "test") if s in task.splits)
+        task.description = f"{source}: {len(task.classes)} classes; {counts}; input: {how}"
+    return task
 
 
 def _build_task_data(spec: dict[str, Any], pretrained_cfg: dict) -> TaskData:
@@ -104,14 +171,65 @@ def _build_task_data(spec: dict[str, Any], pretrained_cfg: dict) -> TaskData:
         trainval = type(train)(train.root, trainval_items, train.classes, train_tf)
         return TaskData(train.classes, {"train": train, "val": val, "trainval": trainval,
                                         "test": fgvc(root, name, "test", test_tf)}, "fgvc")
-    train = image_folder(root / "train" if (root / "train").is_dir() else root, transform=vtab_tf)
-    splits = {"train": train}
+    return _folder(spec, root, pretrained_cfg)
+
+
+def _folder(spec: dict[str, Any], root: Path, pretrained_cfg: dict) -> TaskData:
+    """Class folders with or without split folders; missing val/test splits held out of train."""
+    from ..data.datasets import ImageListDataset
+    from ..data.transforms import folder_transform
+
+    preprocess, augment = spec.get("preprocess", "crop"), bool(spec.get("augment", False))
+    train_tf, eval_tf = folder_transform(pretrained_cfg, preprocess, augment), folder_transform(pretrained_cfg, preprocess)
+    base = root / "train" if (root / "train").is_dir() else root
+    full = image_folder(base, transform=train_tf)
+    if len(full.classes) < 2:
+        raise DataError(f"{base}: {len(full.classes)} class folder ({', '.join(full.classes)}); classification needs "
+                        f"at least two ({base}/<class>/<images>)")
+    fractions = {s: float(spec.get(f"{s}_fraction", FOLDER_HOLDOUT)) for s in ("val", "test") if not (root / s).is_dir()}
+    keep, held = stratified_holdout(full.labels, fractions, int(spec.get("seed", 0)))
+    train = ImageListDataset(base, [full.items[i] for i in keep], full.classes, train_tf)
+    splits, origin = {"train": train}, {}
     for split in ("val", "test"):
         if (root / split).is_dir():
-            splits[split] = image_folder(root / split, classes=train.classes, transform=vtab_tf)
+            splits[split], origin[split] = image_folder(root / split, classes=full.classes, transform=eval_tf), "folder"
+        elif len(held[split]):
+            splits[split] = ImageListDataset(base, [full.items[i] for i in held[split]], full.classes, eval_tf)
+            origin[split] = f"{100 * fractions[split]:g}% of each class held out of train, seed {int(spec.get('seed', 0))}"
     if "val" in splits:
-        splits["trainval"] = ConcatDataset([splits["train"], splits["val"]])
-    return TaskData(train.classes, splits, "folder")
+        val = splits["val"]
+        splits["trainval"] = ConcatDataset([train, ImageListDataset(val.root, val.items, full.classes, train_tf)])
+    size = pretrained_cfg["input_size"][-1]
+    how = (f"resize the shorter side to {round(size / float(pretrained_cfg.get('crop_pct') or 1.0))} and centre-crop "
+           f"{size}x{size} (timm's crop_pct {pretrained_cfg.get('crop_pct') or 1.0:g})" if preprocess == "crop"
+           else f"squash to {size}x{size} (aspect ratio not kept)") + (
+        "; training adds random resized crops and flips" if augment else "")
+    counts = ", ".join(f"{s} {len(splits[s])}" + (f" ({origin[s]})" if s in origin else "")
+                       for s in ("train", "val", "test") if s in splits)
+    description = (f"folder {root}: {len(full.classes)} classes ({', '.join(full.classes[:8])}"
+                   f"{', ...' if len(full.classes) > 8 else ''}); {counts}; input: {how}")
+    return TaskData(full.classes, splits, "folder", description)
+
+
+def stratified_holdout(labels, fractions: dict[str, float], seed: int) -> tuple[list[int], dict[str, list[int]]]:
+    """Seeded per-class holdout: (indices kept for train, {split: held-out indices}), each sorted.
+
+    Each split takes round(fraction * n) images of each class of n images, at least one where the
+    fraction is above 0 and the class has an image to spare; train keeps the rest (at least one).
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held: dict[str, list[int]] = {s: [] for s in fractions}
+    keep: list[int] = []
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label)).tolist()
+        for split, fraction in fractions.items():
+            take = max(1, round(fraction * len(idx))) if fraction > 0 and len(idx) > 1 else 0
+            take = min(take, len(idx) - 1)
+            held[split] += idx[:take]
+            idx = idx[take:]
+        keep += idx
+    return sorted(keep), {s: sorted(v) for s, v in held.items()}
 
 
 def split_of(task: TaskData, name: str) -> Dataset:

@@ -121,6 +121,8 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     impl = TASKS[cfg.task]()
     model, task = impl.build(cfg)
     model.to(device)
+    if ctx.main and not quiet and getattr(task, "description", ""):
+        print(f"data: {task.description}", flush=True)
     train_set = split_of(task, cfg.train_split)
     eval_set = None if cfg.eval_split == "none" else split_of(task, cfg.eval_split)
     base_lr = cfg.lr * (cfg.batch_size / 256 if cfg.lr_scaling else 1.0)

@@ -19,8 +19,8 @@ class ClassificationTask:
 
     def build(self, cfg) -> tuple[torch.nn.Module, TaskData]:
         # the data needs the backbone's input size and normalisation, the head needs the data's classes
-        model = create_model(cfg.backbone, cfg.method, 1, weights=cfg.weights, timm_kwargs=cfg.backbone_options,
-                             **cfg.method_options)
+        model = create_model(cfg.backbone, cfg.method, 1, weights=cfg.weights, pretrained=bool(cfg.pretrained),
+                             timm_kwargs=cfg.backbone_options, **cfg.method_options)
         data = build_task_data(cfg.data, model.backbone.pretrained_cfg)
         torch.manual_seed(cfg.seed + 1)
         model.reset_classifier(len(data.classes), data.classes)
@@ -77,7 +77,7 @@ class SegmentationTask:
         model = create_segmentation_model(
             cfg.backbone, cfg.method, 1, decoder=opts.get("decoder", "pup"), crop_size=int(opts.get("crop_size", 512)),
             decoder_channels=int(opts.get("decoder_channels", 256)), weights=cfg.weights,
-            timm_kwargs=cfg.backbone_options, **cfg.method_options)
+            pretrained=bool(cfg.pretrained), timm_kwargs=cfg.backbone_options, **cfg.method_options)
         data = build_segmentation_data(cfg, model.encoder.backbone.pretrained_cfg, model.patch_size)
         torch.manual_seed(cfg.seed + 1)
         model.reset_decoder(len(data.classes), data.classes, data.ignore_index)

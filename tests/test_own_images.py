@@ -1,0 +1,97 @@
+"""A folder of photos is read as the user meant, or refused with the reason (never silently something else)."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ivpt.engine.config import ConfigError, TrainConfig, load_config
+from ivpt.engine.data import build_task_data, stratified_holdout
+from ivpt.engine.loop import train
+from test_engine import TINY, setup  # noqa: F401  (fixture)
+
+CFG = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.25,) * 3, "interpolation": "bicubic", "crop_pct": 0.8}
+
+
+def flat_folder(root, classes=("cat", "dog", "owl"), per_class=10, size=(48, 32)):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            path = root / name / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return root
+
+
+def test_a_root_with_the_suite_task_is_refused_not_misread(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("data: {kind: suite, task: clevr-count}\n")
+    with pytest.raises(ConfigError, match="kind 'suite'.*and a 'root'.*set data.kind=folder and remove data.task"):
+        load_config(base, [f"data.root={tmp_path}"])
+    assert load_config(None, [f"data={{root: {tmp_path}}}"]).data == {"root": str(tmp_path), "kind": "folder"}
+    assert load_config(None, ["data={task: dtd10}"]).data == {"kind": "suite", "task": "dtd10"}
+
+
+def test_unknown_or_wrong_data_fields_are_refused():
+    with pytest.raises(ConfigError, match="unknown field 'sead'; its fields are kind, root, val_fraction"):
+        TrainConfig(data={"kind": "folder", "root": "x", "sead": 3}).validate()
+    with pytest.raises(ConfigError, match="'val_fraction'.*fraction in"):
+        TrainConfig(data={"kind": "folder", "root": "x", "val_fraction": 1.5}).validate()
+    with pytest.raises(ConfigError, match="'preprocess'.*'crop'.*'squash'"):
+        TrainConfig(data={"kind": "folder", "root": "x", "preprocess": "stretch"}).validate()
+    with pytest.raises(ConfigError, match="data kind 'photos' is unknown"):
+        TrainConfig(data={"kind": "photos"}).validate()
+
+
+def test_random_weights_are_refused_unless_asked_for():
+    with pytest.raises(ConfigError, match="'vit_base_patch16_224' gets no pretrained weights.*weights=FILE.*"
+                                          "pretrained=true.*pretrained=false"):
+        TrainConfig(backbone="vit_base_patch16_224", method="vpt-deep").validate()
+    TrainConfig(backbone="vit_base_patch16_224", method="vpt-deep", pretrained=False).validate()  # on purpose
+    TrainConfig(backbone="vit_base_patch16_224", method="full").validate()  # full fine-tuning may start from scratch
+    TrainConfig(backbone="vit_base_patch16_224", method="ivpt", weights="w.safetensors").validate()
+    TrainConfig(method="ivpt").validate()  # the shipped default has its own weights
+
+
+def test_a_flat_folder_gets_a_seeded_stratified_holdout(tmp_path):
+    root = flat_folder(tmp_path / "photos")
+    data = build_task_data({"kind": "folder", "root": str(root)}, CFG)
+    sizes = {s: len(d) for s, d in data.splits.items()}
+    assert sizes == {"train": 18, "val": 6, "test": 6, "trainval": 24}  # 2 of each class's 10 to val and to test
+    again = build_task_data({"kind": "folder", "root": str(root)}, CFG)
+    assert data.splits["val"].items == again.splits["val"].items  # the same split twice
+    other = build_task_data({"kind": "folder", "root": str(root), "seed": 1}, CFG)
+    assert data.splits["val"].items != other.splits["val"].items
+    assert sorted(label for _, label in data.splits["val"].items) == [0, 0, 1, 1, 2, 2]
+    held = {i for s in ("val", "test") for i, _ in data.splits[s].items}
+    assert not held & {i for i, _ in data.splits["train"].items}
+    assert "20% of each class held out of train, seed 0" in data.description and "3 classes" in data.description
+    # timm's evaluation pipeline: the shorter side to 32 / 0.8 = 40, centre crop 32 (not squashed)
+    assert data.splits["val"][0][0].shape == (3, 32, 32)
+    assert "resize the shorter side to 40 and centre-crop 32x32" in data.description
+    squashed = build_task_data({"kind": "folder", "root": str(root), "preprocess": "squash"}, CFG)
+    assert "squash to 32x32" in squashed.description
+    keep, held = stratified_holdout([0] * 5 + [1] * 2, {"val": 0.2}, seed=0)
+    assert len(held["val"]) == 2 and len(keep) == 5  # at least one per class, and train keeps one
+
+
+def test_one_class_is_refused(tmp_path):
+    root = flat_folder(tmp_path / "photos", classes=("cat",))
+    with pytest.raises(ValueError, match="1 class folder \\(cat\\); classification needs at least two"):
+        build_task_data({"kind": "folder", "root": str(root)}, CFG)
+
+
+def test_short_run_on_a_flat_folder_says_what_it_trains_on(setup, tmp_path, capsys):
+    work, _ = setup
+    root = flat_folder(tmp_path / "photos", size=(40, 40))
+    cfg = TrainConfig(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(work / "backbone.safetensors"),
+                      method="vpt-deep", method_options={"prompt_length": 2}, data={"kind": "folder", "root": str(root)},
+                      epochs=1, batch_size=8, test_split="test", output=str(tmp_path / "run"))
+    with pytest.warns(UserWarning, match="using 0 warm-up"):
+        cfg.validate()
+    results = train(cfg)
+    out = capsys.readouterr().out
+    assert f"data: folder {root}: 3 classes (cat, dog, owl); train 18, val 6 (20% of each class" in out
+    assert results["val"]["count"] == 6 and results["test"]["count"] == 6
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())["config"]
+    assert saved["warmup_epochs"] == 0 and saved["data"]["kind"] == "folder"
