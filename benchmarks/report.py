@@ -216,6 +216,48 @@ def precision_threads_table(report: dict) -> str:
     return "\n".join(out)
 
 
+def why_tie_tables(report: dict) -> str:
+    def num(x, digits=3):
+        return "-" if x is None else f"{x:.{digits}f}"
+
+    rows = []
+    for a in report["adapters"]:
+        lr = Path(a["adapter"]).parent.name.removeprefix("lr")
+        s = a["summary"]
+        rows.append([a["task"], lr, pct(a.get("val_top1")), num(s["mean_abs_da_shift"]), num(s["mean_da_token_std"]),
+                     num(s["mean_abs_gamma"]), num(s["mean_ratio"]), num(s["max_ratio"])])
+    out = ["Trained iVPT adapters (5 epochs on train; DA's weights over the val images' prompt tokens; means over "
+           "transitions):", "",
+           table(["task", "lr", "val top-1", "mean |alpha - 0.5|", "alpha's spread over tokens (std)", "mean |gamma|",
+                  "AR change / patch norm", "largest AR change"], rows), ""]
+    rows = []
+    for task, runs in report["schedule"].items():
+        for epochs, r in sorted(runs.items(), key=lambda kv: int(kv[0])):
+            last = r["log"][-1]
+
+            def mean_of(key):
+                values = [abs(v) for k, v in last.items() if k.startswith(key + "_")]
+                return sum(values) / len(values) if values else None
+            rows.append([task, epochs, pct(r["val_top1"]), num(mean_of("da_weight")), num(mean_of("ar_gamma")),
+                         num(mean_of("ar_ratio"))])
+    out += ["Longer schedule (lr 0.01, seed 42; the last epoch's diagnostics on 32 val images):", "",
+            table(["task", "epochs", "val top-1", "mean alpha", "mean |gamma|", "AR change / patch norm"], rows)]
+    return "\n".join(out)
+
+
+def open_choices_table(report: dict) -> str:
+    tasks = report["tasks"]
+    rows = [[r["setting"]] + [pct(r[t]) for t in tasks] + [pct(r["mean_val_top1"], 2),
+             "-" if r["setting"] == "default" else f"{report['verdicts'][r['setting']]['gain_points']:+.2f}"]
+            for r in report["rows"]]
+    out = ["The open choices (val top-1; \"default\" is the spec's method):", "",
+           table(["setting"] + tasks + ["mean val top-1", "vs the spec's method"], rows), ""]
+    winners = [k for k, v in report["verdicts"].items() if v["variant"]]
+    out.append("Settings that clear the 1-point rule: " + (", ".join(f"`{w}`" for w in winners) if winners else
+                                                           "**none**") + ".")
+    return "\n".join(out)
+
+
 RENDERERS = {  # block name -> (results file, renderer)
     "accuracy": ("accuracy", accuracy_tables),
     "ablation": ("accuracy", ablation_table),
@@ -225,6 +267,8 @@ RENDERERS = {  # block name -> (results file, renderer)
     "testbed": ("testbed_probe", testbed_table),
     "mechanism": ("mechanism", mechanism_table),
     "precision_threads": ("precision_threads", precision_threads_table),
+    "why_tie": ("why_tie", why_tie_tables),
+    "open_choices": ("ivpt_open_choices", open_choices_table),
 }
 
 
