@@ -285,7 +285,8 @@ def parameter_table(backbone: str, methods: list[str], num_classes: int, prompt_
             model = create_model(arch, method, num_classes, **extra)
             counts = count_parameters(model)
             counts["method"] = method
-            counts["tuned_%"] = f"{100 * counts['tuned'] / counts['backbone']:.3f}"
+            # the method's own tensors (the task head aside) as a share of the backbone's own parameters
+            counts["tuned_%"] = round(100 * counts["tuned_without_head"] / counts["backbone"], 3)
             rows.append(counts)
     return rows
 
@@ -297,7 +298,11 @@ def cmd_params(args) -> int:
     options = {k: v for k, v in (json.loads(args.options) if args.options else {}).items()}
     rows = parameter_table(args.backbone, methods, args.num_classes, args.prompt_length, options)
     print(f"{args.backbone}, {args.num_classes} classes, prompt length {args.prompt_length}")
-    print_table(rows, ["method", "tuned", "tuned_%", "head", "prompts", "da", "ar", "backbone"])
+    print("tuned: every trained tensor, head included; tuned_%: the tuned tensors without the head, as a "
+          "percentage of the backbone's own parameters")
+    extra = sorted({k for r in rows for k in r} - {"method", "tuned", "tuned_%", "head", "prompts", "da", "ar",
+                                                   "backbone", "total", "tuned_without_head"})
+    print_table(rows, ["method", "tuned", "tuned_%", "head", "prompts", "da", "ar", *extra, "backbone"])
     if args.output:
         from .engine.checkpoint import atomic_write
 
@@ -355,11 +360,12 @@ def cmd_tune(args) -> int:
         means = summarize({t: s["test_mean"] for t, s in summaries.items()})
         merged = {"method": cfg.method, "tasks": summaries, **means}
         atomic_write(out / "suite_summary.json", lambda tmp: tmp.write_text(json.dumps(merged, indent=2)))
-        rows = [{"task": t, "group": SUITE_TASKS[t][0], "test_mean": f"{100 * s['test_mean']:.2f}",
-                 "test_std": f"{100 * s['test_std']:.2f}", "lr": s["chosen"]["lr"], "wd": s["chosen"]["weight_decay"]}
+        rows = [{"task": t, "group": SUITE_TASKS[t][0], "test_mean": round(s["test_mean"], 4),
+                 "test_std": round(s["test_std"], 4), "lr": s["chosen"]["lr"], "wd": s["chosen"]["weight_decay"]}
                 for t, s in summaries.items()]
         print_table(rows, ["task", "group", "test_mean", "test_std", "lr", "wd"])
-        print(f"mean of group means {100 * means['mean_of_group_means']:.2f}, plain mean {100 * means['plain_mean']:.2f}")
+        print(f"test top-1 (fractions): mean of group means {means['mean_of_group_means']:.4f}, "
+              f"plain mean {means['plain_mean']:.4f}")
         return 0
     summary = tune(cfg, out, args.shard, wait)
     if summary is None:
@@ -468,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="tuned-parameter table for a backbone and one or all methods")
     p.add_argument("--backbone", default="vit_base_patch16_224")
     p.add_argument("--method", default="all", help="a method name or 'all'")
-    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--num-classes", type=int, default=100, help="classes of the task head (default: %(default)s)")
     p.add_argument("--prompt-length", type=int, default=10)
     p.add_argument("--options", help="iVPT options as JSON, e.g. '{\"da\": \"channel\"}'")
     p.add_argument("--output", help="JSON file to write the table to")

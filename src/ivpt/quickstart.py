@@ -52,7 +52,7 @@ def run_quickstart(task: str | None = None, output: str | Path = "runs/quickstar
         print(f"training {method} on {cfg.data['task']} ({cfg.epochs} epochs) ...", flush=True)
         results = train(cfg, resume=True, quiet=True, progress=True)
         params = results["parameters"]
-        rows.append({"method": method, "test_top1": round(100 * results["test"]["top1"], 2),
+        rows.append({"method": method, "test_top1": round(results["test"]["top1"], 4),  # a fraction, as every file has it
                      "tuned_params": params["tuned"], "prompt_side_params": params["tuned_without_head"],
                      "seconds": round(time.time() - started, 1), "adapter": results["adapter"]})
     header = ["method", "test_top1", "tuned_params", "prompt_side_params", "seconds"]

@@ -5,7 +5,6 @@ import csv
 import io
 from pathlib import Path
 
-from .engine.checkpoint import atomic_write
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
@@ -17,6 +16,8 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 def write_csv(path: str | Path, rows: list[dict], first: tuple[str, ...] = ()) -> None:
     """Every key of every row becomes a column (``first`` ones leading), written atomically."""
+    from .engine.checkpoint import atomic_write
+
     fields = list(dict.fromkeys([*first, *(k for row in rows for k in row)]))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)

@@ -8,13 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from ..backbones import DEFAULT_BACKBONE, is_shipped
-from ..data.datasets import DataError
 from ..options import OptionError, check_bool, check_choice, check_float, check_int
-from .data import check_data_spec
 
 
 class ConfigError(ValueError):
@@ -65,6 +61,12 @@ class TrainConfig:
     protocol: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
+        import torch  # here, not at import: `ivpt train --help` lists the fields without loading torch
+
+        from ..backbones import DEFAULT_BACKBONE, is_shipped
+        from ..data.datasets import DataError
+        from .data import check_data_spec
+
         # YAML 1.1 reads 1e-3 (no dot) as a string: accept numeric strings for number fields
         for name in ("lr", "weight_decay", "momentum", "label_smoothing", "grad_clip"):
             value = getattr(self, name)
