@@ -7,7 +7,7 @@ from ._version import __version__
 _LAZY = {
     "load_adapter": ".adapter", "save_adapter": ".adapter", "DEFAULT_BACKBONE": ".backbones",
     "PromptedViT": ".encoder", "count_parameters": ".factory", "create_model": ".factory", "METHODS": ".methods",
-    "OptionError": ".options",
+    "OptionError": ".options", "train": ".api", "evaluate": ".api",
 }
 
 
@@ -28,6 +28,8 @@ __all__ = [
     "PromptedViT",
     "count_parameters",
     "create_model",
+    "evaluate",
+    "train",
     "load_adapter",
     "save_adapter",
     "__version__",

@@ -31,75 +31,24 @@ def cmd_train(args) -> int:
 
 # -- eval ----------------------------------------------------------------------------------------
 def _load_for_inference(adapter_dir: str, weights: str | None):
-    from .adapter import load_adapter, read_adapter_config
+    from .api import load_for_inference
 
-    # without --weights, the adapter's recorded backbone weights are used
-    return load_adapter(adapter_dir, weights=weights), read_adapter_config(adapter_dir)
-
-
-def _data_for(model, config: dict, spec: dict):
-    """The dataset of an adapter's task, built as its training run built it."""
-    from .engine.config import TrainConfig
-    from .engine.data import build_task_data
-    from .engine.segdata import build_segmentation_data
-
-    if config.get("task") == "segmentation":
-        cfg = TrainConfig(task="segmentation", data=spec, segmentation=config.get("segmentation") or
-                          {"crop_size": config["crop_size"], "decoder": config["decoder"]})
-        return build_segmentation_data(cfg, model.encoder.backbone.pretrained_cfg, model.patch_size)
-    return build_task_data(spec, model.backbone.pretrained_cfg)
+    return load_for_inference(adapter_dir, weights)
 
 
 def cmd_eval(args) -> int:
+    from .api import evaluate_adapter
     from .engine.checkpoint import atomic_write
-    from .engine.data import split_of
-    from .engine.distributed import Dist
-    from .engine.loop import evaluate, loader_for, resolve_device
-    from .engine.tasks import TASKS
 
-    model, config = _load_for_inference(args.adapter, args.weights)
-    spec = json.loads(args.data) if args.data else config.get("data")
-    if not spec:
-        raise ValueError(f"{args.adapter} records no dataset; pass --data '{{\"kind\": ..., ...}}'")
-    device = resolve_device(args.device)
-    task = _data_for(model, config, spec)
-    if model.class_names and task.classes != model.class_names:
-        raise ValueError(f"the dataset's classes differ from the adapter's ({len(task.classes)} vs "
-                         f"{len(model.class_names)}): is this the dataset the adapter was trained on?")
-    kind = config.get("task", "classification")
-    impl = TASKS[kind]()
-    impl.ignore_index = getattr(task, "ignore_index", None)
-    if args.multiscale is not None:
-        if kind != "segmentation":
-            raise ValueError(f"--multiscale applies to segmentation adapters; {args.adapter} is {kind}")
-        from .segmentation import MS_SCALES
-
-        args.multiscale = list(args.multiscale or MS_SCALES)
-        impl.multiscale = tuple(args.multiscale)
-    batch = args.batch_size if kind == "classification" else 1
-    dataset = split_of(task, args.split)
-    if not args.strict:  # unreadable images are skipped with a warning each and listed in the output
-        from .data.datasets import SkipUnreadable, collate_readable
-
-        dataset = SkipUnreadable(dataset)
-    loader = loader_for(dataset, batch, Dist(), 0, False, 0, None if args.strict else collate_readable)
-    metrics = evaluate(model.to(device), loader, len(task.classes), device, desc=args.split, task=impl)
-    skipped = [] if args.strict else [_named(dataset.dataset, s) for s in dataset.skipped]
-    metrics.update({"adapter": args.adapter, "split": args.split, "data": spec, "classes": task.classes,
-                    "scales": args.multiscale, "skipped": skipped})
-    print(json.dumps({"split": args.split, impl.primary: round(metrics[impl.primary], 4),
-                      **({"scales": args.multiscale} if args.multiscale else {})}))
+    metrics = evaluate_adapter(args.adapter, args.split, json.loads(args.data) if args.data else None, args.weights,
+                               args.batch_size, args.device, args.multiscale, args.strict)
+    skipped = metrics["skipped"]
+    primary = "mIoU" if "mIoU" in metrics else "top1"
+    print(json.dumps({"split": args.split, primary: round(metrics[primary], 4),
+                      **({"scales": metrics["scales"]} if metrics["scales"] else {})}))
     if args.output:
         atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     return _skipped_exit(skipped)
-
-
-def _named(dataset, skipped: dict) -> dict:
-    """A skipped item with its file, where the dataset lists files."""
-    items = getattr(dataset, "items", None)
-    if items is not None and getattr(dataset, "root", None) is not None:
-        return {"image": str(dataset.root / items[skipped["index"]][0]), **skipped}
-    return skipped
 
 
 def _read_images(files: list[Path], strict: bool, transform=None):

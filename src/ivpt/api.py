@@ -1,0 +1,112 @@
+"""ivpt from Python: train and evaluate with the same engine as the ``ivpt`` command.
+
+    results = ivpt.train(method="vpt-deep", data={"kind": "suite", "task": "clevr-count"}, epochs=5,
+                         output="runs/cc")                 # or ivpt.train("recipe.yaml", lr=0.01, ...)
+    metrics = ivpt.evaluate("runs/cc/adapter", split="test")
+
+The same checkpoints, resume, lock, preemption and results.json as ``ivpt train`` / ``ivpt eval``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .engine.config import TrainConfig, load_config
+
+
+def train(config: TrainConfig | dict | str | Path | None = None, *, resume: bool = False, quiet: bool = False,
+          **fields) -> dict[str, Any]:
+    """Train one method on one dataset and return the run's results (as ``results.json`` holds them).
+
+    config: a TrainConfig, a mapping of its fields, or a YAML recipe; ``fields`` override it
+    (e.g. ``method="vpt-deep"``, ``epochs=5``, ``data={"kind": "folder", "root": "photos/"}``).
+    """
+    from .engine.loop import train as run
+
+    if isinstance(config, TrainConfig):
+        cfg = dataclasses.replace(config, **fields)
+    elif isinstance(config, dict):
+        cfg = TrainConfig(**{**config, **fields})
+    else:
+        base = load_config(config) if config is not None else TrainConfig()
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            from .engine.config import ConfigError
+
+            raise ConfigError(f"unknown config field {unknown[0]!r}")
+        cfg = dataclasses.replace(base, **fields)
+    return run(cfg.validate(), resume=resume, quiet=quiet)
+
+
+def load_for_inference(adapter_dir, weights=None):
+    from .adapter import load_adapter, read_adapter_config
+
+    # without weights, the adapter's recorded backbone weights are used
+    return load_adapter(adapter_dir, weights=weights), read_adapter_config(adapter_dir)
+
+
+def data_for(model, config: dict, spec: dict):
+    """The dataset of an adapter's task, built as its training run built it."""
+    from .engine.data import build_task_data
+    from .engine.segdata import build_segmentation_data
+
+    if config.get("task") == "segmentation":
+        cfg = TrainConfig(task="segmentation", data=spec, segmentation=config.get("segmentation") or
+                          {"crop_size": config["crop_size"], "decoder": config["decoder"]})
+        return build_segmentation_data(cfg, model.encoder.backbone.pretrained_cfg, model.patch_size)
+    return build_task_data(spec, model.backbone.pretrained_cfg)
+
+
+def evaluate(adapter, split: str = "test", data: dict | None = None, *, weights=None, batch_size: int = 256,
+             device: str = "auto", multiscale=None, strict: bool = False) -> dict[str, Any]:
+    """Metrics of a saved adapter on a split of its dataset (or of ``data``), as ``ivpt eval`` computes them."""
+    return evaluate_adapter(str(adapter), split, data, weights, batch_size, device, multiscale, strict)
+
+
+def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, device: str, multiscale,
+                     strict: bool) -> dict[str, Any]:
+    from .engine.data import split_of
+    from .engine.distributed import Dist
+    from .engine.loop import evaluate as run_evaluation, loader_for, resolve_device
+    from .engine.tasks import TASKS
+
+    model, config = load_for_inference(adapter, weights)
+    spec = data or config.get("data")
+    if not spec:
+        raise ValueError(f"{adapter} records no dataset; pass data={{\"kind\": ..., ...}} (--data on the command line)")
+    device = resolve_device(device)
+    task = data_for(model, config, spec)
+    if model.class_names and task.classes != model.class_names:
+        raise ValueError(f"the dataset's classes differ from the adapter's ({len(task.classes)} vs "
+                         f"{len(model.class_names)}): is this the dataset the adapter was trained on?")
+    kind = config.get("task", "classification")
+    impl = TASKS[kind]()
+    impl.ignore_index = getattr(task, "ignore_index", None)
+    if multiscale is not None:
+        if kind != "segmentation":
+            raise ValueError(f"--multiscale applies to segmentation adapters; {adapter} is {kind}")
+        from .segmentation import MS_SCALES
+
+        multiscale = list(multiscale or MS_SCALES)
+        impl.multiscale = tuple(multiscale)
+    batch = batch_size if kind == "classification" else 1
+    dataset = split_of(task, split)
+    if not strict:  # unreadable images are skipped with a warning each and listed in the output
+        from .data.datasets import SkipUnreadable, collate_readable
+
+        dataset = SkipUnreadable(dataset)
+    loader = loader_for(dataset, batch, Dist(), 0, False, 0, None if strict else collate_readable)
+    metrics = run_evaluation(model.to(device), loader, len(task.classes), device, desc=split, task=impl)
+    skipped = [] if strict else [_named(dataset.dataset, s) for s in dataset.skipped]
+    metrics.update({"adapter": adapter, "split": split, "data": spec, "classes": task.classes,
+                    "scales": multiscale, "skipped": skipped})
+    return metrics
+
+
+def _named(dataset, skipped: dict) -> dict:
+    """A skipped item with its file, where the dataset lists files."""
+    items = getattr(dataset, "items", None)
+    if items is not None and getattr(dataset, "root", None) is not None:
+        return {"image": str(Path(dataset.root) / items[skipped["index"]][0]), **skipped}
+    return skipped
