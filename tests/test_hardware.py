@@ -81,3 +81,24 @@ def test_a_run_records_the_precision_it_used(tmp_path, monkeypatch):
     assert results["precision"] == {"asked": "auto", "used": "fp32",
                                     "reason": "CPU without native bf16 (no AVX512_BF16 or AMX): bf16 would be emulated"}
     assert json.loads((tmp_path / "run" / "results.json").read_text())["precision"]["used"] == "fp32"
+
+
+def test_a_resume_that_would_compute_in_another_precision_is_refused(tmp_path, monkeypatch):
+    from test_engine import TINY, make_folder
+    from safetensors.torch import save_file
+    import timm
+
+    from ivpt.engine.checkpoint import CheckpointError
+    from ivpt.engine.config import TrainConfig
+    from ivpt.engine.loop import train
+
+    folder = make_folder(tmp_path / "data", per_class=4)
+    save_file(timm.create_model("vit_mini_patch4_32", **TINY).state_dict(), str(tmp_path / "b.safetensors"))
+    cfg = TrainConfig(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(tmp_path / "b.safetensors"),
+                      method="linear", data={"kind": "folder", "root": str(folder)}, epochs=1, warmup_epochs=0,
+                      batch_size=4, precision="auto", device="cpu", output=str(tmp_path / "run")).validate()
+    monkeypatch.setenv(hardware.CPU_BF16_ENV, "0")
+    train(cfg, quiet=True)
+    monkeypatch.setenv(hardware.CPU_BF16_ENV, "1")  # the same recipe on a machine with native bf16
+    with pytest.raises(CheckpointError, match="trained in fp32, and precision 'auto' means bf16 on this machine"):
+        train(cfg, resume=True, quiet=True)

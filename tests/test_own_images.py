@@ -95,3 +95,27 @@ def test_short_run_on_a_flat_folder_says_what_it_trains_on(setup, tmp_path, caps
     assert results["val"]["count"] == 6 and results["test"]["count"] == 6
     saved = json.loads((tmp_path / "run" / "results.json").read_text())["config"]
     assert saved["warmup_epochs"] == 0 and saved["data"]["kind"] == "folder"
+
+
+def test_pretrained_false_on_a_shipped_backbone_means_its_architecture_at_random():
+    from ivpt.engine.tasks import backbone_for
+
+    assert backbone_for(TrainConfig(method="vpt-deep", pretrained=False)) == "vit_mini_patch4_32"
+    assert backbone_for(TrainConfig(method="vpt-deep")) == "vit_mini_patch4_32.ivpt_cifar10"
+
+
+def test_eval_data_override_is_checked_like_a_recipe(setup, tmp_path, capsys):
+    from ivpt import cli
+
+    work, _ = setup
+    root = flat_folder(tmp_path / "photos", size=(40, 40))
+    cfg = TrainConfig(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(work / "backbone.safetensors"),
+                      method="linear", data={"kind": "folder", "root": str(root)}, epochs=1, batch_size=8,
+                      output=str(tmp_path / "run"))
+    train(cfg.validate(), quiet=True)
+    adapter = str(tmp_path / "run" / "adapter")
+    assert cli.main(["eval", adapter, "--split", "val", "--data", json.dumps({"root": str(root)})]) == 0
+    assert cli.main(["eval", adapter, "--split", "val", "--data", json.dumps({"root": str(root), "sead": 1})]) == 2
+    assert "unknown field 'sead'" in capsys.readouterr().err
+    # predict prepares images as the run evaluated them (shorter side + centre crop), not squashed
+    assert cli.main(["predict", adapter, str(root / "cat"), "--output", str(tmp_path / "p.json")]) == 0

@@ -28,15 +28,9 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, resume: bool
         cfg = dataclasses.replace(config, **fields)
     elif isinstance(config, dict):
         cfg = TrainConfig(**{**config, **fields})
-    else:
-        base = load_config(config) if config is not None else TrainConfig()
-        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(TrainConfig)})
-        if unknown:
-            from .engine.config import ConfigError
-
-            raise ConfigError(f"unknown config field {unknown[0]!r}")
-        cfg = dataclasses.replace(base, **fields)
-    return run(cfg.validate(), resume=resume, quiet=quiet)
+    else:  # a recipe (or none): the fields join it before it is checked, as --set overrides do
+        cfg = load_config(config, fields=fields)
+    return run(cfg, resume=resume, quiet=quiet)
 
 
 def load_for_inference(adapter_dir, weights=None):
@@ -71,8 +65,10 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
     from .engine.loop import evaluate as run_evaluation, loader_for, resolve_device
     from .engine.tasks import TASKS
 
+    from .engine.data import check_data_spec
+
     model, config = load_for_inference(adapter, weights)
-    spec = data or config.get("data")
+    spec = check_data_spec(data) if data else config.get("data")
     if not spec:
         raise ValueError(f"{adapter} records no dataset; pass data={{\"kind\": ..., ...}} (--data on the command line)")
     device = resolve_device(device)

@@ -31,7 +31,7 @@ def cmd_train(args) -> int:
 
 # -- eval ----------------------------------------------------------------------------------------
 def _load_for_inference(adapter_dir: str, weights: str | None):
-    from .api import load_for_inference
+    from .api import load_for_inference  # imported when a command runs, not for --help
 
     return load_for_inference(adapter_dir, weights)
 
@@ -79,7 +79,7 @@ def cmd_predict(args) -> int:
     files = _image_files(args.images)
     if config.get("task") == "segmentation":
         return _predict_masks(model, config, files, Path(args.output or "predictions"), args.strict)
-    transform = _classification_transform(config)
+    transform = _classification_transform(config, model)
     names = model.class_names or [str(i) for i in range(config["num_classes"])]
     k = min(args.top_k, len(names))
     predictions, skipped = [], []
@@ -125,12 +125,17 @@ def _image_files(items: list[str]) -> list[Path]:
     return files
 
 
-def _classification_transform(config: dict):
-    """The adapter's evaluation pipeline: VTAB's resize, or FGVC's resize + centre crop."""
-    from .data.transforms import fgvc_transform, vtab_transform
+def _classification_transform(config: dict, model=None):
+    """The adapter's evaluation pipeline: as its data was evaluated (folder: resize + centre crop or squash;
+    FGVC: resize + centre crop; otherwise VTAB's resize)."""
+    from .data.transforms import fgvc_transform, folder_transform, vtab_transform
 
     size = config["image_size"][-1] if config.get("image_size") else 224
-    if (config.get("data") or {}).get("kind") == "fgvc":
+    data = config.get("data") or {}
+    if data.get("kind") == "folder" and model is not None:
+        return folder_transform({**model.backbone.pretrained_cfg, "mean": config["mean"], "std": config["std"],
+                                 "input_size": (3, size, size)}, data.get("preprocess", "crop"))
+    if data.get("kind") == "fgvc":
         return fgvc_transform(False, size, config["mean"], config["std"], config.get("interpolation", "bilinear"))
     return vtab_transform(size, config["mean"], config["std"], config.get("interpolation", "bilinear"))
 
@@ -153,10 +158,10 @@ def cmd_explain(args) -> int:
         transform = transforms.Compose([transforms.Resize(crop), transforms.CenterCrop(crop), transforms.ToTensor(),
                                         transforms.Normalize(config["mean"], config["std"])])
     else:
-        transform = _classification_transform(config)
+        transform = _classification_transform(config, model)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    title = f"{config['method']} on {config.get('backbone') or 'backbone'}"
+    title = f"{config['method']} on {(config.get('backbone') or {}).get('name') or 'its backbone'}"
     records, last = [], None
     for start in range(0, len(files), args.batch_size):
         chunk = files[start:start + args.batch_size]

@@ -9,7 +9,6 @@ resumed run follows the same path as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import math
 import time
@@ -24,8 +23,8 @@ from ..progress import progress as tqdm_or_lines
 from ..data.cifar10 import load_cifar10
 from ..data.paths import data_file, sha256_file
 from ..engine.checkpoint import atomic_write, has_checkpoint, load_checkpoint, save_checkpoint
-from ..engine.hardware import resolve_precision
-from ..engine.preemption import Preempted, StopRequest, rng_state, set_rng_state
+from ..engine.hardware import Precision, resolve_precision
+from ..engine.preemption import Preempted, StopRequest, decode_state, encode_state, rng_state, set_rng_state
 from ..engine.runlock import RunLock
 from .architectures import ARCHITECTURES
 
@@ -148,6 +147,8 @@ def _pretrain(args, out: Path, device: torch.device) -> dict:
         start, log, inside = load_state(out, model, opt)
         print(f"resuming from epoch {start}" + (f", step {inside['step']}" if inside else "") + f" in {out}")
     precision = resolve_precision(args.precision, device)
+    if precision.used == "fp16":  # pretraining has no gradient scaler: fp32 rather than unscaled fp16
+        precision = Precision(args.precision, "fp32", "CUDA device without bf16; pretraining runs fp16 nowhere")
     print(f"precision {precision.used} ({precision.reason})", flush=True)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision.used == "bf16")
 
@@ -170,7 +171,7 @@ def _epochs(args, out, model, opt, data_tensors, start, log, inside, stopper, au
         t0, loss_sum, correct, seen, first = time.time(), 0.0, 0, 0, 0
         if inside and epoch == start:  # resumed inside this epoch: the same order, draws and sums as before
             first, (loss_sum, correct, seen) = inside["step"], inside["sums"]
-            gen.set_state(_bytes_tensor(inside["generator"]))
+            gen.set_state(decode_state(inside["generator"]))
             set_rng_state(inside["rng"])
         bar = tqdm_or_lines(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         for it in bar:
@@ -193,7 +194,7 @@ def _epochs(args, out, model, opt, data_tensors, start, log, inside, stopper, au
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
             if stopper.requested:
                 save_state(out, model, opt, epoch, log, {"step": it + 1, "sums": [loss_sum, correct, seen],
-                                                         "generator": _text(gen.get_state()), "rng": rng_state()})
+                                                         "generator": encode_state(gen.get_state()), "rng": rng_state()})
                 raise Preempted(f"pretraining stopped by {stopper.signal} after step {it + 1}/{steps_per_epoch} of "
                                 f"epoch {epoch + 1}; checkpoint written in {out}: run the same command to resume", str(out))
         entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
@@ -201,14 +202,6 @@ def _epochs(args, out, model, opt, data_tensors, start, log, inside, stopper, au
         log.append(entry)
         print(json.dumps(entry), flush=True)
         save_state(out, model, opt, epoch + 1, log)
-
-
-def _text(state: torch.Tensor) -> str:
-    return base64.b64encode(state.numpy().tobytes()).decode()
-
-
-def _bytes_tensor(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
 def _finish(args, out, model, data, tar, arch, mean_list, std_list, log, precision, mean, std) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ def atomic_write(path: Path, write) -> None:
     """
     path = Path(path)
     _remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
@@ -43,10 +44,14 @@ def atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
+_HOST = socket.gethostname().replace("-", "_")
+
+
 def _remove_stale_temporaries(path: Path) -> None:
+    """This host's temporaries of ``path`` whose process is gone (other hosts' are theirs to judge)."""
     if not path.parent.is_dir():
         return
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+    for tmp in path.parent.glob(f".{path.name}.tmp-{_HOST}-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             tmp.unlink(missing_ok=True)

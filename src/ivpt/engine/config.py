@@ -184,7 +184,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                fields: dict[str, Any] | None = None) -> TrainConfig:
+    """A recipe, then ``key=value`` overrides, then ``fields`` (Python values), checked once."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -197,6 +199,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of config fields")
     raw = apply_overrides(raw, overrides or [])
+    raw.update(fields or {})
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
         where = f" in {path}" if path else ""

@@ -145,6 +145,10 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
         diff = [k for k, v in _result_fields(cfg.to_dict()).items() if saved.get(k) != v]
         if diff:
             raise CheckpointError(f"cannot resume {out}: the config differs from the checkpoint's in {', '.join(diff)}")
+        used = checkpoint_meta(out).get("precision")
+        if used and used != precision.used:  # precision: auto resolves per machine
+            raise CheckpointError(f"cannot resume {out}: it was trained in {used}, and precision "
+                                  f"{cfg.precision!r} means {precision.used} on this machine; set precision={used}")
         tensors, meta = load_checkpoint(out, optimizer)
         expected = model.adapter_tensors()
         wrong = sorted(n for n, t in expected.items() if n not in tensors or tensors[n].shape != t.shape)
@@ -171,6 +175,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
         if ctx.main:
             save_checkpoint(out, model.adapter_tensors(), optimizer,
                             {"epoch": epochs_done, "step": step, "partial": sums, "log": log, "config": cfg.to_dict(),
+                             "precision": precision.used,
                              "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None})
         ctx.barrier()
 

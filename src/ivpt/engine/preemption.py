@@ -10,6 +10,7 @@ all-reduced every step, so every rank stops at the same step even if only one go
 from __future__ import annotations
 
 import base64
+import os
 import signal
 import threading
 
@@ -40,6 +41,10 @@ class StopRequest:
         return self.signal is not None
 
     def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal (e.g. during a long evaluation): act on it as if not caught
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
         self.signal = signal.Signals(signum).name
 
     def __enter__(self) -> "StopRequest":
@@ -62,21 +67,27 @@ class StopRequest:
         return bool(flag.item())
 
 
+def encode_state(state: torch.Tensor) -> str:
+    """A generator state (uint8 tensor) as text for a JSON checkpoint."""
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def decode_state(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def rng_state() -> dict[str, str]:
-    """torch's CPU (and CUDA) generator states, as text for a JSON checkpoint."""
-    state = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    """torch's CPU (and CUDA) generator states, as text."""
+    state = {"cpu": encode_state(torch.get_rng_state())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+        state["cuda"] = encode_state(torch.cuda.get_rng_state())
     return state
 
 
 def set_rng_state(state: dict[str, str]) -> None:
-    def tensor(text):
-        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-    torch.set_rng_state(tensor(state["cpu"]))
+    torch.set_rng_state(decode_state(state["cpu"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensor(state["cuda"]))
+        torch.cuda.set_rng_state(decode_state(state["cuda"]))
 
 
 class StepCheckpoints:

@@ -59,9 +59,14 @@ class RunLock:
                                      f"({self.holder()}); wait for it to end or choose another output") from None
             raise OSError(err.errno, f"cannot lock {self.path} ({err.strerror}): this filesystem may not "
                                      "support file locks; use a local or lock-capable folder") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        except OSError:  # e.g. a full disk: never keep a lock nobody can name
+            _unlock(fd)
+            os.close(fd)
+            raise
         self.fd = fd
         return self
 

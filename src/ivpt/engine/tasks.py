@@ -14,12 +14,19 @@ from ..factory import count_parameters, create_model
 from .data import TaskData, build_task_data
 
 
+def backbone_for(cfg) -> str:
+    """The backbone name to build: ``pretrained: false`` on a shipped backbone means its architecture, random."""
+    from ..backbones import is_shipped
+
+    return cfg.backbone.split(".", 1)[0] if cfg.pretrained is False and is_shipped(cfg.backbone) else cfg.backbone
+
+
 class ClassificationTask:
     name, primary = "classification", "top1"
 
     def build(self, cfg) -> tuple[torch.nn.Module, TaskData]:
         # the data needs the backbone's input size and normalisation, the head needs the data's classes
-        model = create_model(cfg.backbone, cfg.method, 1, weights=cfg.weights, pretrained=bool(cfg.pretrained),
+        model = create_model(backbone_for(cfg), cfg.method, 1, weights=cfg.weights, pretrained=bool(cfg.pretrained),
                              timm_kwargs=cfg.backbone_options, **cfg.method_options)
         data = build_task_data(cfg.data, model.backbone.pretrained_cfg)
         torch.manual_seed(cfg.seed + 1)
@@ -75,7 +82,7 @@ class SegmentationTask:
 
         opts = cfg.segmentation
         model = create_segmentation_model(
-            cfg.backbone, cfg.method, 1, decoder=opts.get("decoder", "pup"), crop_size=int(opts.get("crop_size", 512)),
+            backbone_for(cfg), cfg.method, 1, decoder=opts.get("decoder", "pup"), crop_size=int(opts.get("crop_size", 512)),
             decoder_channels=int(opts.get("decoder_channels", 256)), weights=cfg.weights,
             pretrained=bool(cfg.pretrained), timm_kwargs=cfg.backbone_options, **cfg.method_options)
         data = build_segmentation_data(cfg, model.encoder.backbone.pretrained_cfg, model.patch_size)
