@@ -228,7 +228,7 @@ def why_tie_tables(report: dict) -> str:
                      num(s["mean_abs_gamma"]), num(s["mean_ratio"]), num(s["max_ratio"])])
     out = ["Trained iVPT adapters (5 epochs on train; DA's weights over the val images' prompt tokens; means over "
            "transitions):", "",
-           table(["task", "lr", "val top-1", "mean |alpha - 0.5|", "alpha's spread over tokens (std)", "mean |gamma|",
+           table(["task", "lr", "val top-1", "mean abs(alpha - 0.5)", "alpha's spread over tokens (std)", "mean abs(gamma)",
                   "AR change / patch norm", "largest AR change"], rows), ""]
     rows = []
     for task, runs in report["schedule"].items():
@@ -241,7 +241,7 @@ def why_tie_tables(report: dict) -> str:
             rows.append([task, epochs, pct(r["val_top1"]), num(mean_of("da_weight")), num(mean_of("ar_gamma")),
                          num(mean_of("ar_ratio"))])
     out += ["Longer schedule (lr 0.01, seed 42; the last epoch's diagnostics on 32 val images):", "",
-            table(["task", "epochs", "val top-1", "mean alpha", "mean |gamma|", "AR change / patch norm"], rows)]
+            table(["task", "epochs", "val top-1", "mean alpha", "mean abs(gamma)", "AR change / patch norm"], rows)]
     return "\n".join(out)
 
 
