@@ -119,3 +119,25 @@ def test_eval_data_override_is_checked_like_a_recipe(setup, tmp_path, capsys):
     assert "unknown field 'sead'" in capsys.readouterr().err
     # predict prepares images as the run evaluated them (shorter side + centre crop), not squashed
     assert cli.main(["predict", adapter, str(root / "cat"), "--output", str(tmp_path / "p.json")]) == 0
+
+
+def test_ivpt_train_reproduces_the_cli_run(setup, tmp_path):
+    import ivpt
+    from ivpt import cli
+    from safetensors.torch import load_file
+
+    work, folder = setup
+    fields = dict(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(work / "backbone.safetensors"),
+                  method="ivpt", method_options={"prompt_length": 2}, data={"kind": "folder", "root": str(folder)},
+                  epochs=2, warmup_epochs=1, batch_size=8, optimizer="adamw", lr=0.05, lr_scaling=False)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(fields))
+    assert cli.main(["train", str(recipe), "--output", str(tmp_path / "cli")]) == 0
+    results = ivpt.train(recipe, output=str(tmp_path / "py"), quiet=True)
+    cli_results = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert results["val"]["top1"] == cli_results["val"]["top1"] and results["log"][-1]["train_loss"] == \
+        cli_results["log"][-1]["train_loss"]
+    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter.safetensors")) for d in ("cli", "py"))
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    assert ivpt.evaluate(tmp_path / "py" / "adapter", split="val")["top1"] == results["val"]["top1"]
+    assert ivpt.train(fields, output=str(tmp_path / "dict"), quiet=True)["val"]["top1"] == results["val"]["top1"]

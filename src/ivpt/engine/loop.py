@@ -258,6 +258,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
 
     results = {"config": cfg.to_dict(), "task": impl.name, "primary_metric": impl.primary, "classes": task.classes,
                "precision": precision.to_dict(), "threads": torch.get_num_threads(),
+               "data_description": getattr(task, "description", ""),
                "epochs_run": len(log), "parameters": impl.parameters(model), "log": log}
     if eval_loader is not None and log:
         # the last epoch's evaluation is the final one; only a resumed, already finished run evaluates again
