@@ -162,10 +162,11 @@ def cmd_explain(args) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{config['method']} on {(config.get('backbone') or {}).get('name') or 'its backbone'}"
-    records, last = [], None
+    records, last, batches = [], None, []
     for start in range(0, len(files), args.batch_size):
         chunk = files[start:start + args.batch_size]
         batch = torch.stack([transform(open_rgb(f)) for f in chunk])
+        batches.append(batch)
         last = explain(model, batch)
         pixels = denormalize(batch, config["mean"], config["std"])
         for n, (f, e) in enumerate(zip(chunk, last.to_dict()["images"])):
@@ -174,7 +175,7 @@ def cmd_explain(args) -> int:
             records.append({"image": str(f), "figure": str(figure), **e})
             print(f"{f}\t{figure}" + (f"\t{e['prediction']} {e['score']:.3f}" if e["prediction"] is not None else ""))
     # learned quantities: DA's gate values gathered over every image given, the rest from the tensors
-    whole = explain(model, torch.stack([transform(open_rgb(f)) for f in files])) if len(files) > args.batch_size else last
+    whole = explain(model, torch.cat(batches)) if len(batches) > 1 else last  # each image decoded once
     plot_adapter(whole, out / "adapter.png", title=f"{title}: learned per-transition quantities")
     summary = {k: v for k, v in whole.to_dict().items() if k != "images"}
     summary.update(adapter=str(args.adapter), adapter_figure=str(out / "adapter.png"), images=records)

@@ -136,6 +136,8 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     if eval_set is not None:
         eval_loader = loader_for(eval_set, eval_batch, ctx, cfg.seed, False, cfg.workers)
     diagnostic_images = _diagnostic_batch(model, eval_set if eval_set is not None else train_set) if ctx.main else None
+    if diagnostic_images is not None:
+        diagnostic_images = diagnostic_images.to(device)  # once, not every epoch
     steps_per_epoch = len(train_loader.batch_sampler)
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs
 
@@ -241,7 +243,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
         if diagnostic_images is not None:  # DA's weight, AR's gamma and AR's relative change per transition
             from ..explain import epoch_diagnostics
 
-            entry.update(epoch_diagnostics(model, diagnostic_images.to(device)))
+            entry.update(epoch_diagnostics(model, diagnostic_images))
         log.append(entry)
         checkpoint(epoch + 1)
         if ctx.main:
