@@ -141,3 +141,13 @@ def test_ivpt_train_reproduces_the_cli_run(setup, tmp_path):
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
     assert ivpt.evaluate(tmp_path / "py" / "adapter", split="val")["top1"] == results["val"]["top1"]
     assert ivpt.train(fields, output=str(tmp_path / "dict"), quiet=True)["val"]["top1"] == results["val"]["top1"]
+
+
+def test_a_holdout_fraction_beside_a_split_folder_is_refused(tmp_path):
+    root = tmp_path / "photos"
+    flat_folder(root / "train")
+    flat_folder(root / "val", per_class=2)
+    data = build_task_data({"kind": "folder", "root": str(root)}, CFG)
+    assert len(data.splits["val"]) == 6 and len(data.splits["test"]) == 6  # test still held out of train
+    with pytest.raises(ValueError, match="'val_fraction'.*val exists"):
+        build_task_data({"kind": "folder", "root": str(root), "val_fraction": 0.3}, CFG)

@@ -186,6 +186,10 @@ def _folder(spec: dict[str, Any], root: Path, pretrained_cfg: dict) -> TaskData:
     if len(full.classes) < 2:
         raise DataError(f"{base}: {len(full.classes)} class folder ({', '.join(full.classes)}); classification needs "
                         f"at least two ({base}/<class>/<images>)")
+    for split in ("val", "test"):  # a holdout fraction beside a real split folder would be ignored: say so
+        if (root / split).is_dir() and f"{split}_fraction" in spec:
+            raise DataError(f"data field '{split}_fraction': {root / split} exists, so nothing is held out for "
+                            f"{split}; remove the field or the folder")
     fractions = {s: float(spec.get(f"{s}_fraction", FOLDER_HOLDOUT)) for s in ("val", "test") if not (root / s).is_dir()}
     keep, held = stratified_holdout(full.labels, fractions, int(spec.get("seed", 0)))
     train = ImageListDataset(base, [full.items[i] for i in keep], full.classes, train_tf)
