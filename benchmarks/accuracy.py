@@ -47,6 +47,12 @@ VARIANTS = {
     "cdc-da": ("ivpt", {"da": "gate", "ar": False}),           # CDC + DA (the gate: selection)
     "ar-only": ("ivpt", {"cdc": False}),                       # AR alone on VPT-deep prompts
     "ivpt": ("ivpt", {}),                                      # CDC + DA + AR
+    "ivpt-static": ("ivpt-static", {}),                        # the static connection + AR (the preset)
+    "lora": ("lora", None),                                    # the module methods: their own defaults
+    "adapter": ("adapter", None),
+    "adaptformer": ("adaptformer", None),
+    "ssf": ("ssf", None),
+    "bitfit": ("bitfit", None),
 }
 ABLATIONS = ["vpt-deep", "cdc-static", "cdc-da", "ar-only", "ivpt"]
 # Ablations train at the lr and wd chosen on val for full iVPT on the same task (no grid of their own:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import ivpt
+from ivpt.methods import prompt_options
 from ivpt.engine.checkpoint import atomic_write
 from ivpt.tables import write_csv
 
@@ -39,11 +40,9 @@ METHODS = ["floor", "linear", "full", "vpt-shallow", "vpt-deep", "ivpt"]
 
 def build(backbone: str, method: str, prompt_length: int, img_size: int, num_classes: int = 100):
     kwargs = {"timm_kwargs": {"img_size": img_size}}
-    if method in ("linear", "full"):
-        return ivpt.create_model(backbone, method, num_classes, **kwargs)
     # the floor is run on a vpt-deep model with its tuned tensors detached (see floor_step)
     name = "vpt-deep" if method == "floor" else method
-    return ivpt.create_model(backbone, name, num_classes, prompt_length=prompt_length, **kwargs)
+    return ivpt.create_model(backbone, name, num_classes, **prompt_options(name, prompt_length), **kwargs)
 
 
 def floor_forward(model, images):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import ivpt
+from ivpt.methods import prompt_options
 from ivpt.engine.checkpoint import atomic_write
 from ivpt.engine.hardware import resolve_precision
 from ivpt.engine.loop import autocast_for
@@ -60,7 +61,7 @@ def synchronize(device):
 
 
 def measure(method: str, compiled: bool, setup: dict, device: torch.device, precision: str) -> dict:
-    options = {} if method in ("linear", "full") else {"prompt_length": PROMPT_LENGTH}
+    options = prompt_options(method, PROMPT_LENGTH)
     torch.manual_seed(0)
     model = ivpt.create_model(setup["backbone"], method, 100, timm_kwargs=setup["timm_kwargs"], **options).to(device)
     run = torch.compile(model, backend="inductor" if device.type == "cuda" else "eager") if compiled else model

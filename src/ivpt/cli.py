@@ -221,6 +221,29 @@ def _predict_masks(model, config: dict, files: list[Path], out: Path, strict: bo
     return _skipped_exit(skipped)
 
 
+# -- export --------------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    from .engine.checkpoint import atomic_write
+
+    model, config = _load_for_inference(args.adapter, args.weights)
+    if config.get("task") == "segmentation":
+        raise ValueError(f"adapter {args.adapter} is a segmentation model: its decoder has no place in a timm "
+                         "classification checkpoint; share the adapter folder instead")
+    merged = model.merge()  # ValueError, naming why, for methods that cannot be merged
+    from safetensors.torch import save_file
+
+    out = Path(args.merged)
+    state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
+    atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    name = (config.get("backbone") or {}).get("name") or "ARCH"
+    k = config["num_classes"]
+    kwargs = "".join(f", {key}={value!r}" for key, value in ((config.get("backbone") or {}).get("timm_kwargs") or {}).items())
+    print(f"wrote {out}: {config['method']} merged into {name} (a plain timm checkpoint, head of {k} classes)")
+    print(f"load it with: timm.create_model({name.split('.')[0]!r}, pretrained=True, num_classes={k}{kwargs}, "
+          f"pretrained_cfg_overlay=dict(file={str(out)!r}, num_classes={k}))")
+    return 0
+
+
 # -- params --------------------------------------------------------------------------------------
 def parameter_table(backbone: str, methods: list[str], num_classes: int, prompt_length: int,
                     options: dict | None = None) -> list[dict]:
@@ -228,15 +251,15 @@ def parameter_table(backbone: str, methods: list[str], num_classes: int, prompt_
 
     from . import create_model
     from .factory import count_parameters
-    from .methods import METHODS, IVPTConfig
+    from .methods import METHODS, IVPTConfig, prompt_options
 
     arch = backbone.split(".", 1)[0]  # shapes only: no weights needed, built on the meta device
     rows = []
     with torch.device("meta"):
         for method in methods:
-            extra = {} if method in ("linear", "full") else {"prompt_length": prompt_length}
-            if issubclass(METHODS[method].config_class, IVPTConfig):  # ivpt and its presets
-                extra.update(options or {})
+            extra = prompt_options(method, prompt_length)
+            if options and (issubclass(METHODS[method].config_class, IVPTConfig) or len(methods) == 1):
+                extra.update(options)  # iVPT's switches apply to ivpt and its presets; one method: its own
             model = create_model(arch, method, num_classes, **extra)
             counts = count_parameters(model)
             counts["method"] = method
@@ -426,12 +449,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
     p.set_defaults(func=cmd_explain)
 
+    p = sub.add_parser("export", help="fold a LoRA, SSF or BitFit adapter into a plain timm checkpoint",
+                       description="Writes the backbone with the method folded into its weights, head included, "
+                                   "as a safetensors file that timm loads with no ivpt code. For methods whose "
+                                   "change is linear in the weights (lora, ssf, bitfit; linear and full too); "
+                                   "prompt methods and bottleneck adapters cannot be merged and say so.")
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("--merged", required=True, metavar="OUT", help="safetensors file to write")
+    p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("params", help="tuned-parameter table for a backbone and one or all methods")
     p.add_argument("--backbone", default="vit_base_patch16_224")
     p.add_argument("--method", default="all", help="a method name or 'all'")
     p.add_argument("--num-classes", type=int, default=100, help="classes of the task head (default: %(default)s)")
     p.add_argument("--prompt-length", type=int, default=10)
-    p.add_argument("--options", help="iVPT options as JSON, e.g. '{\"da\": \"channel\"}'")
+    p.add_argument("--options", help="method options as JSON: iVPT's switches for ivpt and its presets, or the named method's own, e.g. '{\"lora_rank\": 4}'")
     p.add_argument("--output", help="JSON file to write the table to")
     p.set_defaults(func=cmd_params)
 

@@ -99,6 +99,7 @@ class PromptedViT(nn.Module):
         self.record_attention = False
         self.last_attention: dict[int, torch.Tensor] = {}
         self.shape = backbone_shape(backbone)
+        method.attach(backbone)  # module methods (LoRA, adapters, SSF, BitFit) hook into timm's modules here
         self._set_trainable()
 
     # -- what trains -----------------------------------------------------------------------
@@ -115,6 +116,7 @@ class PromptedViT(nn.Module):
         if self.method.tunes_backbone:
             return dict(self.named_parameters())
         chosen = {id(p) for p in self.head.parameters()} | {id(p) for p in self.method.parameters()}
+        chosen |= {id(p) for p in self.method.backbone_parameters(self.backbone)}  # BitFit: biases in place
         return {n: p for n, p in self.named_parameters() if id(p) in chosen}
 
     def reset_classifier(self, num_classes: int, class_names: list[str] | None = None) -> None:
@@ -213,6 +215,26 @@ class PromptedViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images))
+
+    # -- merging -----------------------------------------------------------------------------
+    def merge(self) -> VisionTransformer:
+        """A plain timm model (a copy; this one is unchanged) with the method folded into its weights.
+
+        For methods whose change is linear in the weights (LoRA, SSF, BitFit; linear and full trivially);
+        prompt methods and bottleneck adapters raise ValueError. ``merged.state_dict()`` has timm's own
+        names, head included, so ``timm.create_model(name, pretrained=True, num_classes=K,
+        pretrained_cfg_overlay=dict(file=PATH, num_classes=K))`` loads it with no ivpt code.
+        """
+        import copy
+
+        from .methods.modules import strip_hooks
+
+        state = self.method.merged_state(self.backbone)
+        merged = copy.deepcopy(self.backbone)
+        strip_hooks(merged, getattr(self.method, "hook_ids", set()))
+        merged.load_state_dict(state)
+        merged.requires_grad_(False)
+        return merged.eval()
 
     # -- saving ------------------------------------------------------------------------------
     task = "classification"

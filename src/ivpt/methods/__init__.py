@@ -1,13 +1,29 @@
 """Registry of tuning methods: name -> class (each class names its config dataclass)."""
 from __future__ import annotations
 
+import dataclasses
+
 from .base import BackboneShape, TuningMethod
+from .bitfit import BitFit
+from .bottleneck import AdaptFormer, Adapter
 from .ivpt import IVPT, IVPTConfig, IVPTStatic
 from .linear import FullFineTune, LinearProbe
+from .lora import LoRA
+from .modules import AttachError, ModuleMethod
+from .ssf import SSF
 from .vpt import GateVPT, VPTConfig, VPTDeep, VPTShallow
 
 METHODS: dict[str, type[TuningMethod]] = {
-    cls.name: cls for cls in (LinearProbe, FullFineTune, VPTShallow, VPTDeep, GateVPT, IVPT, IVPTStatic)
+    cls.name: cls for cls in (LinearProbe, FullFineTune, VPTShallow, VPTDeep, GateVPT, IVPT, IVPTStatic,
+                              LoRA, Adapter, AdaptFormer, SSF, BitFit)
 }
 
-__all__ = ["METHODS", "BackboneShape", "TuningMethod", "IVPTConfig", "VPTConfig"]
+
+
+def prompt_options(method: str, prompt_length: int) -> dict:
+    """``{"prompt_length": p}`` for the methods that take prompts, ``{}`` for the others."""
+    fields = {f.name for f in dataclasses.fields(METHODS[method].config_class)}
+    return {"prompt_length": prompt_length} if "prompt_length" in fields else {}
+
+
+__all__ = ["METHODS", "AttachError", "BackboneShape", "ModuleMethod", "TuningMethod", "IVPTConfig", "VPTConfig", "prompt_options"]

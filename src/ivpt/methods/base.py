@@ -29,6 +29,8 @@ class BackboneShape:
 class TuningMethod(nn.Module):
     name: str = ""
     tunes_backbone: bool = False
+    # the method's change can be folded into the backbone's own weights (ivpt export --merged)
+    mergeable: bool = False
 
     def __init__(self, config, shape: BackboneShape):
         super().__init__()
@@ -58,6 +60,21 @@ class TuningMethod(nn.Module):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The method's own tuned tensors by component, for counting and optimiser groups."""
         return {}
+
+    # -- methods that act inside the backbone (ivpt.methods.modules) ----------------------------
+    def attach(self, vit: nn.Module) -> None:
+        """Called once by the encoder with its timm ViT, before anything trains: hook modules in."""
+
+    def backbone_parameters(self, vit: nn.Module) -> list[nn.Parameter]:
+        """The backbone's own tensors that this method tunes in place (BitFit's biases)."""
+        return []
+
+    def merged_state(self, vit: nn.Module) -> dict[str, torch.Tensor]:
+        """The backbone's state dict with the method's change folded in (``mergeable`` methods only)."""
+        raise ValueError(f"method {self.name!r} cannot be merged into the backbone's weights: "
+                         + ("it adds prompt tokens, which no timm checkpoint can hold"
+                            if self.num_prompts else "its change is not linear in the weights")
+                         + "; share the adapter folder instead")
 
 
 def prompt_init_bound(shape: BackboneShape) -> float:

@@ -14,9 +14,17 @@ class NoOptions:
 class LinearProbe(TuningMethod):
     name = "linear"
     config_class = NoOptions
+    mergeable = True  # the backbone unchanged, the head its own
+
+    def merged_state(self, vit):
+        return dict(vit.state_dict())
 
 
 class FullFineTune(TuningMethod):
     name = "full"
     config_class = NoOptions
     tunes_backbone = True
+    mergeable = True
+
+    def merged_state(self, vit):
+        return dict(vit.state_dict())
