@@ -160,7 +160,7 @@ def plot(report, tasks, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no plot written")
+        print("matplotlib not installed (pip install 'ivpt[bench]'): no plot written")
         return
     names = list(report["methods"])
     width = 0.8 / len(names)

@@ -2,6 +2,8 @@
 
     python benchmarks/cost.py                # ViT-B/16 @224 (random weights) and the default backbone
     python benchmarks/cost.py --quick        # a tiny smoke run
+    python benchmarks/cost.py --baselines    # every method against VPT-deep on ViT-B/16, merged vs unmerged
+    python benchmarks/cost.py --saved-memory # iVPT's saved activations against VPT-deep's, prompt length 1-200
 
 Timing: every configuration runs in the same process, interleaved round by round (A B C ... A B C),
 and each ratio is the median over rounds of the per-round ratio, so slow phases of a shared machine
@@ -74,13 +76,14 @@ def make_step(model, method, images, labels):
 
 
 def saved_bytes(model, method, images, labels) -> int:
-    """Bytes autograd keeps for backward in one training forward (activations; weights not counted)."""
-    seen, total = set(), 0
+    """Bytes autograd keeps for backward in one training forward (activations; weights not counted, nor
+    views of them such as prompts expanded over the batch)."""
+    seen, total = {(p.untyped_storage().data_ptr(), p.dtype) for p in model.parameters()}, 0
 
     def pack(t):
         nonlocal total
         key = (t.untyped_storage().data_ptr(), t.dtype)
-        if key not in seen and not isinstance(t, torch.nn.Parameter):
+        if key not in seen:
             seen.add(key)
             total += t.untyped_storage().nbytes()
         return t
@@ -176,6 +179,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--resume", action="store_true",
                         help="keep the sections and points already in the results file, measure the rest")
+    parser.add_argument("--baselines", action="store_true",
+                        help="only the baselines section: every method against VPT-deep, and merged inference")
+    parser.add_argument("--saved-memory", action="store_true",
+                        help="only iVPT's saved activations against VPT-deep's over prompt lengths (no timing)")
     parser.add_argument("--rss-probe", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--scaling-probe", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -186,6 +193,10 @@ def main() -> None:
         print(json.dumps(scaling_point(backbone, int(p), int(size), int(batch), int(rounds), key, int(value))))
         return None
     torch.set_num_threads(torch.get_num_threads())
+    if args.baselines:
+        return baselines(args.quick, args.rounds)
+    if args.saved_memory:
+        return saved_memory(args.quick)
     if args.quick:
         setups = [("vit_mini_patch4_32", 32, 16, 10)]
         lengths, sizes, rounds = [1, 10], [32, 48], 2
@@ -256,6 +267,74 @@ def main() -> None:
     plot(report, RESULTS / f"cost_vs_prompt_length{suffix}.png")
 
 
+BASELINES = ["floor", "linear", "vpt-deep", "gatevpt", "ivpt", "lora", "adapter", "adaptformer", "ssf", "bitfit"]
+MERGEABLE = ["lora", "ssf", "bitfit"]
+
+
+def baselines(quick: bool, rounds: int) -> None:
+    """Every method against VPT-deep in one interleaved run, and merged against unmerged inference."""
+    backbone, size, batch, p = ("vit_mini_patch4_32", 32, 16, 10) if quick else ("vit_base_patch16_224", 224, 8, 10)
+    rounds = 2 if quick else rounds
+    print(f"== baselines: {backbone} @{size}, batch {batch}, prompt length {p}, {rounds} rounds", flush=True)
+    entries = measure(backbone, BASELINES, p, size, batch, rounds)
+    images = torch.randn(batch, 3, size, size)
+    merged = {m: entries[m]["model"].merge() for m in MERGEABLE}
+    times = {m: {"unmerged": [], "merged": []} for m in MERGEABLE}
+    with torch.no_grad():
+        for m in MERGEABLE:
+            entries[m]["model"].eval()
+            merged[m](images)  # warm-up
+        for _ in range(rounds):
+            for m in MERGEABLE:
+                times[m]["unmerged"].append(timed(lambda model=entries[m]["model"]: model(images)))
+                times[m]["merged"].append(timed(lambda model=merged[m]: model(images)))
+    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                         f"torch {torch.__version__}", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+              "backbone": backbone, "image_size": size, "batch": batch, "prompt_length": p, "rounds": rounds,
+              "methods": {}}
+    for m in BASELINES[1:]:
+        e = entries[m]
+        report["methods"][m] = {
+            "tuned_without_head": ivpt.count_parameters(e["model"])["tuned_without_head"],
+            "train_step_s": statistics.median(e["train"]), "inference_s": statistics.median(e["infer"]),
+            "train_vs_vpt_deep": ratio(entries, m, "vpt-deep", "train"),
+            "inference_vs_vpt_deep": ratio(entries, m, "vpt-deep", "infer"),
+            "saved_activation_bytes": e["saved_bytes"],
+            "saved_vs_vpt_deep": e["saved_bytes"] / entries["vpt-deep"]["saved_bytes"]}
+        if m in MERGEABLE:
+            report["methods"][m]["merged_vs_unmerged_inference"] = statistics.median(
+                a / b for a, b in zip(times[m]["merged"], times[m]["unmerged"]))
+        print(m, json.dumps({k: round(v, 4) for k, v in report["methods"][m].items()}), flush=True)
+    name = "cost_baselines_quick.json" if quick else "cost_baselines.json"
+    RESULTS.mkdir(exist_ok=True)
+    atomic_write(RESULTS / name, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+
+
+def saved_memory(quick: bool) -> None:
+    """Bytes kept for backward by one training forward: iVPT (gate and channel DA) against VPT-deep."""
+    backbone, size, batch = ("vit_mini_patch4_32", 32, 4) if quick else ("vit_base_patch16_224", 224, 8)
+    lengths = [1, 10] if quick else [1, 10, 50, 100, 200]
+    torch.manual_seed(0)
+    images, labels = torch.randn(batch, 3, size, size), torch.randint(0, 100, (batch,))
+    report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "backbone": backbone, "image_size": size,
+              "batch": batch, "points": []}
+    variants = {"vpt-deep": ("vpt-deep", {}), "ivpt": ("ivpt", {}), "ivpt-channel": ("ivpt", {"da": "channel"})}
+    for p in lengths:
+        point = {"prompt_length": p}
+        for name, (method, options) in variants.items():
+            model = ivpt.create_model(backbone, method, 100, prompt_length=p, timm_kwargs={"img_size": size},
+                                      **options).train()
+            point[name] = saved_bytes(model, method, images, labels)
+            del model
+        for name in ("ivpt", "ivpt-channel"):
+            point[f"{name}_vs_vpt_deep"] = point[name] / point["vpt-deep"]
+        report["points"].append(point)
+        print(json.dumps(point), flush=True)
+    name = "saved_memory_quick.json" if quick else "saved_memory.json"
+    RESULTS.mkdir(exist_ok=True)
+    atomic_write(RESULTS / name, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+
+
 def rss_ratio(a: dict, b: dict) -> float | None:
     # None when the step fits in memory the process already held (tiny models): no growth to compare
     if not a["peak_rss_growth_bytes"] or not b["peak_rss_growth_bytes"]:
@@ -284,7 +363,7 @@ def plot(report, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no plot written")
+        print("matplotlib not installed (pip install 'ivpt[bench]'): no plot written")
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     lengths = [r["prompt_length"] for r in report["prompt_length"]]

@@ -258,6 +258,67 @@ def open_choices_table(report: dict) -> str:
     return "\n".join(out)
 
 
+# V-PETL Bench's "Params." for VTAB-1k on ViT-B/16 (../shared/reference/published-results.md); the VPT rows
+# are VPT's own, at its per-task prompt lengths (ours: p = 10 everywhere)
+PUBLISHED_PARAMS = {"linear": "0", "full": "85.8M", "vpt-shallow": "0.08M", "vpt-deep": "0.56M", "adapter": "0.16M",
+                    "adaptformer": "0.16M", "bitfit": "0.10M", "lora": "0.29M", "ssf": "0.21M"}
+
+
+def params_table(rows: list) -> str:
+    out = []
+    for r in rows:
+        own = r["tuned_without_head"]
+        out.append([r["method"], f"{own:,}", f"{own / 1e6:.2f}M", PUBLISHED_PARAMS.get(r["method"], "-"),
+                    f"{r['tuned_%']:.3f}"])
+    return table(["method", "tuned without the head", "in millions", "V-PETL Bench / VPT (published)",
+                  "% of the backbone"], out)
+
+
+def baselines_cost_table(report: dict) -> str:
+    rows = []
+    for m, s in report["methods"].items():
+        merged = s.get("merged_vs_unmerged_inference")
+        rows.append([m, f"{s['tuned_without_head']:,}", f"{s['train_step_s']:.2f}", f"{s['train_vs_vpt_deep']:.3f}",
+                     f"{s['inference_s']:.2f}", f"{s['inference_vs_vpt_deep']:.3f}",
+                     f"{s['saved_activation_bytes'] / 2 ** 20:.0f}", f"{s['saved_vs_vpt_deep']:.3f}",
+                     "-" if merged is None else f"{merged:.3f}"])
+    head = (f"{report['backbone']} @{report['image_size']}, batch {report['batch']}, prompt length "
+            f"{report['prompt_length']}, {report['rounds']} interleaved rounds, {report['machine']}, {report['date']}")
+    return head + "\n\n" + table(["method", "tuned params", "train step (s)", "/ VPT-deep", "inference (s)",
+                                   "/ VPT-deep", "saved for backward (MiB)", "/ VPT-deep",
+                                   "merged / unmerged inference"], rows)
+
+
+def compiled_table(report: dict) -> str:
+    peak = ", ".join(f"{k} {v:.1f}" for k, v in report["matmul_peak_gflops"].items())
+    out = [f"{report['machine']}, {report['date']}; measured matmul peak (GFLOP/s): {peak}.", ""]
+    for setup in report["setups"]:
+        rows = []
+        for m, s in setup["methods"].items():
+            rows.append([m, f"{s['train_step_s']:.3f}", f"{s['compiled_train_step_s']:.3f}",
+                         f"{s['compiled_vs_eager']:.3f}", f"{s['compile_seconds']:.0f}", f"{s['step_gflop']:.1f}",
+                         f"{s['gflops_eager']:.1f} ({100 * s['share_of_fp32_peak_eager']:.0f}%)",
+                         f"{s['gflops_compiled']:.1f} ({100 * s['share_of_fp32_peak_compiled']:.0f}%)"])
+        r = setup["ivpt_vs_vpt_deep"]
+        out += [f"**{setup['backbone']} @{setup['image_size']}, batch {setup['batch']}** (iVPT / VPT-deep step: "
+                f"eager {r['eager']:.3f}, compiled {r['compiled']:.3f})", "",
+                table(["method", "eager step (s)", "compiled step (s)", "compiled / eager", "compile (s)",
+                       "GFLOP per step", "GFLOP/s eager (of fp32 peak)", "GFLOP/s compiled (of fp32 peak)"], rows), ""]
+    return "\n".join(out).rstrip()
+
+
+def saved_memory_table(report: dict) -> str:
+    before = {p["prompt_length"]: p["ivpt_vs_vpt_deep_saved_bytes"] for p in (load("cost") or {}).get("prompt_length", [])}
+    rows = []
+    for p in report["points"]:
+        old = before.get(p["prompt_length"])
+        rows.append([str(p["prompt_length"]), f"{p['vpt-deep'] / 2 ** 20:.0f}", "-" if old is None else f"{old:.3f}",
+                     f"{p['ivpt_vs_vpt_deep']:.3f}", f"{p['ivpt-channel_vs_vpt_deep']:.3f}"])
+    return (f"{report['backbone']} @{report['image_size']}, batch {report['batch']}, {report['date']}\n\n" +
+            table(["prompt length", "VPT-deep saved (MiB)", "iVPT / VPT-deep before (2026-11-24, static DA)",
+                   "iVPT / VPT-deep now (gate DA, fused)", "iVPT channel DA / VPT-deep now"], rows))
+
+
 RENDERERS = {  # block name -> (results file, renderer)
     "accuracy": ("accuracy", accuracy_tables),
     "ablation": ("accuracy", ablation_table),
@@ -269,6 +330,10 @@ RENDERERS = {  # block name -> (results file, renderer)
     "precision_threads": ("precision_threads", precision_threads_table),
     "why_tie": ("why_tie", why_tie_tables),
     "open_choices": ("ivpt_open_choices", open_choices_table),
+    "params_baselines": ("params_vit_b16", params_table),
+    "baselines_cost": ("cost_baselines", baselines_cost_table),
+    "compiled": ("compiled", compiled_table),
+    "saved_memory": ("saved_memory", saved_memory_table),
 }
 
 

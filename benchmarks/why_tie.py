@@ -100,7 +100,9 @@ def main() -> None:
 
 
 def plot_schedule(report: dict) -> None:
-    import matplotlib
+    from ivpt.extras import require
+
+    matplotlib = require("matplotlib", "benchmarks/why_tie.py's figure", "bench")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

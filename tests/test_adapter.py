@@ -29,7 +29,7 @@ def test_round_trip_gives_identical_outputs(tmp_path, method, options):
     perturb_tuned(model)
     model.save_adapter(tmp_path / "adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
-    assert files == ["adapter.safetensors", "adapter_config.json"]  # no temporary files left behind
+    assert files == ["README.md", "adapter.safetensors", "adapter_config.json"]  # card; no temporaries left behind
     stored = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
     assert set(stored) == set(model.tuned_parameters())
     loaded = ivpt.load_adapter(tmp_path / "adapter", backbone=clone(vit)).eval()

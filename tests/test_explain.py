@@ -85,9 +85,11 @@ def test_reinforcement_ratio_is_the_relative_change_of_the_selected_patches(imag
         assert [im.ratio[i] for im in e.images] == pytest.approx(delta.mean(dim=1).tolist(), rel=1e-4)
 
 
-@pytest.mark.parametrize("method", ["vpt-deep", "vpt-shallow", "gatevpt"])
+@pytest.mark.parametrize("method", ["vpt-deep", "vpt-shallow", "gatevpt", "lora", "ssf"])
 def test_prompt_methods_without_da_or_ar_get_attention_maps(images, tmp_path, method):
-    model = ivpt.create_model(make_vit(), method, 7, prompt_length=3)
+    from ivpt.methods import prompt_options
+
+    model = ivpt.create_model(make_vit(), method, 7, **prompt_options(method, 3))
     e = explain(model, images)
     assert sorted(e.images[0].saliency) == [0, 1, 2, 3] and e.images[0].selected == {}
     assert all(t.da_mode is None and t.gamma is None for t in e.transitions)

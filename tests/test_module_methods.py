@@ -309,3 +309,38 @@ def test_training_resumes_bit_identically(method, options, setup, monkeypatch):
     assert any(k.startswith("method.") or k.startswith("backbone.blocks") for k in a)
     if method == "lora":  # B starts at zero: training moved it
         assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_b"))
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_ddp_two_processes_match_one_process(method, setup):
+    """Hooked modules (LoRA) and tensors tuned in place (BitFit) under DDP: 2 gloo ranks = 1 process."""
+    import torch.multiprocessing as mp
+    from test_engine import _ddp_worker, adapter_tensors, config, free_port
+
+    from ivpt.engine.loop import train
+
+    tmp_path, folder = setup
+    common = dict(epochs=2, method=method, method_options={}, lr=0.05)
+    single = train(config(tmp_path, folder, output=str(tmp_path / "one"), **common), quiet=True)
+    cfg = config(tmp_path, folder, output=str(tmp_path / "two"), **common)
+    mp.start_processes(_ddp_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path / "two.json")),
+                       nprocs=2, join=True, start_method="spawn")
+    two = json.loads((tmp_path / "two.json").read_text())
+    a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=2e-5), key
+    assert [e["val_top1"] for e in single["log"]] == [e["val_top1"] for e in two["log"]]
+
+
+def test_segmentation_adapter_with_a_module_method_round_trips(tmp_path):
+    from ivpt.segmentation import create_segmentation_model
+
+    model = create_segmentation_model(make_vit(dynamic_img_size=True), "lora", 5, decoder="naive", crop_size=32,
+                                      decoder_channels=8)
+    randomize(model.encoder)
+    x = torch.randn(2, 3, 32, 48)
+    expected = model.eval()(x)
+    model.save_adapter(tmp_path / "seg")
+    again = ivpt.load_adapter(tmp_path / "seg", backbone=make_vit(dynamic_img_size=True))
+    assert torch.equal(again.eval()(x), expected)

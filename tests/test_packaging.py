@@ -2,6 +2,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +39,22 @@ def test_every_recipe_loads_and_uses_vpts_prompt_length():
             assert cfg.method_options["prompt_length"] == SPEC_PROMPT_LENGTHS[path.stem], path
             assert (cfg.epochs, cfg.warmup_epochs, cfg.batch_size, cfg.optimizer) == (100, 10, 128, "sgd")
             assert len(cfg.protocol["lrs"]) == 10 and cfg.protocol["seeds"] == [42, 44, 82, 100, 800]
+
+
+def test_method_protocols_layer_over_every_benchmark_recipe(tmp_path):
+    """configs/protocols/*-petl.yaml over each VTAB-1k/FGVC recipe: that method's protocol, the recipe's data."""
+    from ivpt.engine.config import ConfigError, load_config
+
+    for family in ("vtab", "fgvc"):
+        protocol = ROOT / "configs" / "protocols" / f"{family}-petl.yaml"
+        for recipe in sorted((ROOT / "configs" / family).glob("*.yaml")):
+            own = load_config(recipe)
+            for method in ("lora", "adapter", "adaptformer", "ssf", "bitfit"):
+                cfg = load_config([recipe, protocol], [f"method={method}"])
+                assert cfg.method == method and cfg.method_options == {}
+                assert (cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.lr_scaling) == ("adamw", 64, 100, False)
+                assert cfg.data == own.data and cfg.backbone == own.backbone and cfg.output == own.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"'epochz' in .*bad\.yaml"):
+        load_config([protocol, bad])

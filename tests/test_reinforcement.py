@@ -31,9 +31,10 @@ def record_ar(model):
 
 
 def record_block_inputs(model):
+    """Each block's input tokens (norm1's input: AR's blocks run their modules, not ``block(x)``)."""
     inputs = {}
     for i, block in enumerate(model.backbone.blocks):
-        block.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach()))
+        block.norm1.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach()))
     return inputs
 
 
@@ -123,3 +124,39 @@ def test_saliency_stays_float32_under_bf16_autocast():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(2, 3, 32, 32))
     assert model.last_reinforcement[0].saliency.dtype == torch.float32
+
+
+@pytest.mark.parametrize("options", [{}, {"qk_norm": True}, {"init_values": 0.1}, {"scale_attn_norm": True},
+                                     {"scale_mlp_norm": True}, {"qkv_bias": False}, {"fused": False}])
+def test_block_with_saliency_is_the_block_itself(options):
+    """AR's hookless block pass equals timm's ``block(x)`` exactly, and its saliency the explicit one."""
+    from timm.models.vision_transformer import Block
+
+    from ivpt.encoder import block_with_saliency
+
+    options = dict(options)
+    fused = options.pop("fused", True)
+    torch.manual_seed(0)
+    block = Block(32, 4, **{"qkv_bias": True, **options}).eval()
+    block.attn.fused_attn = fused
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 9, 32)
+    out, saliency = block_with_saliency(block, x, slice(0, 1), 3)
+    assert torch.allclose(out, block(x), atol=1e-6, rtol=1e-5)
+    assert torch.allclose(saliency, full_attention_saliency(block, x, slice(0, 1), 3), atol=1e-6)
+
+
+def test_block_with_saliency_honours_timms_gated_attention():
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block
+
+    from ivpt.encoder import block_with_saliency
+
+    torch.manual_seed(0)
+    block = Block(32, 4, qkv_bias=True).eval()
+    block.attn = Attention(32, 4, qkv_bias=True, gated=True).eval()
+    x = torch.randn(2, 9, 32)
+    assert block.attn.gate is not None
+    assert torch.allclose(block_with_saliency(block, x, slice(0, 1), 3)[0], block(x), atol=1e-6, rtol=1e-5)

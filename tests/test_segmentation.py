@@ -6,16 +6,17 @@ import ivpt
 from ivpt.segmentation import (ConfusionMatrix, count_segmentation_parameters, create_segmentation_model,
                                multiscale_flip_inference, slide_inference)
 from conftest import make_vit
+from ivpt.methods import prompt_options
 
 
 def seg_model(method="ivpt", decoder="pup", **options):
     vit = make_vit(dynamic_img_size=True)
     return create_segmentation_model(vit, method, 5, decoder=decoder, crop_size=32, decoder_channels=16,
-                                     **({"prompt_length": 2} if method not in ("linear", "full") else {}), **options)
+                                     **prompt_options(method, 2), **options)
 
 
 @pytest.mark.parametrize("decoder", ["linear", "naive", "pup"])
-@pytest.mark.parametrize("method", ["linear", "vpt-deep", "ivpt"])
+@pytest.mark.parametrize("method", ["linear", "vpt-deep", "ivpt", "lora", "adaptformer"])
 def test_logits_at_image_size_for_any_size(decoder, method):
     model = seg_model(method, decoder).eval()
     for size in ((32, 32), (48, 64)):

@@ -67,12 +67,15 @@ def _pup_stages(config: dict, tensors: dict) -> int | None:
 
 def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=None, pretrained: bool | None = None,
                  check_weights: bool = True) -> PromptedViT:
-    """Rebuild the tuned model from an adapter folder on ``backbone`` (default: the recorded name).
+    """Rebuild the tuned model from an adapter folder (or ``hf-hub:org/name[@revision]``) on ``backbone``
+    (default: the recorded name).
 
     Without ``weights``/``pretrained``, a backbone given by name gets the weights the adapter was
     trained on, as recorded: timm's pretrained weights, or the same local file if it still exists.
     """
-    directory = Path(directory)
+    from .hub import resolve_adapter
+
+    directory = resolve_adapter(directory)  # a folder, or hf-hub:org/name[@revision] through the Hub cache
     config = read_adapter_config(directory)
     tensors = read_adapter_tensors(directory, config)
     saved = config["backbone"]

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .card import CARD_FILE, model_card
 from .data.paths import sha256_file
 from .engine.checkpoint import atomic_write
 
@@ -57,7 +58,16 @@ def write_adapter(directory, tensors: dict[str, torch.Tensor], config: dict[str,
     atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     copy = {**config, "tensors_sha256": sha256_file(directory / TENSORS_FILE)}
     atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(copy, indent=2)))
+    write_card(directory, config)
     return directory
+
+
+def write_card(directory, config: dict[str, Any], protocol: dict[str, Any] | None = None) -> Path:
+    """The folder's model card (README.md), from the adapter's own record, replaced atomically."""
+    path = Path(directory) / CARD_FILE
+    text = model_card(config, protocol)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return path
 
 
 def _metadata(path: Path) -> dict[str, str]:

@@ -35,9 +35,11 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, resume: bool
 
 def load_for_inference(adapter_dir, weights=None):
     from .adapter import load_adapter, read_adapter_config
+    from .hub import resolve_adapter
 
+    folder = resolve_adapter(adapter_dir)  # hf-hub:org/name[@revision] or a folder
     # without weights, the adapter's recorded backbone weights are used
-    return load_adapter(adapter_dir, weights=weights), read_adapter_config(adapter_dir)
+    return load_adapter(folder, weights=weights), read_adapter_config(folder)
 
 
 def data_for(model, config: dict, spec: dict):
@@ -53,16 +55,18 @@ def data_for(model, config: dict, spec: dict):
 
 
 def evaluate(adapter, split: str = "test", data: dict | None = None, *, weights=None, batch_size: int = 256,
-             device: str = "auto", multiscale=None, strict: bool = False) -> dict[str, Any]:
-    """Metrics of a saved adapter on a split of its dataset (or of ``data``), as ``ivpt eval`` computes them."""
-    return evaluate_adapter(str(adapter), split, data, weights, batch_size, device, multiscale, strict)
+             device: str = "auto", multiscale=None, strict: bool = False, compile: bool | str = False) -> dict[str, Any]:
+    """Metrics of a saved adapter on a split of its dataset (or of ``data``), as ``ivpt eval`` computes them.
+
+    compile: torch.compile the model first (true or a mode), as the recipe field does for training."""
+    return evaluate_adapter(str(adapter), split, data, weights, batch_size, device, multiscale, strict, compile)
 
 
 def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, device: str, multiscale,
-                     strict: bool) -> dict[str, Any]:
+                     strict: bool, compile: bool | str = False) -> dict[str, Any]:
     from .engine.data import split_of
     from .engine.distributed import Dist
-    from .engine.loop import evaluate as run_evaluation, loader_for, resolve_device
+    from .engine.loop import compile_model, evaluate as run_evaluation, loader_for, resolve_device
     from .engine.tasks import TASKS
 
     from .engine.data import check_data_spec
@@ -93,7 +97,7 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
 
         dataset = SkipUnreadable(dataset)
     loader = loader_for(dataset, batch, Dist(), 0, False, 0, None if strict else collate_readable)
-    metrics = run_evaluation(model.to(device), loader, len(task.classes), device, desc=split, task=impl)
+    metrics = run_evaluation(compile_model(model.to(device), compile), loader, len(task.classes), device, desc=split, task=impl)
     skipped = [] if strict else [_named(dataset.dataset, s) for s in dataset.skipped]
     metrics.update({"adapter": adapter, "split": split, "data": spec, "classes": task.classes,
                     "scales": multiscale, "skipped": skipped})

@@ -41,7 +41,7 @@ def cmd_eval(args) -> int:
     from .engine.checkpoint import atomic_write
 
     metrics = evaluate_adapter(args.adapter, args.split, json.loads(args.data) if args.data else None, args.weights,
-                               args.batch_size, args.device, args.multiscale, args.strict)
+                               args.batch_size, args.device, args.multiscale, args.strict, args.compile)
     skipped = metrics["skipped"]
     primary = "mIoU" if "mIoU" in metrics else "top1"
     print(json.dumps({"split": args.split, primary: round(metrics[primary], 4),
@@ -221,6 +221,19 @@ def _predict_masks(model, config: dict, files: list[Path], out: Path, strict: bo
     return _skipped_exit(skipped)
 
 
+# -- push ----------------------------------------------------------------------------------------
+def cmd_push(args) -> int:
+    from .hub import push_to_hub
+
+    where = push_to_hub(args.source, args.repo, private=args.private, dry_run=args.dry_run)
+    if args.dry_run:
+        files = sorted(p.name for p in Path(where).iterdir())
+        print(f"dry run: {where} holds what would be uploaded to {args.repo}: {', '.join(files)}")
+    else:
+        print(f"pushed {args.source} to {where}; load it with ivpt.load_adapter('hf-hub:{args.repo}')")
+    return 0
+
+
 # -- export --------------------------------------------------------------------------------------
 def cmd_export(args) -> int:
     from .engine.checkpoint import atomic_write
@@ -395,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one method on one dataset from a YAML recipe plus key=value overrides. "
                                    "Writes config.yaml, metrics.jsonl/csv, a checkpoint every epoch, the adapter "
                                    "and results.json into the output folder.")
-    p.add_argument("config", nargs="?", help="YAML recipe (see configs/); fields not given keep their defaults")
+    p.add_argument("config", nargs="*", help="YAML recipe(s) (see configs/; a later file's fields replace an "
+                   "earlier one's, e.g. a dataset's recipe then configs/protocols/vtab-lora.yaml); fields not "
+                   "given keep their defaults")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                    help="override recipe fields, e.g. lr=0.5 method_options.prompt_length=20 data.task=dtd10")
     p.add_argument("--output", help="run folder (overrides the recipe's output)")
@@ -415,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segmentation: mIoU-MS, averaging these scales with horizontal flips "
                         "(no values: 0.5 0.75 1.0 1.25 1.5 1.75); default single scale")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                   help="torch.compile the model first (optionally a mode: reduce-overhead, max-autotune, ...)")
     p.add_argument("--output", help="results JSON to write")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip it with "
                    "a warning, list it under 'skipped' and exit 3)")
@@ -449,6 +466,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
     p.set_defaults(func=cmd_explain)
 
+    p = sub.add_parser("push", help="publish an adapter with its model card to the Hugging Face Hub",
+                       description="Uploads adapter.safetensors, adapter_config.json and a model card (README.md, "
+                                   "written from the adapter's record: method, backbone, tuned parameters, data, "
+                                   "recipe, metrics; a protocol run's seeds from summary.json) to REPO, creating "
+                                   "it if needed. Uses huggingface_hub's login token. Read it back anywhere with "
+                                   "hf-hub:REPO as the adapter (ivpt eval, predict, explain, ivpt.load_adapter).")
+    p.add_argument("source", help="adapter folder, or a run folder holding adapter/")
+    p.add_argument("repo", help="Hub repository, ORG/NAME")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--dry-run", metavar="DIR", help="write exactly what would be uploaded into DIR; send nothing")
+    p.set_defaults(func=cmd_push)
+
     p = sub.add_parser("export", help="fold a LoRA, SSF or BitFit adapter into a plain timm checkpoint",
                        description="Writes the backbone with the method folded into its weights, head included, "
                                    "as a safetensors file that timm loads with no ivpt code. For methods whose "
@@ -473,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "retrains on train+val with every seed and reports the test mean and std. "
                                    "Completed runs are skipped; --shard i/n splits the work between processes "
                                    "sharing the output folder; the last one to finish merges (summary.json).")
-    p.add_argument("config", help="YAML recipe (its 'protocol' field sets lrs, wds and seeds)")
+    p.add_argument("config", nargs="+", help="YAML recipe(s), its 'protocol' field sets lrs, wds and seeds; a later "
+                   "file's fields replace an earlier one's (a method's protocol: configs/protocols/)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override recipe fields")
     p.add_argument("--output", help="tuning folder (default: the recipe's output)")
     p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N", help="run every N-th job from the I-th")

@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -43,35 +44,44 @@ class Reinforcement:
     ratio: torch.Tensor | None = None
 
 
-class _QKVCapture:
-    """Keeps the qkv projection output of one block pass so AR can reuse q and k."""
-
-    def __init__(self, attn: nn.Module):
-        self.output: torch.Tensor | None = None
-        self.handle = attn.qkv.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        self.output = output
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
-def query_saliency(attn: nn.Module, qkv: torch.Tensor, query_rows: slice, key_start: int) -> torch.Tensor:
+def query_saliency(q: torch.Tensor, k: torch.Tensor, scale: float, query_rows: slice, key_start: int) -> torch.Tensor:
     """mean over heads (and query rows) of softmax(q k^T * scale), restricted to keys from key_start.
 
+    q, k: (B, H, T, d_h), after timm's q_norm / k_norm: the very tensors the block's attention uses.
     Costs O(H * T * d_h) per query row: only the needed rows of q are used, never the T x T matrix.
     """
-    b, t, _ = qkv.shape
-    h, hd, width = attn.num_heads, attn.head_dim, attn.attn_dim
-    q = qkv[:, query_rows, :width].reshape(b, -1, h, hd).transpose(1, 2)
-    k = qkv[:, :, width:2 * width].reshape(b, t, h, hd).transpose(1, 2)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    probs = ((q.float() * attn.scale) @ k.float().transpose(-2, -1)).softmax(dim=-1)  # (B, H, rows, T)
+    probs = ((q[:, :, query_rows].float() * scale) @ k.float().transpose(-2, -1)).softmax(dim=-1)  # (B, H, rows, T)
     return probs.mean(dim=(1, 2))[:, key_start:]
+
+
+def block_with_saliency(block: nn.Module, x: torch.Tensor, query_rows: slice,
+                        key_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block(x)`` for a timm ``Block`` with timm ``Attention``, and the saliency from the same q and k.
+
+    The block's own modules in timm's order (norm1, one qkv projection, q_norm/k_norm, SDPA, the
+    attention's norm and gate, proj, LayerScale, drop-path; then the MLP half), with no hook and no
+    second projection, so eager and ``torch.compile`` graphs agree; a test pins it to ``block(x)``
+    for every supported block option.
+    """
+    attn = block.attn
+    h = block.norm1(x)
+    b, t, _ = h.shape
+    gate = attn.gate(h).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = attn.qkv(h).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    # fp32 even under autocast: bf16 would tie many of the ~0.005 weights and make AR's top-K arbitrary
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        saliency = query_saliency(q.detach(), k.detach(), attn.scale, query_rows, key_start)
+    if attn.fused_attn:
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        a = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    a = attn.norm(a.transpose(1, 2).reshape(b, t, attn.attn_dim))
+    if gate is not None:
+        a = a * gate
+    x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(a))))
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x, saliency
 
 
 @torch.no_grad()
@@ -167,12 +177,7 @@ class PromptedViT(nn.Module):
             tokens = torch.cat([prefix, prompts, patches], dim=1)
             reinforce = i < last and method.needs_saliency(i)
             if reinforce or record:
-                with _QKVCapture(block.attn) as capture:
-                    out = block(tokens)
-                rows = self._saliency_rows(npt, p)
-                # fp32 even under autocast: bf16 would tie many of the ~0.005 weights and make top-K arbitrary
-                with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-                    saliency = query_saliency(block.attn, capture.output, rows, npt + p)
+                out, saliency = block_with_saliency(block, tokens, self._saliency_rows(npt, p), npt + p)
                 if record:
                     attention[i] = saliency.detach()
             elif vit.grad_checkpointing and torch.is_grad_enabled():
@@ -269,3 +274,9 @@ class PromptedViT(nn.Module):
     def save_adapter(self, directory, **extra) -> None:
         """The tuned tensors and the config (plus ``extra``, e.g. metrics), committed in one atomic step."""
         write_adapter(directory, self.adapter_tensors(), {**self.adapter_config(), **extra})
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, dry_run=None, token: str | None = None) -> str:
+        """Publish this adapter with its model card to the Hub repo ``repo_id`` (see ``ivpt.hub``)."""
+        from .hub import push_model
+
+        return push_model(self, repo_id, private=private, dry_run=dry_run, token=token)

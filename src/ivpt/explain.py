@@ -86,12 +86,19 @@ def encoder_of(model: nn.Module) -> PromptedViT:
 @contextlib.contextmanager
 def recording(encoder: PromptedViT):
     """Within: every forward records each block's saliency and AR's relative change."""
+    from .methods.ivpt import DynamicAggregation
+
     previous = encoder.record_attention
+    aggregations = [m for m in encoder.method.modules() if isinstance(m, DynamicAggregation)]
     encoder.record_attention = True
+    for da in aggregations:  # DA keeps its mixing weights of the pass (last_alpha) only while recording
+        da.record = True
     try:
         yield encoder
     finally:
         encoder.record_attention = previous
+        for da in aggregations:
+            da.record = False
 
 
 def transition_stats(encoder: PromptedViT, ratios: dict[int, float] | None = None) -> list[TransitionStats]:

@@ -56,6 +56,8 @@ class TrainConfig:
     workers: int = 0
     threads: int | None = None       # torch CPU threads of this process (None: a share of the cores, see docs)
     checkpoint_every_steps: int = 0  # also checkpoint inside epochs (a SIGKILL then loses at most this many steps)
+    # torch.compile the model: true, a mode (default, reduce-overhead, max-autotune...) or {mode: ..., backend: ...}
+    compile: bool | str | dict = False
     output: str = "runs/default"
     # used by `ivpt tune` only: the lr x wd grid and the seeds of the final runs (VPT's protocol)
     protocol: dict[str, Any] = field(default_factory=dict)
@@ -96,6 +98,7 @@ class TrainConfig:
             lambda: check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16")),
             lambda: self.threads is None or check_int("threads", self.threads, low=1),
             lambda: check_int("checkpoint_every_steps", self.checkpoint_every_steps, low=0),
+            lambda: check_compile(self.compile),
             lambda: check_int("seed", self.seed, low=0),
             lambda: check_int("workers", self.workers, low=0),
         ]
@@ -157,6 +160,27 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile(value) -> dict[str, str] | None:
+    """The ``compile`` field as torch.compile's keyword arguments (None: not compiled)."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, str):
+        return {"mode": check_choice("compile", value, COMPILE_MODES)}
+    if isinstance(value, dict) and value and set(value) <= {"mode", "backend"}:
+        if "mode" in value:
+            check_choice("compile.mode", value["mode"], COMPILE_MODES)
+        if "backend" in value and not (isinstance(value["backend"], str) and value["backend"]):
+            raise OptionError(f"option 'compile.backend': got {value['backend']!r}, expected a torch.compile backend "
+                              "name such as inductor, aot_eager or eager")
+        return dict(value)
+    raise OptionError(f"option 'compile': got {value!r}, expected false, true, one of {', '.join(COMPILE_MODES)}, "
+                      "or {mode: ..., backend: ...}")
+
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -184,20 +208,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+def load_config(path: str | Path | list | tuple | None = None, overrides: list[str] | None = None,
                 fields: dict[str, Any] | None = None) -> TrainConfig:
-    """A recipe, then ``key=value`` overrides, then ``fields`` (Python values), checked once."""
+    """A recipe (or several: each later file's fields replace the earlier ones', e.g. a dataset's recipe
+    then a method's protocol from configs/protocols/), then ``key=value`` overrides, then ``fields``."""
     raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    for path in map(Path, paths):
         if not path.is_file():
             raise ConfigError(f"recipe not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            layer = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from err
-        if not isinstance(raw, dict):
+        if not isinstance(layer, dict):
             raise ConfigError(f"{path}: expected a mapping of config fields")
+        unknown = sorted(set(layer) - set(FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown config field {unknown[0]!r} in {path}; known fields: {', '.join(FIELDS)}")
+        raw.update(layer)
+    path = ", ".join(map(str, paths)) or None
     raw = apply_overrides(raw, overrides or [])
     raw.update(fields or {})
     unknown = sorted(set(raw) - set(FIELDS))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from ..progress import progress as tqdm_or_lines
 
 from .checkpoint import (CheckpointError, atomic_write, checkpoint_meta, has_checkpoint, load_checkpoint,
                          save_checkpoint)
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, check_compile
 from .data import split_of
 from .distributed import Dist, GlobalBatchSampler, init_distributed, shutdown
 from .hardware import configure_threads, resolve_precision
@@ -63,6 +65,19 @@ def loader_for(dataset, batch_size: int, ctx: Dist, seed: int, shuffle: bool, wo
     """Training loaders (shuffle) share every batch out; evaluation loaders hand out whole batches."""
     sampler = GlobalBatchSampler(len(dataset), batch_size, ctx, seed, shuffle=shuffle, whole_batches=not shuffle)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn)
+
+
+def compile_model(module: torch.nn.Module, setting) -> torch.nn.Module:
+    """``torch.compile(module, ...)`` as the recipe's ``compile`` asks (true, a mode, or mode and backend)."""
+    kwargs = check_compile(setting)
+    if kwargs is None:
+        return module
+    backend = kwargs.get("backend", "inductor")
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(f"config field 'compile': unknown torch.compile backend {backend!r}; expected one of "
+                          f"{', '.join(torch._dynamo.list_backends())}")
+    mode = kwargs.get("mode")
+    return torch.compile(module, backend=backend, mode=None if mode == "default" else mode)
 
 
 def evaluate(model, loader: DataLoader, num_classes: int, device, ctx: Dist | None = None, precision: str = "fp32",
@@ -171,6 +186,9 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     if ctx.active and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # decoder BatchNorm sees the global batch
     net = DistributedDataParallel(model) if ctx.active else model
+    # compiled: the training step through DDP (as PyTorch recommends), evaluation on the model itself;
+    # checkpoints, adapters and diagnostics always use the plain module (the same tensors)
+    net, eval_model = compile_model(net, cfg.compile), compile_model(model, cfg.compile)
     writer = _tensorboard(out) if ctx.main else None
 
     def checkpoint(epochs_done: int, step: int = 0, sums: list[float] | None = None) -> None:
@@ -236,7 +254,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
                  "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 3)}
         last_epoch = epoch + 1 == cfg.epochs
         if eval_loader is not None and (last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            metrics = evaluate(model, eval_loader, len(task.classes), device, ctx, precision.used, cfg.eval_split, impl,
+            metrics = evaluate(eval_model, eval_loader, len(task.classes), device, ctx, precision.used, cfg.eval_split, impl,
                                progress)
             last_eval = (epoch + 1, metrics)
             entry.update({f"{cfg.eval_split}_{key}": metrics[key] for key in (impl.primary, "loss") if key in metrics})
@@ -265,16 +283,19 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     if eval_loader is not None and log:
         # the last epoch's evaluation is the final one; only a resumed, already finished run evaluates again
         results[cfg.eval_split] = (last_eval[1] if last_eval and last_eval[0] == len(log) else
-                                   evaluate(model, eval_loader, len(task.classes), device, ctx, precision.used,
+                                   evaluate(eval_model, eval_loader, len(task.classes), device, ctx, precision.used,
                                             cfg.eval_split, impl, progress))
     if cfg.test_split:
         test_loader = loader_for(split_of(task, cfg.test_split), eval_batch, ctx, cfg.seed, False, cfg.workers)
-        results["test"] = evaluate(model, test_loader, len(task.classes), device, ctx, precision.used, "test", impl,
+        results["test"] = evaluate(eval_model, test_loader, len(task.classes), device, ctx, precision.used, "test", impl,
                                    progress)
     if ctx.main:
         summary = {k: results[k][impl.primary] for k in (cfg.eval_split, "test") if k in results}
         extra = {"segmentation": cfg.segmentation} if impl.name == "segmentation" else {}
-        model.save_adapter(out / "adapter", metrics=summary, data=cfg.data, **extra)
+        # the card (README.md) shows the effective recipe and the command line that ran it
+        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else None
+        model.save_adapter(out / "adapter", metrics=summary, data=cfg.data, training_config=cfg.to_dict(),
+                           command=command, **extra)
         results["adapter"] = str(out / "adapter")
         atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
         if writer:
@@ -305,7 +326,8 @@ def _diagnostic_batch(model, dataset, count: int = 32) -> torch.Tensor | None:
 def _result_fields(config: dict) -> dict:
     """The config fields that change a run's result (not where it is written or how it is fed)."""
     normal = json.loads(json.dumps(config))  # tuples and lists compare alike
-    return {k: v for k, v in normal.items() if k not in ("output", "device", "workers", "eval_every", "threads")}
+    return {k: v for k, v in normal.items() if k not in ("output", "device", "workers", "eval_every", "threads",
+                                                             "compile")}
 
 
 def _yaml(data: dict) -> str:

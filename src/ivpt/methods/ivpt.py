@@ -75,6 +75,70 @@ class IVPTConfig:
         return self.layers
 
 
+def _mix_weights(mode: str, zn, pn, w_z, w_p, bias):
+    """alpha (gate: (..., 1); channel: (..., d)) from the standardised inputs."""
+    if mode == "gate":
+        return torch.sigmoid(zn @ w_z + pn @ w_p + bias).unsqueeze(-1)
+    return torch.sigmoid(zn * w_z + pn * w_p + bias)
+
+
+def _standardize_backward(grad: torch.Tensor, x: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
+    """The gradient through n(.) at x (xn = n(x)): rstd (g - mean(g) - n(x) mean(g n(x)))."""
+    rstd = torch.rsqrt(x.var(dim=-1, unbiased=False, keepdim=True) + STANDARDIZE_EPS)
+    return rstd * (grad - grad.mean(dim=-1, keepdim=True) - xn * (grad * xn).mean(dim=-1, keepdim=True))
+
+
+class FusedAggregation(torch.autograd.Function):
+    """Q = alpha n(Z) + (1 - alpha) n(P) that keeps only Z (a B x p x d copy) and P for backward.
+
+    The plain formula keeps n(Z), n(P), alpha and their products per transition (about four B x p x d
+    tensors); here backward recomputes them from Z and P, with exactly the plain formula's outputs
+    and gradients (gradcheck in float64, tests/test_lean_da.py). P is usually the learned prompts
+    expanded over the batch: a view of the p x d parameter, which costs nothing to keep.
+    """
+
+    @staticmethod
+    def forward(ctx, z, p, w_z, w_p, bias, mode: str, space: str):
+        z = z.contiguous()  # a copy of the prompt rows, not a view that would keep the whole block output
+        zn, pn = (standardize(z), standardize(p)) if space == "standardized" else (z, p)
+        if mode == "sum":
+            out = zn + pn
+        else:
+            alpha = torch.sigmoid(bias) if mode == "static" else _mix_weights(mode, zn, pn, w_z, w_p, bias)
+            out = alpha * zn + (1 - alpha) * pn
+        ctx.mode, ctx.space = mode, space
+        ctx.save_for_backward(z, p, w_z, w_p, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, p, w_z, w_p, bias = ctx.saved_tensors
+        mode, standardized = ctx.mode, ctx.space == "standardized"
+        zn, pn = (standardize(z), standardize(p)) if standardized else (z, p)  # recomputed, not kept
+        d_w_z = d_w_p = d_bias = None
+        if mode == "sum":
+            d_zn = d_pn = grad
+        else:
+            alpha = torch.sigmoid(bias) if mode == "static" else _mix_weights(mode, zn, pn, w_z, w_p, bias)
+            d_alpha = grad * (zn - pn)
+            if mode == "gate":
+                d_alpha = d_alpha.sum(dim=-1, keepdim=True)
+            d_logit = d_alpha * alpha * (1 - alpha)
+            d_zn, d_pn = grad * alpha, grad * (1 - alpha)
+            if mode == "static":
+                d_bias = d_logit.sum().reshape(bias.shape)
+            else:
+                d_zn, d_pn = d_zn + d_logit * w_z, d_pn + d_logit * w_p
+                batch_dims = tuple(range(zn.dim() - 1))
+                d_w_z, d_w_p = (d_logit * zn).sum(batch_dims), (d_logit * pn).sum(batch_dims)
+                d_bias = (d_logit.sum() if mode == "gate" else d_logit.sum(batch_dims)).reshape(bias.shape)
+        if standardized:
+            d_z, d_p = _standardize_backward(d_zn, z, zn), _standardize_backward(d_pn, p, pn)
+        else:
+            d_z, d_p = d_zn, d_pn
+        return d_z, d_p, d_w_z, d_w_p, d_bias, None, None
+
+
 class DynamicAggregation(nn.Module):
     """Q_{i+1} = alpha * n(Z_i) + (1 - alpha) * n(P_{i+1}), alpha as chosen by ``mode``."""
 
@@ -89,24 +153,23 @@ class DynamicAggregation(nn.Module):
             self.bias = nn.Parameter(torch.full((width,) if mode == "channel" else (), float(bias_init)))
         elif mode == "static":
             self.theta = nn.Parameter(torch.tensor(float(bias_init)))
-        self.last_alpha: torch.Tensor | None = None  # for inspection only
+        self.last_alpha: torch.Tensor | None = None  # for inspection only (while recording: see ivpt.explain)
+        self.record = False
 
     def forward(self, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        # z is a view of the block's whole output: autograd saving it would keep all B x T x d alive
-        # until backward (6% more activation memory on ViT-B/16); a copy of the p prompt rows is enough
-        z = z.clone()
-        if self.space == "standardized":
-            z, p = standardize(z), standardize(p)
-        if self.mode == "sum":
-            return z + p
-        if self.mode == "gate":
-            alpha = torch.sigmoid(z @ self.w_z + p @ self.w_p + self.bias).unsqueeze(-1)
-        elif self.mode == "channel":
-            alpha = torch.sigmoid(z * self.w_z + p * self.w_p + self.bias)
+        mode = self.mode
+        if mode in ("gate", "channel"):
+            w_z, w_p, bias = self.w_z.to(z.dtype), self.w_p.to(z.dtype), self.bias.to(z.dtype)
         else:
-            alpha = torch.sigmoid(self.theta)
-        self.last_alpha = alpha.detach()
-        return alpha * z + (1 - alpha) * p
+            none = z.new_zeros(())
+            w_z, w_p, bias = none, none, (self.theta.to(z.dtype) if mode == "static" else none)
+        p = p.to(z.dtype)
+        if self.record and mode != "sum":
+            with torch.no_grad():
+                zn, pn = (standardize(z), standardize(p)) if self.space == "standardized" else (z, p)
+                self.last_alpha = (torch.sigmoid(bias) if mode == "static"
+                                   else _mix_weights(mode, zn, pn, w_z, w_p, bias)).detach()
+        return FusedAggregation.apply(z, p, w_z, w_p, bias, mode, self.space)
 
 
 class AttentiveReinforcement(nn.Module):

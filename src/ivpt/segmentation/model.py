@@ -79,6 +79,8 @@ class SegmentationModel(nn.Module):
     def save_adapter(self, directory, **extra) -> None:
         write_adapter(directory, self.adapter_tensors(), {**self.adapter_config(), **extra})
 
+    push_to_hub = PromptedViT.push_to_hub  # the same: save into a temporary folder, push with the card
+
 
 def create_segmentation_model(backbone, method: str, num_classes: int, *, decoder: str = "pup",
                               crop_size: int = 512, decoder_channels: int = 256, weights=None,

@@ -1,0 +1,112 @@
+"""Adapters on the Hugging Face Hub: ``hf-hub:org/name[@revision]`` to read, ``push_to_hub`` to publish.
+
+Reading goes through ``huggingface_hub`` itself: its cache (``HF_HUB_CACHE``), ``HF_HUB_OFFLINE=1``
+to use only that cache, and tokens from its own login. An adapter repository holds exactly an
+adapter folder: adapter.safetensors, adapter_config.json and the model card README.md.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from .adapter_format import CONFIG_FILE, TENSORS_FILE, AdapterError, read_adapter_config, write_card
+from .card import CARD_FILE
+from .extras import require
+
+PREFIX = "hf-hub:"
+ADAPTER_FILES = (TENSORS_FILE, CONFIG_FILE, CARD_FILE)
+OFFLINE_HINT = ("to work offline, download it once with network access (huggingface-cli download REPO) and set "
+                "HF_HUB_OFFLINE=1, or pass a local adapter folder")
+
+
+def is_hub_name(source) -> bool:
+    return isinstance(source, str) and source.startswith(PREFIX)
+
+
+def parse_hub_name(source: str) -> tuple[str, str | None]:
+    """'hf-hub:org/name@rev' -> ('org/name', 'rev')."""
+    name = source[len(PREFIX):]
+    repo, _, revision = name.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise AdapterError(f"{source!r}: expected hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
+    return repo, revision or None
+
+
+def resolve_adapter(source) -> Path:
+    """A local adapter folder for ``source``: a path, or a Hub name fetched into (or read from) the Hub cache."""
+    if not is_hub_name(source):
+        return Path(source)
+    hub = require("huggingface_hub", "loading an adapter by Hub name")
+    from huggingface_hub import errors
+
+    repo, revision = parse_hub_name(source)
+    where = f"{repo}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        folder = Path(hub.snapshot_download(repo, revision=revision, allow_patterns=list(ADAPTER_FILES)))
+    except errors.RevisionNotFoundError:
+        raise AdapterError(f"Hub adapter {source}: repository {repo} has no revision {revision!r}") from None
+    except errors.RepositoryNotFoundError:
+        raise AdapterError(f"Hub adapter {source}: no repository {repo} (or no access: log in with "
+                           "huggingface-cli login for a private one)") from None
+    except errors.LocalEntryNotFoundError:
+        raise AdapterError(f"Hub adapter {source}: {where} is not in the Hub cache and the Hub cannot be reached; "
+                           + OFFLINE_HINT) from None
+    except (OSError, errors.HfHubHTTPError) as err:
+        raise AdapterError(f"Hub adapter {source}: could not fetch {where} ({err}); {OFFLINE_HINT}") from None
+    missing = [f for f in (TENSORS_FILE, CONFIG_FILE) if not (folder / f).is_file()]
+    if missing:
+        raise AdapterError(f"Hub adapter {source}: {where} has no {' and no '.join(missing)}: is it an ivpt adapter?")
+    return folder
+
+
+def stage(source, folder: Path, protocol: dict | None = None) -> Path:
+    """Write into ``folder`` exactly what a push uploads: the adapter files and a fresh model card."""
+    source = Path(source)
+    if (source / "adapter" / TENSORS_FILE).is_file():  # a run folder
+        source = source / "adapter"
+    config = read_adapter_config(source)  # checks it is an adapter
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (TENSORS_FILE, CONFIG_FILE):
+        shutil.copyfile(source / name, folder / name)
+    summary = source.parent / "summary.json"
+    if protocol is None and summary.is_file():
+        protocol = json.loads(summary.read_text())
+    write_card(folder, config, protocol)
+    return folder
+
+
+def push_to_hub(source, repo_id: str, *, private: bool = False, dry_run=None, token: str | None = None,
+                commit_message: str | None = None) -> str:
+    """Upload an adapter folder (or a run folder holding adapter/) with its card to ``repo_id``.
+
+    dry_run: a folder to write the exact upload into instead (nothing is sent). Returns the repo URL
+    or the dry-run folder.
+    """
+    parse_hub_name(PREFIX + repo_id)
+    if dry_run is not None:
+        return str(stage(source, Path(dry_run)))
+    hub = require("huggingface_hub", "publishing an adapter")
+    from huggingface_hub import errors
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = stage(source, Path(tmp) / "upload")
+        api = hub.HfApi(token=token)
+        try:
+            url = api.create_repo(repo_id, private=private, exist_ok=True)
+            api.upload_folder(folder_path=str(staged), repo_id=repo_id,
+                              commit_message=commit_message or f"ivpt adapter from {Path(source).name}")
+        except errors.OfflineModeIsEnabled:
+            raise AdapterError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it, or check the upload "
+                               "with --dry-run DIR") from None
+        except (OSError, errors.HfHubHTTPError) as err:
+            raise AdapterError(f"cannot push to {repo_id}: {err}") from None
+    return str(url)
+
+
+def push_model(model, repo_id: str, **kwargs) -> str:
+    """``model.push_to_hub``: save the adapter into a temporary folder, then push it with its card."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_adapter(Path(tmp) / "adapter")
+        return push_to_hub(Path(tmp) / "adapter", repo_id, **kwargs)

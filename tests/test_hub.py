@@ -1,0 +1,170 @@
+"""Adapters by Hub name (from a Hub cache laid out here in huggingface_hub's format), cards, push, extras."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ivpt
+from ivpt.card import read_card_metadata
+
+BACKBONE = "vit_mini_patch4_32.ivpt_cifar10"
+
+
+def lay_out_hub_repo(cache: Path, repo: str, files: dict[str, bytes], revision: str, refs: list[str]) -> str:
+    """huggingface_hub's cache format: blobs named by content hash, snapshots/<commit>/ links, refs/<name>."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    commit = hashlib.sha1(revision.encode()).hexdigest()
+    for name, data in files.items():
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = root / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref in refs:
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / ref).write_text(commit)
+    return commit
+
+
+def adapter_files(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in ("adapter.safetensors", "adapter_config.json", "README.md")}
+
+
+def run_offline(cache: Path, code: str) -> dict:
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_adapters_load_by_hub_name_offline_with_revisions(tmp_path):
+    images = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    first = ivpt.create_model(BACKBONE, "vpt-deep", 3, prompt_length=2)
+    second = ivpt.create_model(BACKBONE, "lora", 3)
+    with torch.no_grad():
+        for p in second.method.parameters():
+            p.add_(0.1)
+    first.save_adapter(tmp_path / "a1")
+    second.save_adapter(tmp_path / "a2")
+    cache = tmp_path / "hub"
+    lay_out_hub_repo(cache, "someone/old", adapter_files(tmp_path / "a1"), "r1", ["v1"])
+    lay_out_hub_repo(cache, "someone/old", adapter_files(tmp_path / "a2"), "r2", ["main"])
+    lay_out_hub_repo(cache, "someone/broken", {"README.md": b"# not an adapter\n"}, "r3", ["main"])
+    torch.save(images, tmp_path / "images.pt")
+    code = f"""
+import json, torch, ivpt
+images = torch.load({str(tmp_path / 'images.pt')!r})
+out = {{}}
+for name in ("hf-hub:someone/old", "hf-hub:someone/old@v1"):
+    m = ivpt.load_adapter(name).eval()
+    with torch.no_grad():
+        out[name] = [m.method_name, m(images).tolist()]
+for name in ("hf-hub:someone/missing", "hf-hub:someone/broken", "hf-hub:someone/old@v9", "hf-hub:nobody"):
+    try:
+        ivpt.load_adapter(name)
+        out[name] = "loaded"
+    except ValueError as err:
+        out[name] = str(err)
+print(json.dumps(out))
+"""
+    result = run_offline(cache, code)
+    for name, model in (("hf-hub:someone/old", second), ("hf-hub:someone/old@v1", first)):
+        with torch.no_grad():
+            expected = model.eval()(images)
+        assert result[name][0] == model.method_name
+        assert torch.allclose(torch.tensor(result[name][1]), expected, atol=1e-6)
+    assert "someone/missing" in result["hf-hub:someone/missing"] and "HF_HUB_OFFLINE" in result["hf-hub:someone/missing"]
+    assert "has no adapter.safetensors" in result["hf-hub:someone/broken"]
+    assert "someone/old" in result["hf-hub:someone/old@v9"] and "v9" in result["hf-hub:someone/old@v9"]
+    assert "hf-hub:ORG/NAME" in result["hf-hub:nobody"]
+
+
+def test_cli_reads_hub_names_too(tmp_path):
+    ivpt.create_model(BACKBONE, "linear", 3).save_adapter(tmp_path / "a")
+    cache = tmp_path / "hub"
+    lay_out_hub_repo(cache, "someone/lin", adapter_files(tmp_path / "a"), "r1", ["main"])
+    from PIL import Image
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "red.png")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "ivpt.cli", "predict", "hf-hub:someone/lin", str(tmp_path / "red.png"),
+                          "--output", str(tmp_path / "p.json")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert json.loads((tmp_path / "p.json").read_text())
+
+
+def test_card_numbers_equal_results_and_follow_each_save(tmp_path):
+    from ivpt.engine.config import load_config
+    from ivpt.engine.loop import train
+
+    fields = dict(backbone=BACKBONE, method="vpt-deep", method_options={"prompt_length": 2},
+                  data={"kind": "suite", "task": "dtd10"}, epochs=1, warmup_epochs=0, batch_size=64, lr=0.01,
+                  optimizer="adamw", lr_scaling=False, precision="fp32", test_split="test",
+                  output=str(tmp_path / "run"))
+    results = train(load_config(None, fields=fields), quiet=True)
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    meta = read_card_metadata(card)
+    assert meta["library_name"] == "ivpt" and "vpt-deep" in meta["tags"]
+    values = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert values == {"val top-1": results["val"]["top1"], "test top-1": results["test"]["top1"]}
+    assert "| prompts | 2,304 |" in card  # 6 blocks x 2 prompts x 192, counted from the tensor shapes
+    assert "epochs: 1" in card and BACKBONE in card
+    model = ivpt.load_adapter(tmp_path / "run" / "adapter")
+    model.save_adapter(tmp_path / "run" / "adapter", metrics={"val": 0.5})  # a second save: the card follows
+    again = read_card_metadata((tmp_path / "run" / "adapter" / "README.md").read_text())
+    assert [m["value"] for m in again["model-index"][0]["results"][0]["metrics"]] == [0.5]
+    assert not [p for p in (tmp_path / "run" / "adapter").iterdir() if ".tmp" in p.name]
+
+
+def test_push_dry_run_writes_the_exact_upload(tmp_path):
+    from ivpt.cli import main
+
+    model = ivpt.create_model(BACKBONE, "lora", 3)
+    model.save_adapter(tmp_path / "run" / "adapter", metrics={"val": 0.25})
+    summary = {"chosen": {"lr": 0.01, "weight_decay": 0.0}, "seeds": [42, 44], "test_top1": [0.3, 0.35],
+               "test_mean": 0.325, "test_std": 0.035}
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    assert main(["push", str(tmp_path / "run"), "someone/lora-test", "--dry-run", str(tmp_path / "upload")]) == 0
+    assert sorted(p.name for p in (tmp_path / "upload").iterdir()) == ["README.md", "adapter.safetensors",
+                                                                        "adapter_config.json"]
+    card = (tmp_path / "upload" / "README.md").read_text()
+    assert "42: 0.3000, 44: 0.3500" in card and "test mean over 2 seeds" in card
+    assert ivpt.load_adapter(tmp_path / "upload").method_name == "lora"
+    assert model.push_to_hub("someone/x", dry_run=tmp_path / "up2") == str(tmp_path / "up2")
+    assert (tmp_path / "up2" / "README.md").is_file()
+
+
+def test_push_without_network_says_how(tmp_path):
+    ivpt.create_model(BACKBONE, "linear", 3).save_adapter(tmp_path / "a")
+    code = f"""
+import json, ivpt
+from ivpt.hub import push_to_hub
+try:
+    push_to_hub({str(tmp_path / 'a')!r}, "someone/x")
+    print(json.dumps("pushed"))
+except ValueError as err:
+    print(json.dumps(str(err)))
+"""
+    message = run_offline(tmp_path / "hub", code)
+    assert "someone/x" in message and "HF_HUB_OFFLINE" in message and "--dry-run" in message
+
+
+@pytest.mark.parametrize("module,extra", [("huggingface_hub", "hub"), ("matplotlib", "explain")])
+def test_a_missing_extra_is_named(monkeypatch, module, extra):
+    from ivpt.extras import require
+
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=rf"pip install 'ivpt\[{extra}\]'"):
+        require(module)
+
+
+def test_hub_loading_names_the_extra_when_huggingface_hub_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(ImportError, match=r"ivpt\[hub\]"):
+        ivpt.load_adapter("hf-hub:someone/x")
