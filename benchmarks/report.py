@@ -319,6 +319,28 @@ def saved_memory_table(report: dict) -> str:
                    "iVPT / VPT-deep now (gate DA, fused)", "iVPT channel DA / VPT-deep now"], rows))
 
 
+def input_pipeline_table(report: dict) -> str:
+    rows = []
+    for name, e in report["sets"].items():
+        for workers in ("0", "1", "2"):
+            cold, warm = e["cold"][workers], e["cached"][workers]
+            rows.append([name, workers, f"{cold:.0f}", f"{warm:.0f}", f"{warm / cold:.1f}x"])
+    use = ", ".join(f"{k}: {v:.0f} img/s" for k, v in report["consumption"].items())
+    builds = ", ".join(f"{k} {e['build_seconds']:.1f} s" for k, e in report["sets"].items())
+    return (f"{report['machine']}, {report['date']}; {report['images']} JPEGs per set, batch {report['batch']}\n\n"
+            + table(["set (VTAB resize to)", "loader workers", "cold (img/s)", "from the cache (img/s)",
+                     "cache / cold"], rows)
+            + f"\n\nBuilding each cache once: {builds}. A VPT-deep training step consumes: {use}.")
+
+
+def linear_probe_cache_table(report: dict) -> str:
+    rows = [[name, f"{r['seconds']:.1f}", f"{r['val_top1']:.4f}"] for name, r in report["runs"].items()]
+    return (f"{report['machine']}, {report['date']}; offline-suite {report['task']}, {report['epochs']} epochs\n\n"
+            + table(["linear probe run", "wall time (s)", "val top-1"], rows)
+            + f"\n\nUncached / cached: **{report['uncached_vs_cached_first']:.1f}x** for the run that computes the "
+              f"features, **{report['uncached_vs_cached_again']:.0f}x** for every later grid point.")
+
+
 RENDERERS = {  # block name -> (results file, renderer)
     "accuracy": ("accuracy", accuracy_tables),
     "ablation": ("accuracy", ablation_table),
@@ -334,6 +356,8 @@ RENDERERS = {  # block name -> (results file, renderer)
     "baselines_cost": ("cost_baselines", baselines_cost_table),
     "compiled": ("compiled", compiled_table),
     "saved_memory": ("saved_memory", saved_memory_table),
+    "input_pipeline": ("input_pipeline", input_pipeline_table),
+    "linear_probe_cache": ("linear_probe_cache", linear_probe_cache_table),
 }
 
 

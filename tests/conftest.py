@@ -1,8 +1,13 @@
 import copy
+import os
+import tempfile
 
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
+
+# the decoded-tensor cache of the runs the tests start: a fresh folder, never the user's ~/.cache/ivpt
+os.environ.setdefault("IVPT_CACHE", tempfile.mkdtemp(prefix="ivpt-test-cache-"))
 
 
 def make_vit(seed: int = 0, **overrides) -> VisionTransformer:

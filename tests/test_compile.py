@@ -16,7 +16,7 @@ import ivpt
 from ivpt.methods import METHODS, prompt_options
 
 VARIANTS = [(m, {}) for m in METHODS] + [
-    ("ivpt", {"da": "channel"}), ("ivpt", {"da": "static"}), ("ivpt", {"da": "sum"}),
+    ("ivpt", {"da": "channel"}), ("ivpt", {"da": "sum"}),  # static: the preset ivpt-static above
     ("ivpt", {"ar_source": "prompts"}), ("ivpt", {"ar_mix": "attn"}),
     ("lora", {"lora_targets": ["qkv", "fc2"]}), ("adapter", {"placement": "parallel"}),
     ("vpt-deep", {"prompt_dropout": 0.2}),

@@ -63,3 +63,25 @@ def test_gatevpt_vit_b16_parameters():
     with torch.device("meta"):
         counts = ivpt.count_parameters(ivpt.create_model("vit_base_patch16_224", "gatevpt", 100, prompt_length=10))
     assert counts["prompts"] == 10 * 768 and counts["gates"] == 11 and counts["tuned_without_head"] == 7_691
+
+
+def test_learnable_temperature_divides_each_blocks_attention_logits():
+    """GateVPT's temperature t_i: the same as the block computing softmax(q k^T * scale / t_i) itself."""
+    torch.manual_seed(0)
+    vit = make_vit()
+    model = ivpt.create_model(clone(vit), "gatevpt", 7, prompt_length=3, gate_init=0.5,
+                              learn_temperature=True).eval()
+    plain = ivpt.create_model(clone(vit), "gatevpt", 7, prompt_length=3, gate_init=0.5).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "temperatures" not in k})
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(images), plain(images))  # t = 1 at the start: GateVPT as before
+        temps = [0.5, 2.0, 0.05, 30.0]  # the last is clamped to 10, as GateVPT's code clamps it
+        for t, value in zip(model.method.temperatures, temps):
+            t.value.fill_(value)
+        for block, value in zip(plain.backbone.blocks, temps):
+            block.attn.fused_attn = False
+            block.attn.scale = block.attn.scale / min(max(value, 0.01), 10.0)
+        assert torch.allclose(model(images), plain(images), atol=1e-5)
+    counts = ivpt.count_parameters(model)
+    assert counts["temperatures"] == 4 and counts["tuned_without_head"] == 3 * 32 + 3 + 4

@@ -168,3 +168,38 @@ def test_hub_loading_names_the_extra_when_huggingface_hub_is_missing(monkeypatch
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(ImportError, match=r"ivpt\[hub\]"):
         ivpt.load_adapter("hf-hub:someone/x")
+
+
+def test_backbones_by_hub_name_train_and_reload_offline(tmp_path):
+    """A timm backbone named hf-hub:org/name (timm's own Hub loading), from a laid-out cache: the adapter
+    records the name, and loading it rebuilds the same backbone from the same cache."""
+    import timm
+    from safetensors.torch import save
+
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2, "patch_size": 8}
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, **kwargs)
+    config = {"architecture": "vit_tiny_patch16_224", "num_classes": 10, "model_args": kwargs,
+              "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                                 "num_classes": 10, "interpolation": "bicubic", "crop_pct": 1.0,
+                                 "classifier": "head", "first_conv": "patch_embed.proj"}}
+    files = {"config.json": json.dumps(config).encode(),
+             "model.safetensors": save({k: v.contiguous() for k, v in vit.state_dict().items()})}
+    cache = tmp_path / "hub"
+    lay_out_hub_repo(cache, "someone/tiny-vit", files, "r1", ["main"])
+    code = f"""
+import json, torch, ivpt
+model = ivpt.create_model("hf-hub:someone/tiny-vit", "lora", 3, pretrained=True)
+with torch.no_grad():
+    for p in model.method.parameters():
+        p.add_(0.05)
+model.save_adapter({str(tmp_path / 'a')!r})
+again = ivpt.load_adapter({str(tmp_path / 'a')!r})
+x = torch.randn(2, 3, 32, 32)
+with torch.no_grad():
+    same = torch.equal(model.eval()(x), again.eval()(x))
+print(json.dumps({{"same": same, "name": again.backbone_name,
+                   "source": json.load(open({str(tmp_path / 'a' / 'adapter_config.json')!r}))["backbone"]["weights_source"]}}))
+"""
+    result = run_offline(cache, code)
+    assert result == {"same": True, "name": "hf-hub:someone/tiny-vit", "source": "pretrained"}

@@ -9,6 +9,7 @@ The same checkpoints, resume, lock, preemption and results.json as ``ivpt train`
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,8 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
                      strict: bool, compile: bool | str = False) -> dict[str, Any]:
     from .engine.data import split_of
     from .engine.distributed import Dist
-    from .engine.loop import compile_model, evaluate as run_evaluation, loader_for, resolve_device
+    from .data.datasets import DataError
+    from .engine.loop import compile_model, evaluate as run_evaluation, input_cache, loader_for, resolve_device
     from .engine.tasks import TASKS
 
     from .engine.data import check_data_spec
@@ -92,6 +94,12 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
         impl.multiscale = tuple(multiscale)
     batch = batch_size if kind == "classification" else 1
     dataset = split_of(task, split)
+    try:
+        dataset = input_cache(dataset, "auto", device)  # decoded once (ivpt.data.cache); the same numbers
+    except DataError as err:
+        if strict:
+            raise
+        print(f"warning: not using the tensor cache ({err}); reading the images one by one", file=sys.stderr)
     if not strict:  # unreadable images are skipped with a warning each and listed in the output
         from .data.datasets import SkipUnreadable, collate_readable
 

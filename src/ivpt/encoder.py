@@ -54,14 +54,15 @@ def query_saliency(q: torch.Tensor, k: torch.Tensor, scale: float, query_rows: s
     return probs.mean(dim=(1, 2))[:, key_start:]
 
 
-def block_with_saliency(block: nn.Module, x: torch.Tensor, query_rows: slice,
-                        key_start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``block(x)`` for a timm ``Block`` with timm ``Attention``, and the saliency from the same q and k.
+def run_block(block: nn.Module, x: torch.Tensor, query_rows: slice | None = None, key_start: int = 0,
+              defer: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``block(x)`` for a timm ``Block`` with timm ``Attention``, run module by module.
 
-    The block's own modules in timm's order (norm1, one qkv projection, q_norm/k_norm, SDPA, the
-    attention's norm and gate, proj, LayerScale, drop-path; then the MLP half), with no hook and no
-    second projection, so eager and ``torch.compile`` graphs agree; a test pins it to ``block(x)``
-    for every supported block option.
+    query_rows: also return the saliency from the same q and k the attention uses (AR), no hook, no
+    second projection, so eager and ``torch.compile`` graphs agree. defer: rows whose MLP half is left
+    out; the output then lacks them, and their residual-stream state after the attention half is
+    returned (a view of a tensor the block keeps for backward anyway), for DA to finish them inside
+    its own recomputed function. A test pins this to ``block(x)`` for every block option.
     """
     attn = block.attn
     h = block.norm1(x)
@@ -69,9 +70,11 @@ def block_with_saliency(block: nn.Module, x: torch.Tensor, query_rows: slice,
     gate = attn.gate(h).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = attn.qkv(h).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    # fp32 even under autocast: bf16 would tie many of the ~0.005 weights and make AR's top-K arbitrary
-    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-        saliency = query_saliency(q.detach(), k.detach(), attn.scale, query_rows, key_start)
+    saliency = None
+    if query_rows is not None:
+        # fp32 even under autocast: bf16 would tie many of the ~0.005 weights and make AR's top-K arbitrary
+        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+            saliency = query_saliency(q.detach(), k.detach(), attn.scale, query_rows, key_start)
     if attn.fused_attn:
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     else:
@@ -80,8 +83,23 @@ def block_with_saliency(block: nn.Module, x: torch.Tensor, query_rows: slice,
     if gate is not None:
         a = a * gate
     x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(a))))
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x, saliency
+    if defer is None:
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), saliency, None
+    normed = block.norm2(x)  # over every row: LayerNorm keeps x for backward, deferred rows included
+    keep = lambda y: torch.cat([y[:, :defer.start], y[:, defer.stop:]], dim=1)  # noqa: E731
+    return keep(x) + block.drop_path2(block.ls2(block.mlp(keep(normed)))), saliency, x[:, defer]
+
+
+def finish_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP half of ``block`` for rows whose attention half ``run_block(..., defer=)`` returned."""
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def block_with_saliency(block: nn.Module, x: torch.Tensor, query_rows: slice,
+                        key_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block(x)`` and the saliency from the same q and k (see ``run_block``)."""
+    out, saliency, _ = run_block(block, x, query_rows, key_start)
+    return out, saliency
 
 
 @torch.no_grad()
@@ -176,6 +194,19 @@ class PromptedViT(nn.Module):
             p = prompts.shape[1]
             tokens = torch.cat([prefix, prompts, patches], dim=1)
             reinforce = i < last and method.needs_saliency(i)
+            # DA at this transition: the prompt rows' MLP half runs inside DA's recomputed function, so
+            # backward keeps no copy of Z_i (docs/method.md); not while recording (explain reads Z_i's mix)
+            defer = (i < last and not record and not vit.grad_checkpointing and torch.is_grad_enabled()
+                     and method.aggregates_block_output(i))
+            if defer:
+                rows = self._saliency_rows(npt, p) if reinforce else None
+                rest, saliency, residual = run_block(block, tokens, rows, npt + p, defer=slice(npt, npt + p))
+                prefix, patches = rest[:, :npt], rest[:, npt:]
+                prompts = method.next_prompts_from_residual(i, residual, block, prompts).to(rest.dtype)
+                if reinforce:
+                    patches, selected = method.reinforce(i, patches, saliency, prompts)
+                    records.append(Reinforcement(i, saliency.detach(), selected.detach()))
+                continue
             if reinforce or record:
                 out, saliency = block_with_saliency(block, tokens, self._saliency_rows(npt, p), npt + p)
                 if record:

@@ -53,7 +53,8 @@ class TrainConfig:
     precision: str = "fp32"          # auto | fp32 | bf16 | fp16 (fp16 on CUDA only); auto: see engine/hardware.py
     seed: int = 42
     device: str = "auto"
-    workers: int = 0
+    workers: int | str = "auto"      # loader processes; auto: none on CPU or for cached splits, else a core share
+    cache: str = "auto"              # auto: decode deterministic splits once (ivpt.data.cache); off; device
     threads: int | None = None       # torch CPU threads of this process (None: a share of the cores, see docs)
     checkpoint_every_steps: int = 0  # also checkpoint inside epochs (a SIGKILL then loses at most this many steps)
     # torch.compile the model: true, a mode (default, reduce-overhead, max-autotune...) or {mode: ..., backend: ...}
@@ -100,7 +101,8 @@ class TrainConfig:
             lambda: check_int("checkpoint_every_steps", self.checkpoint_every_steps, low=0),
             lambda: check_compile(self.compile),
             lambda: check_int("seed", self.seed, low=0),
-            lambda: check_int("workers", self.workers, low=0),
+            lambda: self.workers == "auto" or check_int("workers", self.workers, low=0),
+            lambda: check_choice("cache", self.cache, ("auto", "off", "device")),
         ]
         for check in checks:
             try:

@@ -13,14 +13,16 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from ..progress import progress as tqdm_or_lines
 
+from ..data.cache import to_device
+from ..progress import progress as tqdm_or_lines
 from .checkpoint import (CheckpointError, atomic_write, checkpoint_meta, has_checkpoint, load_checkpoint,
                          save_checkpoint)
 from .config import ConfigError, TrainConfig, check_compile
-from .data import split_of
+from . import features as features_mod
+from .data import TensorImages, split_of
 from .distributed import Dist, GlobalBatchSampler, init_distributed, shutdown
-from .hardware import configure_threads, resolve_precision
+from .hardware import configure_threads, machine_cores, processes_on_machine, resolve_precision
 from .preemption import Preempted, StepCheckpoints, StopRequest
 from .runlock import RunLock
 from .tasks import TASKS
@@ -61,10 +63,43 @@ def make_optimizer(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer
 
 
 def loader_for(dataset, batch_size: int, ctx: Dist, seed: int, shuffle: bool, workers: int,
-               collate_fn=None) -> DataLoader:
-    """Training loaders (shuffle) share every batch out; evaluation loaders hand out whole batches."""
+               collate_fn=None, pin: bool = False) -> DataLoader:
+    """Training loaders (shuffle) share every batch out; evaluation loaders hand out whole batches.
+    Workers persist across epochs; pinned memory (CUDA) lets batches copy without blocking."""
     sampler = GlobalBatchSampler(len(dataset), batch_size, ctx, seed, shuffle=shuffle, whole_batches=not shuffle)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn, pin_memory=pin,
+                      persistent_workers=workers > 0)
+
+
+def input_cache(dataset, setting: str, device: torch.device):
+    """The split from the decoded-tensor cache (``cache: auto``), also moved onto the device (``device``)."""
+    if setting == "off":
+        return dataset
+    from ..data.cache import CachedImages, cached
+
+    served = cached(dataset)
+    if setting == "device" and isinstance(served, CachedImages):
+        served = served.to_device(device)
+    return served
+
+
+def _on_device(dataset) -> bool:
+    images = getattr(dataset, "images", None)
+    return isinstance(images, torch.Tensor) and images.device.type != "cpu"
+
+
+def loader_workers(setting, device: torch.device, dataset) -> int:
+    """``workers: auto``: none where batches are slices of decoded tensors (the cache, in-memory tasks) or the
+    device is the CPU (workers would take the cores that train); on CUDA a share of this process's cores."""
+    if setting != "auto":
+        return int(setting)
+    from ..data.cache import normalizer_of
+
+    if device.type != "cuda" or normalizer_of(dataset) is not None or _on_device(dataset):
+        return 0
+    if isinstance(dataset, TensorImages):
+        return 0
+    return max(1, min(8, machine_cores() // processes_on_machine() - 1))
 
 
 def compile_model(module: torch.nn.Module, setting) -> torch.nn.Module:
@@ -138,18 +173,30 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     model.to(device)
     if ctx.main and not quiet and getattr(task, "description", ""):
         print(f"data: {task.description}", flush=True)
-    train_set = split_of(task, cfg.train_split)
-    eval_set = None if cfg.eval_split == "none" else split_of(task, cfg.eval_split)
+    train_set = input_cache(split_of(task, cfg.train_split), cfg.cache, device)
+    eval_set = None if cfg.eval_split == "none" else input_cache(split_of(task, cfg.eval_split), cfg.cache, device)
+    # the linear probe on deterministic splits: the frozen backbone runs once per split, the head trains on features
+    features = None
+    if features_mod.cacheable(cfg, ctx, train_set, eval_set) and impl.name == "classification":
+        features = {"digest": features_mod.backbone_digest(model), "head": features_mod.HeadOnly(model)}
+        featurize = lambda d: features_mod.features_of(model, d, device, lambda: autocast_for(precision.used, device),  # noqa: E731
+                                                      precision.used, features["digest"])
+        train_set = featurize(train_set)
+        eval_set = None if eval_set is None else featurize(eval_set)
+        features["featurize"] = featurize
     base_lr = cfg.lr * (cfg.batch_size / 256 if cfg.lr_scaling else 1.0)
     tuned = model.tuned_parameters()
     optimizer = make_optimizer(list(tuned.values()), cfg, base_lr)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.grad_scaler and device.type == "cuda")
-    train_loader = loader_for(train_set, cfg.batch_size, ctx, cfg.seed, True, cfg.workers)
+    workers = loader_workers(cfg.workers, device, train_set)
+    pin = device.type == "cuda" and not _on_device(train_set)
+    train_loader = loader_for(train_set, cfg.batch_size, ctx, cfg.seed, True, workers, pin=pin)
     # segmentation label maps keep their own sizes: one image per evaluation batch
     eval_batch = max(cfg.batch_size, 256) if impl.name == "classification" else 1
     eval_loader = None
     if eval_set is not None:
-        eval_loader = loader_for(eval_set, eval_batch, ctx, cfg.seed, False, cfg.workers)
+        eval_loader = loader_for(eval_set, eval_batch, ctx, cfg.seed, False, loader_workers(cfg.workers, device, eval_set),
+                                 pin=pin)
     diagnostic_images = _diagnostic_batch(model, eval_set if eval_set is not None else train_set) if ctx.main else None
     if diagnostic_images is not None:
         diagnostic_images = diagnostic_images.to(device)  # once, not every epoch
@@ -189,6 +236,8 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     # compiled: the training step through DDP (as PyTorch recommends), evaluation on the model itself;
     # checkpoints, adapters and diagnostics always use the plain module (the same tensors)
     net, eval_model = compile_model(net, cfg.compile), compile_model(model, cfg.compile)
+    if features is not None:
+        net = eval_model = features["head"]
     writer = _tensorboard(out) if ctx.main else None
 
     def checkpoint(epochs_done: int, step: int = 0, sums: list[float] | None = None) -> None:
@@ -221,7 +270,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
             global_count = len(train_loader.batch_sampler.global_batches()[step])
             micro = list(zip(images.chunk(cfg.accumulation), labels.chunk(cfg.accumulation)))
             for i, (x, y) in enumerate(micro):
-                x, y = x.to(device), y.to(device)
+                x, y = to_device(x, train_set, device), y.to(device, non_blocking=pin)
                 sync = i == len(micro) - 1
                 with (net.no_sync() if ctx.active and not sync else contextlib.nullcontext()):
                     with autocast_for(precision.used, device):
@@ -286,7 +335,13 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
                                    evaluate(eval_model, eval_loader, len(task.classes), device, ctx, precision.used,
                                             cfg.eval_split, impl, progress))
     if cfg.test_split:
-        test_loader = loader_for(split_of(task, cfg.test_split), eval_batch, ctx, cfg.seed, False, cfg.workers)
+        test_set = input_cache(split_of(task, cfg.test_split), cfg.cache, device)
+        if features is not None and features_mod.cacheable(cfg, ctx, test_set):
+            test_set = features["featurize"](test_set)
+        elif features is not None:  # a test split that is not cached: the whole model on its images
+            eval_model = model
+        test_loader = loader_for(test_set, eval_batch, ctx, cfg.seed, False, loader_workers(cfg.workers, device, test_set),
+                                 pin=pin)
         results["test"] = evaluate(eval_model, test_loader, len(task.classes), device, ctx, precision.used, "test", impl,
                                    progress)
     if ctx.main:
@@ -320,14 +375,15 @@ def _diagnostic_batch(model, dataset, count: int = 32) -> torch.Tensor | None:
     method = getattr(model, "method", None)
     if not isinstance(model, PromptedViT) or not (getattr(method, "aggregation", None) or getattr(method, "reinforcement", None)):
         return None
-    return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+    images = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+    return to_device(images, dataset, torch.device("cpu"))  # normalised, as the model sees it
 
 
 def _result_fields(config: dict) -> dict:
     """The config fields that change a run's result (not where it is written or how it is fed)."""
     normal = json.loads(json.dumps(config))  # tuples and lists compare alike
     return {k: v for k, v in normal.items() if k not in ("output", "device", "workers", "eval_every", "threads",
-                                                             "compile")}
+                                                             "compile", "cache")}
 
 
 def _yaml(data: dict) -> str:

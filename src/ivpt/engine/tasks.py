@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from ..progress import progress as tqdm_or_lines
 
+from ..data.cache import to_device
 from ..factory import count_parameters, create_model
 from .data import TaskData, build_task_data
 
@@ -52,7 +53,7 @@ class ClassificationTask:
         for images, labels in tqdm_or_lines(loader, desc=desc, leave=False, disable=not (progress and ctx.main)):
             if images is None:  # every image of this batch was unreadable (ivpt eval without --strict)
                 continue
-            images, labels = images.to(device), labels.to(device)
+            images, labels = to_device(images, loader.dataset, device), labels.to(device)
             with autocast():
                 logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()

@@ -49,6 +49,15 @@ class TuningMethod(nn.Module):
         """Q_{i+1} from Z_i (the prompt outputs of block i) and Q_i (the prompts that entered it), i = 0..N-2."""
         return None
 
+    def aggregates_block_output(self, i: int) -> bool:
+        """Whether Q_{i+1} is a function of Z_i that ``next_prompts_from_residual`` can compute itself."""
+        return False
+
+    def next_prompts_from_residual(self, i: int, residual: torch.Tensor, block: nn.Module,
+                                   q: torch.Tensor) -> torch.Tensor:
+        """Q_{i+1} from the prompt rows' state after block i's attention half (their MLP half not yet run)."""
+        raise NotImplementedError
+
     def needs_saliency(self, i: int) -> bool:
         """Whether ``reinforce`` acts after block i (the encoder then computes the saliency)."""
         return False

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..options import OptionError, check_bool, check_choice, check_float, check_int
 from .base import BackboneShape
@@ -223,6 +224,20 @@ class IVPT(_PromptBank):
         learned = self.learned(i + 1, z.shape[0])
         gate = self.aggregation[str(i)] if str(i) in self.aggregation else None
         return learned if gate is None else gate(z, learned)
+
+    def aggregates_block_output(self, i):
+        return str(i) in self.aggregation
+
+    def next_prompts_from_residual(self, i, residual, block, q=None):
+        """DA on Z_i = the MLP half of block i on ``residual``, recomputed in backward: autograd keeps only
+        ``residual`` (a view of what block i's norm2 keeps anyway) and P_{i+1}, no copy of Z_i."""
+        from ..encoder import finish_block
+
+        learned = self.learned(i + 1, residual.shape[0])
+        aggregate = self.aggregation[str(i)]
+        if not torch.is_grad_enabled():
+            return aggregate(finish_block(block, residual), learned)
+        return checkpoint(lambda r, p: aggregate(finish_block(block, r), p), residual, learned, use_reentrant=False)
 
     def needs_saliency(self, i):
         return str(i) in self.reinforcement

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..options import check_float, check_int
+from ..options import check_bool, check_float, check_int
 from .base import BackboneShape, TuningMethod, make_prompts
 
 
@@ -72,11 +72,15 @@ class GateVPTConfig:
     # gate logits start at -gate_init, as the GateVPT code does (GATE_INIT = 10): sigmoid(-10) = 4.5e-5,
     # so at the start each block's prompts pass on nearly unchanged and training opens the gates
     gate_init: float = 10.0
+    # GateVPT's learnable attention temperature: one scalar per block dividing its attention logits
+    # (the code's TEMP_LEARN), starting at 1 and clamped to [0.01, 10] as the code clamps it
+    learn_temperature: bool = False
 
     def __post_init__(self):
         check_int("prompt_length", self.prompt_length, low=1)
         check_float("prompt_dropout", self.prompt_dropout, 0.0, 1.0, high_open=True)
         check_float("gate_init", self.gate_init)
+        check_bool("learn_temperature", self.learn_temperature)
 
 
 class GateVPT(_PromptBank):
@@ -91,10 +95,32 @@ class GateVPT(_PromptBank):
     def __init__(self, config, shape):
         super().__init__(config, shape, prompt_layers=1)
         self.gate_logits = nn.Parameter(torch.full((shape.depth - 1,), -float(config.gate_init)))
+        self.temperatures = nn.ModuleList(
+            [AttentionTemperature() for _ in range(shape.depth)] if config.learn_temperature else [])
+
+    def attach(self, vit):
+        # the temperature divides the logits q k^T * scale: dividing q (after timm's q_norm) does exactly that,
+        # in the block's own SDPA, and AR-style saliency readers see the same attention
+        for block, temperature in zip(vit.blocks, self.temperatures):
+            block.attn.q_norm.register_forward_hook(temperature.divide)
 
     def next_prompts(self, i, z, q=None):
         gate = torch.sigmoid(self.gate_logits[i]).to(z.dtype)
         return gate * z + (1 - gate) * q
 
     def parameter_groups(self):
-        return {"prompts": [self.prompts], "gates": [self.gate_logits]}
+        groups = {"prompts": [self.prompts], "gates": [self.gate_logits]}
+        if len(self.temperatures):
+            groups["temperatures"] = [t.value for t in self.temperatures]
+        return groups
+
+
+class AttentionTemperature(nn.Module):
+    """One block's attention temperature t: softmax(q k^T * scale / t)."""
+
+    def __init__(self):
+        super().__init__()
+        self.value = nn.Parameter(torch.ones(()))
+
+    def divide(self, module, args, q):
+        return q / self.value.clamp(0.01, 10.0).to(q.dtype)

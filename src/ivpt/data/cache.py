@@ -1,0 +1,185 @@
+"""Decode once: a split's images, resized to the model's input, kept as one memory-mapped uint8 array.
+
+VTAB-1k's protocol trains some 45 runs x 100 epochs on the same 1,000 images with no augmentation,
+so the decoded, resized pixels of a split are the same in every epoch and every run. For a split
+whose transform is deterministic (geometry steps, then ToTensor and Normalize), the geometry is
+applied once per image and the uint8 result stored under ``$IVPT_CACHE`` (default
+~/.cache/ivpt) as ``tensors/<key>.npy``, memory-mapped, so every process and run shares one copy
+and memory stays bounded. The key is a sha256 over every file's content, the geometry steps and the
+output size, so a changed file, size or transform never reuses a stale cache. ToTensor's /255 and
+Normalize run on the device, on the batch (``normalize_batch``), exactly as the uncached transform
+computes them. A cache is built under an OS file lock (one builder; others wait and reuse it),
+written to a temporary name and renamed; a corrupt file (its recorded sha256 no longer matches)
+is rebuilt with a warning.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+from torchvision import transforms as T
+
+from .datasets import ImageListDataset, open_rgb
+
+RANDOM_STEPS = (T.RandomCrop, T.RandomResizedCrop, T.RandomHorizontalFlip, T.RandomVerticalFlip,
+                T.RandomRotation, T.RandomAffine, T.ColorJitter, T.RandomApply, T.RandomChoice, T.RandomOrder)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("IVPT_CACHE") or Path.home() / ".cache" / "ivpt")
+
+
+def split_transform(transform) -> tuple[list, tuple, tuple] | None:
+    """(geometry steps, mean, std) of a deterministic ``Compose([..., ToTensor(), Normalize()])``; None otherwise."""
+    steps = getattr(transform, "transforms", None)
+    if not steps or len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
+        return None
+    geometry = steps[:-2]
+    if any(isinstance(s, RANDOM_STEPS) or not isinstance(s, (T.Resize, T.CenterCrop)) for s in geometry):
+        return None
+    return geometry, tuple(float(m) for m in steps[-1].mean), tuple(float(s) for s in steps[-1].std)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class NormalizeBatch:
+    """ToTensor's /255 and Normalize on a uint8 batch (N, 3, H, W), wherever the batch is."""
+
+    def __init__(self, mean, std):
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.dtype != torch.uint8:
+            return batch  # an uncached split's batches are normalised already
+        mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1)
+        # ToTensor's and Normalize's own operations in their order (bit for bit), in place on one new tensor
+        return batch.float().div_(255).sub_(mean).div_(std)
+
+
+class CachedImages(Dataset):
+    """A cached split: uint8 images (memory-mapped, or on a device) and labels; normalise with ``normalize_batch``."""
+
+    def __init__(self, images, labels: np.ndarray, classes: list[str], normalize_batch: NormalizeBatch,
+                 path: Path | None, source: ImageListDataset):
+        self.images, self.labels_array, self.classes = images, labels, classes
+        self.normalize_batch, self.path, self.source = normalize_batch, path, source
+        self.root, self.items = source.root, source.items  # what reports of skipped files look up
+
+    def __len__(self) -> int:
+        return len(self.labels_array)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if isinstance(image, np.ndarray):
+            image = torch.from_numpy(np.array(image))  # a copy: the memory map is read-only
+        return image, int(self.labels_array[index])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.labels_array
+
+    def to_device(self, device: torch.device) -> "CachedImages":
+        """The whole split as one tensor on ``device`` (small splits: no copies per step at all)."""
+        images = torch.from_numpy(np.array(self.images)).to(device)
+        return CachedImages(images, self.labels_array, self.classes, self.normalize_batch, self.path, self.source)
+
+
+def cache_key(dataset: ImageListDataset, geometry: list) -> str:
+    digest = hashlib.sha256()
+    digest.update(repr([repr(step) for step in geometry]).encode())
+    for rel, label in dataset.items:
+        digest.update(f"{rel}|{label}|{_file_digest(Path(dataset.root) / rel)}\n".encode())
+    return digest.hexdigest()
+
+
+def cached(dataset: Dataset, root: Path | None = None, warn=warnings.warn) -> Dataset:
+    """The dataset served from the tensor cache where its transform allows; otherwise itself."""
+    if isinstance(dataset, ConcatDataset):  # e.g. trainval: cached only if every part is, alike
+        parts = [cached(part, root, warn) for part in dataset.datasets]
+        norms = {(p.normalize_batch.mean, p.normalize_batch.std) if isinstance(p, CachedImages) else None
+                 for p in parts}
+        if len(norms) != 1 or None in norms:
+            return dataset
+        joined = ConcatDataset(parts)
+        joined.normalize_batch = parts[0].normalize_batch
+        return joined
+    if not isinstance(dataset, ImageListDataset):
+        return dataset
+    pieces = split_transform(dataset.transform)
+    if pieces is None:
+        return dataset
+    geometry, mean, std = pieces
+    folder = (root or cache_root()) / "tensors"
+    folder.mkdir(parents=True, exist_ok=True)
+    key = cache_key(dataset, geometry)
+    data, meta = folder / f"{key}.npy", folder / f"{key}.json"
+    with open(folder / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; a second process waits, then finds it built
+        if not _valid(data, meta, len(dataset), warn):
+            _build(dataset, geometry, data, meta)
+    images = np.load(data, mmap_mode="r")
+    return CachedImages(images, dataset.labels, dataset.classes, NormalizeBatch(mean, std), data, dataset)
+
+
+def _valid(data: Path, meta: Path, count: int, warn) -> bool:
+    if not data.is_file() and not meta.is_file():
+        return False
+    try:
+        record = json.loads(meta.read_text())
+        ok = record["count"] == count and _file_digest(data) == record["sha256"]
+    except (OSError, ValueError, KeyError):
+        ok = False
+    if not ok:
+        warn(f"tensor cache {data} is damaged or incomplete; rebuilding it")
+    return ok
+
+
+def _build(dataset: ImageListDataset, geometry: list, data: Path, meta: Path) -> None:
+    compose = T.Compose([*geometry, T.PILToTensor()])
+    first = compose(open_rgb(Path(dataset.root) / dataset.items[0][0]))
+    tmp = data.with_name(f".{data.stem}.tmp-{os.getpid()}.npy")
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(dataset), *first.shape))
+    for i, (rel, _) in enumerate(dataset.items):
+        image = compose(open_rgb(Path(dataset.root) / rel))
+        if tuple(image.shape) != tuple(first.shape):
+            raise ValueError(f"{Path(dataset.root) / rel}: its transform gives {tuple(image.shape)}, the split's first "
+                             f"image {tuple(first.shape)}; a split with varying sizes cannot be cached")
+        array[i] = image.numpy()
+    array.flush()
+    del array
+    os.replace(tmp, data)
+    record = {"count": len(dataset), "shape": list(first.shape), "sha256": _file_digest(data),
+              "root": str(dataset.root), "geometry": [repr(s) for s in geometry]}
+    tmp_meta = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
+    tmp_meta.write_text(json.dumps(record))
+    os.replace(tmp_meta, meta)
+
+
+def normalizer_of(dataset) -> NormalizeBatch | None:
+    while dataset is not None:
+        norm = getattr(dataset, "normalize_batch", None)
+        if norm is not None:
+            return norm
+        dataset = getattr(dataset, "dataset", None)  # through wrappers such as SkipUnreadable
+    return None
+
+
+def to_device(images: torch.Tensor, dataset, device: torch.device) -> torch.Tensor:
+    """A batch on ``device`` (non-blocking from pinned memory), normalised there if it came from the cache."""
+    images = images.to(device, non_blocking=images.is_pinned())
+    norm = normalizer_of(dataset)
+    return norm(images) if norm is not None else images
