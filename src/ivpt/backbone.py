@@ -188,7 +188,11 @@ def build_backbone(backbone: str | nn.Module, num_classes: int, *, pretrained: b
             raise BackboneError(f"the weights of {backbone!r} are missing from the package ({weights_file}); "
                                 "reinstall ivpt or run python -m ivpt.backbones.pretrain")
     arch = backbone.split(".", 1)[0]
-    if not timm.is_model(arch):
+    if backbone.startswith("hf-hub:"):  # timm's own Hub loading (its config.json names the architecture)
+        if not pretrained and weights is None:
+            raise BackboneError(f"backbone {backbone!r} is a Hub repository: pass pretrained=True (its weights) or "
+                                "weights=FILE")
+    elif not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models("vit_*"), n=5)
         raise BackboneError(f"unknown backbone {backbone!r}" + (f"; similar timm models: {', '.join(close)}" if close else ""))
     try:
@@ -198,6 +202,8 @@ def build_backbone(backbone: str | nn.Module, num_classes: int, *, pretrained: b
             raise BackboneError(
                 f"could not fetch pretrained weights for {backbone!r} ({type(err).__name__}: {err}). "
                 "Offline? Pass weights='path/to/file' (.safetensors, .pth/.bin state dict, or Google .npz)"
+                + ("; a Hub repository already in the Hub cache loads with HF_HUB_OFFLINE=1"
+                   if backbone.startswith("hf-hub:") else "")
             ) from err
         raise
     check_supported(vit)
