@@ -49,10 +49,27 @@ def test_cached_tensors_equal_the_uncached_transform(tmp_path, transform):
     assert torch.equal(batch_of(served.to_device(torch.device("cpu"))), got)  # the on-device copy
 
 
-def test_random_transforms_are_not_cached(tmp_path):
+def test_resampling_augmentation_is_not_cached(tmp_path):
     items = make_jpegs(tmp_path / "img")
-    augmenting = dataset(tmp_path / "img", items, fgvc_transform(True, 24, MEAN, STD))
+    augment = folder_transform({"input_size": (3, 24, 24), "mean": MEAN, "std": STD}, augment=True)  # RandomResizedCrop
+    augmenting = dataset(tmp_path / "img", items, augment)
     assert cached(augmenting, tmp_path / "cache") is augmenting
+
+
+def test_crops_and_flips_act_on_the_cached_decoded_images_exactly(tmp_path):
+    """FGVC's train pipeline (resize keeping the aspect ratio, random crop, flip): the resized images of
+    varying sizes are cached, the crop and flip draw the same numbers per access as on the PIL image."""
+    items = make_jpegs(tmp_path / "img", n=8)
+    for i, (rel, _) in enumerate(items[:3]):  # other aspect ratios: the resized images differ in size
+        Image.fromarray(np.full((30 + 7 * i, 50, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "img" / rel)
+    plain = dataset(tmp_path / "img", items, fgvc_transform(True, 24, MEAN, STD))
+    served = cached(plain, tmp_path / "cache")
+    assert isinstance(served, CachedImages) and served.shapes is not None
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        expected = torch.stack([plain[i][0] for i in range(len(plain))])
+        torch.manual_seed(seed)
+        assert torch.allclose(batch_of(served), expected, atol=1e-6)
 
 
 def test_a_changed_file_size_or_transform_builds_a_new_cache(tmp_path):

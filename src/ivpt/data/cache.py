@@ -36,15 +36,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("IVPT_CACHE") or Path.home() / ".cache" / "ivpt")
 
 
-def split_transform(transform) -> tuple[list, tuple, tuple] | None:
-    """(geometry steps, mean, std) of a deterministic ``Compose([..., ToTensor(), Normalize()])``; None otherwise."""
+# augmentation steps that act on a decoded uint8 tensor exactly as on the PIL image (pure indexing, the same
+# random draws): a split whose transform ends with them caches what comes before and applies them per access
+EXACT_ON_TENSORS = (T.RandomCrop, T.RandomHorizontalFlip)
+
+
+def split_transform(transform) -> tuple[list, list, tuple, tuple] | None:
+    """(deterministic geometry, exact random steps, mean, std) of ``Compose([..., ToTensor(), Normalize()])``.
+
+    None where caching would change the pixels: other random steps (RandomResizedCrop resamples), a
+    padded crop, or anything but Resize / CenterCrop before them."""
     steps = getattr(transform, "transforms", None)
     if not steps or len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
         return None
-    geometry = steps[:-2]
-    if any(isinstance(s, RANDOM_STEPS) or not isinstance(s, (T.Resize, T.CenterCrop)) for s in geometry):
+    body = steps[:-2]
+    cut = next((i for i, step in enumerate(body) if isinstance(step, RANDOM_STEPS)), len(body))
+    geometry, augment = body[:cut], body[cut:]
+    if any(not isinstance(step, (T.Resize, T.CenterCrop)) for step in geometry):
         return None
-    return geometry, tuple(float(m) for m in steps[-1].mean), tuple(float(s) for s in steps[-1].std)
+    if any(type(step) not in EXACT_ON_TENSORS or getattr(step, "padding", None) for step in augment):
+        return None
+    return geometry, augment, tuple(float(m) for m in steps[-1].mean), tuple(float(s) for s in steps[-1].std)
 
 
 def _file_digest(path: Path) -> str:
@@ -71,21 +83,35 @@ class NormalizeBatch:
 
 
 class CachedImages(Dataset):
-    """A cached split: uint8 images (memory-mapped, or on a device) and labels; normalise with ``normalize_batch``."""
+    """A cached split: uint8 images (memory-mapped, or on a device) and labels; normalise with ``normalize_batch``.
+
+    Images of one size are one (N, 3, H, W) array; images of varying sizes (a resize that keeps the
+    aspect ratio, before random crops) are one flat array with each image's offset and shape, and the
+    split's random crop and flip act on each decoded tensor per access."""
 
     def __init__(self, images, labels: np.ndarray, classes: list[str], normalize_batch: NormalizeBatch,
-                 path: Path | None, source: ImageListDataset):
+                 path: Path | None, source: ImageListDataset, shapes: list | None = None, augment=None):
         self.images, self.labels_array, self.classes = images, labels, classes
         self.normalize_batch, self.path, self.source = normalize_batch, path, source
         self.root, self.items = source.root, source.items  # what reports of skipped files look up
+        self.shapes, self.augment = shapes, T.Compose(augment) if augment else None
+        if shapes is not None:
+            sizes = [int(np.prod(shape)) for shape in shapes]
+            self.offsets = np.concatenate([[0], np.cumsum(sizes)])
 
     def __len__(self) -> int:
         return len(self.labels_array)
 
     def __getitem__(self, index: int):
-        image = self.images[index]
-        if isinstance(image, np.ndarray):
-            image = torch.from_numpy(np.array(image))  # a copy: the memory map is read-only
+        if self.shapes is not None:
+            start, stop = self.offsets[index], self.offsets[index + 1]
+            image = torch.from_numpy(np.array(self.images[start:stop])).view(*self.shapes[index])
+        else:
+            image = self.images[index]
+            if isinstance(image, np.ndarray):
+                image = torch.from_numpy(np.array(image))  # a copy: the memory map is read-only
+        if self.augment is not None:
+            image = self.augment(image)
         return image, int(self.labels_array[index])
 
     @property
@@ -94,6 +120,8 @@ class CachedImages(Dataset):
 
     def to_device(self, device: torch.device) -> "CachedImages":
         """The whole split as one tensor on ``device`` (small splits: no copies per step at all)."""
+        if self.shapes is not None:  # varying sizes and random crops: stays in host memory
+            return self
         images = torch.from_numpy(np.array(self.images)).to(device)
         return CachedImages(images, self.labels_array, self.classes, self.normalize_batch, self.path, self.source)
 
@@ -122,7 +150,7 @@ def cached(dataset: Dataset, root: Path | None = None, warn=warnings.warn) -> Da
     pieces = split_transform(dataset.transform)
     if pieces is None:
         return dataset
-    geometry, mean, std = pieces
+    geometry, augment, mean, std = pieces
     folder = (root or cache_root()) / "tensors"
     folder.mkdir(parents=True, exist_ok=True)
     key = cache_key(dataset, geometry)
@@ -132,7 +160,9 @@ def cached(dataset: Dataset, root: Path | None = None, warn=warnings.warn) -> Da
         if not _valid(data, meta, len(dataset), warn):
             _build(dataset, geometry, data, meta)
     images = np.load(data, mmap_mode="r")
-    return CachedImages(images, dataset.labels, dataset.classes, NormalizeBatch(mean, std), data, dataset)
+    shapes = json.loads(meta.read_text()).get("shapes")
+    return CachedImages(images, dataset.labels, dataset.classes, NormalizeBatch(mean, std), data, dataset,
+                        shapes=shapes, augment=augment)
 
 
 def _valid(data: Path, meta: Path, count: int, warn) -> bool:
@@ -149,21 +179,29 @@ def _valid(data: Path, meta: Path, count: int, warn) -> bool:
 
 
 def _build(dataset: ImageListDataset, geometry: list, data: Path, meta: Path) -> None:
+    """Decode every image once; one (N, 3, H, W) array if they share a size, else one flat array and shapes."""
     compose = T.Compose([*geometry, T.PILToTensor()])
-    first = compose(open_rgb(Path(dataset.root) / dataset.items[0][0]))
+    raw = data.with_name(f".{data.stem}.raw-{os.getpid()}")
+    shapes = []
+    with open(raw, "wb") as stream:  # decoded pixels streamed to disk: memory stays bounded for large splits
+        for rel, _ in dataset.items:
+            image = compose(open_rgb(Path(dataset.root) / rel)).numpy()
+            shapes.append(list(image.shape))
+            stream.write(image.tobytes())
+    ragged = any(shape != shapes[0] for shape in shapes)
+    pixels = np.memmap(raw, dtype=np.uint8, mode="r")
     tmp = data.with_name(f".{data.stem}.tmp-{os.getpid()}.npy")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(dataset), *first.shape))
-    for i, (rel, _) in enumerate(dataset.items):
-        image = compose(open_rgb(Path(dataset.root) / rel))
-        if tuple(image.shape) != tuple(first.shape):
-            raise ValueError(f"{Path(dataset.root) / rel}: its transform gives {tuple(image.shape)}, the split's first "
-                             f"image {tuple(first.shape)}; a split with varying sizes cannot be cached")
-        array[i] = image.numpy()
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                      shape=(len(pixels),) if ragged else (len(shapes), *shapes[0]))
+    flat = array.reshape(-1)
+    for start in range(0, len(pixels), 1 << 26):
+        flat[start:start + (1 << 26)] = pixels[start:start + (1 << 26)]
     array.flush()
-    del array
+    del array, flat, pixels
+    raw.unlink()
     os.replace(tmp, data)
-    record = {"count": len(dataset), "shape": list(first.shape), "sha256": _file_digest(data),
-              "root": str(dataset.root), "geometry": [repr(s) for s in geometry]}
+    record = {"count": len(dataset), "shape": None if ragged else shapes[0], "shapes": shapes if ragged else None,
+              "sha256": _file_digest(data), "root": str(dataset.root), "geometry": [repr(s) for s in geometry]}
     tmp_meta = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
     tmp_meta.write_text(json.dumps(record))
     os.replace(tmp_meta, meta)
