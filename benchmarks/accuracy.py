@@ -30,7 +30,7 @@ from ivpt.cli import parse_shard
 from ivpt.data.suite import SUITE_TASKS, summarize
 from ivpt.engine.config import load_config
 from ivpt.engine.hardware import configure_threads
-from ivpt.engine.protocol import tune
+from ivpt.engine.study import tune
 from ivpt.tables import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def main() -> None:
     pairs = [(m, t) for m in order for t in args.tasks]
     for name, task in tqdm(pairs[index::count], desc=f"method x task (shard {index}/{count})"):
         chosen = None if args.own_grid else reused_choice(runs, name, task, wait=count > 1)
-        summary = tune(variant_config(base, name, task, runs, args.quick), runs / name / task, chosen=chosen)
+        summary = tune(variant_config(base, name, task, runs, args.quick), runs / name / task, chosen=chosen, pruner="none")
         table.setdefault(name, {})[task] = summary
     if count > 1:
         print("shard done; run once more without --shard to write the tables")

@@ -26,7 +26,7 @@ from ivpt.engine.checkpoint import atomic_write
 from ivpt.engine.config import load_config
 from ivpt.engine.distributed import Dist
 from ivpt.engine.loop import evaluate, loader_for
-from ivpt.engine.protocol import tune
+from ivpt.engine.study import tune
 from ivpt.engine.segdata import build_segmentation_data
 from ivpt.engine.tasks import SegmentationTask
 from ivpt.segmentation import slide_inference
@@ -53,7 +53,7 @@ def main() -> None:
         if args.quick:
             cfg = dataclasses.replace(cfg, epochs=1, warmup_epochs=0,
                                       protocol={"lrs": cfg.protocol["lrs"][:1], "wds": [0.0], "seeds": [42]})
-        summary = tune(cfg.validate(), runs / name)
+        summary = tune(cfg.validate(), runs / name, pruner="none")
         summary["test_ms"] = multiscale_test(cfg, runs / name, summary["seeds"])
         summary["test_ms_mean"] = float(np.mean(summary["test_ms"]))
         summary["test_ms_std"] = float(np.std(summary["test_ms"], ddof=1)) if len(summary["test_ms"]) > 1 else 0.0

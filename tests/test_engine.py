@@ -18,7 +18,8 @@ from ivpt.engine import checkpoint as ckpt_module
 from ivpt.engine.checkpoint import CheckpointError, load_checkpoint
 from ivpt.engine.config import ConfigError, TrainConfig, load_config
 from ivpt.engine.loop import train
-from ivpt.engine.protocol import choose, tune
+from ivpt.engine.protocol import choose
+from ivpt.engine.study import tune
 
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -178,7 +179,7 @@ def test_protocol_on_a_folder_dataset(setup):
         target.write_bytes(path.read_bytes())
     cfg = config(tmp_path, folder, epochs=1, warmup_epochs=0, protocol={"lrs": [2.0, 0.5], "wds": [0.0, 0.01],
                                                                          "seeds": [3]})
-    summary = tune(cfg, tmp_path / "tune")
+    summary = tune(cfg, tmp_path / "tune", pruner="none")
     assert len(summary["grid"]) == 4 and summary["seeds"] == [3]
     best = max(g["val_top1"] for g in summary["grid"])
     assert summary["chosen"]["val_top1"] == best
@@ -186,16 +187,16 @@ def test_protocol_on_a_folder_dataset(setup):
     assert final["config"]["train_split"] == "trainval" and final["test"]["count"] == 8
     assert json.loads((tmp_path / "tune" / "summary.json").read_text())["test_mean"] == summary["test_mean"]
     # a choice made elsewhere on val: no grid runs, the final runs train at that lr and weight decay
-    reused = tune(cfg, tmp_path / "reuse", chosen={"lr": 0.5, "weight_decay": 0.01, "from": "another run"})
+    reused = tune(cfg, tmp_path / "reuse", pruner="none", chosen={"lr": 0.5, "weight_decay": 0.01, "from": "another run"})
     assert reused["grid"] == [] and reused["chosen"]["from"] == "another run"
     assert not (tmp_path / "reuse" / "grid").exists()
     final = json.loads((tmp_path / "reuse" / "final" / "seed3" / "results.json").read_text())
     assert (final["config"]["lr"], final["config"]["weight_decay"]) == (0.5, 0.01)
     with pytest.raises(ValueError, match="trained at lr 0.5"):  # finished at another choice: never reused silently
-        tune(cfg, tmp_path / "reuse", chosen={"lr": 2.0, "weight_decay": 0.01})
+        tune(cfg, tmp_path / "reuse", pruner="none", chosen={"lr": 2.0, "weight_decay": 0.01})
 
 
-def test_protocol_on_a_suite_task_with_shards(tmp_path, monkeypatch):
+def test_protocol_on_a_suite_task_reruns_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("IVPT_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
     import timm
@@ -205,14 +206,11 @@ def test_protocol_on_a_suite_task_with_shards(tmp_path, monkeypatch):
                       method="vpt-deep", method_options={"prompt_length": 1}, data={"kind": "suite", "task": "clevr-dist"},
                       epochs=1, warmup_epochs=0, batch_size=200, protocol={"lrs": [0.5, 0.1], "wds": [0.0], "seeds": [1, 2]},
                       output=str(tmp_path / "tune")).validate()
-    assert tune(cfg, tmp_path / "tune", shard=(0, 2)) is None  # shard 0 cannot finish alone
-    summary = tune(cfg, tmp_path / "tune", shard=(1, 2))
-    assert summary is None or summary["seeds"] == [1, 2]
-    summary = summary or tune(cfg, tmp_path / "tune", shard=(0, 2))
+    summary = tune(cfg, tmp_path / "tune", pruner="none")
     assert summary["seeds"] == [1, 2] and len(summary["grid"]) == 2 and len(summary["test_top1"]) == 2
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "tune").rglob("results.json")}
     assert len(stamp) == 4
-    again = tune(cfg, tmp_path / "tune")  # everything done: nothing retrained, same summary
+    again = tune(cfg, tmp_path / "tune", pruner="none")  # everything done: nothing retrained, same summary
     assert again["test_top1"] == summary["test_top1"]
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
 

@@ -1,7 +1,6 @@
 """LoRA, bottleneck adapters (sequential, AdaptFormer), SSF and BitFit: the methods that act inside the blocks."""
 import copy
 import json
-import math
 
 import pytest
 import torch
@@ -96,7 +95,7 @@ def test_manual_forward_is_timms(images):
 
 def test_lora_on_q_and_v_against_the_formula(images):
     model = randomize(build("lora", lora_rank=3, lora_alpha=6.0))
-    vit, d = model.backbone, model.backbone.embed_dim
+    vit = model.backbone
     updates = iter(model.method.updates)
 
     def qkv_out(i, h, qkv):

@@ -328,11 +328,12 @@ def cmd_tune(args) -> int:
     from .data.suite import SUITE_TASKS, summarize
     from .engine.checkpoint import atomic_write
     from .engine.config import load_config
-    from .engine.protocol import tune
+    from .engine.study import tune
 
     cfg = load_config(args.config, list(args.set or []))
     out = Path(args.output or cfg.output)
-    wait = None if args.no_wait or args.shard[1] == 1 else args.poll_seconds
+    options = dict(storage=args.storage, workers=args.workers, pruner=args.pruner, heartbeat=args.heartbeat,
+                   devices=args.devices.split(",") if args.devices else None)
     if args.tasks:
         if cfg.data.get("kind") != "suite":
             raise ValueError("--tasks applies to recipes whose data kind is 'suite'")
@@ -343,11 +344,7 @@ def cmd_tune(args) -> int:
         summaries = {}
         for task in tasks:
             task_cfg = dataclasses.replace(cfg, data={**cfg.data, "task": task})
-            summaries[task] = tune(task_cfg, out / task, args.shard, wait)
-        if any(s is None for s in summaries.values()):
-            print("this shard's share is done; other shards' runs are missing: run every shard again "
-                  "(or once without --shard) when they have finished, to continue and merge")
-            return 0
+            summaries[task] = tune(task_cfg, out / task, **options)
         means = summarize({t: s["test_mean"] for t, s in summaries.items()})
         merged = {"method": cfg.method, "tasks": summaries, **means}
         atomic_write(out / "suite_summary.json", lambda tmp: tmp.write_text(json.dumps(merged, indent=2)))
@@ -358,11 +355,7 @@ def cmd_tune(args) -> int:
         print(f"test top-1 (fractions): mean of group means {means['mean_of_group_means']:.4f}, "
               f"plain mean {means['plain_mean']:.4f}")
         return 0
-    summary = tune(cfg, out, args.shard, wait)
-    if summary is None:
-        print("this shard's share is done; other shards' runs are missing: run every shard again "
-                  "(or once without --shard) when they have finished, to continue and merge")
-        return 0
+    summary = tune(cfg, out, **options)
     print(json.dumps({"chosen": summary["chosen"], "test_mean": round(summary["test_mean"], 4),
                       "test_std": round(summary["test_std"], 4), "summary": str(out / "summary.json")}))
     return 0
@@ -498,19 +491,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("tune", help="VPT protocol: lr x wd grid on train->val, then seeds on train+val->test",
-                       description="Runs the grid (train -> val), picks the best val top-1 (ties: smaller lr), "
-                                   "retrains on train+val with every seed and reports the test mean and std. "
-                                   "Completed runs are skipped; --shard i/n splits the work between processes "
-                                   "sharing the output folder; the last one to finish merges (summary.json).")
+                       description="The grid (train -> val) and the final seeds (train+val -> test) as Optuna "
+                                   "studies: best val top-1 wins (ties: smaller lr, then larger wd). Studies live "
+                                   "in --storage (default: SQLite in the output folder), so any number of "
+                                   "processes on any number of machines join by running the same command; "
+                                   "finished runs are never repeated, a dead worker's run is retried from its "
+                                   "checkpoint.")
     p.add_argument("config", nargs="+", help="YAML recipe(s), its 'protocol' field sets lrs, wds and seeds; a later "
                    "file's fields replace an earlier one's (a method's protocol: configs/protocols/)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override recipe fields")
     p.add_argument("--output", help="tuning folder (default: the recipe's output)")
-    p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N", help="run every N-th job from the I-th")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage shared by every worker: sqlite:///PATH, "
+                   "postgresql://USER:PASS@HOST/DB, or journal:PATH (default: sqlite in the output folder)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes to start here (default 1)")
+    p.add_argument("--devices", metavar="0,1,...", help="GPU ids: worker k uses device k mod len")
+    p.add_argument("--pruner", choices=("none", "sha", "hyperband"), default="sha",
+                   help="stop weak grid points early (successive halving, default) or train every one to the end")
+    p.add_argument("--heartbeat", type=float, default=30.0, metavar="SECONDS",
+                   help="worker heartbeat; a trial silent for twice this is retried (default 30)")
     p.add_argument("--tasks", help="with a suite recipe: 'all' or a comma-separated list of offline-suite tasks")
-    p.add_argument("--no-wait", action="store_true",
-                   help="with --shard: exit when other shards' runs are missing instead of waiting for them")
-    p.add_argument("--poll-seconds", type=float, default=30.0, help="how often a waiting shard looks again")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("quickstart", help="the main job: iVPT vs linear probe vs VPT-deep on an offline task",

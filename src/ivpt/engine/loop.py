@@ -138,10 +138,13 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, progress: bool | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, progress: bool | None = None,
+          on_epoch=None) -> dict[str, Any]:
     """Train one method on one dataset; returns (and writes) the results of the run.
 
-    quiet: no per-epoch lines on stdout; progress: progress bars (default: not quiet).
+    quiet: no per-epoch lines on stdout; progress: progress bars (default: not quiet). on_epoch: called
+    with each epoch's log entry after its checkpoint (a resumed run replays the entries it already has);
+    an exception it raises (e.g. a pruner's) stops the run there, that checkpoint kept.
     """
     cfg.validate()
     configure_threads(cfg.threads)  # several processes on one machine (torchrun ranks, shards) share its cores
@@ -155,13 +158,14 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, progress:
         # one writer per run folder (rank 0 writes): a second process on it fails at once, naming the holder
         # SIGTERM / SIGUSR1 (preemption, a job's time limit): checkpoint at the next step boundary, then stop
         with RunLock(out) if ctx.main else contextlib.nullcontext(), StopRequest() as stopper:
-            return _train(cfg, out, device, ctx, resume, quiet, (not quiet) if progress is None else progress, stopper)
+            return _train(cfg, out, device, ctx, resume, quiet, (not quiet) if progress is None else progress, stopper,
+                          on_epoch)
     finally:
         shutdown(ctx)
 
 
 def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: bool, progress: bool,
-           stopper: StopRequest) -> dict[str, Any]:
+           stopper: StopRequest, on_epoch=None) -> dict[str, Any]:
     if has_checkpoint(out) and not resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another output")
     precision = resolve_precision(cfg.precision, device)
@@ -227,6 +231,8 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
             scaler.load_state_dict(meta["grad_scaler"])
         if ctx.main and not quiet:
             print(f"resuming {out} after epoch {start_epoch}" + (f", step {start_step}" if start_step else ""))
+        for entry in log if on_epoch else ():
+            on_epoch(entry)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(_yaml(cfg.to_dict())))
@@ -321,6 +327,8 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
                         writer.add_scalar(key, value, epoch + 1)
             if not quiet:
                 print(json.dumps(entry), flush=True)
+        if on_epoch is not None:
+            on_epoch(entry)
         if not last_epoch and stopper.agreed(ctx, device):  # asked to stop during the evaluation
             raise Preempted(f"stopped by {stopper.signal or 'a signal'} after epoch {epoch + 1}; checkpoint written: "
                             "continue with --resume", str(out))

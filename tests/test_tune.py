@@ -1,0 +1,103 @@
+"""ivpt tune on Optuna: the full grid's choice, workers sharing one study, a killed worker, pruning, bad input."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from ivpt.engine.config import ConfigError, TrainConfig
+from ivpt.engine.loop import train
+from ivpt.engine.protocol import choose, final_jobs, grid_jobs
+from ivpt.engine.study import tune
+
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+@pytest.fixture
+def recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("IVPT_CACHE", str(tmp_path / "cache"))
+    import timm
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("vit_mini_patch4_32", **TINY).state_dict(), str(tmp_path / "b.safetensors"))
+    return TrainConfig(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(tmp_path / "b.safetensors"),
+                       method="vpt-deep", method_options={"prompt_length": 1},
+                       data={"kind": "suite", "task": "clevr-dist"}, epochs=3, warmup_epochs=0, batch_size=200,
+                       optimizer="adamw", lr_scaling=False,
+                       protocol={"lrs": [0.3, 0.03, 0.003, 0.0003], "wds": [0.0], "seeds": [1, 2]},
+                       output=str(tmp_path / "tune")).validate()
+
+
+def test_full_grid_gives_the_plain_protocols_choice_and_scores(recipe, tmp_path):
+    """--pruner none: every grid point to the end; the choice and the test scores of running the protocol by hand."""
+    summary = tune(recipe, tmp_path / "tune", pruner="none")
+    by_hand = [train(dataclasses.replace(cfg, output=str(tmp_path / "hand" / run.name)), quiet=True)
+               for run, cfg in grid_jobs(recipe, tmp_path / "hand-grid")]
+    choice = choose(by_hand)
+    assert {k: summary["chosen"][k] for k in ("lr", "weight_decay")} == {k: choice[k] for k in ("lr", "weight_decay")}
+    finals = [train(dataclasses.replace(cfg, output=str(tmp_path / "hand-final" / run.name)), quiet=True)
+              for run, cfg in final_jobs(recipe, tmp_path / "x", choice["lr"], choice["weight_decay"])]
+    assert summary["test_top1"] == [f["test"]["top1"] for f in finals]
+    assert summary["pruned"] == 0 and summary["epochs_trained"] == 3 * (4 + 2)
+
+
+def test_successive_halving_prunes_and_survivors_equal_unpruned_runs(recipe, tmp_path):
+    full = tune(recipe, tmp_path / "full", pruner="none")
+    sha = tune(recipe, tmp_path / "sha", pruner="sha")
+    assert sha["pruned"] >= 1 and sha["epochs_trained"] < full["epochs_trained"]
+    survivors = {(g["lr"], g["weight_decay"]): g["val_top1"] for g in sha["grid"]}
+    everyone = {(g["lr"], g["weight_decay"]): g["val_top1"] for g in full["grid"]}
+    assert survivors and all(everyone[k] == v for k, v in survivors.items())  # the same schedule, the same result
+
+
+def test_two_workers_train_every_point_exactly_once(recipe, tmp_path):
+    import optuna
+
+    summary = tune(recipe, tmp_path / "tune", pruner="none", workers=2)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
+    grid = next(s for s in optuna.get_all_study_summaries(storage) if s.study_name.startswith("grid-"))
+    trials = optuna.load_study(study_name=grid.study_name, storage=storage).trials
+    complete = [t.params["lr"] for t in trials if t.state.name == "COMPLETE"]
+    assert sorted(complete) == sorted(recipe.protocol["lrs"])  # each point once, none twice
+    for run in (tmp_path / "tune" / "grid").iterdir():
+        log = json.loads((run / "results.json").read_text())["log"]
+        assert [e["epoch"] for e in log] == [1, 2, 3]  # trained once, start to end
+    assert len(summary["test_top1"]) == 2
+
+
+def test_a_killed_worker_loses_nothing(recipe, tmp_path):
+    """SIGKILL in the middle of a grid run; the same command again finishes the study with the same result."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict()))))
+    reference = tune(recipe, tmp_path / "reference", pruner="none")
+    command = [sys.executable, "-m", "ivpt.cli", "tune", str(path), "--output", str(tmp_path / "killed"),
+               "--pruner", "none", "--heartbeat", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # a grid run with a checkpoint but no result: killed in the middle of it
+        runs = list((tmp_path / "killed" / "grid").glob("*/checkpoint.json")) if (tmp_path / "killed").exists() else []
+        if any(not (r.parent / "results.json").exists() for r in runs):
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["chosen"] == reference["chosen"] and summary["test_top1"] == reference["test_top1"]
+
+
+def test_bad_storage_and_devices_are_named(recipe, tmp_path):
+    with pytest.raises(ConfigError, match="--storage"):
+        tune(recipe, tmp_path / "t", storage="nosuchdb://x/y")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--devices: device '0' does not exist"):
+            tune(recipe, tmp_path / "t", devices=["0"], workers=2)
