@@ -324,12 +324,14 @@ def input_pipeline_table(report: dict) -> str:
     for name, e in report["sets"].items():
         for workers in ("0", "1", "2"):
             cold, warm = e["cold"][workers], e["cached"][workers]
-            rows.append([name, workers, f"{cold:.0f}", f"{warm:.0f}", f"{warm / cold:.1f}x"])
+            raw = e.get("cached_uint8", {}).get(workers)
+            rows.append([name, workers, f"{cold:.0f}", f"{warm:.0f}", f"{warm / cold:.1f}x",
+                         "-" if raw is None else f"{raw:.0f}", "-" if raw is None else f"{raw / cold:.1f}x"])
     use = ", ".join(f"{k}: {v:.0f} img/s" for k, v in report["consumption"].items())
     builds = ", ".join(f"{k} {e['build_seconds']:.1f} s" for k, e in report["sets"].items())
     return (f"{report['machine']}, {report['date']}; {report['images']} JPEGs per set, batch {report['batch']}\n\n"
-            + table(["set (VTAB resize to)", "loader workers", "cold (img/s)", "from the cache (img/s)",
-                     "cache / cold"], rows)
+            + table(["set (VTAB resize to)", "loader workers", "cold (img/s)", "cache, normalised on this CPU (img/s)",
+                     "/ cold", "cache, uint8 for the device (img/s)", "/ cold"], rows)
             + f"\n\nBuilding each cache once: {builds}. A VPT-deep training step consumes: {use}.")
 
 
