@@ -66,6 +66,40 @@ def pretrain_dir(runs: Path, args: list[str]) -> Path:
     return runs / "pretrain" / "_".join(a.lstrip("-") for a in args)
 
 
+# A session's folders do not survive it, so an unfinished pretraining's last checkpoint is committed here
+# (--save-state) and copied back into --runs before pretraining resumes: resumable across sessions, exactly.
+STATE = ROOT / "benchmarks" / "state" / "testbed"
+
+
+def save_state(runs: Path, args: list[str]) -> None:
+    import shutil
+
+    folder, state = pretrain_dir(runs, args), STATE / pretrain_dir(runs, args).name
+    meta = folder / "checkpoint.json"
+    if not meta.is_file():
+        print(f"nothing to save: no checkpoint in {folder}")
+        return
+    tensors = json.loads(meta.read_text())["tensors_file"]
+    if state.exists():
+        shutil.rmtree(state)
+    state.mkdir(parents=True)
+    shutil.copy2(folder / tensors, state / Path(tensors).name)
+    shutil.copy2(meta, state / "checkpoint.json")
+    print(f"saved the pretraining state of {folder} in {state} (commit it)")
+
+
+def restore_state(runs: Path, args: list[str]) -> None:
+    import shutil
+
+    folder, state = pretrain_dir(runs, args), STATE / pretrain_dir(runs, args).name
+    if (folder / "checkpoint.json").is_file() or (folder / "config.json").is_file() or not state.is_dir():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in state.iterdir():
+        shutil.copy2(item, folder / item.name)
+    print(f"restored the committed pretraining state {state} into {folder}")
+
+
 def backbone_facts(runs: Path, backbone: str, args: list[str] | None) -> dict | None:
     """Weights file, pretraining seconds and CIFAR-10 top-1 of a candidate's backbone (None: not pretrained)."""
     if args is None:
@@ -123,11 +157,18 @@ def main() -> None:
     parser.add_argument("--runs", default=str(ROOT / "runs" / "testbed"), help="folder for every run (resumable)")
     parser.add_argument("--pretrain", action="store_true", help="pretrain candidate backbones that are missing")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for this process")
+    parser.add_argument("--save-state", action="store_true",
+                        help="copy unfinished pretraining checkpoints into benchmarks/state/ (to commit) and exit")
     parser.add_argument("--recipe", default=str(ROOT / "configs" / "suite" / "benchmark.yaml"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = Path(args.runs)
+    if args.save_state:
+        for name in args.candidates:
+            if CANDIDATES[name][1] is not None:
+                save_state(runs, CANDIDATES[name][1])
+        return
     base = dataclasses.replace(load_config(args.recipe), precision="fp32", weight_decay=1e-4)
     path = RESULTS / "testbed_probe.json"
     report = json.loads(path.read_text()) if path.is_file() else {"rule": RULE, "candidates": {}}
@@ -140,6 +181,7 @@ def main() -> None:
             if not args.pretrain:
                 print(f"{name}: its backbone is not pretrained yet; rerun with --pretrain (resumable)")
                 continue
+            restore_state(runs, pre_args)
             pretrain([*pre_args, "--out", str(pretrain_dir(runs, pre_args)), "--precision", "auto"], prog="pretrain")
             facts = backbone_facts(runs, backbone, pre_args)
         scores = {m: {} for m in METHODS}
