@@ -136,6 +136,11 @@ def test_push_dry_run_writes_the_exact_upload(tmp_path):
     card = (tmp_path / "upload" / "README.md").read_text()
     assert "42: 0.3000, 44: 0.3500" in card and "test mean over 2 seeds" in card
     assert ivpt.load_adapter(tmp_path / "upload").method_name == "lora"
+    tune_folder = tmp_path / "tune"  # an ivpt tune folder: the first seed's adapter, every seed in the card
+    model.save_adapter(tune_folder / "final" / "seed42" / "adapter")
+    (tune_folder / "summary.json").write_text(json.dumps(summary))
+    assert main(["push", str(tune_folder), "someone/t", "--dry-run", str(tmp_path / "up3")]) == 0
+    assert "42: 0.3000, 44: 0.3500" in (tmp_path / "up3" / "README.md").read_text()
     assert model.push_to_hub("someone/x", dry_run=tmp_path / "up2") == str(tmp_path / "up2")
     assert (tmp_path / "up2" / "README.md").is_file()
 

@@ -465,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "recipe, metrics; a protocol run's seeds from summary.json) to REPO, creating "
                                    "it if needed. Uses huggingface_hub's login token. Read it back anywhere with "
                                    "hf-hub:REPO as the adapter (ivpt eval, predict, explain, ivpt.load_adapter).")
-    p.add_argument("source", help="adapter folder, or a run folder holding adapter/")
+    p.add_argument("source", help="adapter folder, a run folder holding adapter/, or an ivpt tune folder (its first "
+                   "seed's adapter; the card lists every seed)")
     p.add_argument("repo", help="Hub repository, ORG/NAME")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--dry-run", metavar="DIR", help="write exactly what would be uploaded into DIR; send nothing")

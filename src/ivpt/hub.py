@@ -64,13 +64,18 @@ def resolve_adapter(source) -> Path:
 def stage(source, folder: Path, protocol: dict | None = None) -> Path:
     """Write into ``folder`` exactly what a push uploads: the adapter files and a fresh model card."""
     source = Path(source)
+    summary = None
+    if (source / "summary.json").is_file() and (source / "final").is_dir():  # an ivpt tune folder
+        summary = source / "summary.json"
+        seeds = json.loads(summary.read_text()).get("seeds") or []
+        source = source / "final" / f"seed{seeds[0]}" if seeds else source
     if (source / "adapter" / TENSORS_FILE).is_file():  # a run folder
         source = source / "adapter"
     config = read_adapter_config(source)  # checks it is an adapter
     folder.mkdir(parents=True, exist_ok=True)
     for name in (TENSORS_FILE, CONFIG_FILE):
         shutil.copyfile(source / name, folder / name)
-    summary = source.parent / "summary.json"
+    summary = summary or source.parent / "summary.json"
     if protocol is None and summary.is_file():
         protocol = json.loads(summary.read_text())
     write_card(folder, config, protocol)
@@ -79,7 +84,8 @@ def stage(source, folder: Path, protocol: dict | None = None) -> Path:
 
 def push_to_hub(source, repo_id: str, *, private: bool = False, dry_run=None, token: str | None = None,
                 commit_message: str | None = None) -> str:
-    """Upload an adapter folder (or a run folder holding adapter/) with its card to ``repo_id``.
+    """Upload an adapter folder (or a run folder holding adapter/, or an ``ivpt tune`` folder: its first seed's
+    adapter, with every seed's test score in the card) with its card to ``repo_id``.
 
     dry_run: a folder to write the exact upload into instead (nothing is sent). Returns the repo URL
     or the dry-run folder.
