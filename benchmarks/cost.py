@@ -14,7 +14,9 @@ saw; Linux /proc, peak reset with clear_refs). On CUDA, torch.cuda.max_memory_al
 
 The floor is the frozen backbone's forward plus the backward to its input, with the same number of
 tokens: what any prompt method must pay at least, since prompt gradients flow back to block 0.
-Results: benchmarks/results/cost.json, cost.csv and cost_vs_prompt_length.png.
+Results: benchmarks/results/cost.json, cost.csv and cost_vs_prompt_length.png. Eager against
+torch.compile, with achieved GFLOP/s against the machine's measured GEMM peak: benchmarks/compiled.py
+(it reuses this script's model builder and training step).
 """
 from __future__ import annotations
 

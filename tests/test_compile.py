@@ -2,7 +2,7 @@
 
 The matrix uses the ``aot_eager`` backend: it runs dynamo's graph capture and AOTAutograd's joint
 graph, which is where hooks, side effects and recompiles go wrong, without inductor's minutes of C++
-compilation per graph on 2 cores. Inductor itself is run by benchmarks/cost.py --compiled.
+compilation per graph on 2 cores. Inductor itself runs in benchmarks/compiled.py.
 """
 import copy
 import json
