@@ -59,7 +59,7 @@ def measure(backbone: str, size: int, batch: int, rounds: int) -> dict:
             if not compiled:
                 flops[m] = step_flops(model, images, labels)
             run = torch.compile(model) if compiled else model
-            step = make_step(run, m, images, labels) if not compiled else _compiled_step(model, run, images, labels)
+            step = make_step(model, m, images, labels, run=run)
             start = time.perf_counter()
             step()  # the first call compiles
             step()  # dynamo may recompile once for the optimizer's state
@@ -80,18 +80,6 @@ def measure(backbone: str, size: int, batch: int, rounds: int) -> dict:
     out["ivpt_vs_vpt_deep"] = {"eager": ratio(named, "ivpt", "vpt-deep", "train"),
                                "compiled": ratio(named, "ivpt-compiled", "vpt-deep-compiled", "train")}
     return out
-
-
-def _compiled_step(model, run, images, labels):
-    params = list(model.tuned_parameters().values())
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-
-    def step():
-        loss = torch.nn.functional.cross_entropy(run(images), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
 
 
 def main() -> None:

@@ -63,14 +63,16 @@ def floor_step(model, images):
     floor_forward(model, images)[:, 0].sum().backward()
 
 
-def make_step(model, method, images, labels):
+def make_step(model, method, images, labels, run=None):
+    """One SGD step over the tuned tensors; ``run``: what computes the logits (e.g. torch.compile(model))."""
     if method == "floor":
         return lambda: floor_step(model, images)
     params = list(model.tuned_parameters().values())
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    run = model if run is None else run
 
     def step():
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss = torch.nn.functional.cross_entropy(run(images), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
