@@ -182,7 +182,8 @@ def main() -> None:
                 print(f"{name}: its backbone is not pretrained yet; rerun with --pretrain (resumable)")
                 continue
             restore_state(runs, pre_args)
-            pretrain([*pre_args, "--out", str(pretrain_dir(runs, pre_args)), "--precision", "auto"], prog="pretrain")
+            # fp32: its first 7 epochs ran fp32 on a CPU without bf16 (the committed state records no precision)
+            pretrain([*pre_args, "--out", str(pretrain_dir(runs, pre_args)), "--precision", "fp32"], prog="pretrain")
             facts = backbone_facts(runs, backbone, pre_args)
         scores = {m: {} for m in METHODS}
         for task in TASKS:

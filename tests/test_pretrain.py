@@ -54,3 +54,28 @@ def test_pretrain_rejects_nonsense(cifar_tar, tmp_path):
         pretrain.main(["--data", str(cifar_tar), "--out", str(tmp_path / "x"), "--epochs", "0"])
     with pytest.raises(SystemExit):
         pretrain.main(["--data", str(cifar_tar), "--out", str(tmp_path / "x"), "--warmup-epochs", "40"])
+
+
+def test_resume_keeps_the_precision_the_run_began_in(tmp_path):
+    from ivpt.engine.hardware import Precision
+
+    bf16_here = Precision("auto", "bf16", "CPU with native bf16")
+    kept = pretrain.resumed_precision("auto", bf16_here, "fp32", tmp_path)
+    assert kept.used == "fp32" and "resumed" in kept.reason
+    assert pretrain.resumed_precision("auto", bf16_here, None, tmp_path).used == "bf16"  # nothing recorded
+    with pytest.raises(SystemExit, match="--precision bf16.*trained in fp32"):
+        pretrain.resumed_precision("bf16", Precision("bf16", "bf16", "asked for"), "fp32", tmp_path)
+
+
+def test_checkpoint_records_its_precision(cifar_tar, tmp_path, monkeypatch):
+    real = pretrain.save_state
+
+    def stop_after_first(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "save_state", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(args(cifar_tar, tmp_path / "b"))
+    meta = json.loads((tmp_path / "b" / "checkpoint.json").read_text())
+    assert meta["precision"] == "fp32" and meta["epoch"] == 1

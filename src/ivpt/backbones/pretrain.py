@@ -94,15 +94,26 @@ def lr_at(step: float, total: float, warmup: float, peak: float, floor: float) -
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def save_state(out: Path, model, opt, epoch: int, log: list, inside: dict | None = None) -> None:
+def save_state(out: Path, model, opt, epoch: int, log: list, inside: dict | None = None,
+               precision: str | None = None) -> None:
     """A checkpoint after ``epoch`` epochs; ``inside``: step, sums and generator states within the next one."""
-    save_checkpoint(out, model.state_dict(), opt, {"epoch": epoch, "log": log, "inside": inside})
+    save_checkpoint(out, model.state_dict(), opt, {"epoch": epoch, "log": log, "inside": inside, "precision": precision})
 
 
-def load_state(out: Path, model, opt) -> tuple[int, list, dict | None]:
+def resumed_precision(asked: str, resolved: Precision, recorded: str | None, out: Path) -> Precision:
+    """A resumed run keeps the precision it began in: ``auto`` on another machine must not switch it mid-run."""
+    if recorded is None or recorded == resolved.used:
+        return resolved
+    if asked == "auto":
+        return Precision(asked, recorded, f"resumed: the checkpoint in {out} was trained in {recorded}")
+    raise SystemExit(f"--precision {asked}: the checkpoint in {out} was trained in {recorded}; resume it with "
+                     f"--precision {recorded} (or auto), or start a new --out")
+
+
+def load_state(out: Path, model, opt) -> tuple[int, list, dict | None, str | None]:
     tensors, meta = load_checkpoint(out, opt)
     model.load_state_dict(tensors)
-    return meta["epoch"], meta["log"], meta.get("inside")
+    return meta["epoch"], meta["log"], meta.get("inside"), meta.get("precision")
 
 
 @torch.no_grad()
@@ -142,23 +153,24 @@ def _pretrain(args, out: Path, device: torch.device) -> dict:
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    start, log, inside = 0, [], None
+    start, log, inside, recorded = 0, [], None, None
     if has_checkpoint(out):
-        start, log, inside = load_state(out, model, opt)
+        start, log, inside, recorded = load_state(out, model, opt)
         print(f"resuming from epoch {start}" + (f", step {inside['step']}" if inside else "") + f" in {out}")
     precision = resolve_precision(args.precision, device)
     if precision.used == "fp16":  # pretraining has no gradient scaler: fp32 rather than unscaled fp16
         precision = Precision(args.precision, "fp32", "CUDA device without bf16; pretraining runs fp16 nowhere")
+    precision = resumed_precision(args.precision, precision, recorded, out)
     print(f"precision {precision.used} ({precision.reason})", flush=True)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision.used == "bf16")
 
     data_tensors = (train_x, train_y, mean, std)
     with StopRequest() as stopper:  # SIGTERM / SIGUSR1: checkpoint after the current step, then stop
-        _epochs(args, out, model, opt, data_tensors, start, log, inside, stopper, autocast, device)
+        _epochs(args, out, model, opt, data_tensors, start, log, inside, stopper, autocast, device, precision.used)
     return _finish(args, out, model, data, tar, arch, mean_list, std_list, log, precision, mean, std)
 
 
-def _epochs(args, out, model, opt, data_tensors, start, log, inside, stopper, autocast, device) -> None:
+def _epochs(args, out, model, opt, data_tensors, start, log, inside, stopper, autocast, device, precision) -> None:
     train_x, train_y, mean, std = data_tensors
     steps_per_epoch = len(train_x) // args.batch_size  # drop the ragged last batch
     total = steps_per_epoch * args.epochs
@@ -194,14 +206,15 @@ def _epochs(args, out, model, opt, data_tensors, start, log, inside, stopper, au
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
             if stopper.requested:
                 save_state(out, model, opt, epoch, log, {"step": it + 1, "sums": [loss_sum, correct, seen],
-                                                         "generator": encode_state(gen.get_state()), "rng": rng_state()})
+                                                         "generator": encode_state(gen.get_state()), "rng": rng_state()},
+                           precision)
                 raise Preempted(f"pretraining stopped by {stopper.signal} after step {it + 1}/{steps_per_epoch} of "
                                 f"epoch {epoch + 1}; checkpoint written in {out}: run the same command to resume", str(out))
         entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                  "lr_end": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
         log.append(entry)
         print(json.dumps(entry), flush=True)
-        save_state(out, model, opt, epoch + 1, log)
+        save_state(out, model, opt, epoch + 1, log, precision=precision)
 
 
 def _finish(args, out, model, data, tar, arch, mean_list, std_list, log, precision, mean, std) -> dict:
