@@ -30,7 +30,7 @@ from ivpt.cli import parse_shard
 from ivpt.data.suite import SUITE_TASKS, summarize
 from ivpt.engine.config import load_config
 from ivpt.engine.hardware import configure_threads
-from ivpt.engine.study import tune
+from ivpt.engine.study import PRUNERS, tune
 from ivpt.tables import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,11 @@ ABLATIONS = ["vpt-deep", "cdc-static", "cdc-da", "ar-only", "ivpt"]
 # Ablations train at the lr and wd chosen on val for full iVPT on the same task (no grid of their own:
 # it halves their cost on 2 cores; --own-grid gives each its own). Run --methods ivpt before them.
 REUSE_CHOICE = {"cdc-static": "ivpt", "cdc-da": "ivpt", "ar-only": "ivpt"}
-FULL_LRS = [3e-4, 1e-4]  # full fine-tuning moves every weight: far smaller AdamW steps than prompts
+# The recipe's lrs are the prompts' (and the linear probe's); the other families train at scaled lrs:
+# full fine-tuning moves every weight (far smaller AdamW steps: 0.03 -> 3e-4), the module methods change
+# the blocks' own activations (V-PETL trains them at 1e-3 on ViT-B, a tenth of the prompts' steps).
+# BitFit's biases count as the blocks' own weights here.
+LR_SCALE = {"full": 0.01, **dict.fromkeys(("lora", "adapter", "adaptformer", "ssf", "bitfit"), 0.1)}
 
 
 def variant_config(base, name: str, task: str, runs: Path, quick: bool):
@@ -66,8 +70,8 @@ def variant_config(base, name: str, task: str, runs: Path, quick: bool):
     options = {} if extra is None else {**base.method_options, **extra}
     changes = {"method": method, "method_options": options, "data": {**base.data, "task": task},
                "output": str(runs / name / task)}
-    if method == "full":  # full fine-tuning wants far smaller steps than prompts
-        changes["protocol"] = {**base.protocol, "lrs": FULL_LRS}
+    if method in LR_SCALE:
+        changes["protocol"] = {**base.protocol, "lrs": [float(f"{lr * LR_SCALE[method]:.3g}") for lr in base.protocol["lrs"]]}
     if quick:
         lrs = changes.get("protocol", base.protocol)["lrs"][:2]
         changes.update(epochs=1, warmup_epochs=0,
@@ -84,6 +88,8 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
     parser.add_argument("--quick", action="store_true", help="1 epoch, 1 seed, 2 lrs: a pipeline check")
     parser.add_argument("--own-grid", action="store_true", help="ablations choose their own lr on val")
+    parser.add_argument("--pruner", default="none", choices=PRUNERS,
+                        help="the grid stage's pruner (ivpt tune --pruner); sha trains the weaker grid points shorter")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: run every n-th (method, task) pair only, no tables")
     args = parser.parse_args()
     index, count = args.shard
@@ -96,7 +102,7 @@ def main() -> None:
     pairs = [(m, t) for m in order for t in args.tasks]
     for name, task in tqdm(pairs[index::count], desc=f"method x task (shard {index}/{count})"):
         chosen = None if args.own_grid else reused_choice(runs, name, task, wait=count > 1)
-        summary = tune(variant_config(base, name, task, runs, args.quick), runs / name / task, chosen=chosen, pruner="none")
+        summary = tune(variant_config(base, name, task, runs, args.quick), runs / name / task, chosen=chosen, pruner=args.pruner)
         table.setdefault(name, {})[task] = summary
     if count > 1:
         print("shard done; run once more without --shard to write the tables")

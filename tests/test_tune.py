@@ -102,3 +102,13 @@ def test_bad_storage_and_devices_are_named(recipe, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--devices: device '0' does not exist"):
             tune(recipe, tmp_path / "t", devices=["0"], workers=2)
+
+
+def test_a_finished_run_of_another_recipe_is_not_reused(recipe, tmp_path):
+    """Same output folder, a longer schedule: the old grid runs' results.json must not stand in for the new ones."""
+    from ivpt.engine.checkpoint import CheckpointError
+
+    small = dataclasses.replace(recipe, protocol={**recipe.protocol, "lrs": [0.03]})
+    tune(small, tmp_path / "tune", pruner="none")
+    with pytest.raises(CheckpointError, match=r"lr0.03_wd0/results.json is a finished run of another config.*epochs"):
+        tune(dataclasses.replace(small, epochs=3), tmp_path / "tune", pruner="none")

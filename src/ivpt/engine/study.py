@@ -99,13 +99,26 @@ def _objective(jobs: dict, space: dict[str, list], split: str, report: bool):
 
         while True:
             done = _done(run)
-            if done is not None:  # finished earlier (by anyone): never trained again
+            if done is not None:  # finished earlier (by anyone): never trained again, if it is this run
+                _check_same_run(run, done, cfg)
                 return done[split][done.get("primary_metric", "top1")]
             try:
                 train(cfg, resume=True, quiet=True, on_epoch=on_epoch)
             except RunLockedError:  # another worker trains this run (a duplicate trial): wait for its result
                 time.sleep(2)
     return objective
+
+
+def _check_same_run(run: Path, done: dict, cfg: TrainConfig) -> None:
+    """A results.json left by another recipe in the same folder must not stand in for this run."""
+    from .checkpoint import CheckpointError
+    from .loop import _result_fields
+
+    saved, asked = _result_fields(done.get("config") or {}), _result_fields(cfg.to_dict())
+    diff = [k for k, v in asked.items() if saved.get(k) != v]
+    if diff:
+        raise CheckpointError(f"{run / 'results.json'} is a finished run of another config (it differs in "
+                              f"{', '.join(diff)}): remove that folder or choose another output")
 
 
 class _NotQueued(Exception):
