@@ -343,6 +343,29 @@ def linear_probe_cache_table(report: dict) -> str:
               f"features, **{report['uncached_vs_cached_again']:.0f}x** for every later grid point.")
 
 
+def tuner_table(report: dict) -> str:
+    """Successive halving against the full grid, per (method, task) and in total (benchmarks/tuner.py)."""
+    rows = []
+    for pair in report["pairs"].values():
+        g, s = pair["grid"], pair["sha"]
+        rows.append([pair["method"], pair["task"], str(g["grid_epochs"]), str(s["grid_epochs"]),
+                     f"{g['wall_s'] / 60:.0f}", f"{s['wall_s'] / 60:.0f}",
+                     f"{g['lr']:g} / {g['wd']:g}", f"{s['lr']:g} / {s['wd']:g}", f"{pct(g['val'])} / {pct(s['val'])}",
+                     f"{pct(g['test_mean'])} ± {pct(g['test_std'])}", f"{pct(s['test_mean'])} ± {pct(s['test_std'])}"])
+    out = table(["method", "task", "grid epochs (full)", "grid epochs (sha)", "wall min (full)", "wall min (sha)",
+                 "choice lr / wd (full)", "choice (sha)", "val top-1 full / sha", "test (full)", "test (sha)"], rows)
+    t = report.get("total")
+    if t:
+        out += (f"\n\nIn total ({t['pairs']} pairs): the full grid trained **{t['grid_epochs_ratio']:.2f}x** the grid "
+                f"epochs of successive halving ({t['grid']['grid_epochs']} against {t['sha']['grid_epochs']}; "
+                f"{t['epochs_ratio']:.2f}x with the seed runs) in **{t['wall_ratio']:.2f}x** its wall time "
+                f"({t['grid']['wall_s'] / 3600:.2f} h against {t['sha']['wall_s'] / 3600:.2f} h, the seed runs included). "
+                f"Same choice on {t['same_choice']} of {t['pairs']}; mean test top-1 of the choices "
+                f"{pct(t['test_mean_grid'], 2)} (full grid) against {pct(t['test_mean_sha'], 2)} (successive halving), "
+                f"where a choice's test std over its seeds averages {pct(t['seed_std_mean'], 2)}.")
+    return f"{report['machine']}, {report['date']}\n\n" + out
+
+
 RENDERERS = {  # block name -> (results file, renderer)
     "accuracy": ("accuracy", accuracy_tables),
     "ablation": ("accuracy", ablation_table),
@@ -360,6 +383,7 @@ RENDERERS = {  # block name -> (results file, renderer)
     "saved_memory": ("saved_memory", saved_memory_table),
     "input_pipeline": ("input_pipeline", input_pipeline_table),
     "linear_probe_cache": ("linear_probe_cache", linear_probe_cache_table),
+    "tuner": ("tuner", tuner_table),
 }
 
 
