@@ -169,7 +169,7 @@ def testbed_table(report: dict) -> str:
             table(["candidate", "pretraining (h)", "CIFAR-10 test top-1", "VPT-deep - linear (structured)",
                    "full - VPT-deep (mean)", "iVPT - VPT-deep (mean)", "verdict"], verdicts), ""]
     chosen = report.get("chosen")
-    out.append(f"Chosen: **{chosen}**." if chosen else "Chosen: none of the candidates measured so far passes the rule.")
+    out.append(f"Chosen: **{chosen}**." if chosen else "Chosen: none of the candidates measured passes the rule: the testbed stays.")
     return "\n".join(out)
 
 

@@ -66,8 +66,8 @@ def pretrain_dir(runs: Path, args: list[str]) -> Path:
     return runs / "pretrain" / "_".join(a.lstrip("-") for a in args)
 
 
-# A session's folders do not survive it, so an unfinished pretraining's last checkpoint is committed here
-# (--save-state) and copied back into --runs before pretraining resumes: resumable across sessions, exactly.
+# A session's folders do not survive it, so an unfinished pretraining's last checkpoint (or, once finished,
+# the backbone itself) is committed here (--save-state) and copied back into --runs: resumable across sessions.
 STATE = ROOT / "benchmarks" / "state" / "testbed"
 
 
@@ -76,15 +76,18 @@ def save_state(runs: Path, args: list[str]) -> None:
 
     folder, state = pretrain_dir(runs, args), STATE / pretrain_dir(runs, args).name
     meta = folder / "checkpoint.json"
-    if not meta.is_file():
-        print(f"nothing to save: no checkpoint in {folder}")
+    if (folder / "config.json").is_file():  # finished: the backbone itself, not its last checkpoint
+        files = [folder / "weights.safetensors", folder / "config.json"]
+    elif meta.is_file():
+        files = [folder / json.loads(meta.read_text())["tensors_file"], meta]
+    else:
+        print(f"nothing to save: no checkpoint or finished backbone in {folder}")
         return
-    tensors = json.loads(meta.read_text())["tensors_file"]
     if state.exists():
         shutil.rmtree(state)
     state.mkdir(parents=True)
-    shutil.copy2(folder / tensors, state / Path(tensors).name)
-    shutil.copy2(meta, state / "checkpoint.json")
+    for item in files:
+        shutil.copy2(item, state / item.name)
     print(f"saved the pretraining state of {folder} in {state} (commit it)")
 
 
@@ -158,7 +161,7 @@ def main() -> None:
     parser.add_argument("--pretrain", action="store_true", help="pretrain candidate backbones that are missing")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for this process")
     parser.add_argument("--save-state", action="store_true",
-                        help="copy unfinished pretraining checkpoints into benchmarks/state/ (to commit) and exit")
+                        help="copy pretraining checkpoints (or finished backbones) into benchmarks/state/ (to commit) and exit")
     parser.add_argument("--recipe", default=str(ROOT / "configs" / "suite" / "benchmark.yaml"))
     args = parser.parse_args()
     if args.threads:
@@ -181,7 +184,9 @@ def main() -> None:
             if not args.pretrain:
                 print(f"{name}: its backbone is not pretrained yet; rerun with --pretrain (resumable)")
                 continue
-            restore_state(runs, pre_args)
+            restore_state(runs, pre_args)  # the committed state: a finished backbone, or a checkpoint to resume
+            facts = backbone_facts(runs, backbone, pre_args)
+        if facts is None:
             # fp32: its first 7 epochs ran fp32 on a CPU without bf16 (the committed state records no precision)
             pretrain([*pre_args, "--out", str(pretrain_dir(runs, pre_args)), "--precision", "fp32"], prog="pretrain")
             facts = backbone_facts(runs, backbone, pre_args)
