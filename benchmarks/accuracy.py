@@ -4,6 +4,8 @@
     python benchmarks/accuracy.py --shard 0/2 & python benchmarks/accuracy.py --shard 1/2   # one process per core
     python benchmarks/accuracy.py --quick              # 1 epoch, 1 seed, 2 tasks: checks the pipeline
     python benchmarks/accuracy.py --methods vpt-deep ivpt --tasks clevr-count dtd10
+    python benchmarks/accuracy.py --recipe configs/suite/protocol.yaml --pruner sha --runs benchmarks/state/suite-protocol
+                                                       # the longer recipe (20 epochs, 4 x 2 grid), successive halving
 
 Protocol per (method, task), as VPT's: the lr x wd grid of the recipe (configs/suite/benchmark.yaml) is trained on train
 and evaluated on val; the best val top-1 is kept (ties: smaller lr); then one run per seed trains on
