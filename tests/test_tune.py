@@ -55,6 +55,13 @@ def test_successive_halving_prunes_and_survivors_equal_unpruned_runs(recipe, tmp
     survivors = {(g["lr"], g["weight_decay"]): g["val_top1"] for g in sha["grid"]}
     everyone = {(g["lr"], g["weight_decay"]): g["val_top1"] for g in full["grid"]}
     assert survivors and all(everyone[k] == v for k, v in survivors.items())  # the same schedule, the same result
+    # a pruned run's epochs are kept in the study: they still count once its folder is gone
+    import shutil
+
+    for run in (tmp_path / "sha" / "grid").iterdir():
+        if not (run / "results.json").is_file():
+            shutil.rmtree(run)
+    assert tune(recipe, tmp_path / "sha", pruner="sha")["epochs_trained"] == sha["epochs_trained"]
 
 
 def test_two_workers_train_every_point_exactly_once(recipe, tmp_path):

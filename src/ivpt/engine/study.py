@@ -92,6 +92,8 @@ def _objective(jobs: dict, space: dict[str, list], split: str, report: bool):
 
         def on_epoch(entry):  # val after every epoch: the pruner's rungs
             value = next((v for k, v in entry.items() if k.startswith(f"{cfg.eval_split}_") and k != f"{cfg.eval_split}_loss"), None)
+            if report:  # kept in the study: a pruned run's epochs count even when its folder is gone
+                trial.set_user_attr("epochs", entry["epoch"])
             if report and value is not None:
                 trial.report(value, entry["epoch"])
                 if trial.should_prune():
@@ -192,7 +194,8 @@ def tune_study(cfg: TrainConfig, out: Path, *, storage: str | None = None, prune
     final_results = [_done(run) for run, _ in finals.values()]
     metric = final_results[0].get("primary_metric", "top1")
     tests = [r["test"][metric] for r in final_results]
-    epochs_trained = sum(len((_done(run) or {}).get("log", [])) or _checkpoint_epochs(run)
+    recorded = {t.user_attrs.get("run"): t.user_attrs.get("epochs", 0) for t in (trials if chosen is None else [])}
+    epochs_trained = sum(len((_done(run) or {}).get("log", [])) or _checkpoint_epochs(run) or recorded.get(str(run), 0)
                          for run, _ in list(grid.values() if chosen is None else []) + list(finals.values()))
     summary = {
         "data": cfg.data, "method": cfg.method, "method_options": cfg.method_options, "metric": metric,
