@@ -209,8 +209,7 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
 
     start_epoch, start_step, partial, log, last_eval = 0, 0, None, [], None
     if resume and has_checkpoint(out):
-        saved = _result_fields(checkpoint_meta(out).get("config") or {})
-        diff = [k for k, v in _result_fields(cfg.to_dict()).items() if saved.get(k) != v]
+        diff = config_differences(checkpoint_meta(out).get("config") or {}, cfg)
         if diff:
             raise CheckpointError(f"cannot resume {out}: the config differs from the checkpoint's in {', '.join(diff)}")
         used = checkpoint_meta(out).get("precision")
@@ -385,6 +384,12 @@ def _diagnostic_batch(model, dataset, count: int = 32) -> torch.Tensor | None:
         return None
     images = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
     return to_device(images, dataset, torch.device("cpu"))  # normalised, as the model sees it
+
+
+def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The fields that change a run's result in which a saved run's config differs from ``cfg``."""
+    saved = _result_fields(saved)
+    return [k for k, v in _result_fields(cfg.to_dict()).items() if saved.get(k) != v]
 
 
 def _result_fields(config: dict) -> dict:

@@ -114,10 +114,9 @@ def _objective(jobs: dict, space: dict[str, list], split: str, report: bool):
 def _check_same_run(run: Path, done: dict, cfg: TrainConfig) -> None:
     """A results.json left by another recipe in the same folder must not stand in for this run."""
     from .checkpoint import CheckpointError
-    from .loop import _result_fields
+    from .loop import config_differences
 
-    saved, asked = _result_fields(done.get("config") or {}), _result_fields(cfg.to_dict())
-    diff = [k for k, v in asked.items() if saved.get(k) != v]
+    diff = config_differences(done.get("config") or {}, cfg)
     if diff:
         raise CheckpointError(f"{run / 'results.json'} is a finished run of another config (it differs in "
                               f"{', '.join(diff)}): remove that folder or choose another output")
