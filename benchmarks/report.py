@@ -363,6 +363,14 @@ def tuner_table(report: dict) -> str:
                 f"Same choice on {t['same_choice']} of {t['pairs']}; mean test top-1 of the choices "
                 f"{pct(t['test_mean_grid'], 2)} (full grid) against {pct(t['test_mean_sha'], 2)} (successive halving), "
                 f"where a choice's test std over its seeds averages {pct(t['seed_std_mean'], 2)}.")
+    asha = [pair for pair in report["pairs"].values() if "asha" in pair]
+    if asha:  # Optuna's asynchronous successive halving, where it was run
+        out += "\n\nOptuna's asynchronous successive halving (`--pruner asha`, the same rungs), on the pairs it ran:\n\n"
+        out += table(["method", "task", "grid epochs (full / sha / asha)", "wall min (asha)", "choice (asha)",
+                      "val top-1 (asha)", "test (asha)"],
+                     [[p["method"], p["task"], f"{p['grid']['grid_epochs']} / {p['sha']['grid_epochs']} / {p['asha']['grid_epochs']}",
+                       f"{p['asha']['wall_s'] / 60:.0f}", f"{p['asha']['lr']:g} / {p['asha']['wd']:g}", pct(p["asha"]["val"]),
+                       f"{pct(p['asha']['test_mean'])} ± {pct(p['asha']['test_std'])}"] for p in asha])
     return f"{report['machine']}, {report['date']}\n\n" + out
 
 

@@ -1,6 +1,7 @@
 """Successive halving against the full grid: the epochs `ivpt tune --pruner sha` saves, and what its choice scores.
 
     python benchmarks/tuner.py                                   # 4 tasks x {vpt-deep, ivpt} x {grid, sha}
+    python benchmarks/tuner.py --arms asha --tasks dtd10         # Optuna's asynchronous halving as well
     python benchmarks/tuner.py --shard 0/2 & python benchmarks/tuner.py --shard 1/2   # one process per core
     python benchmarks/tuner.py --report                          # the table from what is finished
 
@@ -8,8 +9,9 @@ Recipe: configs/suite/protocol.yaml (20 epochs with 2 warm-up, 4 lrs x 2 wds, 3 
 suite's backbone (--set backbone=... as benchmarks/accuracy.py). Per (task, method) the two arms run one
 after the other in one process with one worker each, so their wall times compare:
 - grid: `--pruner none`, every grid point trained to the end (VPT's protocol as it was);
-- sha: `--pruner sha`, successive halving (rungs at 2, 6 and 18 epochs; the best third of a rung goes on;
-  the survivors train the full schedule, so each equals an unpruned run of its config).
+- sha: `--pruner sha`, synchronous successive halving (every point to epoch 2, the best third on to 6,
+  then 18; the survivors resume from their checkpoints to the end, so each equals an unpruned run);
+- asha (only with --arms): `--pruner asha`, Optuna's asynchronous successive halving on the same rungs.
 Each arm then trains its choice on train+val with the 3 seeds and tests them. The sha arm trains in the
 folder of benchmarks/accuracy.py's rerun at the same recipe (--runs, then full/<method>/<task>), so the
 rerun reuses it; the grid arm in full-grid/<method>/<task>. Wall time per arm is measured around its
@@ -44,7 +46,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 # natural, specialized and two structured tasks: every group of the suite
 TASKS = ["dtd10", "pneumonia", "dsprites-loc", "clevr-count"]
 METHODS = ["vpt-deep", "ivpt"]
-ARMS = {"grid": ("none", "full-grid"), "sha": ("sha", "full")}  # arm -> (pruner, folder under --runs)
+ARMS = {"grid": ("none", "full-grid"), "sha": ("sha", "full"), "asha": ("asha", "full-asha")}  # arm -> (pruner, folder)
+COMPARED = ("grid", "sha")  # a pair is complete when both are; asha is reported where it was run
 
 
 def arm_folder(runs: Path, arm: str) -> Path:
@@ -98,11 +101,11 @@ def report(base, runs: Path, tasks: list[str], methods: list[str]) -> dict:
                 wall = walls.get(f"{arm}/{method}/{task}")
                 if summary is not None and wall is not None:
                     arms[arm] = arm_row(summary, wall, base.epochs)
-            if len(arms) == len(ARMS):
+            if all(arm in arms for arm in COMPARED):
                 out["pairs"][f"{method}/{task}"] = {"method": method, "task": task, "group": SUITE_TASKS[task][0], **arms}
     pairs = list(out["pairs"].values())
     if pairs:
-        total = {arm: {k: sum(p[arm][k] for p in pairs) for k in ("grid_epochs", "epochs", "wall_s")} for arm in ARMS}
+        total = {arm: {k: sum(p[arm][k] for p in pairs) for k in ("grid_epochs", "epochs", "wall_s")} for arm in COMPARED}
         out["total"] = {**total, "pairs": len(pairs),
                         "grid_epochs_ratio": total["grid"]["grid_epochs"] / max(1, total["sha"]["grid_epochs"]),
                         "epochs_ratio": total["grid"]["epochs"] / max(1, total["sha"]["epochs"]),
@@ -113,6 +116,10 @@ def report(base, runs: Path, tasks: list[str], methods: list[str]) -> dict:
                         "test_mean_sha": statistics.fmean(p["sha"]["test_mean"] for p in pairs),
                         # noise: the spread of a choice's test score over its seeds, averaged over pairs
                         "seed_std_mean": statistics.fmean((p["grid"]["test_std"] + p["sha"]["test_std"]) / 2 for p in pairs)}
+        with_asha = [p for p in pairs if "asha" in p]
+        if with_asha:  # Optuna's asynchronous halving, on the pairs it ran
+            out["total"]["asha"] = {"pairs": len(with_asha),
+                                    **{f"{arm}_grid_epochs": sum(p[arm]["grid_epochs"] for p in with_asha) for arm in ARMS}}
     return out
 
 
@@ -120,22 +127,27 @@ def save(out: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write(RESULTS / "tuner.json", lambda tmp: tmp.write_text(json.dumps(out, indent=2)))
     rows = [{"method": p["method"], "task": p["task"], "arm": arm,
-             **{k: v for k, v in p[arm].items() if k != "test"}} for p in out["pairs"].values() for arm in ARMS]
+             **{k: v for k, v in p[arm].items() if k != "test"}} for p in out["pairs"].values() for arm in ARMS if arm in p]
     write_csv(RESULTS / "tuner.csv", rows)
 
 
 def print_report(out: dict) -> None:
     rows = [{"method": p["method"], "task": p["task"],
              **{f"{arm} {k}": (f"{100 * v:.1f}" if k in ("val", "test_mean") else v)
-                for arm in ARMS for k, v in p[arm].items() if k in ("grid_epochs", "wall_s", "lr", "wd", "val", "test_mean")}}
+                for arm in ARMS if arm in p for k, v in p[arm].items() if k in ("grid_epochs", "wall_s", "lr", "wd", "val", "test_mean")}}
             for p in out["pairs"].values()]
-    print_table(rows, list(rows[0]) if rows else [])
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # asha's columns where it ran
+    print_table([{k: row.get(k, "") for k in columns} for row in rows], columns)
     if "total" in out:
         t = out["total"]
         print(f"{t['pairs']} pairs: the full grid trained {t['grid_epochs_ratio']:.2f}x the grid-stage epochs of "
               f"successive halving ({t['epochs_ratio']:.2f}x with the seed runs), {t['wall_ratio']:.2f}x its wall time; "
               f"same choice on {t['same_choice']}; test mean {100 * t['test_mean_grid']:.2f} (grid) vs "
               f"{100 * t['test_mean_sha']:.2f} (sha), seed std {100 * t['seed_std_mean']:.2f}")
+        if "asha" in t:
+            a = t["asha"]
+            print(f"asynchronous halving on {a['pairs']} of them: grid-stage epochs {a['grid_grid_epochs']} (grid), "
+                  f"{a['sha_grid_epochs']} (sha), {a['asha_grid_epochs']} (asha)")
 
 
 def main() -> None:
@@ -147,6 +159,7 @@ def main() -> None:
     parser.add_argument("--runs", default=str(ROOT / "runs" / "suite-protocol"),
                         help="folder of every run (resumable); the same as benchmarks/accuracy.py --runs for its rerun")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: every n-th (task, method) pair only")
+    parser.add_argument("--arms", nargs="+", default=list(COMPARED), choices=list(ARMS), help="arms to run (default grid sha)")
     parser.add_argument("--report", action="store_true", help="only the table of what is finished")
     args = parser.parse_args()
     index, count = args.shard
@@ -156,7 +169,7 @@ def main() -> None:
     if not args.report:
         pairs = [(task, method) for task in args.tasks for method in args.methods]
         for task, method in pairs[index::count]:
-            for arm in ARMS:
+            for arm in args.arms:
                 print(f"{method} on {task}: {arm} ...", flush=True)
                 run_arm(base, runs, arm, method, task)
                 if count == 1:

@@ -48,20 +48,54 @@ def test_full_grid_gives_the_plain_protocols_choice_and_scores(recipe, tmp_path)
     assert summary["pruned"] == 0 and summary["epochs_trained"] == 2 * (4 + 2)
 
 
-def test_successive_halving_prunes_and_survivors_equal_unpruned_runs(recipe, tmp_path):
+def _without_times(log):
+    return [{k: v for k, v in entry.items() if k != "seconds"} for entry in log]
+
+
+def test_successive_halving_goes_rung_by_rung_and_survivors_equal_unpruned_runs(recipe, tmp_path):
+    """sha: every point to the rung (epoch 1 of 2), the best third (here one) on from its checkpoint to the end.
+
+    The survivor is the point the full grid's epoch-1 val ranks first (ties: smaller lr, larger wd), its
+    run equals the unpruned run of its config, the others stop at the rung; two workers do the same.
+    """
     full = tune(recipe, tmp_path / "full", pruner="none")
     sha = tune(recipe, tmp_path / "sha", pruner="sha")
-    assert sha["pruned"] >= 1 and sha["epochs_trained"] < full["epochs_trained"]
-    survivors = {(g["lr"], g["weight_decay"]): g["val_top1"] for g in sha["grid"]}
-    everyone = {(g["lr"], g["weight_decay"]): g["val_top1"] for g in full["grid"]}
-    assert survivors and all(everyone[k] == v for k, v in survivors.items())  # the same schedule, the same result
+    jobs = {run.name: cfg for run, cfg in grid_jobs(recipe, tmp_path / "full")}
+    logs = {name: json.loads((tmp_path / "full" / "grid" / name / "results.json").read_text())["log"] for name in jobs}
+    first = max(jobs, key=lambda n: (round(logs[n][0]["val_top1"], 6), -jobs[n].lr, jobs[n].weight_decay))
+    assert [(g["lr"], g["weight_decay"]) for g in sha["grid"]] == [(jobs[first].lr, jobs[first].weight_decay)]
+    survivor = json.loads((tmp_path / "sha" / "grid" / first / "results.json").read_text())
+    assert _without_times(survivor["log"]) == _without_times(logs[first])  # paused at the rung, then resumed: the same run
+    for name in set(jobs) - {first}:
+        run = tmp_path / "sha" / "grid" / name
+        assert not (run / "results.json").exists() and json.loads((run / "checkpoint.json").read_text())["epoch"] == 1
+    assert sha["pruned"] == 3 and sha["epochs_trained"] == 4 * 1 + 1 + 2 * 2 < full["epochs_trained"]
     # a pruned run's epochs are kept in the study: they still count once its folder is gone
     import shutil
 
-    for run in (tmp_path / "sha" / "grid").iterdir():
-        if not (run / "results.json").is_file():
-            shutil.rmtree(run)
-    assert tune(recipe, tmp_path / "sha", pruner="sha")["epochs_trained"] == sha["epochs_trained"]
+    for name in set(jobs) - {first}:
+        shutil.rmtree(tmp_path / "sha" / "grid" / name)
+    again = tune(recipe, tmp_path / "sha", pruner="sha")
+    assert (again["epochs_trained"], again["chosen"], again["test_top1"]) == (sha["epochs_trained"], sha["chosen"], sha["test_top1"])
+    # two workers share each rung (a barrier between rungs): the same pruning, choice and scores
+    two = tune(recipe, tmp_path / "two", pruner="sha", workers=2)
+    assert (two["epochs_trained"], two["chosen"], two["test_top1"]) == (sha["epochs_trained"], sha["chosen"], sha["test_top1"])
+
+
+def test_asynchronous_halving_prunes_and_survivors_equal_unpruned_runs(recipe, tmp_path):
+    full = tune(recipe, tmp_path / "full", pruner="none")
+    asha = tune(recipe, tmp_path / "asha", pruner="asha")
+    assert asha["pruned"] >= 1 and asha["epochs_trained"] < full["epochs_trained"]
+    survivors = {(g["lr"], g["weight_decay"]): g["val_top1"] for g in asha["grid"]}
+    everyone = {(g["lr"], g["weight_decay"]): g["val_top1"] for g in full["grid"]}
+    assert survivors and all(everyone[k] == v for k, v in survivors.items())  # the same schedule, the same result
+
+
+def test_a_study_pruned_one_way_is_not_finished_another_way(recipe, tmp_path):
+    one = dataclasses.replace(recipe, protocol={**recipe.protocol, "lrs": [0.03]})
+    tune(one, tmp_path / "t", pruner="asha")
+    with pytest.raises(ConfigError, match="--pruner none: the study .* was run with --pruner asha"):
+        tune(one, tmp_path / "t", pruner="none")
 
 
 def test_two_workers_train_every_point_exactly_once(recipe, tmp_path):
@@ -106,6 +140,10 @@ def test_a_killed_worker_loses_nothing(recipe, tmp_path):
 def test_bad_storage_and_devices_are_named(recipe, tmp_path):
     with pytest.raises(ConfigError, match="--storage"):
         tune(recipe, tmp_path / "t", storage="nosuchdb://x/y")
+    with pytest.raises(ConfigError, match="eval_every 0: successive halving needs val at epochs"):
+        tune(dataclasses.replace(recipe, eval_every=0), tmp_path / "t", pruner="sha")
+    with pytest.raises(ConfigError, match="--pruner 'fast'"):
+        tune(recipe, tmp_path / "t", pruner="fast")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--devices: device '0' does not exist"):
             tune(recipe, tmp_path / "t", devices=["0"], workers=2)

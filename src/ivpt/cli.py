@@ -506,8 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "postgresql://USER:PASS@HOST/DB, or journal:PATH (default: sqlite in the output folder)")
     p.add_argument("--workers", type=int, default=1, help="worker processes to start here (default 1)")
     p.add_argument("--devices", metavar="0,1,...", help="GPU ids: worker k uses device k mod len")
-    p.add_argument("--pruner", choices=("none", "sha", "hyperband"), default="sha",
-                   help="stop weak grid points early (successive halving, default) or train every one to the end")
+    p.add_argument("--pruner", choices=("none", "sha", "asha", "hyperband"), default="sha",  # = study.PRUNERS
+                   help="stop weak grid points early: sha, successive halving rung by rung (default); asha, "
+                   "Optuna's asynchronous one; hyperband; or none, every point to the end")
     p.add_argument("--heartbeat", type=float, default=30.0, metavar="SECONDS",
                    help="worker heartbeat; a trial silent for twice this is retried (default 30)")
     p.add_argument("--tasks", help="with a suite recipe: 'all' or a comma-separated list of offline-suite tasks")

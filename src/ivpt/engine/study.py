@@ -8,9 +8,13 @@ that runs the same command joins the same studies. Each trial trains one run fol
 ``train(..., resume=True)``: a finished run is never trained again (its results.json is read), an
 interrupted one resumes from its own checkpoint. Workers send heartbeats; a trial whose worker died
 (SIGKILL, a lost node) is marked failed after the grace period and retried by whoever runs next.
-With a pruner (``sha``: successive halving, default; ``hyperband``) grid points report val at every
-epoch and the weaker ones stop early; survivors train to the end exactly as an unpruned run of the
-same config (same schedule). ``none`` trains the full grid: the same choice as before.
+Pruners: ``sha`` (default) is synchronous successive halving on the grid: every point trains to the
+first rung (r epochs, r = epochs / 9), the best third goes on to 3r, ..., and the last survivors train
+to the end; between rungs a run waits at its checkpoint and resumes from it, so a survivor equals an
+unpruned run of its config (same schedule). A rung is a stage of its own, so workers anywhere share
+it. ``asha`` is Optuna's asynchronous successive halving (a point is judged against the points that
+reached its rung before it: no waiting, but with few points and few workers most go on) and
+``hyperband`` Optuna's Hyperband. ``none`` trains the full grid: the same choice as before.
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ from .config import ConfigError, TrainConfig
 from .protocol import VPT_LRS, VPT_SEEDS, VPT_WDS, _check_finals, choose, final_jobs, grid_jobs
 from .runlock import RunLockedError
 
-PRUNERS = ("none", "sha", "hyperband")
+PRUNERS = ("none", "sha", "asha", "hyperband")
+ETA = 3  # successive halving's reduction factor: the best third of a rung goes on
 
 
 def _done(run: Path) -> dict | None:
@@ -65,20 +70,47 @@ def open_storage(url: str | None, out: Path, heartbeat: float):
                           "expected e.g. sqlite:///PATH, postgresql://USER@HOST/DB or journal:PATH") from None
 
 
+def rung_epochs(epochs: int) -> list[int]:
+    """Successive halving's rungs: r, 3r, 9r, ... epochs before the schedule's end (r = epochs / 9, at least 1)."""
+    rung, rungs = max(1, round(epochs / ETA ** 2)), []
+    while rung < epochs:
+        rungs.append(rung)
+        rung *= ETA
+    return rungs
+
+
 def _pruner(name: str, epochs: int):
+    """The Optuna pruner of the grid stage's trials (synchronous ``sha`` prunes between stages: none here)."""
     import optuna
 
     if name not in PRUNERS:
         raise ConfigError(f"--pruner {name!r}: expected one of {', '.join(PRUNERS)}")
-    if name == "none":
+    if name in ("none", "sha"):
         return optuna.pruners.NopPruner()
-    if name == "sha":  # rungs at r, 3r, 9r, ... epochs; the best third of each rung goes on
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, round(epochs / 9)), reduction_factor=3)
-    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    if name == "asha":  # the same rungs as sha; a point goes on if it is in the best third of those already there
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=rung_epochs(epochs)[0], reduction_factor=ETA)
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=ETA)
 
 
-def _objective(jobs: dict, space: dict[str, list], split: str, report: bool):
-    """One trial = one run folder, trained (or resumed, or read back) by this worker."""
+def _entry_value(entry: dict, split: str) -> float | None:
+    """An epoch's primary score on ``split`` (top-1 or mIoU) in a run's log entry."""
+    return next((v for k, v in entry.items() if k.startswith(f"{split}_") and k != f"{split}_loss"), None)
+
+
+class _RungReached(Exception):
+    """A run paused at its rung (its checkpoint kept): the epoch's val score, for the ranking."""
+
+    def __init__(self, value: float):
+        super().__init__(value)
+        self.value = value
+
+
+def _objective(jobs: dict, space: dict[str, list], split: str, report: bool, stop_at: int | None = None):
+    """One trial = one run folder, trained (or resumed, or read back) by this worker.
+
+    stop_at: train only to that epoch (a rung of synchronous successive halving) and return its val
+    score; the run stays at its checkpoint, from which the next rung resumes it.
+    """
     import optuna
 
     from .loop import train
@@ -91,9 +123,11 @@ def _objective(jobs: dict, space: dict[str, list], split: str, report: bool):
         trial.set_user_attr("run", str(run))
 
         def on_epoch(entry):  # val after every epoch: the pruner's rungs
-            value = next((v for k, v in entry.items() if k.startswith(f"{cfg.eval_split}_") and k != f"{cfg.eval_split}_loss"), None)
-            if report:  # kept in the study: a pruned run's epochs count even when its folder is gone
+            value = _entry_value(entry, cfg.eval_split)
+            if report or stop_at:  # kept in the study: a pruned run's epochs count even when its folder is gone
                 trial.set_user_attr("epochs", entry["epoch"])
+            if stop_at is not None and entry["epoch"] >= stop_at:  # also while a resumed run replays its log
+                raise _RungReached(_rung_value(entry, cfg.eval_split, stop_at, run))
             if report and value is not None:
                 trial.report(value, entry["epoch"])
                 if trial.should_prune():
@@ -103,12 +137,24 @@ def _objective(jobs: dict, space: dict[str, list], split: str, report: bool):
             done = _done(run)
             if done is not None:  # finished earlier (by anyone): never trained again, if it is this run
                 _check_same_run(run, done, cfg)
+                if stop_at is not None:
+                    return _rung_value(next(e for e in done["log"] if e["epoch"] == stop_at), cfg.eval_split, stop_at, run)
                 return done[split][done.get("primary_metric", "top1")]
             try:
                 train(cfg, resume=True, quiet=True, on_epoch=on_epoch)
+            except _RungReached as reached:
+                return reached.value
             except RunLockedError:  # another worker trains this run (a duplicate trial): wait for its result
                 time.sleep(2)
     return objective
+
+
+def _rung_value(entry: dict, split: str, epoch: int, run: Path) -> float:
+    value = _entry_value(entry, split)
+    if value is None:
+        raise ConfigError(f"{run}: no {split} score at epoch {epoch}, a rung of successive halving; "
+                          "set eval_every to 1 (or a divisor of every rung) or use --pruner none")
+    return value
 
 
 def _check_same_run(run: Path, done: dict, cfg: TrainConfig) -> None:
@@ -127,7 +173,7 @@ class _NotQueued(Exception):
 
 
 def run_stage(name: str, storage, space: dict[str, list], jobs: dict, split: str, pruner, workers_here: bool,
-              heartbeat: float) -> list:
+              heartbeat: float, stop_at: int | None = None, pruner_name: str | None = None) -> list:
     """Work on one stage until every grid point is complete or pruned; returns its finished trials.
 
     Every point is enqueued once as a trial with fixed parameters; a worker only takes queued trials
@@ -139,7 +185,14 @@ def run_stage(name: str, storage, space: dict[str, list], jobs: dict, split: str
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
                                 pruner=pruner)
-    objective = _objective(jobs, space, split, report=not isinstance(pruner, optuna.pruners.NopPruner))
+    if pruner_name is not None:  # a stage pruned one way is not finished by another: its pruned points differ
+        used = study.user_attrs.get("pruner")
+        if used is not None and used != pruner_name:
+            raise ConfigError(f"--pruner {pruner_name}: the study {name!r} in this storage was run with --pruner {used}; "
+                              "use that, or another --output / --storage")
+        if used is None:
+            study.set_user_attr("pruner", pruner_name)
+    objective = _objective(jobs, space, split, report=not isinstance(pruner, optuna.pruners.NopPruner), stop_at=stop_at)
     states = optuna.trial.TrialState
     names = sorted(space)
 
@@ -163,6 +216,34 @@ def run_stage(name: str, storage, space: dict[str, list], jobs: dict, split: str
         time.sleep(max(1.0, heartbeat / 2))  # others' trials are running: wait for them (or for their heartbeats)
 
 
+def successive_halving(key: str, storage, space: dict[str, list], grid: dict, epochs: int, workers_here: bool,
+                       heartbeat: float) -> tuple[list, int, dict[str, int]]:
+    """Synchronous successive halving on the grid; returns the last stage's trials, the points pruned and
+    the epochs each run trained as the study recorded them.
+
+    Rung k is a stage: every surviving point trains to that rung's epoch and pauses at its checkpoint;
+    the best third by val (ties as the choice: the smaller lr, then the larger wd) goes on. Once one
+    point is left, or the rungs are done, the survivors train to the end in the stage ``sha-KEY-end``.
+    """
+    import optuna
+
+    survivors, recorded = sorted(grid), {}
+    for rung in rung_epochs(epochs):
+        if len(survivors) <= 1:
+            break
+        trials = run_stage(f"sha-{key}-epoch{rung}", storage, space, {p: grid[p] for p in survivors}, "val",
+                           optuna.pruners.NopPruner(), workers_here, heartbeat, stop_at=rung)
+        value = {(t.params["lr"], t.params["wd"]): t.value for t in trials}
+        for t in trials:
+            run = t.user_attrs.get("run")
+            recorded[run] = max(recorded.get(run, 0), t.user_attrs.get("epochs", 0))
+        ranked = sorted(survivors, key=lambda p: (-round(value[p], 6), p[0], -p[1]))
+        survivors = sorted(ranked[:max(1, len(ranked) // ETA)])
+    trials = run_stage(f"sha-{key}-end", storage, space, {p: grid[p] for p in survivors}, "val",
+                       optuna.pruners.NopPruner(), workers_here, heartbeat)
+    return trials, len(grid) - len(survivors), recorded
+
+
 def tune_study(cfg: TrainConfig, out: Path, *, storage: str | None = None, pruner: str = "sha",
                heartbeat: float = 30.0, workers_here: bool = True, chosen: dict | None = None) -> dict[str, Any]:
     """The grid stage, the choice and the final stage; the summary ``ivpt tune`` writes."""
@@ -174,15 +255,23 @@ def tune_study(cfg: TrainConfig, out: Path, *, storage: str | None = None, prune
     if chosen is None:
         grid = {(float(lr), float(wd)): job for (lr, wd), job in zip([(lr, wd) for lr in lrs for wd in wds],
                                                                        grid_jobs(cfg, out))}
-        # params sorted by name: "lr" < "wd"
-        trials = run_stage(f"grid-{key}", store, {"lr": [float(v) for v in lrs], "wd": [float(v) for v in wds]},
-                           grid, "val", _pruner(pruner, cfg.epochs), workers_here, heartbeat)
+        space = {"lr": [float(v) for v in lrs], "wd": [float(v) for v in wds]}  # params sorted by name: "lr" < "wd"
+        optuna_pruner = _pruner(pruner, cfg.epochs)
+        if pruner == "sha":
+            if not cfg.eval_every or any(r % cfg.eval_every for r in rung_epochs(cfg.epochs)):
+                raise ConfigError(f"eval_every {cfg.eval_every}: successive halving needs val at epochs "
+                                  f"{rung_epochs(cfg.epochs)}; set eval_every to 1 or use --pruner none")
+            trials, pruned, recorded = successive_halving(key, store, space, grid, cfg.epochs, workers_here, heartbeat)
+        else:
+            trials = run_stage(f"grid-{key}", store, space, grid, "val", optuna_pruner, workers_here, heartbeat,
+                               pruner_name=pruner)
+            pruned = sum(t.state.name == "PRUNED" for t in trials)
+            recorded = {t.user_attrs.get("run"): t.user_attrs.get("epochs", 0) for t in trials}
         complete = [_done(grid[(t.params["lr"], t.params["wd"])][0]) for t in trials if t.state.name == "COMPLETE"]
         grid_results = [r for r in complete if r is not None]
         choice = choose(grid_results)
-        pruned = sum(t.state.name == "PRUNED" for t in trials)
     else:
-        choice, pruned = dict(chosen), 0
+        choice, pruned, recorded = dict(chosen), 0, {}
     seeds = [int(s) for s in cfg.protocol.get("seeds", VPT_SEEDS)]
     finals = {(seed,): job for seed, job in zip(seeds, final_jobs(cfg, out, choice["lr"], choice["weight_decay"]))}
     _check_finals(list(finals.values()), choice)
@@ -193,7 +282,6 @@ def tune_study(cfg: TrainConfig, out: Path, *, storage: str | None = None, prune
     final_results = [_done(run) for run, _ in finals.values()]
     metric = final_results[0].get("primary_metric", "top1")
     tests = [r["test"][metric] for r in final_results]
-    recorded = {t.user_attrs.get("run"): t.user_attrs.get("epochs", 0) for t in (trials if chosen is None else [])}
     epochs_trained = sum(len((_done(run) or {}).get("log", [])) or _checkpoint_epochs(run) or recorded.get(str(run), 0)
                          for run, _ in list(grid.values() if chosen is None else []) + list(finals.values()))
     summary = {
