@@ -113,6 +113,29 @@ def test_two_workers_train_every_point_exactly_once(recipe, tmp_path):
     assert len(summary["test_top1"]) == 2
 
 
+def test_a_point_enqueued_twice_is_trained_and_counted_once(recipe, tmp_path):
+    """Two workers that see the same points missing both enqueue them (the race CI once hit): one copy
+    of each point completes, the other steps aside, and the choice is the full grid's."""
+    import optuna
+
+    from ivpt.engine.study import open_storage, study_key
+
+    out = tmp_path / "tune"
+    out.mkdir()
+    storage = open_storage(None, out, 30.0)
+    study = optuna.create_study(study_name=f"grid-{study_key(recipe)}", storage=storage, direction="maximize")
+    for lr in recipe.protocol["lrs"]:  # what two racing workers leave in the queue
+        for _ in range(2):
+            study.enqueue_trial({"lr": lr, "wd": 0.0})
+    summary = tune(recipe, out, pruner="none")
+    trials = study.get_trials(deepcopy=False)
+    complete = [t.params["lr"] for t in trials if t.state.name == "COMPLETE"]
+    assert sorted(complete) == sorted(recipe.protocol["lrs"])
+    stepped_aside = [t for t in trials if t.state.name == "FAIL"]
+    assert stepped_aside and all(t.user_attrs["duplicate_of"] < t.number for t in stepped_aside)
+    assert len(summary["grid"]) == len(recipe.protocol["lrs"])
+
+
 def test_a_killed_worker_loses_nothing(recipe, tmp_path):
     """SIGKILL in the middle of a grid run; the same command again finishes the study with the same result."""
     path = tmp_path / "recipe.yaml"

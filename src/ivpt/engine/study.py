@@ -119,6 +119,10 @@ def _objective(jobs: dict, space: dict[str, list], split: str, report: bool, sto
         if not trial._fixed_params:  # Optuna's queued values (no public accessor on a live Trial)
             raise _NotQueued("no queued point left for this trial")
         point = tuple(trial.suggest_categorical(name, space[name]) for name in sorted(space))  # the queued values
+        twin = _taken_by(trial, point, sorted(space))
+        if twin is not None:
+            trial.set_user_attr("duplicate_of", twin)
+            raise _NotQueued(f"point {point} is trial {twin}'s (enqueued twice by racing workers)")
         run, cfg = jobs[point]
         trial.set_user_attr("run", str(run))
 
@@ -169,7 +173,32 @@ def _check_same_run(run: Path, done: dict, cfg: TrainConfig) -> None:
 
 
 class _NotQueued(Exception):
-    """A trial that did not come from the stage's queue (two workers raced for its last point)."""
+    """A trial that did not come from the stage's queue, or whose point another trial holds (two workers
+    raced for the last point, or enqueued the same missing point at once)."""
+
+
+def _trial_point(trial, names: list[str]) -> tuple:
+    """A trial's grid point: its parameters, or the queued ones while it has not suggested them yet."""
+    fixed = trial.system_attrs.get("fixed_params", {})
+    return tuple(trial.params.get(n, fixed.get(n)) for n in names)
+
+
+def _taken_by(trial, point: tuple, names: list[str]) -> int | None:
+    """The number of another trial that holds ``point``: finished, or running with a smaller number.
+
+    Popping a queued trial is atomic in Optuna's storages, but two workers that see the same point
+    missing both enqueue it. Of two running copies the older one trains and the younger steps aside;
+    whichever looks second sees the other running (or done), so exactly one of them goes on.
+    """
+    import optuna
+
+    states = optuna.trial.TrialState
+    for other in trial.study.get_trials(deepcopy=False, states=(states.RUNNING, states.COMPLETE, states.PRUNED)):
+        if other.number == trial.number or _trial_point(other, names) != point:
+            continue
+        if other.state != states.RUNNING or other.number < trial.number:
+            return other.number
+    return None
 
 
 def run_stage(name: str, storage, space: dict[str, list], jobs: dict, split: str, pruner, workers_here: bool,
@@ -197,7 +226,7 @@ def run_stage(name: str, storage, space: dict[str, list], jobs: dict, split: str
     names = sorted(space)
 
     def point(trial):
-        return tuple(trial.params.get(n, trial.system_attrs.get("fixed_params", {}).get(n)) for n in names)
+        return _trial_point(trial, names)
 
     while True:
         with warnings.catch_warnings():
