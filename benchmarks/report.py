@@ -351,9 +351,11 @@ def tuner_table(report: dict) -> str:
         rows.append([pair["method"], pair["task"], str(g["grid_epochs"]), str(s["grid_epochs"]),
                      f"{g['wall_s'] / 60:.0f}", f"{s['wall_s'] / 60:.0f}",
                      f"{g['lr']:g} / {g['wd']:g}", f"{s['lr']:g} / {s['wd']:g}", f"{pct(g['val'])} / {pct(s['val'])}",
-                     f"{pct(g['test_mean'])} ± {pct(g['test_std'])}", f"{pct(s['test_mean'])} ± {pct(s['test_std'])}"])
+                     f"{pct(g['test_mean'])} ± {pct(g['test_std'])}", f"{pct(s['test_mean'])} ± {pct(s['test_std'])}",
+                     verdict(*({**arm, "seeds": arm["test"]} for arm in (s, g)))])
     out = table(["method", "task", "grid epochs (full)", "grid epochs (sha)", "wall min (full)", "wall min (sha)",
-                 "choice lr / wd (full)", "choice (sha)", "val top-1 full / sha", "test (full)", "test (sha)"], rows)
+                 "choice lr / wd (full)", "choice (sha)", "val top-1 full / sha", "test (full)", "test (sha)",
+                 "sha against full on test"], rows)
     t = report.get("total")
     if t:
         out += (f"\n\nIn total ({t['pairs']} pairs): the full grid trained **{t['grid_epochs_ratio']:.2f}x** the grid "
@@ -362,7 +364,9 @@ def tuner_table(report: dict) -> str:
                 f"({t['grid']['wall_s'] / 3600:.2f} h against {t['sha']['wall_s'] / 3600:.2f} h, the seed runs included). "
                 f"Same choice on {t['same_choice']} of {t['pairs']}; mean test top-1 of the choices "
                 f"{pct(t['test_mean_grid'], 2)} (full grid) against {pct(t['test_mean_sha'], 2)} (successive halving), "
-                f"where a choice's test std over its seeds averages {pct(t['seed_std_mean'], 2)}.")
+                f"where a choice's test std over its seeds averages {pct(t['seed_std_mean'], 2)}; within noise "
+                f"(a tie: the gap within twice its standard error over the seeds) on "
+                f"{sum(row[-1].startswith('tie') for row in rows)} of {t['pairs']}.")
     asha = [pair for pair in report["pairs"].values() if "asha" in pair]
     if asha:  # Optuna's asynchronous successive halving, where it was run
         out += "\n\nOptuna's asynchronous successive halving (`--pruner asha`, the same rungs), on the pairs it ran:\n\n"

@@ -92,7 +92,8 @@ def arm_row(summary: dict, wall: dict, epochs: int) -> dict:
 def report(base, runs: Path, tasks: list[str], methods: list[str]) -> dict:
     walls = load_json(runs / "tuner_wall.json", {})
     out = {"recipe": base.to_dict(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-           "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads per process, torch {torch.__version__}", "pairs": {}}
+           "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__} (the arms: one thread per process, "
+                      "two shards side by side)", "pairs": {}}
     for method in methods:
         for task in tasks:
             arms = {}

@@ -136,6 +136,78 @@ def test_a_point_enqueued_twice_is_trained_and_counted_once(recipe, tmp_path):
     assert len(summary["grid"]) == len(recipe.protocol["lrs"])
 
 
+def test_a_dead_workers_trial_on_a_journal_file_is_retried(recipe, tmp_path):
+    """Optuna's journal storage has no heartbeats: a trial left running by a dead worker (its run folder's
+    lock free) is failed and its point trained by the next worker instead of blocking the stage forever."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    from ivpt.engine.study import study_key
+
+    one = dataclasses.replace(recipe, protocol={**recipe.protocol, "lrs": [0.03], "seeds": [1]})
+    journal = tmp_path / "journal.log"
+    study = optuna.create_study(study_name=f"grid-{study_key(one)}", direction="maximize",
+                                storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
+    study.enqueue_trial({"lr": 0.03, "wd": 0.0})
+    dead = study.ask()  # popped by a worker that then died: running forever, its run never started
+    dead.set_user_attr("run", str(tmp_path / "tune" / "grid" / "lr0.03_wd0"))
+    time.sleep(1.1)
+
+    def hung(*_):
+        raise TimeoutError("the stage waited on a dead worker's trial")
+
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(300)
+    try:
+        summary = tune(one, tmp_path / "tune", storage=f"journal:{journal}", pruner="none", heartbeat=0.5)
+    finally:
+        signal.alarm(0)
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    assert states == ["FAIL", "COMPLETE"] and summary["chosen"]["lr"] == 0.03
+
+
+def test_a_live_trial_failed_by_another_worker_is_finished_by_its_retry(recipe, tmp_path, monkeypatch):
+    """A late heartbeat: another worker fails this worker's trial in the middle of its run. This worker
+    stops that trial with a warning instead of crashing, and the point's retry resumes the run."""
+    import optuna
+
+    import ivpt.engine.loop as loop
+
+    one = dataclasses.replace(recipe, protocol={**recipe.protocol, "lrs": [0.03], "seeds": [1]})
+    real_train, calls = loop.train, []
+
+    def train(cfg, *, on_epoch=None, **kwargs):
+        calls.append(cfg.train_split)
+        if len(calls) > 1 or on_epoch is None:
+            return real_train(cfg, on_epoch=on_epoch, **kwargs)
+
+        def late_heartbeat(entry):  # epoch 1 done: the trial is failed under this worker
+            other = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
+            running = [t for s in optuna.get_all_study_summaries(other)
+                       for t in optuna.load_study(study_name=s.study_name, storage=other).trials
+                       if t.state.name == "RUNNING"]
+            other.set_trial_state_values(running[0]._trial_id, optuna.trial.TrialState.FAIL)
+            on_epoch(entry)
+        return real_train(cfg, on_epoch=late_heartbeat, **kwargs)
+
+    monkeypatch.setattr(loop, "train", train)
+    with pytest.warns(UserWarning, match="was failed by another worker"):
+        summary = tune(one, tmp_path / "tune", pruner="none")
+    log = json.loads((tmp_path / "tune" / "grid" / "lr0.03_wd0" / "results.json").read_text())["log"]
+    assert [e["epoch"] for e in log] == [1, 2] and summary["chosen"]["lr"] == 0.03
+
+
+def test_a_storage_shared_by_two_outputs_is_refused_unless_the_seed_differs(recipe, tmp_path):
+    one = dataclasses.replace(recipe, protocol={**recipe.protocol, "lrs": [0.03], "seeds": [1]})
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    tune(one, tmp_path / "a", storage=storage, pruner="none")
+    with pytest.raises(ConfigError, match="--storage: .* has no results.json .*another --output"):
+        tune(one, tmp_path / "b", storage=storage, pruner="none")
+    other_seed = tune(dataclasses.replace(one, seed=7), tmp_path / "c", storage=storage, pruner="none")
+    assert json.loads((tmp_path / "c" / "grid" / "lr0.03_wd0" / "results.json").read_text())["config"]["seed"] == 7
+    assert other_seed["chosen"]["lr"] == 0.03
+
+
 def test_a_killed_worker_loses_nothing(recipe, tmp_path):
     """SIGKILL in the middle of a grid run; the same command again finishes the study with the same result."""
     path = tmp_path / "recipe.yaml"

@@ -1,7 +1,7 @@
 """VPT's protocol on Optuna: one study per stage, any number of workers and machines, pruning, retries.
 
-The grid stage (lr x wd on train -> val) is an Optuna study with a GridSampler over the recipe's
-grid; the final stage (one run per seed on train+val -> test, at the chosen lr and wd) is another.
+The grid stage (lr x wd on train -> val) is an Optuna study whose trials are the recipe's grid
+points, each enqueued once with fixed values; the final stage (one run per seed on train+val -> test, at the chosen lr and wd) is another.
 Studies live in ``--storage`` (default: SQLite in the output folder; any RDB URL such as
 PostgreSQL, or ``journal:PATH`` for Optuna's journal file on a shared filesystem), so every process
 that runs the same command joins the same studies. Each trial trains one run folder with
@@ -48,6 +48,8 @@ def study_key(cfg: TrainConfig) -> str:
     fields = {k: v for k, v in cfg.to_dict().items()
               if k not in ("lr", "weight_decay", "seed", "output", "device", "workers", "threads", "compile", "cache",
                            "train_split", "eval_split", "test_split", "eval_every")}
+    if cfg.seed != TrainConfig.seed:  # the grid runs' seed; left out at its default, so earlier studies keep their keys
+        fields["grid_seed"] = cfg.seed
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -87,6 +89,8 @@ def _pruner(name: str, epochs: int):
         raise ConfigError(f"--pruner {name!r}: expected one of {', '.join(PRUNERS)}")
     if name in ("none", "sha"):
         return optuna.pruners.NopPruner()
+    if name in ("asha", "hyperband") and epochs < 2:
+        raise ConfigError(f"--pruner {name}: epochs {epochs} leaves no rung to prune at; use --pruner none")
     if name == "asha":  # the same rungs as sha; a point goes on if it is in the best third of those already there
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=rung_epochs(epochs)[0], reduction_factor=ETA)
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=ETA)
@@ -116,6 +120,14 @@ def _objective(jobs: dict, space: dict[str, list], split: str, report: bool, sto
     from .loop import train
 
     def objective(trial):
+        objective.current, objective.failed = trial.number, None
+        try:
+            return run_trial(trial)
+        except BaseException as err:  # kept: run_stage tells this worker's errors from Optuna's own
+            objective.failed = err
+            raise
+
+    def run_trial(trial):
         if not trial._fixed_params:  # Optuna's queued values (no public accessor on a live Trial)
             raise _NotQueued("no queued point left for this trial")
         point = tuple(trial.suggest_categorical(name, space[name]) for name in sorted(space))  # the queued values
@@ -150,6 +162,7 @@ def _objective(jobs: dict, space: dict[str, list], split: str, report: bool, sto
                 return reached.value
             except RunLockedError:  # another worker trains this run (a duplicate trial): wait for its result
                 time.sleep(2)
+    objective.current = objective.failed = None
     return objective
 
 
@@ -170,6 +183,44 @@ def _check_same_run(run: Path, done: dict, cfg: TrainConfig) -> None:
     if diff:
         raise CheckpointError(f"{run / 'results.json'} is a finished run of another config (it differs in "
                               f"{', '.join(diff)}): remove that folder or choose another output")
+
+
+def _fail_orphans(study, grace: float) -> None:
+    """Fail the running trials of dead workers on a storage without heartbeats (Optuna's journal file).
+
+    A trial is alive while its run folder's lock is held (ivpt.engine.runlock: a kernel lock that dies
+    with its process) or while it is younger than ``grace`` seconds (popped, not yet training). A live
+    trial misjudged in the instant between its training and its report only loses its bookkeeping: its
+    retry finds the run's results.json.
+    """
+    import datetime
+
+    import optuna
+
+    from .runlock import RunLock
+
+    if isinstance(study._storage, optuna.storages.RDBStorage):  # heartbeats: fail_stale_trials does it
+        return
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.datetime_start is None or (now - trial.datetime_start).total_seconds() < grace:
+            continue
+        run = trial.user_attrs.get("run")
+        if run is not None:
+            try:
+                RunLock(run).acquire().release()
+            except RunLockedError:
+                continue  # its worker (or another trial of the same point) trains it now
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)  # run_stage queues it anew
+
+
+def _taken_over(study, number: int | None) -> bool:
+    """Whether this worker's trial was finished by someone else (failed as stale) while it ran."""
+    import optuna
+
+    if number is None:
+        return False
+    return study.get_trials(deepcopy=False)[number].state != optuna.trial.TrialState.RUNNING
 
 
 class _NotQueued(Exception):
@@ -232,6 +283,7 @@ def run_stage(name: str, storage, space: dict[str, list], jobs: dict, split: str
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             optuna.storages.fail_stale_trials(study)  # trials of dead workers: failed, then queued again
+        _fail_orphans(study, grace=2 * heartbeat)
         trials = study.get_trials(deepcopy=False)
         finished = {point(t) for t in trials if t.state in (states.COMPLETE, states.PRUNED)}
         if set(jobs) <= finished:
@@ -240,7 +292,15 @@ def run_stage(name: str, storage, space: dict[str, list], jobs: dict, split: str
         for missing in sorted(set(jobs) - finished - pending):
             study.enqueue_trial(dict(zip(names, missing)))
         if workers_here and any(t.state == states.WAITING for t in study.get_trials(deepcopy=False)):
-            study.optimize(objective, n_trials=1, catch=(_NotQueued,))
+            try:
+                study.optimize(objective, n_trials=1, catch=(_NotQueued,))
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as err:
+                # Optuna's refusal to update or tell a trial another worker failed; not the run's own errors
+                from_optuna = err is not objective.failed or isinstance(err, optuna.exceptions.UpdateFinishedTrialError)
+                if not (from_optuna and _taken_over(study, objective.current)):
+                    raise
+                warnings.warn(f"trial {objective.current} of {name} was failed by another worker while this one "
+                              f"ran it (a late heartbeat?); its retry reads the run back ({err})")
             continue
         time.sleep(max(1.0, heartbeat / 2))  # others' trials are running: wait for them (or for their heartbeats)
 
@@ -296,8 +356,8 @@ def tune_study(cfg: TrainConfig, out: Path, *, storage: str | None = None, prune
                                pruner_name=pruner)
             pruned = sum(t.state.name == "PRUNED" for t in trials)
             recorded = {t.user_attrs.get("run"): t.user_attrs.get("epochs", 0) for t in trials}
-        complete = [_done(grid[(t.params["lr"], t.params["wd"])][0]) for t in trials if t.state.name == "COMPLETE"]
-        grid_results = [r for r in complete if r is not None]
+        grid_results = _finished_runs([grid[(t.params["lr"], t.params["wd"])][0] for t in trials
+                                       if t.state.name == "COMPLETE"], store, out)
         choice = choose(grid_results)
     else:
         choice, pruned, recorded = dict(chosen), 0, {}
@@ -308,7 +368,7 @@ def tune_study(cfg: TrainConfig, out: Path, *, storage: str | None = None, prune
 
     run_stage(f"final-{key}-lr{choice['lr']:g}-wd{choice['weight_decay']:g}", store, {"seed": seeds}, finals,
               "test", optuna.pruners.NopPruner(), workers_here, heartbeat)
-    final_results = [_done(run) for run, _ in finals.values()]
+    final_results = _finished_runs([run for run, _ in finals.values()], store, out)
     metric = final_results[0].get("primary_metric", "top1")
     tests = [r["test"][metric] for r in final_results]
     epochs_trained = sum(len((_done(run) or {}).get("log", [])) or _checkpoint_epochs(run) or recorded.get(str(run), 0)
@@ -324,6 +384,17 @@ def tune_study(cfg: TrainConfig, out: Path, *, storage: str | None = None, prune
     }
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     return summary
+
+
+def _finished_runs(runs: list[Path], storage, out: Path) -> list[dict]:
+    """The results of runs their study counts as finished; a study shared by outputs that are not is refused."""
+    missing = [run for run in runs if _done(run) is None]
+    if missing:
+        raise ConfigError(f"--storage: its study counts {missing[0]} as finished, but that folder has no "
+                          f"results.json (removed, or the storage's studies were run into another --output). Workers must share "
+                          f"one output folder (a shared filesystem); for a new output use a new storage "
+                          f"(the default keeps it in {out / 'study.db'})")
+    return [_done(run) for run in runs]
 
 
 def _checkpoint_epochs(run: Path) -> int:
