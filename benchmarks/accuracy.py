@@ -13,7 +13,8 @@ train+val and is evaluated on test. The ablations (cdc-static, cdc-da, ar-only) 
 choice on the same task instead of a grid of their own (--own-grid: their own). Never selected on test. Runs live under --runs (resumable: finished
 runs are skipped); the tables go to benchmarks/results/accuracy.{json,csv} and accuracy.png.
 With --shard i/n, this process takes every n-th (method, task) pair and writes no tables; a final run
-without --shard finds every run done and writes them.
+without --shard finds every run done and writes them. --progress trains nothing and writes the tables of
+the methods finished on every task so far to benchmarks/results/accuracy_progress.{json,csv}.
 """
 from __future__ import annotations
 
@@ -93,11 +94,16 @@ def main() -> None:
     parser.add_argument("--pruner", default="none", choices=PRUNERS,
                         help="the grid stage's pruner (ivpt tune --pruner); sha trains the weaker grid points shorter")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: run every n-th (method, task) pair only, no tables")
+    parser.add_argument("--progress", action="store_true",
+                        help="train nothing: the tables of the methods finished on every task so far, to accuracy_progress.*")
     args = parser.parse_args()
     index, count = args.shard
     configure_threads(processes=count)  # shards on one machine share its cores (unless OMP_NUM_THREADS is set)
     base = load_config(args.recipe, args.set)
     runs = Path(args.runs) / ("quick" if args.quick else "full")
+    if args.progress:
+        write_progress(base, runs, args.methods, args.tasks)
+        return
     table = {}
     # methods whose val choice an ablation reuses come first, so one process never waits on itself
     order = sorted(args.methods, key=lambda m: m not in REUSE_CHOICE.values())
@@ -109,11 +115,37 @@ def main() -> None:
     if count > 1:
         print("shard done; run once more without --shard to write the tables")
         return
-    report = {"recipe": base.to_dict(), "quick": args.quick, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    report, rows = build_report(base, table, args.methods, args.quick)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (RESULTS / f"accuracy{suffix}.json").write_text(json.dumps(report, indent=2))
+    write_csv(RESULTS / f"accuracy{suffix}.csv", rows)
+    print_tables(report, args.tasks)
+    plot(report, args.tasks, RESULTS / f"accuracy{suffix}.png")
+
+
+def write_progress(base, runs: Path, methods: list[str], tasks: list[str]) -> None:
+    """A rerun spread over sessions, read back mid-way: the methods finished on every task, and what is left."""
+    done = {m: {t: json.loads(p.read_text()) for t in tasks if (p := runs / m / t / "summary.json").is_file()}
+            for m in methods}
+    complete = {m: per_task for m, per_task in done.items() if len(per_task) == len(tasks)}
+    report, rows = build_report(base, complete, methods, False)
+    report["progress"] = {m: sorted(per_task) for m, per_task in done.items()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "accuracy_progress.json").write_text(json.dumps(report, indent=2))
+    write_csv(RESULTS / "accuracy_progress.csv", rows)
+    print_tables(report, tasks)
+    left = {m: len(tasks) - len(per_task) for m, per_task in done.items() if len(per_task) < len(tasks)}
+    print(f"finished on every task: {', '.join(complete) or 'none'}; tasks left: "
+          + (", ".join(f"{m} {n}" for m, n in left.items()) or "none"))
+
+
+def build_report(base, table: dict, methods: list[str], quick: bool) -> tuple[dict, list[dict]]:
+    report = {"recipe": base.to_dict(), "quick": quick, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "methods": {}}
     rows = []
-    for name, per_task in ((m, table[m]) for m in args.methods if m in table):  # the order asked for
+    for name, per_task in ((m, table[m]) for m in methods if m in table):  # the order asked for
         means = {t: s["test_mean"] for t, s in per_task.items()}
         report["methods"][name] = {
             "tasks": {t: {"test_mean": s["test_mean"], "test_std": s["test_std"], "seeds": s["test_top1"],
@@ -125,12 +157,7 @@ def main() -> None:
             rows.append({"method": name, "task": t, "group": SUITE_TASKS[t][0], "test_mean": s["test_mean"],
                          "test_std": s["test_std"], "lr": s["chosen"]["lr"], "weight_decay": s["chosen"]["weight_decay"],
                          "val_top1": s["chosen"].get("val_top1"), "choice_from": s["chosen"].get("from", name)})
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    (RESULTS / f"accuracy{suffix}.json").write_text(json.dumps(report, indent=2))
-    write_csv(RESULTS / f"accuracy{suffix}.csv", rows)
-    print_tables(report, args.tasks)
-    plot(report, args.tasks, RESULTS / f"accuracy{suffix}.png")
+    return report, rows
 
 
 def reused_choice(runs: Path, name: str, task: str, wait: bool) -> dict | None:

@@ -76,6 +76,15 @@ def accuracy_tables(report: dict) -> str:
     return "\n".join(out)
 
 
+def accuracy_progress_tables(report: dict) -> str:
+    """A rerun read back mid-way (benchmarks/accuracy.py --progress): the methods finished on every task."""
+    done = ", ".join(f"{m} {len(t)}" for m, t in report["progress"].items())
+    head = f"{report['date']}; tasks finished per method: {done}.\n\n"
+    if not report["methods"]:
+        return head + "No method is finished on every task yet."
+    return head + accuracy_tables(report)
+
+
 def ablation_table(report: dict) -> str:
     methods = report["methods"]
     base = methods.get("vpt-deep")
@@ -380,6 +389,7 @@ def tuner_table(report: dict) -> str:
 
 RENDERERS = {  # block name -> (results file, renderer)
     "accuracy": ("accuracy", accuracy_tables),
+    "accuracy_progress": ("accuracy_progress", accuracy_progress_tables),
     "ablation": ("accuracy", ablation_table),
     "defaults": ("ivpt_defaults", defaults_table),
     "segmentation": ("segmentation", segmentation_table),
