@@ -354,14 +354,15 @@ def linear_probe_cache_table(report: dict) -> str:
 
 def tuner_table(report: dict) -> str:
     """Successive halving against the full grid, per (method, task) and in total (benchmarks/tuner.py)."""
-    rows = []
+    rows, verdicts = [], []
     for pair in report["pairs"].values():
         g, s = pair["grid"], pair["sha"]
+        verdicts.append(verdict(*({**arm, "seeds": arm["test"]} for arm in (s, g))))
         rows.append([pair["method"], pair["task"], str(g["grid_epochs"]), str(s["grid_epochs"]),
                      f"{g['wall_s'] / 60:.0f}", f"{s['wall_s'] / 60:.0f}",
                      f"{g['lr']:g} / {g['wd']:g}", f"{s['lr']:g} / {s['wd']:g}", f"{pct(g['val'])} / {pct(s['val'])}",
                      f"{pct(g['test_mean'])} ± {pct(g['test_std'])}", f"{pct(s['test_mean'])} ± {pct(s['test_std'])}",
-                     verdict(*({**arm, "seeds": arm["test"]} for arm in (s, g)))])
+                     verdicts[-1]])
     out = table(["method", "task", "grid epochs (full)", "grid epochs (sha)", "wall min (full)", "wall min (sha)",
                  "choice lr / wd (full)", "choice (sha)", "val top-1 full / sha", "test (full)", "test (sha)",
                  "sha against full on test"], rows)
@@ -375,7 +376,7 @@ def tuner_table(report: dict) -> str:
                 f"{pct(t['test_mean_grid'], 2)} (full grid) against {pct(t['test_mean_sha'], 2)} (successive halving), "
                 f"where a choice's test std over its seeds averages {pct(t['seed_std_mean'], 2)}; within noise "
                 f"(a tie: the gap within twice its standard error over the seeds) on "
-                f"{sum(row[-1].startswith('tie') for row in rows)} of {t['pairs']}.")
+                f"{sum(v.startswith('tie') for v in verdicts)} of {t['pairs']}.")
     asha = [pair for pair in report["pairs"].values() if "asha" in pair]
     if asha:  # Optuna's asynchronous successive halving, where it was run
         out += "\n\nOptuna's asynchronous successive halving (`--pruner asha`, the same rungs), on the pairs it ran:\n\n"

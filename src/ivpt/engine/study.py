@@ -1,7 +1,8 @@
 """VPT's protocol on Optuna: one study per stage, any number of workers and machines, pruning, retries.
 
 The grid stage (lr x wd on train -> val) is an Optuna study whose trials are the recipe's grid
-points, each enqueued once with fixed values; the final stage (one run per seed on train+val -> test, at the chosen lr and wd) is another.
+points, each enqueued with fixed values; the final stage (one run per seed on train+val -> test, at
+the chosen lr and wd) is another.
 Studies live in ``--storage`` (default: SQLite in the output folder; any RDB URL such as
 PostgreSQL, or ``journal:PATH`` for Optuna's journal file on a shared filesystem), so every process
 that runs the same command joins the same studies. Each trial trains one run folder with
@@ -19,6 +20,7 @@ reached its rung before it: no waiting, but with few points and few workers most
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -119,6 +121,8 @@ def _objective(jobs: dict, space: dict[str, list], split: str, report: bool, sto
 
     from .loop import train
 
+    names = sorted(space)
+
     def objective(trial):
         objective.current, objective.failed = trial.number, None
         try:
@@ -130,8 +134,8 @@ def _objective(jobs: dict, space: dict[str, list], split: str, report: bool, sto
     def run_trial(trial):
         if not trial._fixed_params:  # Optuna's queued values (no public accessor on a live Trial)
             raise _NotQueued("no queued point left for this trial")
-        point = tuple(trial.suggest_categorical(name, space[name]) for name in sorted(space))  # the queued values
-        twin = _taken_by(trial, point, sorted(space))
+        point = tuple(trial.suggest_categorical(name, space[name]) for name in names)  # the queued values
+        twin = _taken_by(trial, point, names)
         if twin is not None:
             trial.set_user_attr("duplicate_of", twin)
             raise _NotQueued(f"point {point} is trial {twin}'s (enqueued twice by racing workers)")
@@ -275,9 +279,7 @@ def run_stage(name: str, storage, space: dict[str, list], jobs: dict, split: str
     objective = _objective(jobs, space, split, report=not isinstance(pruner, optuna.pruners.NopPruner), stop_at=stop_at)
     states = optuna.trial.TrialState
     names = sorted(space)
-
-    def point(trial):
-        return _trial_point(trial, names)
+    point = functools.partial(_trial_point, names=names)
 
     while True:
         with warnings.catch_warnings():
@@ -357,7 +359,7 @@ def tune_study(cfg: TrainConfig, out: Path, *, storage: str | None = None, prune
             pruned = sum(t.state.name == "PRUNED" for t in trials)
             recorded = {t.user_attrs.get("run"): t.user_attrs.get("epochs", 0) for t in trials}
         grid_results = _finished_runs([grid[(t.params["lr"], t.params["wd"])][0] for t in trials
-                                       if t.state.name == "COMPLETE"], store, out)
+                                       if t.state.name == "COMPLETE"], out)
         choice = choose(grid_results)
     else:
         choice, pruned, recorded = dict(chosen), 0, {}
@@ -368,7 +370,7 @@ def tune_study(cfg: TrainConfig, out: Path, *, storage: str | None = None, prune
 
     run_stage(f"final-{key}-lr{choice['lr']:g}-wd{choice['weight_decay']:g}", store, {"seed": seeds}, finals,
               "test", optuna.pruners.NopPruner(), workers_here, heartbeat)
-    final_results = _finished_runs([run for run, _ in finals.values()], store, out)
+    final_results = _finished_runs([run for run, _ in finals.values()], out)
     metric = final_results[0].get("primary_metric", "top1")
     tests = [r["test"][metric] for r in final_results]
     epochs_trained = sum(len((_done(run) or {}).get("log", [])) or _checkpoint_epochs(run) or recorded.get(str(run), 0)
@@ -386,15 +388,16 @@ def tune_study(cfg: TrainConfig, out: Path, *, storage: str | None = None, prune
     return summary
 
 
-def _finished_runs(runs: list[Path], storage, out: Path) -> list[dict]:
+def _finished_runs(runs: list[Path], out: Path) -> list[dict]:
     """The results of runs their study counts as finished; a study shared by outputs that are not is refused."""
-    missing = [run for run in runs if _done(run) is None]
+    results = [_done(run) for run in runs]
+    missing = [run for run, result in zip(runs, results) if result is None]
     if missing:
         raise ConfigError(f"--storage: its study counts {missing[0]} as finished, but that folder has no "
                           f"results.json (removed, or the storage's studies were run into another --output). Workers must share "
                           f"one output folder (a shared filesystem); for a new output use a new storage "
                           f"(the default keeps it in {out / 'study.db'})")
-    return [_done(run) for run in runs]
+    return results
 
 
 def _checkpoint_epochs(run: Path) -> int:
