@@ -98,6 +98,16 @@ def test_a_study_pruned_one_way_is_not_finished_another_way(recipe, tmp_path):
         tune(one, tmp_path / "t", pruner="none")
 
 
+def test_workers_of_one_study_share_its_heartbeat(recipe, tmp_path):
+    """Each worker judges the others dead by its own --heartbeat: a worker with a shorter one would fail
+    live trials of the study's workers, so it is refused before it takes a trial."""
+    one = dataclasses.replace(recipe, protocol={**recipe.protocol, "lrs": [0.03], "seeds": [1]})
+    tune(one, tmp_path / "t", pruner="none", heartbeat=5)
+    with pytest.raises(ConfigError, match=r"--heartbeat 1: the study .* was run with --heartbeat 5;"):
+        tune(one, tmp_path / "t", pruner="none", heartbeat=1)
+    assert tune(one, tmp_path / "t", pruner="none", heartbeat=5)["chosen"]["lr"] == 0.03  # the same one goes on
+
+
 def test_two_workers_train_every_point_exactly_once(recipe, tmp_path):
     import optuna
 

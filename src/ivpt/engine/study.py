@@ -270,12 +270,9 @@ def run_stage(name: str, storage, space: dict[str, list], jobs: dict, split: str
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
                                 pruner=pruner)
     if pruner_name is not None:  # a stage pruned one way is not finished by another: its pruned points differ
-        used = study.user_attrs.get("pruner")
-        if used is not None and used != pruner_name:
-            raise ConfigError(f"--pruner {pruner_name}: the study {name!r} in this storage was run with --pruner {used}; "
-                              "use that, or another --output / --storage")
-        if used is None:
-            study.set_user_attr("pruner", pruner_name)
+        _same_setting(study, "pruner", pruner_name)
+    # Every worker judges the others' liveness by its own --heartbeat: one study, one heartbeat
+    _same_setting(study, "heartbeat", float(heartbeat))
     objective = _objective(jobs, space, split, report=not isinstance(pruner, optuna.pruners.NopPruner), stop_at=stop_at)
     states = optuna.trial.TrialState
     names = sorted(space)
@@ -305,6 +302,17 @@ def run_stage(name: str, storage, space: dict[str, list], jobs: dict, split: str
                               f"ran it (a late heartbeat?); its retry reads the run back ({err})")
             continue
         time.sleep(max(1.0, heartbeat / 2))  # others' trials are running: wait for them (or for their heartbeats)
+
+
+def _same_setting(study, option: str, value) -> None:
+    """A setting every worker of a study must share: recorded by the first, refused when another differs."""
+    used = study.user_attrs.get(option)
+    if used is None:
+        study.set_user_attr(option, value)
+    elif used != value:
+        shown = (lambda v: f"{v:g}") if isinstance(value, float) else str
+        raise ConfigError(f"--{option} {shown(value)}: the study {study.study_name!r} in this storage was run with "
+                          f"--{option} {shown(used)}; use that, or another --output / --storage")
 
 
 def successive_halving(key: str, storage, space: dict[str, list], grid: dict, epochs: int, workers_here: bool,
