@@ -93,6 +93,12 @@ def test_mismatched_backbone_says_what_differs(tmp_path):
     assert ivpt.load_adapter(directory, backbone=make_vit(seed=1), check_weights=False) is not None
 
 
+def test_other_backbone_weights_error_names_the_adapter_folder(tmp_path):
+    directory = save(tmp_path)
+    with pytest.raises(AdapterError, match=f"adapter {directory} does not fit this backbone: weights"):
+        ivpt.load_adapter(directory, backbone=make_vit(seed=1))
+
+
 def test_truncated_or_altered_tensor_file_is_refused(tmp_path):
     directory = save(tmp_path)
     tensors = directory / "adapter.safetensors"

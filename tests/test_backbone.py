@@ -133,6 +133,11 @@ def test_unknown_and_unsupported_backbones_are_refused():
         ivpt.create_model(make_vit(block_fn=ResPostBlock), "ivpt", 7)
 
 
+def test_misspelt_timm_option_is_a_backbone_error_naming_it():
+    with pytest.raises(BackboneError, match="refused its options.*'embd_dim'"):
+        ivpt.create_model("vit_tiny_patch16_224", "lora", 7, timm_kwargs={"embd_dim": 32})
+
+
 @pytest.mark.parametrize("method,options,match", [
     ("vpt-dep", {}, "unknown method 'vpt-dep'"),
     ("ivpt", {"prompt_lenght": 3}, "unknown option 'prompt_lenght'.*prompt_length"),

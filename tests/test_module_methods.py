@@ -277,6 +277,41 @@ def test_bad_options_and_backbones_are_named():
         no_bias.merge()
 
 
+@pytest.mark.parametrize("method,options,match", [
+    ("lora", {"lora_targets": [["q"]]}, "option 'lora_targets': unknown target \\['q'\\]"),  # YAML [[q]]: no TypeError
+    ("adapter", {"adapter_scale": 0}, "option 'adapter_scale'.*\\(0.0, inf\\]"),  # s = 0: an adapter that adds nothing
+    ("adaptformer", {"adapter_scale": -0.1}, "option 'adapter_scale'"),
+])
+def test_nonsense_option_values_are_refused_by_name(method, options, match):
+    with pytest.raises(OptionError, match=match):
+        build(method, **options)
+
+
+def test_export_never_overwrites_its_inputs_and_checks_the_file_name(tmp_path, capsys):
+    from ivpt.cli import main
+
+    adapter = tmp_path / "adapter"
+    ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "lora", 3, lora_rank=2).save_adapter(adapter)
+    before = (adapter / "adapter.safetensors").read_bytes()
+    for out, said in ((adapter / "adapter.safetensors", "an input of this export"),
+                      (tmp_path / "merged.pth", "expected a .safetensors file name"),
+                      (tmp_path / "missing" / "merged.safetensors", "does not exist")):
+        assert main(["export", str(adapter), "--merged", str(out)]) == 2
+        assert said in capsys.readouterr().err
+    assert (adapter / "adapter.safetensors").read_bytes() == before and ivpt.load_adapter(adapter) is not None
+    assert not (tmp_path / "merged.pth").exists()
+
+
+def test_params_names_a_bad_method_or_options(capsys):
+    from ivpt.cli import main
+
+    for argv, said in ((["--method", "lroa"], "unknown method 'lroa'"),
+                       (["--method", "lora", "--options", "[4]"], "--options '[4]': expected a JSON object"),
+                       (["--method", "lora", "--options", "rank=4"], "--options 'rank=4' is not valid JSON")):
+        assert main(["params", "--backbone", "vit_mini_patch4_32", *argv]) == 2
+        assert said in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method,options", [("lora", {"lora_rank": 2}), ("bitfit", {}), ("adaptformer", {}),
                                             ("ssf", {})])
 def test_training_resumes_bit_identically(method, options, setup, monkeypatch):

@@ -51,8 +51,8 @@ def check_backbone_matches(config: dict[str, Any], model: PromptedViT, source: s
     if not problems and fingerprint and not model.method.tunes_backbone:
         current = weights_fingerprint(model.backbone)
         if current is not None and current != fingerprint:
-            source = saved.get("weights_file") or saved.get("weights_source", "unknown")
-            problems.append(f"weights: the backbone's weights differ from those the adapter was trained on ({source}); "
+            trained_on = saved.get("weights_file") or saved.get("weights_source", "unknown")
+            problems.append(f"weights: the backbone's weights differ from those the adapter was trained on ({trained_on}); "
                             "pass the same ones (weights=PATH or pretrained=True), or check_weights=False")
     if problems:
         raise AdapterError(f"adapter {source} does not fit this backbone: " + "; ".join(problems))

@@ -206,6 +206,10 @@ def build_backbone(backbone: str | nn.Module, num_classes: int, *, pretrained: b
                    if backbone.startswith("hf-hub:") else "")
             ) from err
         raise
+    except TypeError as err:  # e.g. a misspelt timm option: "__init__() got an unexpected keyword argument 'embd_dim'"
+        given = ", ".join(map(repr, timm_kwargs)) or "none"
+        raise BackboneError(f"timm.create_model({backbone!r}) refused its options (timm_kwargs / backbone_options: "
+                            f"{given}): {err}") from err
     check_supported(vit)
     if pretrained and weights is None:
         vit.reset_classifier(num_classes)  # a fresh head for the new task, whatever timm kept

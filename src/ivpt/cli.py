@@ -238,14 +238,15 @@ def cmd_push(args) -> int:
 def cmd_export(args) -> int:
     from .engine.checkpoint import atomic_write
 
+    out = _merged_path(args.merged)
     model, config = _load_for_inference(args.adapter, args.weights)
+    _refuse_overwriting_inputs(out, args.adapter, config, args.weights)
     if config.get("task") == "segmentation":
         raise ValueError(f"adapter {args.adapter} is a segmentation model: its decoder has no place in a timm "
                          "classification checkpoint; share the adapter folder instead")
     merged = model.merge()  # ValueError, naming why, for methods that cannot be merged
     from safetensors.torch import save_file
 
-    out = Path(args.merged)
     state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
     atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     name = (config.get("backbone") or {}).get("name") or "ARCH"
@@ -255,6 +256,33 @@ def cmd_export(args) -> int:
     print(f"load it with: timm.create_model({name.split('.')[0]!r}, pretrained=True, num_classes={k}{kwargs}, "
           f"pretrained_cfg_overlay=dict(file={str(out)!r}, num_classes={k}))")
     return 0
+
+
+def _merged_path(text: str) -> Path:
+    """--merged OUT, checked before any work: a .safetensors file (what the printed timm call loads) in a folder
+    that exists."""
+    out = Path(text)
+    if out.suffix.lower() != ".safetensors":
+        raise ValueError(f"--merged {text}: expected a .safetensors file name (timm reads any other suffix with "
+                         "torch.load, which cannot load what export writes)")
+    if out.is_dir():
+        raise ValueError(f"--merged {text} is a folder; expected a .safetensors file to write")
+    if not out.parent.is_dir():
+        raise ValueError(f"--merged {text}: folder {out.parent} does not exist")
+    return out
+
+
+def _refuse_overwriting_inputs(out: Path, adapter: str, config: dict, weights: str | None) -> None:
+    """Never write the merged file over the adapter's own files or the backbone weights it was loaded with."""
+    from .adapter_format import CONFIG_FILE, TENSORS_FILE
+    from .card import CARD_FILE
+
+    inputs = [Path(adapter) / name for name in (TENSORS_FILE, CONFIG_FILE, CARD_FILE)]
+    inputs += [Path(w) for w in (weights, (config.get("backbone") or {}).get("weights_file")) if w]
+    for path in inputs:
+        if out.resolve() == path.resolve():  # resolve() follows links
+            raise ValueError(f"--merged {out} is {path}, an input of this export; choose another file name "
+                             "(nothing was written)")
 
 
 # -- params --------------------------------------------------------------------------------------
@@ -283,10 +311,19 @@ def parameter_table(backbone: str, methods: list[str], num_classes: int, prompt_
 
 
 def cmd_params(args) -> int:
+    from .factory import method_class
     from .methods import METHODS
 
+    if args.method != "all":
+        method_class(args.method)  # an unknown name: an OptionError listing the methods
     methods = list(METHODS) if args.method == "all" else [args.method]
-    options = {k: v for k, v in (json.loads(args.options) if args.options else {}).items()}
+    try:
+        options = json.loads(args.options) if args.options else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--options {args.options!r} is not valid JSON: {err}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--options {args.options!r}: expected a JSON object of option names to values, "
+                         "e.g. '{\"lora_rank\": 4}'")
     rows = parameter_table(args.backbone, methods, args.num_classes, args.prompt_length, options)
     print(f"{args.backbone}, {args.num_classes} classes, prompt length {args.prompt_length}")
     print("tuned: every trained tensor, head included; tuned_%: the tuned tensors without the head, as a "

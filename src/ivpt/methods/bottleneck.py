@@ -32,7 +32,8 @@ class AdapterConfig:
     def __post_init__(self):
         check_int("bottleneck", self.bottleneck, low=1)
         check_choice("placement", self.placement, PLACEMENTS)
-        check_float("adapter_scale", self.adapter_scale)
+        # s = 0 would train nothing (the adapter adds 0 and gets no gradient): refused, as lora_alpha 0 is
+        check_float("adapter_scale", self.adapter_scale, 0.0, low_open=True)
         check_choice("adapter_act", self.adapter_act, ACTIVATIONS)
 
 

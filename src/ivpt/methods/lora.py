@@ -38,7 +38,7 @@ class LoRAConfig:
             raise OptionError(f"option 'lora_targets': got {targets!r}, expected a non-empty list of "
                               f"{', '.join(map(repr, LORA_TARGETS))}")
         for t in targets:
-            if t not in LORA_TARGETS:
+            if not isinstance(t, str) or t not in LORA_TARGETS:  # a list or mapping inside: not a name
                 raise OptionError(f"option 'lora_targets': unknown target {t!r}; expected some of "
                                   f"{', '.join(map(repr, LORA_TARGETS))}")
         if len(set(targets)) != len(targets) or ("qkv" in targets and {"q", "k", "v"} & set(targets)):
