@@ -137,6 +137,32 @@ def test_ssf_against_the_formula(images):
     assert torch.allclose(model(images), manual_forward(vit, images, site=site), atol=1e-5)
 
 
+def test_ssf_under_average_pooling_scales_the_final_fc_norm(images):
+    """timm's avg-pooled ViT has norm = Identity and fc_norm = LayerNorm: SSF's final site moves to fc_norm,
+    so it keeps SSF's count and still folds into the weights."""
+    vit = make_vit(global_pool="avg")
+    assert isinstance(vit.norm, torch.nn.Identity) and isinstance(vit.fc_norm, torch.nn.LayerNorm)
+    model = randomize(build("ssf", vit))
+    assert model.method._sites[-1] is model.backbone.fc_norm
+    token_pooled = build("ssf")
+    assert (sum(p.numel() for p in model.method.scale_shifts.parameters())
+            == sum(p.numel() for p in token_pooled.method.scale_shifts.parameters()))
+    expected = model(images)
+    ss = model.method.scale_shifts[-1]
+    with torch.no_grad():  # the fc_norm site does act: resetting it changes the logits
+        saved = ss.scale.clone(), ss.shift.clone()
+        ss.scale.fill_(1.0), ss.shift.zero_()
+        assert not torch.allclose(model(images), expected, atol=1e-4)
+        ss.scale.copy_(saved[0]), ss.shift.copy_(saved[1])
+    assert torch.allclose(model.merge()(images), expected, atol=1e-5)
+    from ivpt.methods.modules import strip_hooks
+
+    start = build("ssf", make_vit(global_pool="avg"), ssf_init_std=0.0)
+    plain = copy.deepcopy(start.backbone)  # the same weights and head, without the method
+    strip_hooks(plain, start.method.hook_ids)
+    assert torch.equal(start(images), plain(images))
+
+
 def test_bitfit_tunes_exactly_the_biases():
     model = build("bitfit")
     vit = model.backbone

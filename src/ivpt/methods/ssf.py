@@ -2,7 +2,8 @@
 
 y' = gamma * y + beta after the patch embedding's projection, after each block's norm1, attn.qkv,
 attn.proj, norm2, mlp.fc1 and mlp.fc2, and after the final norm (the places of SSF's own timm
-code). gamma ~ N(1, std), beta ~ N(0, std) with std = ``ssf_init_std`` (SSF's 0.02); std 0 starts
+code; under average pooling timm's final norm is ``fc_norm``, after the pooling, and the site follows it
+so that it still folds into a norm's affine). gamma ~ N(1, std), beta ~ N(0, std) with std = ``ssf_init_std`` (SSF's 0.02); std 0 starts
 from the pretrained model exactly. Every site follows a linear map or a norm's affine, so the
 change folds into those weights: W <- gamma W, b <- gamma b + beta (``ivpt export --merged``).
 """
@@ -63,8 +64,9 @@ class SSF(ModuleMethod):
         sites = [submodule(vit, "patch_embed.proj", nn.Conv2d, self.name, "backbone")]
         for i, block in enumerate(blocks_of(vit, self.name)):
             sites += [submodule(block, path, kind, self.name, f"blocks[{i}]") for path, kind in BLOCK_SITES]
-        if isinstance(getattr(vit, "norm", None), nn.LayerNorm):
-            sites.append(vit.norm)
+        # the final norm: timm's `norm`, or under global_pool="avg" its `fc_norm` (then `norm` is an Identity)
+        final = [m for m in (getattr(vit, "norm", None), getattr(vit, "fc_norm", None)) if isinstance(m, nn.LayerNorm)]
+        sites += final[:1]
         self.scale_shifts = nn.ModuleList()
         self._sites: list[nn.Module] = []
         for module in sites:
