@@ -328,13 +328,16 @@ def test_export_never_overwrites_its_inputs_and_checks_the_file_name(tmp_path, c
     assert not (tmp_path / "merged.pth").exists()
 
 
-def test_params_names_a_bad_method_or_options(capsys):
+def test_params_and_eval_name_a_bad_method_options_or_data(capsys):
     from ivpt.cli import main
 
     for argv, said in ((["--method", "lroa"], "unknown method 'lroa'"),
                        (["--method", "lora", "--options", "[4]"], "--options '[4]': expected a JSON object"),
                        (["--method", "lora", "--options", "rank=4"], "--options 'rank=4' is not valid JSON")):
         assert main(["params", "--backbone", "vit_mini_patch4_32", *argv]) == 2
+        assert said in capsys.readouterr().err
+    for data, said in (("[1]", "--data '[1]': expected a JSON object"), ("kind=suite", "is not valid JSON")):
+        assert main(["eval", "no-such-adapter", "--data", data]) == 2  # refused before the adapter is read
         assert said in capsys.readouterr().err
 
 

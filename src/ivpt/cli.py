@@ -36,11 +36,25 @@ def _load_for_inference(adapter_dir: str, weights: str | None):
     return load_for_inference(adapter_dir, weights)
 
 
+def _json_object(flag: str, text: str | None, example: str) -> dict | None:
+    """A command-line JSON object (--data, --options), refused with the flag's name when it is not one."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag} {text!r} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} {text!r}: expected a JSON object of names to values, e.g. {example}")
+    return value
+
+
 def cmd_eval(args) -> int:
     from .api import evaluate_adapter
     from .engine.checkpoint import atomic_write
 
-    metrics = evaluate_adapter(args.adapter, args.split, json.loads(args.data) if args.data else None, args.weights,
+    data = _json_object("--data", args.data, '\'{"kind": "suite", "task": "dtd10"}\'')
+    metrics = evaluate_adapter(args.adapter, args.split, data, args.weights,
                                args.batch_size, args.device, args.multiscale, args.strict, args.compile)
     skipped = metrics["skipped"]
     primary = "mIoU" if "mIoU" in metrics else "top1"
@@ -279,8 +293,9 @@ def _refuse_overwriting_inputs(out: Path, adapter: str, config: dict, weights: s
 
     inputs = [Path(adapter) / name for name in (TENSORS_FILE, CONFIG_FILE, CARD_FILE)]
     inputs += [Path(w) for w in (weights, (config.get("backbone") or {}).get("weights_file")) if w]
+    target = out.resolve()  # resolve() follows links
     for path in inputs:
-        if out.resolve() == path.resolve():  # resolve() follows links
+        if target == path.resolve():
             raise ValueError(f"--merged {out} is {path}, an input of this export; choose another file name "
                              "(nothing was written)")
 
@@ -317,13 +332,7 @@ def cmd_params(args) -> int:
     if args.method != "all":
         method_class(args.method)  # an unknown name: an OptionError listing the methods
     methods = list(METHODS) if args.method == "all" else [args.method]
-    try:
-        options = json.loads(args.options) if args.options else {}
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--options {args.options!r} is not valid JSON: {err}") from None
-    if not isinstance(options, dict):
-        raise ValueError(f"--options {args.options!r}: expected a JSON object of option names to values, "
-                         "e.g. '{\"lora_rank\": 4}'")
+    options = _json_object("--options", args.options, '\'{"lora_rank": 4}\'') or {}
     rows = parameter_table(args.backbone, methods, args.num_classes, args.prompt_length, options)
     print(f"{args.backbone}, {args.num_classes} classes, prompt length {args.prompt_length}")
     print("tuned: every trained tensor, head included; tuned_%: the tuned tensors without the head, as a "
