@@ -307,6 +307,10 @@ def test_bad_options_and_backbones_are_named():
     ("lora", {"lora_targets": [["q"]]}, "option 'lora_targets': unknown target \\['q'\\]"),  # YAML [[q]]: no TypeError
     ("adapter", {"adapter_scale": 0}, "option 'adapter_scale'.*\\(0.0, inf\\]"),  # s = 0: an adapter that adds nothing
     ("adaptformer", {"adapter_scale": -0.1}, "option 'adapter_scale'"),
+    # adaptformer is the parallel adapter: a sequential one under its name would be another method
+    ("adaptformer", {"placement": "sequential"}, "option 'placement'.*use method 'adapter'"),
+    # B A of a width-32 layer has rank 32 at most: rank 33 would train more than the layer, no better
+    ("lora", {"lora_rank": 33}, r"option 'lora_rank': 33 is above the rank that blocks\[0\]\.attn\.qkv can take \(32\)"),
 ])
 def test_nonsense_option_values_are_refused_by_name(method, options, match):
     with pytest.raises(OptionError, match=match):
@@ -333,9 +337,12 @@ def test_params_and_eval_name_a_bad_method_options_or_data(capsys):
 
     for argv, said in ((["--method", "lroa"], "unknown method 'lroa'"),
                        (["--method", "lora", "--options", "[4]"], "--options '[4]': expected a JSON object"),
-                       (["--method", "lora", "--options", "rank=4"], "--options 'rank=4' is not valid JSON")):
+                       (["--method", "lora", "--options", "rank=4"], "--options 'rank=4' is not valid JSON"),
+                       (["--method", "lora", "--prompt-length", "20"], "--prompt-length: method 'lora' has no prompts")):
         assert main(["params", "--backbone", "vit_mini_patch4_32", *argv]) == 2
         assert said in capsys.readouterr().err
+    assert main(["params", "--backbone", "vit_mini_patch4_32", "--method", "lora"]) == 0
+    assert "prompt length" not in capsys.readouterr().out  # no prompts in the table: no prompt length claimed
     for data, said in (("[1]", "--data '[1]': expected a JSON object"), ("kind=suite", "is not valid JSON")):
         assert main(["eval", "no-such-adapter", "--data", data]) == 2  # refused before the adapter is read
         assert said in capsys.readouterr().err

@@ -327,14 +327,20 @@ def parameter_table(backbone: str, methods: list[str], num_classes: int, prompt_
 
 def cmd_params(args) -> int:
     from .factory import method_class
-    from .methods import METHODS
+    from .methods import METHODS, prompt_options
+    from .options import OptionError
 
     if args.method != "all":
         method_class(args.method)  # an unknown name: an OptionError listing the methods
     methods = list(METHODS) if args.method == "all" else [args.method]
+    prompted = [m for m in methods if prompt_options(m, 1)]
+    if args.prompt_length is not None and not prompted:
+        raise OptionError(f"--prompt-length: method {args.method!r} has no prompts, so a prompt length would "
+                          "change nothing; leave the flag out")
+    prompt_length = 10 if args.prompt_length is None else args.prompt_length
     options = _json_object("--options", args.options, '\'{"lora_rank": 4}\'') or {}
-    rows = parameter_table(args.backbone, methods, args.num_classes, args.prompt_length, options)
-    print(f"{args.backbone}, {args.num_classes} classes, prompt length {args.prompt_length}")
+    rows = parameter_table(args.backbone, methods, args.num_classes, prompt_length, options)
+    print(f"{args.backbone}, {args.num_classes} classes" + (f", prompt length {prompt_length}" if prompted else ""))
     print("tuned: every trained tensor, head included; tuned_%: the tuned tensors without the head, as a "
           "percentage of the backbone's own parameters")
     extra = sorted({k for r in rows for k in r} - {"method", "tuned", "tuned_%", "head", "prompts", "da", "ar",
@@ -532,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="vit_base_patch16_224")
     p.add_argument("--method", default="all", help="a method name or 'all'")
     p.add_argument("--num-classes", type=int, default=100, help="classes of the task head (default: %(default)s)")
-    p.add_argument("--prompt-length", type=int, default=10)
+    p.add_argument("--prompt-length", type=int, default=None,
+                   help="prompt length of the prompt methods (default: 10; refused for a method without prompts)")
     p.add_argument("--options", help="method options as JSON: iVPT's switches for ivpt and its presets, or the named method's own, e.g. '{\"lora_rank\": 4}'")
     p.add_argument("--output", help="JSON file to write the table to")
     p.set_defaults(func=cmd_params)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..options import check_choice, check_float, check_int
+from ..options import OptionError, check_choice, check_float, check_int
 from .modules import ModuleMethod, blocks_of, submodule
 
 PLACEMENTS = ("sequential", "parallel")
@@ -41,6 +41,12 @@ class AdapterConfig:
 class AdaptFormerConfig(AdapterConfig):
     placement: str = "parallel"
     adapter_scale: float = 0.1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.placement != "parallel":  # else 'adaptformer' would silently train a Houlsby adapter
+            raise OptionError(f"option 'placement': method 'adaptformer' is the parallel adapter, got "
+                              f"{self.placement!r}; for a sequential adapter use method 'adapter'")
 
 
 class Bottleneck(nn.Module):
