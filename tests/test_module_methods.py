@@ -241,7 +241,24 @@ def test_deepcopy_carries_the_hooks_onto_the_copy(images):
     assert torch.equal(model(images), expected) and not torch.allclose(expected, twin(images))
 
 
-def test_export_merged_loads_in_plain_timm(tmp_path, images):
+def test_export_of_ivpts_own_architecture_says_how_timm_finds_it(tmp_path, capsys):
+    import timm
+
+    from ivpt.cli import main
+
+    model = randomize(ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "bitfit", 3), scale=0.05).eval()
+    model.save_adapter(tmp_path / "adapter")
+    out = tmp_path / "merged.safetensors"
+    assert main(["export", str(tmp_path / "adapter"), "--merged", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "vit_mini_patch4_32 is ivpt's own architecture: run `import ivpt.backbones`" in said
+    images = torch.randn(2, 3, 32, 32)
+    plain = timm.create_model("vit_mini_patch4_32", pretrained=True, num_classes=3,
+                              pretrained_cfg_overlay=dict(file=str(out), num_classes=3)).eval()
+    assert torch.allclose(plain(images), model(images), atol=1e-4)
+
+
+def test_export_merged_loads_in_plain_timm(tmp_path, images, capsys):
     """ivpt export --merged writes a checkpoint that timm alone loads, giving the tuned model's logits."""
     import timm
     from safetensors.torch import save_file
@@ -258,6 +275,7 @@ def test_export_merged_loads_in_plain_timm(tmp_path, images):
         model.save_adapter(tmp_path / method)
         out = tmp_path / f"{method}.safetensors"
         assert main(["export", str(tmp_path / method), "--merged", str(out)]) == 0
+        assert "ivpt's own architecture" not in capsys.readouterr().out  # timm's own name: nothing to import
         plain = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=5, **kwargs,
                                   pretrained_cfg_overlay=dict(file=str(out), num_classes=5)).eval()
         assert torch.allclose(plain(images), model(images), atol=1e-4), method

@@ -269,6 +269,11 @@ def cmd_export(args) -> int:
     print(f"wrote {out}: {config['method']} merged into {name} (a plain timm checkpoint, head of {k} classes)")
     print(f"load it with: timm.create_model({name.split('.')[0]!r}, pretrained=True, num_classes={k}{kwargs}, "
           f"pretrained_cfg_overlay=dict(file={str(out)!r}, num_classes={k}))")
+    from .backbones.architectures import ARCHITECTURES
+
+    if name.split(".")[0] in ARCHITECTURES:  # registered with timm by ivpt, not by timm itself
+        print(f"({name.split('.')[0]} is ivpt's own architecture: run `import ivpt.backbones` before that call so "
+              "that timm knows the name; the checkpoint itself needs no ivpt code)")
     return 0
 
 
