@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -174,6 +175,58 @@ def test_a_dead_workers_trial_on_a_journal_file_is_retried(recipe, tmp_path):
         signal.alarm(0)
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     assert states == ["FAIL", "COMPLETE"] and summary["chosen"]["lr"] == 0.03
+
+
+def test_a_trial_popped_by_a_worker_killed_before_its_first_heartbeat_is_retried(recipe, tmp_path):
+    """SQLite (heartbeats): a trial left running with no heartbeat and no run (its worker died between
+    Optuna's ask and the heartbeat thread) is failed after the grace and its point trained, not waited on."""
+    import optuna
+
+    from ivpt.engine.study import open_storage, study_key
+
+    one = dataclasses.replace(recipe, protocol={**recipe.protocol, "lrs": [0.03], "seeds": [1]})
+    out = tmp_path / "tune"
+    out.mkdir()
+    study = optuna.create_study(study_name=f"grid-{study_key(one)}", storage=open_storage(None, out, 0.5),
+                                direction="maximize")
+    study.enqueue_trial({"lr": 0.03, "wd": 0.0})
+    study.ask()  # popped; no heartbeat was ever recorded for it
+    time.sleep(1.1)
+
+    def hung(*_):
+        raise TimeoutError("the stage waited on a dead worker's trial")
+
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(300)
+    try:
+        summary = tune(one, out, pruner="none", heartbeat=0.5)
+    finally:
+        signal.alarm(0)
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    assert states == ["FAIL", "COMPLETE"] and summary["chosen"]["lr"] == 0.03
+
+
+def test_a_live_trial_of_another_machine_is_left_to_its_heartbeat(tmp_path):
+    """Two machines on one PostgreSQL study need not share a filesystem: a running trial whose run folder
+    is not here (so no lock is held on it here) but whose heartbeat is fresh is alive, never failed."""
+    import optuna
+
+    from ivpt.engine.study import _fail_orphans, open_storage
+
+    study = optuna.create_study(study_name="s", storage=open_storage(None, tmp_path, 0.5), direction="maximize")
+    study.enqueue_trial({"lr": 0.03})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's note that heartbeats belong to optimize()
+        trial = study.ask()
+    elsewhere = tmp_path / "on-the-other-machine" / "lr0.03"
+    trial.set_user_attr("run", str(elsewhere))
+    storage = study._storage
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(1.1)  # older than the grace below
+    storage.record_heartbeat(trial._trial_id)
+    _fail_orphans(study, grace=1.0)
+    assert study.get_trials(deepcopy=False)[0].state.name == "RUNNING"
+    assert not elsewhere.parent.exists()  # nor does a worker make folders for another machine's runs
 
 
 def test_a_live_trial_failed_by_another_worker_is_finished_by_its_retry(recipe, tmp_path, monkeypatch):

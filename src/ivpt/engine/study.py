@@ -190,12 +190,15 @@ def _check_same_run(run: Path, done: dict, cfg: TrainConfig) -> None:
 
 
 def _fail_orphans(study, grace: float) -> None:
-    """Fail the running trials of dead workers on a storage without heartbeats (Optuna's journal file).
+    """Fail the running trials of dead workers that no heartbeat can tell of.
 
-    A trial is alive while its run folder's lock is held (ivpt.engine.runlock: a kernel lock that dies
-    with its process) or while it is younger than ``grace`` seconds (popped, not yet training). A live
-    trial misjudged in the instant between its training and its report only loses its bookkeeping: its
-    retry finds the run's results.json.
+    On a storage without heartbeats (Optuna's journal file) a trial is alive while its run folder's
+    lock is held (ivpt.engine.runlock: a kernel lock that dies with its process) or while it is younger
+    than ``grace`` seconds (popped, not yet training). A live trial misjudged in the instant between its
+    training and its report only loses its bookkeeping: its retry finds the run's results.json.
+    On an RDB storage heartbeats judge every trial that got as far as naming its run (the objective
+    runs inside Optuna's heartbeat thread); one popped by a worker killed before that has no heartbeat
+    that could go stale, and would hold its point, and the stage, forever: it is failed after ``grace``.
     """
     import datetime
 
@@ -203,13 +206,15 @@ def _fail_orphans(study, grace: float) -> None:
 
     from .runlock import RunLock
 
-    if isinstance(study._storage, optuna.storages.RDBStorage):  # heartbeats: fail_stale_trials does it
-        return
+    # Optuna wraps an RDBStorage in a cache; asking for its heartbeat interval sees through that
+    heartbeats = getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
     now = datetime.datetime.now()
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if trial.datetime_start is None or (now - trial.datetime_start).total_seconds() < grace:
             continue
         run = trial.user_attrs.get("run")
+        if run is not None and heartbeats:
+            continue  # fail_stale_trials judges it by its heartbeat (the run folder may be on another machine)
         if run is not None:
             try:
                 RunLock(run).acquire().release()
