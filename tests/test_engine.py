@@ -387,6 +387,8 @@ def test_config_coerces_numeric_strings_and_checks_protocol_and_device():
         TrainConfig(protocol={"lrs": ["a"]}).validate()
     with pytest.raises(ConfigError, match="protocol.seeds"):
         TrainConfig(protocol={"seeds": [1.5]}).validate()
+    with pytest.raises(ConfigError, match=r"protocol.seeds': \[1, 2, 1\] repeats a value"):
+        TrainConfig(protocol={"seeds": [1, 2, 1]}).validate()  # would be two final runs, not three
     with pytest.raises(ConfigError, match="'device'"):
         TrainConfig(device="gpu").validate()
     with pytest.warns(UserWarning, match="warmup_epochs 5 is not below epochs 1: using 0"):

@@ -92,6 +92,56 @@ def test_asynchronous_halving_prunes_and_survivors_equal_unpruned_runs(recipe, t
     assert survivors and all(everyone[k] == v for k, v in survivors.items())  # the same schedule, the same result
 
 
+def test_asynchronous_halving_never_prunes_a_run_at_its_last_epoch(recipe, tmp_path):
+    """At 3 epochs the last epoch is an asha rung: a run trained to it completes (its val counts in the
+    grid), and a pruned run stopped before the end; eval_every 0 (val at the end only) is refused."""
+    three = dataclasses.replace(recipe, epochs=3)
+    summary = tune(three, tmp_path / "t", pruner="asha")
+    import optuna
+
+    from ivpt.engine.study import open_storage, study_key
+
+    trials = optuna.load_study(study_name=f"grid-{study_key(three)}",
+                               storage=open_storage(None, tmp_path / "t", 30.0)).get_trials()
+    assert summary["pruned"] == sum(t.state.name == "PRUNED" for t in trials) >= 1
+    assert all(t.user_attrs["epochs"] < 3 for t in trials if t.state.name == "PRUNED")
+    assert len(summary["grid"]) == sum(t.state.name == "COMPLETE" for t in trials)
+    with pytest.raises(ConfigError, match=r"eval_every 0: --pruner asha judges the grid points on val at epochs \[1\]"):
+        tune(dataclasses.replace(three, eval_every=0), tmp_path / "e", pruner="asha")
+
+
+@pytest.mark.parametrize("pruner", ["asha", "hyperband"])
+def test_a_dead_attempt_does_not_count_twice_at_the_rungs(pruner):
+    """A dead worker's failed attempt keeps its rung values and the point's new trial reports them again
+    (it replays the run's log): the next point is judged as if the point had reported once."""
+    import optuna
+
+    from ivpt.engine.study import _pruner
+
+    def next_point_pruned(make_pruner, died: bool) -> bool:
+        study = optuna.create_study(direction="maximize", pruner=make_pruner())
+
+        def reach_rung(value):
+            trial = study.ask()
+            trial.report(value, 1)
+            return trial, trial.should_prune()
+
+        for value in (0.8, 0.7, 0.6, 0.5):
+            trial, _ = reach_rung(value)
+            study.tell(trial, value)
+        if died:  # point P passed rung 1, then its worker died: failed, and P queued anew
+            trial, _ = reach_rung(0.9)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        reach_rung(0.9)  # P's live trial (its retry, if it died) at rung 1
+        return reach_rung(0.85)[1]
+
+    ours = lambda: _pruner(pruner, 9)  # noqa: E731
+    assert next_point_pruned(ours, died=True) == next_point_pruned(ours, died=False)
+    if pruner == "asha":  # the scenario matters: Optuna's own pruner counts P twice and prunes the next point
+        plain = lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)  # noqa: E731
+        assert next_point_pruned(plain, died=True) and not next_point_pruned(plain, died=False)
+
+
 def test_a_study_pruned_one_way_is_not_finished_another_way(recipe, tmp_path):
     one = dataclasses.replace(recipe, protocol={**recipe.protocol, "lrs": [0.03]})
     tune(one, tmp_path / "t", pruner="asha")
@@ -298,7 +348,7 @@ def test_a_killed_worker_loses_nothing(recipe, tmp_path):
 def test_bad_storage_and_devices_are_named(recipe, tmp_path):
     with pytest.raises(ConfigError, match="--storage"):
         tune(recipe, tmp_path / "t", storage="nosuchdb://x/y")
-    with pytest.raises(ConfigError, match="eval_every 0: successive halving needs val at epochs"):
+    with pytest.raises(ConfigError, match=r"eval_every 0: --pruner sha judges the grid points on val at epochs \[1\]"):
         tune(dataclasses.replace(recipe, eval_every=0), tmp_path / "t", pruner="sha")
     with pytest.raises(ConfigError, match="--pruner 'fast'"):
         tune(recipe, tmp_path / "t", pruner="fast")

@@ -137,6 +137,8 @@ class TrainConfig:
                     for v in values):
                 kind = "integers" if key == "seeds" else "numbers"
                 raise ConfigError(f"config field 'protocol.{key}': expected a non-empty list of {kind}, got {values!r}")
+            if len({float(v) for v in values}) != len(values):  # a repeat would collapse into one run, unsaid
+                raise ConfigError(f"config field 'protocol.{key}': {values!r} repeats a value; list each once")
         if self.batch_size % self.accumulation:
             raise ConfigError(f"config field 'accumulation': {self.accumulation} must divide batch_size ({self.batch_size})")
         if not isinstance(self.protocol, dict) or set(self.protocol) - {"lrs", "wds", "seeds"}:

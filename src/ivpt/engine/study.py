@@ -63,12 +63,13 @@ def open_storage(url: str | None, out: Path, heartbeat: float):
             from optuna.storages.journal import JournalFileBackend
 
             return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+        # No retry callback: Optuna's copies the dead trial's attributes (its run, its rung values) into
+        # the retry, which then counts twice at the pruner's rungs and, named a run before its worker
+        # started, could never be told dead; run_stage queues the failed point anew as a clean trial.
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
             warnings.simplefilter("ignore")
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=5)
             return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, int(heartbeat)),
-                                              grace_period=max(2, int(2 * heartbeat)),
-                                              heartbeat_stale_trial_callback=retry)
+                                              grace_period=max(2, int(2 * heartbeat)))
     except Exception as err:  # sqlalchemy's and optuna's errors alike: name the field
         raise ConfigError(f"--storage {url!r}: cannot open it as an Optuna storage ({type(err).__name__}: {err}); "
                           "expected e.g. sqlite:///PATH, postgresql://USER@HOST/DB or journal:PATH") from None
@@ -94,8 +95,54 @@ def _pruner(name: str, epochs: int):
     if name in ("asha", "hyperband") and epochs < 2:
         raise ConfigError(f"--pruner {name}: epochs {epochs} leaves no rung to prune at; use --pruner none")
     if name == "asha":  # the same rungs as sha; a point goes on if it is in the best third of those already there
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=rung_epochs(epochs)[0], reduction_factor=ETA)
-    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=ETA)
+        return _live_pruner(optuna.pruners.SuccessiveHalvingPruner)(min_resource=rung_epochs(epochs)[0], reduction_factor=ETA)
+    return _live_pruner(optuna.pruners.HyperbandPruner)(min_resource=1, max_resource=epochs, reduction_factor=ETA)
+
+
+def pruner_rungs(name: str, epochs: int) -> list[int]:
+    """The epochs at which a pruner judges a grid point (so val must be scored there)."""
+    if name in ("sha", "asha"):
+        return rung_epochs(epochs)
+    if name == "hyperband":  # its brackets start at 1, 3, 9, ... epochs
+        return [ETA ** k for k in range(epochs) if ETA ** k < epochs]
+    return []
+
+
+class _LiveTrialsStorage:
+    """A view of an Optuna storage without its failed trials, for the pruners.
+
+    Optuna's pruners rank a trial against every trial's rung values, failed ones included; a dead
+    worker's failed attempt keeps its values and the point's new trial reports them again (it replays
+    the run's log), so the point would count twice at every rung it had passed.
+    """
+
+    def __init__(self, storage):
+        self._storage = storage
+
+    def __getattr__(self, name):
+        return getattr(self._storage, name)
+
+    def get_all_trials(self, study_id, deepcopy=True, states=None):
+        import optuna
+
+        return [t for t in self._storage.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+                if t.state != optuna.trial.TrialState.FAIL]
+
+
+def _without_failed_trials(study):
+    import optuna
+
+    return optuna.Study(study.study_name, _LiveTrialsStorage(study._storage), sampler=study.sampler,
+                        pruner=study.pruner)
+
+
+def _live_pruner(base):
+    class Live(base):
+        def prune(self, study, trial):
+            return super().prune(_without_failed_trials(study), trial)
+
+    Live.__name__ = Live.__qualname__ = f"Live{base.__name__}"
+    return Live
 
 
 def _entry_value(entry: dict, split: str) -> float | None:
@@ -150,7 +197,8 @@ def _objective(jobs: dict, space: dict[str, list], split: str, report: bool, sto
                 raise _RungReached(_rung_value(entry, cfg.eval_split, stop_at, run))
             if report and value is not None:
                 trial.report(value, entry["epoch"])
-                if trial.should_prune():
+                # the last epoch is trained already: a run that reached it completes, it is not pruned
+                if entry["epoch"] < cfg.epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {entry['epoch']} (val {value:.4f})")
 
         while True:
@@ -267,7 +315,7 @@ def run_stage(name: str, storage, space: dict[str, list], jobs: dict, split: str
 
     Every point is enqueued once as a trial with fixed parameters; a worker only takes queued trials
     (Optuna pops each for one worker), so no point is trained twice; a dead worker's trial is failed
-    by its stale heartbeat and queued again, and points failed beyond the retries are queued anew.
+    by its stale heartbeat (or, without heartbeats, by _fail_orphans) and its point queued anew.
     """
     import optuna
 
@@ -286,7 +334,7 @@ def run_stage(name: str, storage, space: dict[str, list], jobs: dict, split: str
     while True:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            optuna.storages.fail_stale_trials(study)  # trials of dead workers: failed, then queued again
+            optuna.storages.fail_stale_trials(study)  # trials of dead workers: failed (queued anew below)
         _fail_orphans(study, grace=2 * heartbeat)
         trials = study.get_trials(deepcopy=False)
         finished = {point(t) for t in trials if t.state in (states.COMPLETE, states.PRUNED)}
@@ -361,10 +409,11 @@ def tune_study(cfg: TrainConfig, out: Path, *, storage: str | None = None, prune
                                                                        grid_jobs(cfg, out))}
         space = {"lr": [float(v) for v in lrs], "wd": [float(v) for v in wds]}  # params sorted by name: "lr" < "wd"
         optuna_pruner = _pruner(pruner, cfg.epochs)
+        rungs = pruner_rungs(pruner, cfg.epochs)
+        if rungs and (not cfg.eval_every or any(r % cfg.eval_every for r in rungs)):
+            raise ConfigError(f"eval_every {cfg.eval_every}: --pruner {pruner} judges the grid points on val at "
+                              f"epochs {rungs}; set eval_every to 1 or use --pruner none")
         if pruner == "sha":
-            if not cfg.eval_every or any(r % cfg.eval_every for r in rung_epochs(cfg.epochs)):
-                raise ConfigError(f"eval_every {cfg.eval_every}: successive halving needs val at epochs "
-                                  f"{rung_epochs(cfg.epochs)}; set eval_every to 1 or use --pruner none")
             trials, pruned, recorded = successive_halving(key, store, space, grid, cfg.epochs, workers_here, heartbeat)
         else:
             trials = run_stage(f"grid-{key}", store, space, grid, "val", optuna_pruner, workers_here, heartbeat,
