@@ -409,3 +409,27 @@ def test_find_shape_knows_where_its_target_is(tmp_path, monkeypatch):
     assert task.group == "mechanism" and task.classes == procedural.TARGET_KINDS
     assert task.boxes["test"].shape == (len(task.test), 4) and len(task.boxes["trainval"]) == len(task.trainval)
     assert "find-shape" not in SUITE_TASKS  # outside the suite's means
+
+
+def test_sixteen_bit_greyscale_keeps_its_values_and_undefined_ranges_are_refused(tmp_path):
+    from ivpt.data.datasets import open_rgb
+
+    values = np.array([[0, 1000], [30000, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "xray.png")  # a 16-bit PNG (Pillow: mode I;16 or I)
+    rgb = np.asarray(open_rgb(tmp_path / "xray.png"))
+    assert rgb.shape == (2, 2, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert rgb[..., 0].tolist() == [[0, 4], [117, 255]]  # scaled by 255/65535; Pillow alone gives 0, 255, 255, 255
+    Image.fromarray(np.array([[0.5, 2.0]], dtype=np.float32)).save(tmp_path / "depth.tif")
+    with pytest.raises(DataError, match=r"depth\.tif: mode F .* has no known range"):
+        open_rgb(tmp_path / "depth.tif")
+
+
+def test_image_folder_skips_hidden_files_and_reads_jfif(tmp_path):
+    write_image(tmp_path / "data" / "cat" / "a.png")
+    write_image(tmp_path / "data" / "cat" / ".ipynb_checkpoints" / "a-checkpoint.png")  # a notebook's copy
+    write_image(tmp_path / "data" / "cat" / "._a.png")  # macOS resource fork
+    write_image(tmp_path / "data" / "cat" / "more" / "b.png")  # a plain subfolder is still the class's
+    (tmp_path / "data" / "dog").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "data" / "dog" / "c.jfif", format="JPEG")
+    ds = image_folder(tmp_path / "data")
+    assert sorted(item for item, _ in ds.items) == ["cat/a.png", "cat/more/b.png", "dog/c.jfif"]

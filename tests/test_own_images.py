@@ -151,3 +151,45 @@ def test_a_holdout_fraction_beside_a_split_folder_is_refused(tmp_path):
     assert len(data.splits["val"]) == 6 and len(data.splits["test"]) == 6  # test still held out of train
     with pytest.raises(ValueError, match="'val_fraction'.*val exists"):
         build_task_data({"kind": "folder", "root": str(root), "val_fraction": 0.3}, CFG)
+
+
+def test_eval_on_new_images_keeps_the_adapters_preprocessing(setup, tmp_path, monkeypatch):
+    """--data naming a folder replaces the recorded one; how images are prepared stays the adapter's."""
+    import ivpt.engine.data as engine_data
+    from ivpt import evaluate
+
+    work, _ = setup
+    root = flat_folder(tmp_path / "photos", size=(40, 40))
+    cfg = TrainConfig(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(work / "backbone.safetensors"),
+                      method="linear", data={"kind": "folder", "root": str(root), "preprocess": "squash"}, epochs=1,
+                      batch_size=8, output=str(tmp_path / "run"))
+    train(cfg.validate(), quiet=True)
+    seen, build = [], engine_data.build_task_data
+    monkeypatch.setattr(engine_data, "build_task_data", lambda spec, pcfg: seen.append(dict(spec)) or build(spec, pcfg))
+    new = flat_folder(tmp_path / "new", size=(40, 40))
+    evaluate(tmp_path / "run" / "adapter", "val", {"root": str(new)})
+    evaluate(tmp_path / "run" / "adapter", "val", {"root": str(new), "preprocess": "crop"})  # asked: as asked
+    assert [s.get("preprocess") for s in seen] == ["squash", "crop"]
+
+
+def test_the_data_pipeline_feeds_the_size_the_backbone_was_built_at(tmp_path):
+    """timm keeps the pretrained input_size when img_size is a model option: the transforms must not
+    (a run at img_size 48 on the 32-px backbone's architecture fed 32-px images and failed in timm)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    import ivpt.backbones  # noqa: F401  (registers vit_mini_patch4_32)
+    from ivpt.backbone import input_config
+
+    vit = timm.create_model("vit_mini_patch4_32", img_size=48, **TINY)
+    assert vit.pretrained_cfg["input_size"][-1] == 32 and input_config(vit)["input_size"] == (3, 48, 48)
+    torch.manual_seed(0)
+    save_file(vit.state_dict(), str(tmp_path / "b48.safetensors"))
+    cfg = TrainConfig(backbone="vit_mini_patch4_32", backbone_options={**TINY, "img_size": 48},
+                      weights=str(tmp_path / "b48.safetensors"), method="linear", epochs=1, batch_size=8,
+                      data={"kind": "folder", "root": str(flat_folder(tmp_path / "p", size=(60, 50)))},
+                      output=str(tmp_path / "run"))
+    result = train(cfg.validate(), quiet=True)
+    assert result["val"]["count"] == 6
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["image_size"] == [48, 48]

@@ -52,7 +52,9 @@ def data_for(model, config: dict, spec: dict):
         cfg = TrainConfig(task="segmentation", data=spec, segmentation=config.get("segmentation") or
                           {"crop_size": config["crop_size"], "decoder": config["decoder"]})
         return build_segmentation_data(cfg, model.encoder.backbone.pretrained_cfg, model.patch_size)
-    return build_task_data(spec, model.backbone.pretrained_cfg)
+    from .backbone import input_config
+
+    return build_task_data(spec, input_config(model.backbone))
 
 
 def evaluate(adapter, split: str = "test", data: dict | None = None, *, weights=None, batch_size: int = 256,
@@ -75,6 +77,10 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
 
     model, config = load_for_inference(adapter, weights)
     spec = check_data_spec(data) if data else config.get("data")
+    recorded = config.get("data") or {}
+    if data and spec.get("kind") == "folder" == recorded.get("kind") and "preprocess" in recorded:
+        # new images, the adapter's own input pipeline (as ivpt predict uses it), unless asked otherwise
+        spec = {"preprocess": recorded["preprocess"], **spec}
     if not spec:
         raise ValueError(f"{adapter} records no dataset; pass data={{\"kind\": ..., ...}} (--data on the command line)")
     device = resolve_device(device)

@@ -64,6 +64,20 @@ def backbone_shape(vit: VisionTransformer) -> BackboneShape:
     )
 
 
+def input_config(vit: VisionTransformer) -> dict[str, Any]:
+    """The backbone's timm pretrained config with the input size it was built at.
+
+    timm keeps ``input_size`` from the pretrained config when ``img_size`` is passed as a model
+    option; the data pipeline must feed the size the patch embedding was built for.
+    """
+    cfg = dict(vit.pretrained_cfg or {})
+    img_size = getattr(getattr(vit, "patch_embed", None), "img_size", None)
+    if img_size:
+        channels = (cfg.get("input_size") or (3,))[0]
+        cfg["input_size"] = (channels, *tuple(img_size))
+    return cfg
+
+
 def backbone_name(vit: VisionTransformer) -> str | None:
     cfg = getattr(vit, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")

@@ -207,12 +207,13 @@ def _predict_masks(model, config: dict, files: list[Path], out: Path, strict: bo
 
     from .data.segmentation import SegEvalTransform
     from .engine.checkpoint import atomic_write
+    from .engine.segdata import base_size
     from .palette import palette
     from .segmentation import slide_inference
 
     opts = config.get("segmentation") or {}
     crop = int(config["crop_size"])
-    base = tuple(opts.get("base_size", (4 * crop, crop)))
+    base = base_size(opts, (config.get("data") or {}).get("kind"), crop)  # as its training and eval rescaled
     transform = SegEvalTransform(base, tuple(config["mean"]), tuple(config["std"]), model.patch_size)
     colours = np.array(palette(model.num_classes), dtype=np.uint8)
     out.mkdir(parents=True, exist_ok=True)

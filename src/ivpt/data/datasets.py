@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 class DataError(ValueError):
@@ -18,15 +18,31 @@ class DataError(ValueError):
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """Open an image as RGB, naming the file when it is missing or cannot be decoded."""
+    """Open an image as RGB, naming the file when it is missing or cannot be decoded.
+
+    16-bit greyscale (PNG/TIFF, Pillow's modes I;16* and I) is scaled from 0..65535 to 0..255: Pillow's
+    own conversion clips every value above 255, turning such an image white. Other high-depth modes
+    (32-bit integers beyond 16 bits, floats) have no one meaning of their range, so they are refused.
+    """
     path = Path(path)
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+                return _high_depth_to_rgb(img, path)
             return img.convert("RGB")
     except FileNotFoundError as err:
         raise DataError(f"image file not found: {path}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"cannot decode image {path}: {err}") from err
+
+
+def _high_depth_to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    values = np.asarray(img)
+    if img.mode == "F" or values.min() < 0 or values.max() > 65535:
+        raise DataError(f"cannot read image {path}: mode {img.mode} with values {values.min():g}..{values.max():g} "
+                        "has no known range; expected 8- or 16-bit images (save it as 16-bit PNG or 8-bit)")
+    grey = np.round(values.astype(np.float64) * (255 / 65535)).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 def require_known(what: str, value: str, known) -> None:

@@ -29,7 +29,9 @@ def image_folder(root, split: str | None = None, classes: list[str] | None = Non
     index = {c: i for i, c in enumerate(classes)}
     items = []
     for d in dirs:
-        files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        # hidden files and folders (.ipynb_checkpoints/, ._x.jpg of macOS) are skipped, as hidden class folders are
+        files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in f.relative_to(d).parts))
         if not files:
             raise DataError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         items += [(str(f.relative_to(base)), index[d.name]) for f in files]

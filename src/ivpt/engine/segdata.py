@@ -19,6 +19,12 @@ class SegTaskData:
     protocol: str = "segmentation"
 
 
+def base_size(opts: dict, kind: str | None, crop: int) -> tuple[int, int]:
+    """The (long, short) side images are rescaled to before cropping or sliding: one rule for training,
+    evaluation and ``ivpt predict`` (ADE20K's (2048, 512) as mmseg; else (4 x crop, crop))."""
+    return tuple(opts.get("base_size", (2048, 512) if kind == "ade20k" else (4 * crop, crop)))
+
+
 def build_segmentation_data(cfg, pretrained_cfg: dict, patch: int) -> SegTaskData:
     spec, opts = cfg.data, cfg.segmentation
     kind = spec.get("kind")
@@ -26,7 +32,7 @@ def build_segmentation_data(cfg, pretrained_cfg: dict, patch: int) -> SegTaskDat
         raise DataError(f"segmentation data kind {kind!r} is unknown; expected one of {', '.join(SEG_KINDS)}")
     mean, std = pretrained_cfg.get("mean"), pretrained_cfg.get("std")
     crop = int(opts.get("crop_size", 512))
-    base = tuple(opts.get("base_size", (2048, 512) if kind == "ade20k" else (4 * crop, crop)))
+    base = base_size(opts, kind, crop)
     train_tf = SegTrainTransform(crop, base, mean, std, tuple(opts.get("ratio_range", (0.5, 2.0))))
     eval_tf = SegEvalTransform(base, mean, std, multiple=patch)
     if kind == "camvid":

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from ..progress import progress as tqdm_or_lines
 
+from ..backbone import input_config
 from ..data.cache import to_device
 from ..factory import count_parameters, create_model
 from .data import TaskData, build_task_data
@@ -29,7 +30,7 @@ class ClassificationTask:
         # the data needs the backbone's input size and normalisation, the head needs the data's classes
         model = create_model(backbone_for(cfg), cfg.method, 1, weights=cfg.weights, pretrained=bool(cfg.pretrained),
                              timm_kwargs=cfg.backbone_options, **cfg.method_options)
-        data = build_task_data(cfg.data, model.backbone.pretrained_cfg)
+        data = build_task_data(cfg.data, input_config(model.backbone))
         torch.manual_seed(cfg.seed + 1)
         model.reset_classifier(len(data.classes), data.classes)
         return model, data
