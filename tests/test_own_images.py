@@ -193,3 +193,23 @@ def test_the_data_pipeline_feeds_the_size_the_backbone_was_built_at(tmp_path):
     result = train(cfg.validate(), quiet=True)
     assert result["val"]["count"] == 6
     assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["image_size"] == [48, 48]
+
+
+def test_eval_refuses_a_folder_changed_since_training(setup, tmp_path, capsys):
+    """One image added after training redraws the held-out splits: ivpt eval on the adapter's own folder
+    would score images it trained on, so it says so; new images given with --data are scored."""
+    from ivpt import cli
+
+    work, _ = setup
+    root = flat_folder(tmp_path / "photos", size=(40, 40))
+    cfg = TrainConfig(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(work / "backbone.safetensors"),
+                      method="linear", data={"kind": "folder", "root": str(root)}, epochs=1, batch_size=8,
+                      output=str(tmp_path / "run"))
+    train(cfg.validate(), quiet=True)
+    adapter = str(tmp_path / "run" / "adapter")
+    assert cli.main(["eval", adapter]) == 0  # unchanged: the same splits
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(root / "cat" / "new.jpg")
+    assert cli.main(["eval", adapter]) == 2
+    said = capsys.readouterr().err
+    assert "the folder changed since the adapter was trained: its train split now holds" in said
+    assert cli.main(["eval", adapter, "--data", json.dumps({"root": str(root)})]) == 0  # asked for: scored

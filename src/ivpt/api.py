@@ -73,7 +73,7 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
     from .engine.loop import compile_model, evaluate as run_evaluation, input_cache, loader_for, resolve_device
     from .engine.tasks import TASKS
 
-    from .engine.data import check_data_spec
+    from .engine.data import check_data_spec, check_same_splits
 
     model, config = load_for_inference(adapter, weights)
     spec = check_data_spec(data) if data else config.get("data")
@@ -85,6 +85,8 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
         raise ValueError(f"{adapter} records no dataset; pass data={{\"kind\": ..., ...}} (--data on the command line)")
     device = resolve_device(device)
     task = data_for(model, config, spec)
+    if not data:  # the adapter's own folder: its held-out splits must be the ones it was trained beside
+        check_same_splits(config.get("data_splits"), task, f"{adapter} (data root {spec.get('root')})")
     if model.class_names and task.classes != model.class_names:
         raise ValueError(f"the dataset's classes differ from the adapter's ({len(task.classes)} vs "
                          f"{len(model.class_names)}): is this the dataset the adapter was trained on?")

@@ -1,6 +1,7 @@
 """From a config's ``data`` mapping to train / eval datasets of normalised tensors."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,6 +214,38 @@ def _folder(spec: dict[str, Any], root: Path, pretrained_cfg: dict) -> TaskData:
     description = (f"folder {root}: {len(full.classes)} classes ({', '.join(full.classes[:8])}"
                    f"{', ...' if len(full.classes) > 8 else ''}); {counts}; input: {how}")
     return TaskData(full.classes, splits, "folder", description)
+
+
+def split_record(task: TaskData) -> dict[str, Any] | None:
+    """What a folder run's splits held (image count and a digest of the files and labels), for its adapter.
+
+    A held-out split is drawn anew from the folder by every command; the record lets ``ivpt eval`` tell
+    when the folder changed since training, so that a redrawn test split cannot overlap the images
+    the adapter trained on unnoticed.
+    """
+    if task.protocol != "folder":
+        return None
+    record = {}
+    for name in ("train", "val", "test"):
+        items = getattr(task.splits.get(name), "items", None)
+        if items is not None:
+            digest = hashlib.sha256(json.dumps(sorted(map(list, items))).encode()).hexdigest()[:16]
+            record[name] = {"images": len(items), "sha256": digest}
+    return record
+
+
+def check_same_splits(recorded: dict[str, Any] | None, task: TaskData, where: str) -> None:
+    """Refuse evaluating on a folder whose splits differ from the ones the adapter was trained with."""
+    now = split_record(task)
+    if not recorded or now is None:
+        return
+    changed = [name for name in recorded if name in now and recorded[name] != now[name]]
+    if changed:
+        name = changed[0]
+        raise DataError(f"{where}: the folder changed since the adapter was trained: its {name} split now holds "
+                        f"{now[name]['images']} images, then {recorded[name]['images']} (or other files); splits "
+                        "held out of train would be drawn anew and could hold images it trained on. Evaluate "
+                        "on images of their own (--data with a val/ or test/ folder, or another root)")
 
 
 def stratified_holdout(labels, fractions: dict[str, float], seed: int) -> tuple[list[int], dict[str, list[int]]]:
