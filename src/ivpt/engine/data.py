@@ -223,14 +223,18 @@ def split_record(task: TaskData) -> dict[str, Any] | None:
     when the folder changed since training, so that a redrawn test split cannot overlap the images
     the adapter trained on unnoticed.
     """
-    if task.protocol != "folder":
+    if task.protocol != "folder" or "train" not in task.splits:
+        return None
+    base = getattr(task.splits["train"], "root", None)
+    # only held-out splits are redrawn (they share train's folder); a val/ or test/ folder is read as it is
+    held = [n for n in ("val", "test") if getattr(task.splits.get(n), "root", None) == base]
+    if not held:
         return None
     record = {}
-    for name in ("train", "val", "test"):
-        items = getattr(task.splits.get(name), "items", None)
-        if items is not None:
-            digest = hashlib.sha256(json.dumps(sorted(map(list, items))).encode()).hexdigest()[:16]
-            record[name] = {"images": len(items), "sha256": digest}
+    for name in ("train", *held):
+        items = task.splits[name].items
+        digest = hashlib.sha256(json.dumps(sorted(map(list, items))).encode()).hexdigest()[:16]
+        record[name] = {"images": len(items), "sha256": digest}
     return record
 
 
