@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ivpt.data.datasets import DataError
 from ivpt.engine.config import ConfigError, TrainConfig, load_config
 from ivpt.engine.data import build_task_data, stratified_holdout
 from ivpt.engine.loop import train
@@ -213,3 +214,13 @@ def test_eval_refuses_a_folder_changed_since_training(setup, tmp_path, capsys):
     said = capsys.readouterr().err
     assert "the folder changed since the adapter was trained: its train split now holds" in said
     assert cli.main(["eval", adapter, "--data", json.dumps({"root": str(root)})]) == 0  # asked for: scored
+
+
+def test_a_split_folder_under_another_name_is_refused_not_ignored(tmp_path):
+    root = tmp_path / "photos"
+    flat_folder(root / "train")
+    flat_folder(root / "validation", per_class=2)
+    with pytest.raises(DataError, match=r"validation: split folders are named train/, val/ and test/; rename it to val/"):
+        build_task_data({"kind": "folder", "root": str(root)}, CFG)
+    flat = flat_folder(tmp_path / "flat", classes=("invalid", "valid"))  # class folders may have such names
+    assert build_task_data({"kind": "folder", "root": str(flat)}, CFG).classes == ["invalid", "valid"]

@@ -183,6 +183,11 @@ def _folder(spec: dict[str, Any], root: Path, pretrained_cfg: dict) -> TaskData:
     preprocess, augment = spec.get("preprocess", "crop"), bool(spec.get("augment", False))
     train_tf, eval_tf = folder_transform(pretrained_cfg, preprocess, augment), folder_transform(pretrained_cfg, preprocess)
     base = root / "train" if (root / "train").is_dir() else root
+    if base != root:  # split folders: one under another name would be ignored, and val held out of train instead
+        for other, meant in (("validation", "val"), ("valid", "val"), ("testing", "test")):
+            if (root / other).is_dir() and not (root / meant).is_dir():
+                raise DataError(f"{root / other}: split folders are named train/, val/ and test/; rename it to "
+                                f"{meant}/ (as it is, it would be ignored and {meant} held out of train)")
     full = image_folder(base, transform=train_tf)
     if len(full.classes) < 2:
         raise DataError(f"{base}: {len(full.classes)} class folder ({', '.join(full.classes)}); classification needs "
