@@ -105,16 +105,21 @@ def test_pretrained_false_on_a_shipped_backbone_means_its_architecture_at_random
     assert backbone_for(TrainConfig(method="vpt-deep")) == "vit_mini_patch4_32.ivpt_cifar10"
 
 
-def test_eval_data_override_is_checked_like_a_recipe(setup, tmp_path, capsys):
-    from ivpt import cli
-
+def trained_on_a_folder(setup, tmp_path, **data_fields) -> tuple:
+    """(photo folder, adapter folder) of a one-epoch linear probe on a flat folder of 3 classes."""
     work, _ = setup
     root = flat_folder(tmp_path / "photos", size=(40, 40))
     cfg = TrainConfig(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(work / "backbone.safetensors"),
-                      method="linear", data={"kind": "folder", "root": str(root)}, epochs=1, batch_size=8,
-                      output=str(tmp_path / "run"))
+                      method="linear", data={"kind": "folder", "root": str(root), **data_fields}, epochs=1,
+                      batch_size=8, output=str(tmp_path / "run"))
     train(cfg.validate(), quiet=True)
-    adapter = str(tmp_path / "run" / "adapter")
+    return root, str(tmp_path / "run" / "adapter")
+
+
+def test_eval_data_override_is_checked_like_a_recipe(setup, tmp_path, capsys):
+    from ivpt import cli
+
+    root, adapter = trained_on_a_folder(setup, tmp_path)
     assert cli.main(["eval", adapter, "--split", "val", "--data", json.dumps({"root": str(root)})]) == 0
     assert cli.main(["eval", adapter, "--split", "val", "--data", json.dumps({"root": str(root), "sead": 1})]) == 2
     assert "unknown field 'sead'" in capsys.readouterr().err
@@ -159,17 +164,12 @@ def test_eval_on_new_images_keeps_the_adapters_preprocessing(setup, tmp_path, mo
     import ivpt.engine.data as engine_data
     from ivpt import evaluate
 
-    work, _ = setup
-    root = flat_folder(tmp_path / "photos", size=(40, 40))
-    cfg = TrainConfig(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(work / "backbone.safetensors"),
-                      method="linear", data={"kind": "folder", "root": str(root), "preprocess": "squash"}, epochs=1,
-                      batch_size=8, output=str(tmp_path / "run"))
-    train(cfg.validate(), quiet=True)
+    _, adapter = trained_on_a_folder(setup, tmp_path, preprocess="squash")
     seen, build = [], engine_data.build_task_data
     monkeypatch.setattr(engine_data, "build_task_data", lambda spec, pcfg: seen.append(dict(spec)) or build(spec, pcfg))
     new = flat_folder(tmp_path / "new", size=(40, 40))
-    evaluate(tmp_path / "run" / "adapter", "val", {"root": str(new)})
-    evaluate(tmp_path / "run" / "adapter", "val", {"root": str(new), "preprocess": "crop"})  # asked: as asked
+    evaluate(adapter, "val", {"root": str(new)})
+    evaluate(adapter, "val", {"root": str(new), "preprocess": "crop"})  # asked: as asked
     assert [s.get("preprocess") for s in seen] == ["squash", "crop"]
 
 
@@ -201,13 +201,7 @@ def test_eval_refuses_a_folder_changed_since_training(setup, tmp_path, capsys):
     would score images it trained on, so it says so; new images given with --data are scored."""
     from ivpt import cli
 
-    work, _ = setup
-    root = flat_folder(tmp_path / "photos", size=(40, 40))
-    cfg = TrainConfig(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(work / "backbone.safetensors"),
-                      method="linear", data={"kind": "folder", "root": str(root)}, epochs=1, batch_size=8,
-                      output=str(tmp_path / "run"))
-    train(cfg.validate(), quiet=True)
-    adapter = str(tmp_path / "run" / "adapter")
+    root, adapter = trained_on_a_folder(setup, tmp_path)
     assert cli.main(["eval", adapter]) == 0  # unchanged: the same splits
     Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(root / "cat" / "new.jpg")
     assert cli.main(["eval", adapter]) == 2

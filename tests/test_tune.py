@@ -197,6 +197,19 @@ def test_a_point_enqueued_twice_is_trained_and_counted_once(recipe, tmp_path):
     assert len(summary["grid"]) == len(recipe.protocol["lrs"])
 
 
+def tune_without_hanging(*args, **kwargs):
+    """tune(), failing instead of waiting forever on a dead worker's trial."""
+    def hung(*_):
+        raise TimeoutError("the stage waited on a dead worker's trial")
+
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(300)
+    try:
+        return tune(*args, **kwargs)
+    finally:
+        signal.alarm(0)
+
+
 def test_a_dead_workers_trial_on_a_journal_file_is_retried(recipe, tmp_path):
     """Optuna's journal storage has no heartbeats: a trial left running by a dead worker (its run folder's
     lock free) is failed and its point trained by the next worker instead of blocking the stage forever."""
@@ -214,15 +227,7 @@ def test_a_dead_workers_trial_on_a_journal_file_is_retried(recipe, tmp_path):
     dead.set_user_attr("run", str(tmp_path / "tune" / "grid" / "lr0.03_wd0"))
     time.sleep(1.1)
 
-    def hung(*_):
-        raise TimeoutError("the stage waited on a dead worker's trial")
-
-    signal.signal(signal.SIGALRM, hung)
-    signal.alarm(300)
-    try:
-        summary = tune(one, tmp_path / "tune", storage=f"journal:{journal}", pruner="none", heartbeat=0.5)
-    finally:
-        signal.alarm(0)
+    summary = tune_without_hanging(one, tmp_path / "tune", storage=f"journal:{journal}", pruner="none", heartbeat=0.5)
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     assert states == ["FAIL", "COMPLETE"] and summary["chosen"]["lr"] == 0.03
 
@@ -243,15 +248,7 @@ def test_a_trial_popped_by_a_worker_killed_before_its_first_heartbeat_is_retried
     study.ask()  # popped; no heartbeat was ever recorded for it
     time.sleep(1.1)
 
-    def hung(*_):
-        raise TimeoutError("the stage waited on a dead worker's trial")
-
-    signal.signal(signal.SIGALRM, hung)
-    signal.alarm(300)
-    try:
-        summary = tune(one, out, pruner="none", heartbeat=0.5)
-    finally:
-        signal.alarm(0)
+    summary = tune_without_hanging(one, out, pruner="none", heartbeat=0.5)
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     assert states == ["FAIL", "COMPLETE"] and summary["chosen"]["lr"] == 0.03
 

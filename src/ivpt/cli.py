@@ -265,15 +265,16 @@ def cmd_export(args) -> int:
     state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
     atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     name = (config.get("backbone") or {}).get("name") or "ARCH"
+    arch = name.split(".")[0]
     k = config["num_classes"]
     kwargs = "".join(f", {key}={value!r}" for key, value in ((config.get("backbone") or {}).get("timm_kwargs") or {}).items())
     print(f"wrote {out}: {config['method']} merged into {name} (a plain timm checkpoint, head of {k} classes)")
-    print(f"load it with: timm.create_model({name.split('.')[0]!r}, pretrained=True, num_classes={k}{kwargs}, "
+    print(f"load it with: timm.create_model({arch!r}, pretrained=True, num_classes={k}{kwargs}, "
           f"pretrained_cfg_overlay=dict(file={str(out)!r}, num_classes={k}))")
     from .backbones.architectures import ARCHITECTURES
 
-    if name.split(".")[0] in ARCHITECTURES:  # registered with timm by ivpt, not by timm itself
-        print(f"({name.split('.')[0]} is ivpt's own architecture: run `import ivpt.backbones` before that call so "
+    if arch in ARCHITECTURES:  # registered with timm by ivpt, not by timm itself
+        print(f"({arch} is ivpt's own architecture: run `import ivpt.backbones` before that call so "
               "that timm knows the name; the checkpoint itself needs no ivpt code)")
     return 0
 

@@ -261,9 +261,9 @@ def _fail_orphans(study, grace: float) -> None:
         if trial.datetime_start is None or (now - trial.datetime_start).total_seconds() < grace:
             continue
         run = trial.user_attrs.get("run")
-        if run is not None and heartbeats:
-            continue  # fail_stale_trials judges it by its heartbeat (the run folder may be on another machine)
         if run is not None:
+            if heartbeats:
+                continue  # fail_stale_trials judges it by its heartbeat (the run folder may be on another machine)
             try:
                 RunLock(run).acquire().release()
             except RunLockedError:

@@ -101,12 +101,12 @@ class LoRA(ModuleMethod):
                 if None not in slices and linear.out_features % 3:
                     raise OptionError(f"option 'lora_targets': blocks[{i}].{path} has {linear.out_features} "
                                       "outputs, not a fused q, k, v of equal thirds")
-                width = min(linear.in_features, linear.out_features // (1 if None in slices else 3))
+                update = LowRankUpdate(linear, sorted(slices, key=lambda s: -1 if s is None else s),
+                                       config.lora_rank, scaling)
+                width = min(linear.in_features, update.width)
                 if config.lora_rank > width:  # the product B A cannot reach a rank above its smaller side
                     raise OptionError(f"option 'lora_rank': {config.lora_rank} is above the rank that "
                                       f"blocks[{i}].{path} can take ({width}); expected at most {width}")
-                update = LowRankUpdate(linear, sorted(slices, key=lambda s: -1 if s is None else s),
-                                       config.lora_rank, scaling)
                 self.updates.append(update)
                 self._targets.append(linear)
                 self.hook(linear, update.add_update)
