@@ -179,3 +179,25 @@ def test_linear_probe_on_cached_features_equals_the_full_model_path(tmp_path, mo
     save_file(timm.create_model("vit_mini_patch4_32", **TINY).state_dict(), str(tmp_path / "backbone.safetensors"))
     train(config(tmp_path, folder, output=str(tmp_path / "other"), cache="auto", **common), quiet=True)
     assert len(list((tmp_path / "cache" / "features").glob("*.safetensors"))) == 4
+
+
+def test_the_cache_reads_photos_upright_as_the_dataset_does_and_keys_the_reading(tmp_path):
+    items = make_jpegs(tmp_path / "img")
+    exif = Image.Exif()
+    exif[0x0112] = 8  # a phone's portrait tag: the viewer turns the stored pixels 90 degrees anticlockwise
+    Image.fromarray(np.tile(np.arange(40, dtype=np.uint8)[None, :, None] * 6, (30, 1, 3))).save(
+        tmp_path / "img" / items[0][0], exif=exif, quality=95)
+    transform = fgvc_transform(False, 24, MEAN, STD)
+    for upright in (True, False):
+        plain = ImageListDataset(tmp_path / "img", items, ["c0", "c1"], transform, upright=upright)
+        served = cached(plain, tmp_path / "cache")
+        assert isinstance(served, CachedImages)
+        assert torch.allclose(batch_of(served), torch.stack([plain[i][0] for i in range(len(plain))]), atol=1e-6)
+    upright_path = cached(dataset(tmp_path / "img", items, transform), tmp_path / "cache").path
+    stored_path = cached(ImageListDataset(tmp_path / "img", items, ["c0", "c1"], transform, upright=False),
+                         tmp_path / "cache").path
+    assert upright_path != stored_path
+    turned = batch_of(cached(dataset(tmp_path / "img", items, transform), tmp_path / "cache"))[0]
+    kept = batch_of(cached(ImageListDataset(tmp_path / "img", items, ["c0", "c1"], transform, upright=False),
+                           tmp_path / "cache"))[0]
+    assert not torch.allclose(turned, kept, atol=0.1)  # the gradient runs down one, across the other

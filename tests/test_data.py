@@ -433,3 +433,64 @@ def test_image_folder_skips_hidden_files_and_reads_jfif(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "data" / "dog" / "c.jfif", format="JPEG")
     ds = image_folder(tmp_path / "data")
     assert sorted(item for item, _ in ds.items) == ["cat/a.png", "cat/more/b.png", "dog/c.jfif"]
+
+
+def oriented_jpeg(path: Path, orientation: int = 6):
+    """A 16 x 8 photo stored landscape, left half black and right half white, tagged as a phone tags a
+    portrait shot (6: the viewer turns it 90 degrees clockwise, so the black half ends up on top)."""
+    pixels = np.zeros((8, 16, 3), dtype=np.uint8)
+    pixels[:, 8:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+
+
+def test_photos_are_read_upright_as_viewers_show_them_and_benchmarks_keep_the_stored_pixels(tmp_path):
+    from ivpt.data.datasets import open_rgb
+
+    oriented_jpeg(tmp_path / "folder" / "cat" / "portrait.jpg")
+    write_image(tmp_path / "folder" / "dog" / "b.png")
+    upright = np.asarray(open_rgb(tmp_path / "folder" / "cat" / "portrait.jpg"))
+    assert upright.shape == (16, 8, 3)  # portrait, as shown
+    assert upright[:6].mean() < 30 and upright[10:].mean() > 225  # the stored left half is now on top
+    stored = np.asarray(open_rgb(tmp_path / "folder" / "cat" / "portrait.jpg", upright=False))
+    assert stored.shape == (8, 16, 3) and stored[:, :6].mean() < 30
+    ds = image_folder(tmp_path / "folder")
+    assert ds.upright and ds[0][0].size == (8, 16)  # a user's folder: upright
+    root = make_vtab(tmp_path / "vtab")
+    rel = vtab_1k(root, "eurosat", "train800").items[0][0]
+    oriented_jpeg(root / "eurosat" / rel)  # same name and format, now tagged
+    bench = vtab_1k(root, "eurosat", "train800")
+    assert not bench.upright and bench[0][0].size == (16, 8)  # the published protocol's reading
+
+
+def test_a_folder_with_photos_in_a_format_ivpt_cannot_read_is_refused_and_predict_reports_them(tmp_path):
+    from ivpt import cli
+    from ivpt.data.datasets import UNREADABLE_IMAGE_SUFFIXES
+
+    assert ".heic" in UNREADABLE_IMAGE_SUFFIXES
+    write_image(tmp_path / "data" / "cat" / "a.png")
+    write_image(tmp_path / "data" / "dog" / "b.png")
+    (tmp_path / "data" / "dog" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")  # an iPhone photo
+    with pytest.raises(DataError, match=r"class folder .*dog holds 1 image\(s\) in a format ivpt cannot read "
+                                        r"\(IMG_0001\.HEIC\): convert them to JPEG or PNG"):
+        image_folder(tmp_path / "data")
+    files = cli._image_files([str(tmp_path / "data")])
+    assert [f.name for f in files] == ["a.png", "IMG_0001.HEIC", "b.png"]
+    readable, skipped = cli._read_images(files, strict=False, transform=None)
+    assert len(readable) == 2 and [Path(s["image"]).name for s in skipped] == ["IMG_0001.HEIC"]
+    assert ".HEIC is not a format ivpt reads: convert it to JPEG or PNG" in skipped[0]["error"]
+
+
+def test_avif_photos_are_read_where_pillow_decodes_them(tmp_path):
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF codec")  # then .avif is refused like .heic (previous test)
+    write_image(tmp_path / "data" / "cat" / "a.png")
+    (tmp_path / "data" / "dog").mkdir()
+    Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(tmp_path / "data" / "dog" / "b.avif")
+    ds = image_folder(tmp_path / "data")
+    assert [item for item, _ in ds.items] == ["cat/a.png", "dog/b.avif"]
+    assert abs(float(np.asarray(ds[1][0]).mean()) - 200) < 8

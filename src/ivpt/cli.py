@@ -124,12 +124,12 @@ def _skipped_exit(skipped: list) -> int:
 
 
 def _image_files(items: list[str]) -> list[Path]:
-    from .data.datasets import IMAGE_SUFFIXES
+    from .data.datasets import IMAGE_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES, visible_files
 
     files = []
     for item in map(Path, items):
-        if item.is_dir():
-            files += sorted(f for f in item.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if item.is_dir():  # formats it cannot read are listed too, so that they are reported as skipped
+            files += [f for f in visible_files(item) if f.suffix.lower() in IMAGE_SUFFIXES + UNREADABLE_IMAGE_SUFFIXES]
         elif item.is_file():
             files.append(item)
         else:

@@ -129,6 +129,8 @@ class CachedImages(Dataset):
 def cache_key(dataset: ImageListDataset, geometry: list) -> str:
     digest = hashlib.sha256()
     digest.update(repr([repr(step) for step in geometry]).encode())
+    if dataset.upright:  # decoded with EXIF orientation applied; caches built before that stay keyed as they were
+        digest.update(b"upright\n")
     for rel, label in dataset.items:
         digest.update(f"{rel}|{label}|{_file_digest(Path(dataset.root) / rel)}\n".encode())
     return digest.hexdigest()
@@ -185,7 +187,7 @@ def _build(dataset: ImageListDataset, geometry: list, data: Path, meta: Path) ->
     shapes = []
     with open(raw, "wb") as stream:  # decoded pixels streamed to disk: memory stays bounded for large splits
         for rel, _ in dataset.items:
-            image = compose(open_rgb(Path(dataset.root) / rel)).numpy()
+            image = compose(open_rgb(Path(dataset.root) / rel, dataset.upright)).numpy()
             shapes.append(list(image.shape))
             stream.write(image.tobytes())
     ragged = any(shape != shapes[0] for shape in shapes)

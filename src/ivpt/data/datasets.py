@@ -7,18 +7,34 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 from torch.utils.data import Dataset
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif") + (
+    (".avif",) if features.check("avif") else ())
+# Image formats Pillow cannot decode (phone HEIC, camera raw, vector): listed so that a folder holding
+# them is refused, and `ivpt predict` reports them, instead of skipping them unseen.
+UNREADABLE_IMAGE_SUFFIXES = tuple(s for s in (".heic", ".heif", ".avif", ".dng", ".cr2", ".cr3", ".nef",
+                                              ".arw", ".orf", ".rw2", ".raf", ".svg") if s not in IMAGE_SUFFIXES)
 
 
 class DataError(ValueError):
     """A dataset on disk does not follow its layout, or one of its files is unusable."""
 
 
-def open_rgb(path: str | Path) -> Image.Image:
+def visible_files(folder: Path) -> list[Path]:
+    """Files under ``folder``, sorted, without hidden ones (.ipynb_checkpoints/, macOS's ._x.jpg)."""
+    return [f for f in sorted(folder.rglob("*")) if f.is_file()
+            and not any(part.startswith(".") for part in f.relative_to(folder).parts)]
+
+
+def open_rgb(path: str | Path, upright: bool = True) -> Image.Image:
     """Open an image as RGB, naming the file when it is missing or cannot be decoded.
+
+    ``upright`` applies the EXIF Orientation tag, as image viewers do: a phone stores a portrait photo
+    as landscape pixels plus that tag, and without it the model trains and predicts on a rotated or
+    mirrored picture (heat maps of `ivpt explain` would not line up with what the user sees).
+    Benchmark loaders and segmentation pass False: their protocols and label maps use the stored pixels.
 
     16-bit greyscale (PNG/TIFF, Pillow's modes I;16* and I) is scaled from 0..65535 to 0..255: Pillow's
     own conversion clips every value above 255, turning such an image white. Other high-depth modes
@@ -27,13 +43,17 @@ def open_rgb(path: str | Path) -> Image.Image:
     path = Path(path)
     try:
         with Image.open(path) as img:
+            if upright:
+                img = ImageOps.exif_transpose(img)  # a copy when the tag turns it; itself otherwise
             if img.mode.startswith("I;16") or img.mode in ("I", "F"):
                 return _high_depth_to_rgb(img, path)
             return img.convert("RGB")
     except FileNotFoundError as err:
         raise DataError(f"image file not found: {path}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot decode image {path}: {err}") from err
+        hint = f" ({path.suffix} is not a format ivpt reads: convert it to JPEG or PNG)" \
+            if path.suffix.lower() in UNREADABLE_IMAGE_SUFFIXES else ""
+        raise DataError(f"cannot decode image {path}: {err}{hint}") from err
 
 
 def _high_depth_to_rgb(img: Image.Image, path: Path) -> Image.Image:
@@ -66,6 +86,7 @@ class ImageListDataset(Dataset):
     items: list[tuple[str, int]]
     classes: list[str]
     transform: Callable | None = None
+    upright: bool = True  # apply EXIF orientation (see open_rgb)
 
     def __post_init__(self):
         check_labels([label for _, label in self.items], len(self.classes), str(self.root))
@@ -75,7 +96,7 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, index: int):
         rel, label = self.items[index]
-        image = open_rgb(self.root / rel)
+        image = open_rgb(self.root / rel, self.upright)
         return (self.transform(image) if self.transform else image), label
 
     @property

@@ -50,4 +50,5 @@ def fgvc(root, dataset: str, split: str, transform=None) -> ImageListDataset:
     if unknown:
         raise DataError(f"{base / f'{split}.json'}: label {unknown[0]} does not occur in train.json")
     items = [(path, contiguous[label]) for path, label in annotations.items()]
-    return ImageListDataset(base / image_dir, items, [str(i) for i in train_ids], transform)
+    # the published protocols read the stored pixels (no EXIF orientation), as torchvision does
+    return ImageListDataset(base / image_dir, items, [str(i) for i in train_ids], transform, upright=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .datasets import IMAGE_SUFFIXES, DataError, ImageListDataset
+from .datasets import IMAGE_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES, DataError, ImageListDataset, visible_files
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -30,8 +30,13 @@ def image_folder(root, split: str | None = None, classes: list[str] | None = Non
     items = []
     for d in dirs:
         # hidden files and folders (.ipynb_checkpoints/, ._x.jpg of macOS) are skipped, as hidden class folders are
-        files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                       and not any(part.startswith(".") for part in f.relative_to(d).parts))
+        visible = visible_files(d)
+        unreadable = [f for f in visible if f.suffix.lower() in UNREADABLE_IMAGE_SUFFIXES]
+        if unreadable:  # training on the rest would silently leave these photos out
+            raise DataError(f"class folder {d} holds {len(unreadable)} image(s) in a format ivpt cannot read "
+                            f"({', '.join(f.name for f in unreadable[:3])}{', ...' if len(unreadable) > 3 else ''}): "
+                            "convert them to JPEG or PNG, or move them out of the folder")
+        files = [f for f in visible if f.suffix.lower() in IMAGE_SUFFIXES]
         if not files:
             raise DataError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         items += [(str(f.relative_to(base)), index[d.name]) for f in files]

@@ -89,7 +89,8 @@ class SegmentationDataset(Dataset):
     def load(self, index) -> tuple[Image.Image, np.ndarray]:
         image, mask = self.items[index]
         if isinstance(image, (str, Path)):
-            image, mask = open_rgb(image), _open_mask(Path(mask))
+            # label maps annotate the stored pixel grid, so EXIF orientation is not applied to the image
+            image, mask = open_rgb(image, upright=False), _open_mask(Path(mask))
         else:
             image = Image.fromarray(image)
         if image.size != (mask.shape[1], mask.shape[0]):

@@ -59,4 +59,5 @@ def vtab_1k(root, task: str, split: str, transform=None) -> ImageListDataset:
     if not base.is_dir():
         raise DataError(f"VTAB-1k task folder not found: {base}")
     items = read_list_file(base / f"{split}.txt")
-    return ImageListDataset(base, items, [str(i) for i in range(num_classes)], transform)
+    # the published protocols read the stored pixels (no EXIF orientation), as torchvision does
+    return ImageListDataset(base, items, [str(i) for i in range(num_classes)], transform, upright=False)
