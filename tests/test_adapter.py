@@ -134,14 +134,14 @@ def rewrite_config(directory, change):
 def test_wrong_config_is_refused(tmp_path):
     directory = save(tmp_path)
     rewrite_config(directory, lambda c: c.__setitem__("method", "vpt-deep"))
-    with pytest.raises(AdapterError, match="adapter_config.json: unknown option 'ar' for method 'vpt-deep'"):
+    with pytest.raises(AdapterError, match="adapter.safetensors: unknown option 'ar' for method 'vpt-deep'"):
         ivpt.load_adapter(directory, backbone=make_vit())
     rewrite_config(directory, lambda c: c.__setitem__("options", {"prompt_length": 2}))
     with pytest.raises(AdapterError, match="do not fit method 'vpt-deep'.*unexpected"):
         ivpt.load_adapter(directory, backbone=make_vit())
     directory = save(tmp_path)
     rewrite_config(directory, lambda c: c["options"].__setitem__("da", "wide"))
-    with pytest.raises(AdapterError, match="adapter_config.json: option 'da'"):
+    with pytest.raises(AdapterError, match="adapter.safetensors: option 'da'"):
         ivpt.load_adapter(directory, backbone=make_vit())
     directory = save(tmp_path)
     rewrite_config(directory, lambda c: c["options"].__setitem__("prompt_length", 3))
@@ -156,6 +156,20 @@ def test_wrong_config_is_refused(tmp_path):
         ivpt.load_adapter(directory, backbone=make_vit())
     with pytest.raises(FileNotFoundError, match="adapter.safetensors and adapter_config.json"):
         ivpt.load_adapter(tmp_path / "missing", backbone=make_vit())
+    directory = save(tmp_path)
+    rewrite_config(directory, lambda c: c.update(task="segmentation", num_classes=5))  # no decoder, no crop size
+    with pytest.raises(AdapterError, match="missing field\\(s\\) decoder, crop_size"):
+        ivpt.load_adapter(directory, backbone=make_vit())
+
+
+def test_a_tensor_file_replaced_by_another_tool_is_refused_though_names_and_shapes_fit(tmp_path):
+    """Format 2 keeps its config inside the tensor file; a plain safetensors file of another adapter's tensors
+    under the old JSON would otherwise load, unchecked, as this adapter."""
+    first, second = save(tmp_path / "a"), save(tmp_path / "b")
+    save_file(load_file(str(second / "adapter.safetensors")), str(first / "adapter.safetensors"))  # no metadata
+    with pytest.raises(AdapterError, match="adapter.safetensors carries no ivpt config, though .*adapter_config.json "
+                                           "records format_version 2"):
+        ivpt.load_adapter(first, backbone=make_vit())
 
 
 def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
@@ -172,3 +186,50 @@ def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
         model.save_adapter(directory)
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
     assert ivpt.load_adapter(directory, backbone=make_vit()).method.config.da == "static"
+
+
+def test_predict_and_eval_never_write_their_output_over_the_adapter_they_read(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from ivpt import cli
+
+    directory = tmp_path / "a"
+    ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "linear", 3).save_adapter(directory)
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    for name in ("adapter.safetensors", "adapter_config.json", "README.md"):
+        assert cli.main(["predict", str(directory), str(tmp_path / "x.png"), "--output", str(directory / name)]) == 2
+        assert f"--output {directory / name} is {directory / name}, an input" in capsys.readouterr().err
+        assert cli.main(["eval", str(directory), "--output", str(directory / name)]) == 2
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    for flag in (["--top-k", "0"], ["--top-k", "-1"], ["--batch-size", "0"]):
+        with pytest.raises(SystemExit):
+            cli.main(["predict", str(directory), str(tmp_path / "x.png"), *flag])
+        assert "expected a whole number of at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ivpt", "bitfit"])
+def test_backbone_weights_that_differ_only_inside_the_blocks_are_caught(tmp_path, method):
+    """The adapter records a digest of every frozen backbone tensor: weights with the same patch projection
+    and position embedding but other blocks (MoCo v3 keeps those two fixed) are refused. BitFit's biases,
+    tuned in place, are left out of it, so its own adapter reloads."""
+    options = {"prompt_length": 2} if method == "ivpt" else {}
+    model = ivpt.create_model(make_vit(), method, 7, **options).eval()
+    perturb_tuned(model)
+    model.save_adapter(tmp_path / "a")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ivpt.load_adapter(tmp_path / "a", backbone=make_vit()).eval()(images), model(images))
+    def inner():
+        vit = make_vit()
+        with torch.no_grad():
+            vit.blocks[2].mlp.fc1.weight.add_(0.01)  # patch embedding and position embedding unchanged
+        return vit
+    with pytest.raises(AdapterError, match="weights differ"):
+        ivpt.load_adapter(tmp_path / "a", backbone=inner())
+    # an adapter saved before the digest existed: checked by its patch and position embedding, as then
+    rewrite_config(tmp_path / "a", lambda c: c["backbone"].pop("frozen_weights_sha256"))
+    assert ivpt.load_adapter(tmp_path / "a", backbone=inner()) is not None
+    with pytest.raises(AdapterError, match="weights differ"):
+        ivpt.load_adapter(tmp_path / "a", backbone=make_vit(seed=1))

@@ -85,3 +85,17 @@ def test_learnable_temperature_divides_each_blocks_attention_logits():
         assert torch.allclose(model(images), plain(images), atol=1e-5)
     counts = ivpt.count_parameters(model)
     assert counts["temperatures"] == 4 and counts["tuned_without_head"] == 3 * 32 + 3 + 4
+
+
+def test_a_temperature_at_or_beyond_its_bound_is_clamped_in_place_and_keeps_learning():
+    """As GateVPT's code does (the stored value clamped, then used): a clamp inside the graph would give a
+    temperature that one step pushed to a bound a zero gradient from then on."""
+    model = ivpt.create_model(make_vit(), "gatevpt", 7, prompt_length=3, gate_init=0.5, learn_temperature=True)
+    model.train()
+    for t, value in zip(model.method.temperatures, [0.005, 0.5, 10.5, 10.0]):
+        with torch.no_grad():
+            t.value.fill_(value)
+    model(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    values = [round(t.value.item(), 4) for t in model.method.temperatures]
+    assert values == [0.01, 0.5, 10.0, 10.0]
+    assert all(float(t.value.grad.abs()) > 0 for t in model.method.temperatures)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,14 +90,16 @@ print(json.dumps(out))
 def test_cli_reads_hub_names_too(tmp_path):
     ivpt.create_model(BACKBONE, "linear", 3).save_adapter(tmp_path / "a")
     cache = tmp_path / "hub"
-    lay_out_hub_repo(cache, "someone/lin", adapter_files(tmp_path / "a"), "r1", ["main"])
+    commit = lay_out_hub_repo(cache, "someone/lin", adapter_files(tmp_path / "a"), "r1", ["main"])
     from PIL import Image
     Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "red.png")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "ivpt.cli", "predict", "hf-hub:someone/lin", str(tmp_path / "red.png"),
                           "--output", str(tmp_path / "p.json")], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-1000:]
-    assert json.loads((tmp_path / "p.json").read_text())
+    written = json.loads((tmp_path / "p.json").read_text())
+    assert written["predictions"] and written["adapter"] == "hf-hub:someone/lin"
+    assert written["adapter_revision"] == f"hf-hub:someone/lin@{commit}"  # main moves; the commit read stays
 
 
 def test_card_numbers_equal_results_and_follow_each_save(tmp_path):
@@ -158,6 +161,142 @@ except ValueError as err:
 """
     message = run_offline(tmp_path / "hub", code)
     assert "someone/x" in message and "HF_HUB_OFFLINE" in message and "--dry-run" in message
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi: repositories as {repo_id: private}, new ones created with the
+    organisation's default unless ``private`` is sent (as the Hub does), every upload's files kept."""
+
+    def __init__(self, repos=None, default_private=False):
+        self.repos, self.default_private = dict(repos or {}), default_private
+        self.created, self.uploads, self.commits = [], [], []
+
+    def __call__(self, token=None):  # HfApi(token=...)
+        return self
+
+    def create_repo(self, repo_id, **kwargs):
+        self.created.append((repo_id, kwargs))
+        if repo_id not in self.repos:
+            private = kwargs.get("private")
+            self.repos[repo_id] = self.default_private if private is None else private
+        return f"https://huggingface.co/{repo_id}"
+
+    def repo_info(self, repo_id, **kwargs):
+        return SimpleNamespace(private=self.repos[repo_id])
+
+    def upload_folder(self, folder_path, repo_id, **kwargs):
+        files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+        self.uploads.append((repo_id, files))
+        self.commits.append(hashlib.sha1(f"commit {len(self.uploads)}".encode()).hexdigest())
+        return SimpleNamespace(oid=self.commits[-1], commit_url=f"https://huggingface.co/{repo_id}/commit/...")
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+
+    def install(**kwargs):
+        fake = FakeHub(**kwargs)
+        monkeypatch.setattr(huggingface_hub, "HfApi", fake)
+        return fake
+    return install
+
+
+def test_push_leaves_a_new_repos_visibility_to_the_hub_and_names_the_commit(tmp_path, fake_hub, capsys):
+    from ivpt.cli import main
+    from ivpt.hub import parse_hub_name, push_to_hub
+
+    ivpt.create_model(BACKBONE, "linear", 3).save_adapter(tmp_path / "a")
+    hub = fake_hub(default_private=True)  # an organisation whose new repositories are private
+    pinned = push_to_hub(tmp_path / "a", "org/new")
+    assert hub.repos["org/new"] is True and "private" not in hub.created[0][1]
+    oid = hub.commits[0]
+    assert pinned == f"hf-hub:org/new@{oid}" and parse_hub_name(pinned) == ("org/new", oid)
+    assert main(["push", str(tmp_path / "a"), "org/asked", "--private"]) == 0
+    assert hub.repos["org/asked"] is True
+    assert f"hf-hub:org/asked@{hub.commits[1]}" in capsys.readouterr().out
+    assert main(["push", str(tmp_path / "a"), "org/plain"]) == 0  # the CLI, asked nothing, sends nothing either
+    assert hub.repos["org/plain"] is True and "private" not in hub.created[-1][1]
+    assert main(["push", str(tmp_path / "a"), "org/shown", "--public"]) == 0
+    assert hub.repos["org/shown"] is False
+    assert main(["push", str(tmp_path / "a"), "org/new"]) == 0  # an existing private repository, nothing asked
+    assert len(hub.uploads) == 5 and hub.repos["org/new"] is True
+
+
+def test_push_refuses_an_existing_repo_of_the_other_visibility(tmp_path, fake_hub, capsys):
+    from ivpt.adapter_format import AdapterError
+    from ivpt.cli import main
+    from ivpt.hub import push_to_hub
+
+    ivpt.create_model(BACKBONE, "linear", 3).save_adapter(tmp_path / "a")
+    hub = fake_hub(repos={"org/open": False, "org/closed": True})
+    with pytest.raises(AdapterError, match=r"org/open.*is public.*private repository was asked"):
+        push_to_hub(tmp_path / "a", "org/open", private=True)
+    with pytest.raises(AdapterError, match=r"org/closed.*is private.*public repository was asked"):
+        push_to_hub(tmp_path / "a", "org/closed", private=False)
+    assert main(["push", str(tmp_path / "a"), "org/open", "--private"]) == 2  # a ValueError: exit 2
+    assert "org/open" in capsys.readouterr().err
+    assert hub.uploads == [] and hub.repos == {"org/open": False, "org/closed": True}
+    push_to_hub(tmp_path / "a", "org/closed", private=True)  # as asked: uploaded
+    push_to_hub(tmp_path / "a", "org/open")  # nothing asked: the repository stays as it is
+    assert [repo for repo, _ in hub.uploads] == ["org/closed", "org/open"]
+    assert hub.repos == {"org/open": False, "org/closed": True}
+
+
+def test_push_uploads_the_config_the_loader_uses_not_a_stale_json_copy(tmp_path, fake_hub):
+    import warnings
+
+    from ivpt.hub import push_to_hub
+
+    old = ivpt.create_model(BACKBONE, "lora", 3)
+    new = ivpt.create_model(BACKBONE, "lora", 3)
+    with torch.no_grad():
+        for p in new.method.parameters():
+            p.add_(0.1)
+    folder = tmp_path / "a"
+    old.save_adapter(folder, metrics={"val": 0.25})
+    stale = (folder / "adapter_config.json").read_bytes()
+    new.save_adapter(folder, metrics={"val": 0.5})
+    fresh = (folder / "adapter_config.json").read_bytes()
+    tensors = (folder / "adapter.safetensors").read_bytes()
+    (folder / "adapter_config.json").write_bytes(stale)  # a kill between the tensor file and its JSON copy
+    assert stale != fresh
+    hub = fake_hub()
+    with pytest.warns(UserWarning, match="differs from the config inside"):
+        push_to_hub(folder, "org/x")
+    with pytest.warns(UserWarning, match="differs from the config inside"):
+        push_to_hub(folder, "org/x", dry_run=tmp_path / "upload")
+    uploaded = hub.uploads[0][1]
+    assert uploaded["adapter_config.json"] == fresh and uploaded["adapter.safetensors"] == tensors
+    assert (tmp_path / "upload" / "adapter_config.json").read_bytes() == fresh
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the staged folder is consistent: no stale-copy warning
+        model = ivpt.load_adapter(tmp_path / "upload")
+    assert json.loads(fresh)["metrics"] == {"val": 0.5} and model.method_name == "lora"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), new.eval()(x))
+
+
+def test_push_dry_run_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    from ivpt.adapter_format import AdapterError
+    from ivpt.cli import main
+    from ivpt.hub import push_to_hub
+
+    ivpt.create_model(BACKBONE, "linear", 3).save_adapter(tmp_path / "a")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    assert main(["push", str(tmp_path / "a"), "org/x", "--dry-run", str(busy)]) == 2
+    assert str(busy) in capsys.readouterr().err
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"] and (busy / "notes.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(AdapterError, match=str(tmp_path / "file")):
+        push_to_hub(tmp_path / "a", "org/x", dry_run=tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "a file"
+    (tmp_path / "empty").mkdir()  # an empty folder is fine
+    assert push_to_hub(tmp_path / "a", "org/x", dry_run=tmp_path / "empty") == str(tmp_path / "empty")
+    assert (tmp_path / "empty" / "adapter.safetensors").is_file()
 
 
 @pytest.mark.parametrize("module,extra", [("huggingface_hub", "hub"), ("matplotlib", "explain")])

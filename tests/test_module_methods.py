@@ -1,6 +1,7 @@
 """LoRA, bottleneck adapters (sequential, AdaptFormer), SSF and BitFit: the methods that act inside the blocks."""
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,9 +254,18 @@ def test_export_of_ivpts_own_architecture_says_how_timm_finds_it(tmp_path, capsy
     said = capsys.readouterr().out
     assert "vit_mini_patch4_32 is ivpt's own architecture: run `import ivpt.backbones`" in said
     images = torch.randn(2, 3, 32, 32)
-    plain = timm.create_model("vit_mini_patch4_32", pretrained=True, num_classes=3,
-                              pretrained_cfg_overlay=dict(file=str(out), num_classes=3)).eval()
+    plain = run_printed_call(said).eval()
     assert torch.allclose(plain(images), model(images), atol=1e-4)
+
+
+def run_printed_call(said: str):
+    """The model that the line export printed builds (``load it with: ...``), run as a user would paste it."""
+    line = next(line for line in said.splitlines() if line.startswith("load it with: "))
+    code = line.removeprefix("load it with: ")
+    assert "import ivpt" not in code  # run in an empty scope below: it could use no ivpt code unimported
+    scope = {}
+    exec(code, scope)
+    return scope["model"]
 
 
 def test_export_merged_loads_in_plain_timm(tmp_path, images, capsys):
@@ -275,10 +285,49 @@ def test_export_merged_loads_in_plain_timm(tmp_path, images, capsys):
         model.save_adapter(tmp_path / method)
         out = tmp_path / f"{method}.safetensors"
         assert main(["export", str(tmp_path / method), "--merged", str(out)]) == 0
-        assert "ivpt's own architecture" not in capsys.readouterr().out  # timm's own name: nothing to import
-        plain = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=5, **kwargs,
-                                  pretrained_cfg_overlay=dict(file=str(out), num_classes=5)).eval()
+        said = capsys.readouterr().out
+        assert "ivpt's own architecture" not in said  # timm's own name: nothing to import
+        plain = run_printed_call(said).eval()
         assert torch.allclose(plain(images), model(images), atol=1e-4), method
+
+
+def test_export_of_a_hub_backbone_prints_a_call_that_reads_the_merged_file(tmp_path):
+    """timm loads an hf-hub name's weights from the Hub whatever pretrained_cfg_overlay's file says, so
+    the printed call builds the Hub model and loads the merged file into it (run offline, on a Hub cache
+    laid out in huggingface_hub's format)."""
+    import json
+
+    from safetensors.torch import save
+    from test_hub import lay_out_hub_repo, run_offline
+
+    import timm
+
+    kwargs = {"img_size": 32, "depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, **kwargs)
+    config = {"architecture": "vit_tiny_patch16_224", "num_classes": 10, "model_args": kwargs,
+              "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 10,
+                                 "interpolation": "bicubic", "crop_pct": 1.0, "classifier": "head"}}
+    lay_out_hub_repo(tmp_path / "hub", "someone/tiny-vit", {
+        "config.json": json.dumps(config).encode(),
+        "model.safetensors": save({k: v.contiguous() for k, v in vit.state_dict().items()})}, "r1", ["main"])
+    result = run_offline(tmp_path / "hub", f"""
+import contextlib, io, json, sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import ivpt
+from ivpt.cli import main
+from test_module_methods import randomize, run_printed_call
+model = randomize(ivpt.create_model("hf-hub:someone/tiny-vit", "lora", 10, pretrained=True), scale=0.2).eval()
+model.save_adapter({str(tmp_path / "a")!r})
+said = io.StringIO()
+with contextlib.redirect_stdout(said):
+    code = main(["export", {str(tmp_path / "a")!r}, "--merged", {str(tmp_path / "m.safetensors")!r}])
+images = torch.randn(2, 3, 32, 32)
+with torch.no_grad():
+    diff = (run_printed_call(said.getvalue()).eval()(images) - model(images)).abs().max().item()
+print(json.dumps(dict(code=code, diff=diff)))
+""")
+    assert result["code"] == 0 and result["diff"] < 1e-4
 
 
 def test_export_refuses_prompt_adapters_clearly(tmp_path, capsys):
@@ -341,7 +390,7 @@ def test_export_never_overwrites_its_inputs_and_checks_the_file_name(tmp_path, c
     adapter = tmp_path / "adapter"
     ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "lora", 3, lora_rank=2).save_adapter(adapter)
     before = (adapter / "adapter.safetensors").read_bytes()
-    for out, said in ((adapter / "adapter.safetensors", "an input of this export"),
+    for out, said in ((adapter / "adapter.safetensors", "an input of this command"),
                       (tmp_path / "merged.pth", "expected a .safetensors file name"),
                       (tmp_path / "missing" / "merged.safetensors", "does not exist")):
         assert main(["export", str(adapter), "--merged", str(out)]) == 2
@@ -432,3 +481,28 @@ def test_segmentation_adapter_with_a_module_method_round_trips(tmp_path):
     model.save_adapter(tmp_path / "seg")
     again = ivpt.load_adapter(tmp_path / "seg", backbone=make_vit(dynamic_img_size=True))
     assert torch.equal(again.eval()(x), expected)
+
+
+def test_a_backbone_module_serves_one_model_and_a_merged_copy_is_free_again(images, tmp_path):
+    """A second model on the same module would hook a second method into the modules both run (and replace
+    the first model's head): the first model's logits must not move, and the second is refused."""
+    from ivpt.backbone import BackboneError
+
+    vit = make_vit()
+    first = ivpt.create_model(vit, "lora", 7).eval()
+    with torch.no_grad():
+        before = first(images)
+    for method in ("ssf", "linear"):
+        with pytest.raises(BackboneError, match="already belongs to an ivpt model \\(method 'lora'\\)"):
+            ivpt.create_model(vit, method, 3)
+    with pytest.raises(BackboneError, match="already belongs"):
+        ivpt.create_model(copy.deepcopy(vit), "ssf", 3)  # the copy carries LoRA's hooks along
+    first.save_adapter(tmp_path / "a")
+    with pytest.raises(BackboneError, match="already belongs"):
+        ivpt.load_adapter(tmp_path / "a", backbone=first.backbone)
+    with torch.no_grad():
+        assert torch.equal(first(images), before) and first.head.out_features == 7
+    merged = first.merge()
+    with torch.no_grad():
+        assert torch.allclose(merged(images), before, atol=1e-5)
+    assert ivpt.create_model(merged, "ssf", 7).backbone is merged  # a plain timm model again

@@ -89,6 +89,15 @@ def test_segmentation_adapter_round_trip_includes_decoder_statistics(tmp_path):
     x = torch.randn(1, 3, 48, 48)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+    # the card's counts: prompts and AR under the method, the decoder's parameters without its statistics
+    from ivpt.card import parameter_rows
+
+    from ivpt.adapter_format import read_adapter_config
+
+    rows = dict(parameter_rows(read_adapter_config(tmp_path / "seg")))
+    counts = count_segmentation_parameters(model)
+    assert rows["decoder"] == counts["decoder"] and "backbone (in place)" not in rows
+    assert sum(v for k, v in rows.items() if k not in ("decoder", "head")) == counts["tuned_without_head"]
 
 
 def test_sliding_window_and_multiscale():
@@ -228,6 +237,12 @@ def test_segmentation_training_eval_and_predict(tmp_path):
     mask = Image.open(tmp_path / "pred" / "ADE_val_00000000_mask.png")
     assert mask.size == (48, 40) and (tmp_path / "pred" / "ADE_val_00000000_overlay.png").is_file()
     assert len(json.loads((tmp_path / "pred" / "legend.json").read_text())) == 150
+    twin = tmp_path / "other" / "ADE_val_00000000.png"  # the same stem from another folder: one mask each
+    twin.parent.mkdir()
+    Image.open(next(images.iterdir())).save(twin)
+    before = (tmp_path / "pred" / "ADE_val_00000000_mask.png").read_bytes()
+    assert cli.main(["predict", str(adapter), str(images), str(twin), "--output", str(tmp_path / "pred")]) == 2
+    assert (tmp_path / "pred" / "ADE_val_00000000_mask.png").read_bytes() == before  # nothing overwritten
 
 
 def test_miou_counts_classes_that_are_only_predicted():
@@ -247,3 +262,17 @@ def test_segmentation_augmentation_follows_torch_seed():
     torch.manual_seed(3)
     b = tf(image, mask)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("pool", ["avg", "map"])
+@pytest.mark.parametrize("method", ["ssf", "bitfit", "full", "lora"])
+def test_every_tuned_tensor_of_a_segmentation_encoder_is_reached_by_the_patch_tokens(method, pool):
+    """The dense path never runs timm's pooling (attn_pool, fc_norm): tensors there would be tuned, stored,
+    never trained, and under DDP (no find_unused_parameters) stop training at its second step."""
+    vit = make_vit(dynamic_img_size=True, global_pool=pool)
+    model = create_segmentation_model(vit, method, 5, decoder="naive", crop_size=32, decoder_channels=16)
+    assert not any("fc_norm" in name or "attn_pool" in name for name in model.adapter_tensors())
+    model.train()
+    torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.randint(0, 5, (2, 32, 32))).backward()
+    unreached = [name for name, p in model.tuned_parameters().items() if p.grad is None]
+    assert unreached == []

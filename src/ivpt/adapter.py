@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .adapter_format import (CONFIG_FILE, FORMAT, FORMAT_VERSION, TENSORS_FILE, AdapterError, read_adapter_config,
-                             read_adapter_tensors, write_adapter)
+                             config_file, read_adapter_tensors, write_adapter)
 from .backbone import backbone_signature, weights_fingerprint
 from .encoder import PromptedViT
 from .factory import create_model
@@ -47,10 +47,11 @@ def check_backbone_matches(config: dict[str, Any], model: PromptedViT, source: s
     for key, value in (saved.get("signature") or {}).items():
         if now.get(key) != value:
             problems.append(f"{key}: adapter {value!r}, backbone {now.get(key)!r}")
-    fingerprint = saved.get("weights_fingerprint")
-    if not problems and fingerprint and not model.method.tunes_backbone:
-        current = weights_fingerprint(model.backbone)
-        if current is not None and current != fingerprint:
+    # every frozen tensor where the adapter recorded their digest; older adapters: patch and position embeddings
+    full, fingerprint = saved.get("frozen_weights_sha256"), saved.get("weights_fingerprint")
+    if not problems and (full or fingerprint) and not model.method.tunes_backbone:
+        current = model.frozen_weights_sha256() if full else weights_fingerprint(model.backbone)
+        if current is not None and current != (full or fingerprint):
             trained_on = saved.get("weights_file") or saved.get("weights_source", "unknown")
             problems.append(f"weights: the backbone's weights differ from those the adapter was trained on ({trained_on}); "
                             "pass the same ones (weights=PATH or pretrained=True), or check_weights=False")
@@ -110,10 +111,10 @@ def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=
                                  pretrained=bool(pretrained), class_names=config.get("class_names"),
                                  timm_kwargs=timm_kwargs, **config["options"])
     except OptionError as err:
-        raise AdapterError(f"{directory / CONFIG_FILE}: {err}") from err
+        raise AdapterError(f"{config_file(directory, config)}: {err}") from err
     encoder = getattr(model, "encoder", model)
     if not check_weights:
-        saved = dict(saved, weights_fingerprint=None)
+        saved = dict(saved, weights_fingerprint=None, frozen_weights_sha256=None)
     check_backbone_matches(dict(config, backbone=saved), encoder, str(directory))
     expected = model.adapter_tensors()
     missing = sorted(set(expected) - set(tensors))

@@ -32,6 +32,7 @@ FORMAT_VERSION = 2
 CONFIG_KEY = "ivpt_adapter_config"   # safetensors metadata: the config as JSON
 DIGEST_KEY = "ivpt_tensors_sha256"   # safetensors metadata: sha256 over the tensors' names, dtypes, shapes, bytes
 REQUIRED_FIELDS = ("format", "method", "options", "num_classes", "backbone", "tensors")
+SEGMENTATION_FIELDS = ("decoder", "crop_size")
 
 
 class AdapterError(ValueError):
@@ -56,10 +57,17 @@ def write_adapter(directory, tensors: dict[str, torch.Tensor], config: dict[str,
               "tensors": {n: list(t.shape) for n, t in tensors.items()}}
     metadata = {"format": FORMAT, CONFIG_KEY: json.dumps(config), DIGEST_KEY: tensors_digest(tensors)}
     atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    copy = {**config, "tensors_sha256": sha256_file(directory / TENSORS_FILE)}
-    atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(copy, indent=2)))
+    write_config_copy(directory, config)
     write_card(directory, config)
     return directory
+
+
+def write_config_copy(directory, config: dict[str, Any]) -> Path:
+    """The readable adapter_config.json beside the tensor file: its config plus the file's sha256."""
+    path = Path(directory) / CONFIG_FILE
+    copy = {**config, "tensors_sha256": sha256_file(Path(directory) / TENSORS_FILE)}
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(copy, indent=2)))
+    return path
 
 
 def write_card(directory, config: dict[str, Any], protocol: dict[str, Any] | None = None) -> Path:
@@ -83,6 +91,8 @@ def _checked(config: Any, where: str) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterError(f"{where}: expected a JSON object")
     missing = [f for f in REQUIRED_FIELDS if f not in config]
+    if config.get("task") == "segmentation":
+        missing += [f for f in SEGMENTATION_FIELDS if f not in config]
     if missing:
         raise AdapterError(f"{where}: missing field(s) {', '.join(missing)}")
     if config["format"] != FORMAT:
@@ -119,7 +129,17 @@ def read_adapter_config(directory) -> dict[str, Any]:
     config = _checked(_json(copy.read_text(), str(copy)), str(copy))
     if "tensors_sha256" not in config:
         raise AdapterError(f"{copy}: missing field(s) tensors_sha256")
+    if config.get("format_version", 1) >= 2 and tensors.is_file():
+        # ivpt writes a format-2 config inside the tensor file: without it, nothing ties this file to the JSON
+        raise AdapterError(f"{tensors} carries no ivpt config, though {copy} records format_version "
+                           f"{config['format_version']} (whose config lives inside the tensor file): the tensor file "
+                           "was replaced or rewritten by another tool; save the adapter again with ivpt")
     return config
+
+
+def config_file(directory, config: dict[str, Any]) -> Path:
+    """The file that ``config`` was read from (for errors about its fields)."""
+    return Path(directory) / (TENSORS_FILE if config.get("format_version", 1) >= 2 else CONFIG_FILE)
 
 
 def _stale(copy: Path, config: dict) -> bool:

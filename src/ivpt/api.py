@@ -36,11 +36,13 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, resume: bool
 
 def load_for_inference(adapter_dir, weights=None):
     from .adapter import load_adapter, read_adapter_config
-    from .hub import resolve_adapter
+    from .hub import pinned_name, resolve_adapter
 
     folder = resolve_adapter(adapter_dir)  # hf-hub:org/name[@revision] or a folder
     # without weights, the adapter's recorded backbone weights are used
-    return load_adapter(folder, weights=weights), read_adapter_config(folder)
+    config = read_adapter_config(folder)
+    config["loaded_from"] = pinned_name(adapter_dir, folder)  # outputs record the exact Hub commit read
+    return load_adapter(folder, weights=weights), config
 
 
 def data_for(model, config: dict, spec: dict):
@@ -115,8 +117,8 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
     loader = loader_for(dataset, batch, Dist(), 0, False, 0, None if strict else collate_readable)
     metrics = run_evaluation(compile_model(model.to(device), compile), loader, len(task.classes), device, desc=split, task=impl)
     skipped = [] if strict else [_named(dataset.dataset, s) for s in dataset.skipped]
-    metrics.update({"adapter": adapter, "split": split, "data": spec, "classes": task.classes,
-                    "scales": multiscale, "skipped": skipped})
+    metrics.update({"adapter": adapter, "adapter_revision": config["loaded_from"], "split": split, "data": spec,
+                    "classes": task.classes, "scales": multiscale, "skipped": skipped})
     return metrics
 
 

@@ -114,6 +114,22 @@ def weights_fingerprint(vit: VisionTransformer) -> str | None:
     return digest.hexdigest()
 
 
+def frozen_weights_digest(vit: nn.Module, tuned: set[int]) -> str | None:
+    """sha256 of every backbone tensor but the ``tuned`` ones (by id): names, shapes and values.
+
+    What an adapter needs to find again on reload: a checkpoint differing only inside the blocks (or one
+    whose patch projection and position embedding stayed fixed, as MoCo v3's do) gives another digest.
+    """
+    items = sorted((name, t) for name, t in vit.state_dict(keep_vars=True).items() if id(t) not in tuned)
+    if any(t.is_meta for _, t in items):
+        return None
+    digest = hashlib.sha256()
+    for name, t in items:
+        digest.update(f"{name}:{list(t.shape)}\n".encode())
+        digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _refused_object(err: Exception) -> str:
     """What the unpickler refused, without PyTorch's advice to re-run with the protection off."""
     found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
@@ -182,6 +198,19 @@ def load_backbone_weights(vit: VisionTransformer, path: str | Path) -> None:
         )
 
 
+OWNER_ATTRIBUTE = "_ivpt_owner"  # set on a backbone module by the ivpt model built around it
+
+
+def check_unowned(vit: nn.Module) -> None:
+    """A backbone module serves one ivpt model: a second would replace the first's head and, for module
+    methods, hook a second set of changes into the modules both models run."""
+    owner = vit.__dict__.get(OWNER_ATTRIBUTE)
+    if owner is not None:
+        raise BackboneError(f"this backbone module already belongs to an ivpt model (method {owner!r}); a second "
+                            "model on it would change the first one too. Build a fresh one with timm.create_model "
+                            "(a copy.deepcopy of it carries the first model's method along)")
+
+
 def build_backbone(backbone: str | nn.Module, num_classes: int, *, pretrained: bool = False,
                    weights: str | Path | None = None, **timm_kwargs) -> VisionTransformer:
     """A supported timm ViT with a fresh head for ``num_classes``, weights loaded as asked."""
@@ -189,6 +218,7 @@ def build_backbone(backbone: str | nn.Module, num_classes: int, *, pretrained: b
         if pretrained or timm_kwargs:
             raise BackboneError("pretrained= and timm options apply to backbone names, not to a built model")
         vit = check_supported(backbone)
+        check_unowned(vit)  # before reset_classifier, which would replace the owner's head
         vit.reset_classifier(num_classes)
         if weights is not None:
             load_backbone_weights(vit, weights)

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 CARD_FILE = "README.md"
+STATISTICS = (".running_mean", ".running_var", ".num_batches_tracked")
 
 
 def _count(shape: list[int]) -> int:
@@ -25,6 +26,9 @@ def parameter_rows(config: dict[str, Any]) -> list[tuple[str, int]]:
     groups: dict[str, int] = {}
     head_names = ("backbone.head.", "decoder.", "head.")
     for name, shape in (config.get("tensors") or {}).items():
+        if name.endswith(STATISTICS):  # BatchNorm's running statistics are stored, not tuned
+            continue
+        name = name.removeprefix("encoder.")  # a segmentation model's encoder: named as a classifier's
         if name.startswith(head_names):
             group = "head" if not name.startswith("decoder.") else "decoder"
         elif name.startswith("method."):
@@ -72,7 +76,9 @@ def model_card(config: dict[str, Any], protocol: dict[str, Any] | None = None) -
              f"- options: `{json.dumps(config.get('options') or {}, sort_keys=True)}`", "",
              "## Backbone", "", f"- name: `{name}`", f"- weights: {backbone.get('weights_source', 'unknown')}"
              + (f" (`{backbone['weights_file']}`)" if backbone.get("weights_file") else ""),
-             f"- weights fingerprint (sha256 of patch and position embeddings): `{backbone.get('weights_fingerprint')}`",
+             (f"- frozen weights sha256 (every backbone tensor the adapter leaves as it is): "
+              f"`{backbone['frozen_weights_sha256']}`" if backbone.get("frozen_weights_sha256") else
+              f"- weights fingerprint (sha256 of patch and position embeddings): `{backbone.get('weights_fingerprint')}`"),
              f"- input: {config.get('image_size')} px, mean {config.get('mean')}, std {config.get('std')}", "",
              "## Tuned parameters", "", "| part | parameters |", "|---|---|"]
     rows = parameter_rows(config)

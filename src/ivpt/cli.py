@@ -54,6 +54,8 @@ def cmd_eval(args) -> int:
     from .engine.checkpoint import atomic_write
 
     data = _json_object("--data", args.data, '\'{"kind": "suite", "task": "dtd10"}\'')
+    if args.output:
+        _refuse_overwriting_inputs(args.output, args.adapter, None, args.weights, "--output")
     metrics = evaluate_adapter(args.adapter, args.split, data, args.weights,
                                args.batch_size, args.device, args.multiscale, args.strict, args.compile)
     skipped = metrics["skipped"]
@@ -90,6 +92,8 @@ def cmd_predict(args) -> int:
 
     model, config = _load_for_inference(args.adapter, args.weights)
     model.eval()
+    if args.output and config.get("task") != "segmentation":  # a JSON file; segmentation writes a folder of masks
+        _refuse_overwriting_inputs(args.output, args.adapter, config, args.weights, "--output")
     files = _image_files(args.images)
     if config.get("task") == "segmentation":
         return _predict_masks(model, config, files, Path(args.output or "predictions"), args.strict)
@@ -112,7 +116,8 @@ def cmd_predict(args) -> int:
     for p in predictions:
         print(p["image"] + "\t" + "  ".join(f"{t['label']} {t['score']:.3f}" for t in p["top_k"]))
     if args.output:
-        result = {"predictions": predictions, "skipped": skipped}
+        result = {"adapter": args.adapter, "adapter_revision": config["loaded_from"], "predictions": predictions,
+                  "skipped": skipped}
         atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     return _skipped_exit(skipped)
 
@@ -211,6 +216,12 @@ def _predict_masks(model, config: dict, files: list[Path], out: Path, strict: bo
     from .palette import palette
     from .segmentation import slide_inference
 
+    stems: dict[str, Path] = {}
+    for f in files:  # masks are named by the image's stem: two alike would overwrite each other
+        if f.stem in stems:
+            raise ValueError(f"{stems[f.stem]} and {f} would both write {out / (f.stem + '_mask.png')}; predict them "
+                             "in separate runs (other --output folders) or rename one (nothing was written)")
+        stems[f.stem] = f
     opts = config.get("segmentation") or {}
     crop = int(config["crop_size"])
     base = base_size(opts, (config.get("data") or {}).get("kind"), crop)  # as its training and eval rescaled
@@ -245,7 +256,8 @@ def cmd_push(args) -> int:
         files = sorted(p.name for p in Path(where).iterdir())
         print(f"dry run: {where} holds what would be uploaded to {args.repo}: {', '.join(files)}")
     else:
-        print(f"pushed {args.source} to {where}; load it with ivpt.load_adapter('hf-hub:{args.repo}')")
+        print(f"pushed {args.source} as {where}; load it with ivpt.load_adapter({where!r}) (that exact revision) "
+              f"or 'hf-hub:{args.repo}' (its latest)")
     return 0
 
 
@@ -266,17 +278,27 @@ def cmd_export(args) -> int:
     atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     name = (config.get("backbone") or {}).get("name") or "ARCH"
     arch = name.split(".")[0]
-    k = config["num_classes"]
-    kwargs = "".join(f", {key}={value!r}" for key, value in ((config.get("backbone") or {}).get("timm_kwargs") or {}).items())
-    print(f"wrote {out}: {config['method']} merged into {name} (a plain timm checkpoint, head of {k} classes)")
-    print(f"load it with: timm.create_model({arch!r}, pretrained=True, num_classes={k}{kwargs}, "
-          f"pretrained_cfg_overlay=dict(file={str(out)!r}, num_classes={k}))")
+    print(f"wrote {out}: {config['method']} merged into {name} (a plain timm checkpoint, head of "
+          f"{config['num_classes']} classes)")
+    print(f"load it with: {_timm_load_call(name, config, out)}")
     from .backbones.architectures import ARCHITECTURES
 
     if arch in ARCHITECTURES:  # registered with timm by ivpt, not by timm itself
         print(f"({arch} is ivpt's own architecture: run `import ivpt.backbones` before that call so "
               "that timm knows the name; the checkpoint itself needs no ivpt code)")
     return 0
+
+
+def _timm_load_call(name: str, config: dict, out: Path) -> str:
+    """One line of Python, with no ivpt in it, that builds the merged model from ``out``."""
+    k = config["num_classes"]
+    kwargs = "".join(f", {key}={value!r}" for key, value in ((config.get("backbone") or {}).get("timm_kwargs") or {}).items())
+    if name.startswith("hf-hub:"):  # timm loads a Hub name's weights from the Hub whatever file= says
+        return (f"import timm, safetensors.torch; model = timm.create_model({name!r}, num_classes={k}{kwargs}); "
+                f"model.load_state_dict(safetensors.torch.load_file({str(out)!r}))")
+    # the name keeps its tag: the tag's pretrained config (mean, std, crop) is the preprocessing it was tuned with
+    return (f"import timm; model = timm.create_model({name!r}, pretrained=True, num_classes={k}{kwargs}, "
+            f"pretrained_cfg_overlay=dict(file={str(out)!r}, num_classes={k}))")
 
 
 def _merged_path(text: str) -> Path:
@@ -293,17 +315,20 @@ def _merged_path(text: str) -> Path:
     return out
 
 
-def _refuse_overwriting_inputs(out: Path, adapter: str, config: dict, weights: str | None) -> None:
-    """Never write the merged file over the adapter's own files or the backbone weights it was loaded with."""
-    from .adapter_format import CONFIG_FILE, TENSORS_FILE
+def _refuse_overwriting_inputs(out: Path, adapter: str, config: dict | None, weights: str | None,
+                               flag: str = "--merged") -> None:
+    """Never write an output over the adapter's own files or the backbone weights it was loaded with."""
+    from .adapter_format import CONFIG_FILE, TENSORS_FILE, read_adapter_config
     from .card import CARD_FILE
 
+    if config is None and Path(adapter).is_dir():
+        config = read_adapter_config(adapter)
     inputs = [Path(adapter) / name for name in (TENSORS_FILE, CONFIG_FILE, CARD_FILE)]
-    inputs += [Path(w) for w in (weights, (config.get("backbone") or {}).get("weights_file")) if w]
-    target = out.resolve()  # resolve() follows links
+    inputs += [Path(w) for w in (weights, ((config or {}).get("backbone") or {}).get("weights_file")) if w]
+    target = Path(out).resolve()  # resolve() follows links
     for path in inputs:
         if target == path.resolve():
-            raise ValueError(f"--merged {out} is {path}, an input of this export; choose another file name "
+            raise ValueError(f"{flag} {out} is {path}, an input of this command; choose another file name "
                              "(nothing was written)")
 
 
@@ -361,6 +386,16 @@ def cmd_params(args) -> int:
 
 
 # -- tune ----------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -477,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="train, val, trainval or test (default test)")
     p.add_argument("--data", help="dataset spec as JSON (default: the one recorded in the adapter)")
     p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--multiscale", nargs="*", type=_positive_float, metavar="SCALE",
                    help="segmentation: mIoU-MS, averaging these scales with horizontal flips "
                         "(no values: 0.5 0.75 1.0 1.25 1.5 1.75); default single scale")
@@ -495,8 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "image, and legend.json, in the --output folder (default predictions/).")
     p.add_argument("adapter", help="adapter folder")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--top-k", type=_positive_int, default=5)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
     p.add_argument("--output", help="predictions JSON to write: {predictions: [...], skipped: [...]}")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip it with "
@@ -514,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter folder")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--output", required=True, help="folder for the figures and explain.json")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
     p.set_defaults(func=cmd_explain)
 
@@ -527,7 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="adapter folder, a run folder holding adapter/, or an ivpt tune folder (its first "
                    "seed's adapter; the card lists every seed)")
     p.add_argument("repo", help="Hub repository, ORG/NAME")
-    p.add_argument("--private", action="store_true", help="create the repository as private")
+    visibility = p.add_mutually_exclusive_group()  # neither: a new repository gets the Hub's (organisation's) default
+    visibility.add_argument("--private", dest="private", action="store_const", const=True, default=None,
+                            help="the repository is private (created so; an existing public one is refused)")
+    visibility.add_argument("--public", dest="private", action="store_const", const=False,
+                            help="the repository is public (created so; an existing private one is refused)")
     p.add_argument("--dry-run", metavar="DIR", help="write exactly what would be uploaded into DIR; send nothing")
     p.set_defaults(func=cmd_push)
 

@@ -16,7 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ._version import __version__
 from .adapter_format import write_adapter
-from .backbone import backbone_shape, backbone_signature, weights_fingerprint
+from .backbone import (OWNER_ATTRIBUTE, backbone_shape, backbone_signature, check_unowned, frozen_weights_digest,
+                       weights_fingerprint)
 from .methods.base import TuningMethod
 
 
@@ -127,6 +128,8 @@ class PromptedViT(nn.Module):
         self.record_attention = False
         self.last_attention: dict[int, torch.Tensor] = {}
         self.shape = backbone_shape(backbone)
+        check_unowned(backbone)
+        backbone.__dict__[OWNER_ATTRIBUTE] = method.name
         method.attach(backbone)  # module methods (LoRA, adapters, SSF, BitFit) hook into timm's modules here
         self._set_trainable()
 
@@ -161,6 +164,10 @@ class PromptedViT(nn.Module):
         if self.method.tunes_backbone:
             tensors.update(self.named_buffers())
         return tensors
+
+    def frozen_weights_sha256(self) -> str | None:
+        """The digest of the backbone's frozen tensors, recorded in adapters (see backbone.frozen_weights_digest)."""
+        return frozen_weights_digest(self.backbone, {id(p) for p in self.tuned_parameters().values()})
 
     def _set_trainable(self) -> None:
         tuned = {id(p) for p in self.tuned_parameters().values()}
@@ -268,6 +275,7 @@ class PromptedViT(nn.Module):
         state = self.method.merged_state(self.backbone)
         merged = copy.deepcopy(self.backbone)
         strip_hooks(merged, getattr(self.method, "hook_ids", set()))
+        del merged.__dict__[OWNER_ATTRIBUTE]  # a plain timm model, free to build a new ivpt model on
         merged.load_state_dict(state)
         merged.requires_grad_(False)
         return merged.eval()
@@ -294,6 +302,7 @@ class PromptedViT(nn.Module):
                 "weights_file": getattr(self, "weights_file", None),
                 "signature": backbone_signature(vit),
                 "weights_fingerprint": None if self.method.tunes_backbone else weights_fingerprint(vit),
+                "frozen_weights_sha256": None if self.method.tunes_backbone else self.frozen_weights_sha256(),
             },
             "image_size": list(vit.patch_embed.img_size) if vit.patch_embed.img_size else None,
             "dynamic_img_size": bool(getattr(vit, "dynamic_img_size", False)),
@@ -306,7 +315,8 @@ class PromptedViT(nn.Module):
         """The tuned tensors and the config (plus ``extra``, e.g. metrics), committed in one atomic step."""
         write_adapter(directory, self.adapter_tensors(), {**self.adapter_config(), **extra})
 
-    def push_to_hub(self, repo_id: str, *, private: bool = False, dry_run=None, token: str | None = None) -> str:
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, dry_run=None,
+                    token: str | None = None) -> str:
         """Publish this adapter with its model card to the Hub repo ``repo_id`` (see ``ivpt.hub``)."""
         from .hub import push_model
 

@@ -21,7 +21,7 @@ def method_class(method: str):
 
 def create_model(backbone: str | nn.Module, method: str, num_classes: int, *, pretrained: bool = False,
                  weights: str | Path | None = None, class_names: list[str] | None = None,
-                 timm_kwargs: dict[str, Any] | None = None, **options) -> PromptedViT:
+                 timm_kwargs: dict[str, Any] | None = None, pooling: bool = True, **options) -> PromptedViT:
     """Build a timm Vision Transformer tuned by ``method`` for ``num_classes`` classes.
 
     backbone: a timm model name (optionally ``name.tag``) or an already built timm VisionTransformer.
@@ -30,6 +30,8 @@ def create_model(backbone: str | nn.Module, method: str, num_classes: int, *, pr
         (.safetensors, .pth/.bin state dict, or Google's .npz).
     timm_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``, ``dynamic_img_size``).
     options: the method's options (``prompt_length``, ``prompt_dropout``, and iVPT's switches).
+    pooling: False for a dense encoder (segmentation): timm's pooling modules (``attn_pool``, ``fc_norm``)
+        are removed before the method attaches, so that nothing is tuned that the patch tokens never pass.
     """
     cls = method_class(method)
     config = config_from_options(cls.config_class, method, options)  # before any heavy work
@@ -37,6 +39,9 @@ def create_model(backbone: str | nn.Module, method: str, num_classes: int, *, pr
     if class_names is not None and len(class_names) != num_classes:
         raise OptionError(f"option 'class_names': {len(class_names)} names given for num_classes={num_classes}")
     vit = build_backbone(backbone, num_classes, pretrained=pretrained, weights=weights, **(timm_kwargs or {}))
+    if not pooling:
+        # unused tensors would count as tuned, be stored in adapters, and stop DDP at its second step
+        vit.attn_pool, vit.fc_norm = None, nn.Identity()
     tuner = cls(config, backbone_shape(vit))
     model = PromptedViT(vit, tuner, backbone_name=backbone if isinstance(backbone, str) else backbone_name(vit),
                         class_names=class_names)

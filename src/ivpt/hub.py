@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .adapter_format import CONFIG_FILE, TENSORS_FILE, AdapterError, read_adapter_config, write_card
+from .adapter_format import CONFIG_FILE, TENSORS_FILE, AdapterError, read_adapter_config, write_card, write_config_copy
 from .card import CARD_FILE
 from .extras import require
 
@@ -32,6 +32,15 @@ def parse_hub_name(source: str) -> tuple[str, str | None]:
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise AdapterError(f"{source!r}: expected hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
     return repo, revision or None
+
+
+def pinned_name(source, folder: Path) -> str:
+    """``source`` as it can be found again: a Hub name pinned to the commit its snapshot folder is named by
+    (a branch such as main moves, and offline it may have come from an older cached snapshot)."""
+    if not is_hub_name(source):
+        return str(source)
+    repo, _ = parse_hub_name(source)
+    return f"{PREFIX}{repo}@{Path(folder).name}"
 
 
 def resolve_adapter(source) -> Path:
@@ -71,10 +80,13 @@ def stage(source, folder: Path, protocol: dict | None = None) -> Path:
         source = source / "final" / f"seed{seeds[0]}" if seeds else source
     if (source / "adapter" / TENSORS_FILE).is_file():  # a run folder
         source = source / "adapter"
-    config = read_adapter_config(source)  # checks it is an adapter
+    config = read_adapter_config(source)  # checks it is an adapter; the config the loader uses
     folder.mkdir(parents=True, exist_ok=True)
-    for name in (TENSORS_FILE, CONFIG_FILE):
-        shutil.copyfile(source / name, folder / name)
+    shutil.copyfile(source / TENSORS_FILE, folder / TENSORS_FILE)
+    if config.get("format_version", 1) < 2:  # format 1: the JSON is the config itself
+        shutil.copyfile(source / CONFIG_FILE, folder / CONFIG_FILE)
+    else:  # the readable copy written fresh from the config inside the tensor file, never a stale one
+        write_config_copy(folder, config)
     summary = summary or source.parent / "summary.json"
     if protocol is None and summary.is_file():
         protocol = json.loads(summary.read_text())
@@ -82,17 +94,23 @@ def stage(source, folder: Path, protocol: dict | None = None) -> Path:
     return folder
 
 
-def push_to_hub(source, repo_id: str, *, private: bool = False, dry_run=None, token: str | None = None,
+def push_to_hub(source, repo_id: str, *, private: bool | None = None, dry_run=None, token: str | None = None,
                 commit_message: str | None = None) -> str:
     """Upload an adapter folder (or a run folder holding adapter/, or an ``ivpt tune`` folder: its first seed's
     adapter, with every seed's test score in the card) with its card to ``repo_id``.
 
-    dry_run: a folder to write the exact upload into instead (nothing is sent). Returns the repo URL
-    or the dry-run folder.
+    private: None (the default) leaves a new repository's visibility to the Hub (an organisation's default);
+    True or False asks for it, and a repository that already exists with the other visibility is refused
+    before anything is uploaded. dry_run: a new or empty folder to write the exact upload into instead
+    (nothing is sent). Returns ``hf-hub:REPO@COMMIT``, the pushed revision pinned, or the dry-run folder.
     """
     parse_hub_name(PREFIX + repo_id)
     if dry_run is not None:
-        return str(stage(source, Path(dry_run)))
+        target = Path(dry_run)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise AdapterError(f"dry run: {target} exists and is not an empty folder; name a new or empty folder "
+                               "for --dry-run (nothing in it was changed)")
+        return str(stage(source, target))
     hub = require("huggingface_hub", "publishing an adapter")
     from huggingface_hub import errors
 
@@ -100,15 +118,32 @@ def push_to_hub(source, repo_id: str, *, private: bool = False, dry_run=None, to
         staged = stage(source, Path(tmp) / "upload")
         api = hub.HfApi(token=token)
         try:
-            url = api.create_repo(repo_id, private=private, exist_ok=True)
-            api.upload_folder(folder_path=str(staged), repo_id=repo_id,
-                              commit_message=commit_message or f"ivpt adapter from {Path(source).name}")
+            # private=None is not sent: the Hub then applies its (or the organisation's) default
+            api.create_repo(repo_id, exist_ok=True, **({} if private is None else {"private": private}))
+            if private is not None:  # create_repo ignores visibility for a repository that already exists
+                _check_visibility(repo_id, private, api.repo_info(repo_id).private)
+            commit = api.upload_folder(folder_path=str(staged), repo_id=repo_id,
+                                       commit_message=commit_message or f"ivpt adapter from {Path(source).name}")
         except errors.OfflineModeIsEnabled:
             raise AdapterError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it, or check the upload "
                                "with --dry-run DIR") from None
         except (OSError, errors.HfHubHTTPError) as err:
             raise AdapterError(f"cannot push to {repo_id}: {err}") from None
-    return str(url)
+    return f"{PREFIX}{repo_id}@{commit.oid}"
+
+
+def _check_visibility(repo_id: str, asked_private: bool, is_private) -> None:
+    asked = "private" if asked_private else "public"
+    if is_private is None:
+        raise AdapterError(f"cannot push to {repo_id}: a {asked} repository was asked for, and the Hub did not "
+                           "say whether it is private; nothing was uploaded")
+    if bool(is_private) != asked_private:
+        actual = "private" if is_private else "public"
+        raise AdapterError(f"cannot push to {repo_id}: it already exists and is {actual}, but a {asked} repository "
+                           f"was asked for ({'--private, ' if asked_private else ''}private={asked_private}); "
+                           "nothing was uploaded. Change its "
+                           "visibility in the repository's settings on the Hub first, or push without asking for "
+                           "one")
 
 
 def push_model(model, repo_id: str, **kwargs) -> str:

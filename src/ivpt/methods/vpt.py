@@ -115,6 +115,9 @@ class GateVPT(_PromptBank):
         return groups
 
 
+TEMPERATURE_RANGE = (0.01, 10.0)
+
+
 class AttentionTemperature(nn.Module):
     """One block's attention temperature t: softmax(q k^T * scale / t)."""
 
@@ -123,4 +126,10 @@ class AttentionTemperature(nn.Module):
         self.value = nn.Parameter(torch.ones(()))
 
     def divide(self, module, args, q):
-        return q / self.value.clamp(0.01, 10.0).to(q.dtype)
+        if torch.is_grad_enabled() and self.value.requires_grad:
+            # as GateVPT's code does: the stored value is clamped, then used as it is, so that it keeps its
+            # gradient at a bound (a clamp in the graph would give it none there, for good)
+            with torch.no_grad():
+                self.value.clamp_(*TEMPERATURE_RANGE)
+            return q / self.value.to(q.dtype)
+        return q / self.value.clamp(*TEMPERATURE_RANGE).to(q.dtype)

@@ -93,7 +93,8 @@ def create_segmentation_model(backbone, method: str, num_classes: int, *, decode
     kwargs = {"img_size": crop_size, "dynamic_img_size": True, **(timm_kwargs or {})}
     if not isinstance(backbone, str):
         kwargs = None
-    encoder = create_model(backbone, method, 1, weights=weights, pretrained=pretrained, timm_kwargs=kwargs, **options)
+    encoder = create_model(backbone, method, 1, weights=weights, pretrained=pretrained, timm_kwargs=kwargs,
+                           pooling=False, **options)
     encoder.reset_classifier(0)  # no classification head: the decoder replaces it
     return SegmentationModel(encoder, decoder, num_classes, crop_size, decoder_channels, class_names, ignore_index,
                              decoder_stages)
