@@ -1,5 +1,6 @@
 """A folder of photos is read as the user meant, or refused with the reason (never silently something else)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from PIL import Image
 
 from ivpt.data.datasets import DataError
 from ivpt.engine.config import ConfigError, TrainConfig, load_config
-from ivpt.engine.data import build_task_data, stratified_holdout
+from ivpt.engine.data import build_task_data, check_data_spec, stratified_holdout
 from ivpt.engine.loop import train
 from test_engine import TINY, setup  # noqa: F401  (fixture)
 
@@ -218,3 +219,39 @@ def test_a_split_folder_under_another_name_is_refused_not_ignored(tmp_path):
         build_task_data({"kind": "folder", "root": str(root)}, CFG)
     flat = flat_folder(tmp_path / "flat", classes=("invalid", "valid"))  # class folders may have such names
     assert build_task_data({"kind": "folder", "root": str(flat)}, CFG).classes == ["invalid", "valid"]
+
+
+def test_new_images_are_read_as_the_adapters_run_read_its_own(setup, tmp_path):
+    """An adapter records its folder's image reading (EXIF orientation); predict and eval read new images
+    the same way, and an adapter saved before ivpt applied the tag keeps reading the stored pixels."""
+    import torch
+
+    import ivpt
+    from ivpt import cli
+    from ivpt.data.datasets import open_rgb
+    from test_adapter import rewrite_config
+    from test_data import oriented_jpeg
+
+    _, adapter = trained_on_a_folder(setup, tmp_path)
+    assert ivpt.adapter.read_adapter_config(adapter)["data"]["exif_orientation"] is True  # spelt out
+    photo = tmp_path / "new" / "portrait.jpg"
+    oriented_jpeg(photo)  # 16 x 8 stored, 8 x 16 shown
+
+    def predicted(upright_expected):
+        assert cli.main(["predict", adapter, str(photo), "--top-k", "3", "--output", str(tmp_path / "p.json")]) == 0
+        scores = json.loads((tmp_path / "p.json").read_text())["predictions"][0]["top_k"]
+        model, config = cli._load_for_inference(adapter, None)
+        x = cli._classification_transform(config, model)(open_rgb(photo, upright_expected))
+        with torch.no_grad():
+            expected = model.eval()(x[None]).softmax(-1)[0]
+        names = model.class_names
+        return all(abs(expected[names.index(s["label"])].item() - s["score"]) < 1e-4 for s in scores)
+
+    assert predicted(True) and not predicted(False)
+    rewrite_config(Path(adapter), lambda c: c["data"].pop("exif_orientation"))  # as saved by an older ivpt
+    assert predicted(False) and not predicted(True)
+    assert cli.main(["eval", adapter, "--split", "val"]) == 0  # its own folder, read as it was
+    with pytest.raises(DataError, match="data field 'exif_orientation': got 'yes', expected true or false"):
+        check_data_spec({"kind": "folder", "root": str(tmp_path / "photos"), "exif_orientation": "yes"})
+    stored = build_task_data({"kind": "folder", "root": str(tmp_path / "photos"), "exif_orientation": False}, CFG)
+    assert not any(split.upright for name, split in stored.splits.items() if name != "trainval")

@@ -75,14 +75,16 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
     from .engine.loop import compile_model, evaluate as run_evaluation, input_cache, loader_for, resolve_device
     from .engine.tasks import TASKS
 
-    from .engine.data import check_data_spec, check_same_splits
+    from .engine.data import adapter_reads_upright, check_data_spec, check_same_splits
 
     model, config = load_for_inference(adapter, weights)
     spec = check_data_spec(data) if data else config.get("data")
     recorded = config.get("data") or {}
-    if data and spec.get("kind") == "folder" == recorded.get("kind") and "preprocess" in recorded:
-        # new images, the adapter's own input pipeline (as ivpt predict uses it), unless asked otherwise
-        spec = {"preprocess": recorded["preprocess"], **spec}
+    if spec and spec.get("kind") == "folder" == recorded.get("kind"):
+        # the adapter's own folder, or new images: its own input pipeline and image reading (as ivpt predict
+        # uses them), unless the spec asks otherwise
+        own = {"preprocess": recorded["preprocess"]} if "preprocess" in recorded else {}
+        spec = {**own, "exif_orientation": adapter_reads_upright(recorded), **spec}
     if not spec:
         raise ValueError(f"{adapter} records no dataset; pass data={{\"kind\": ..., ...}} (--data on the command line)")
     device = resolve_device(device)

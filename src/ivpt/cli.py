@@ -67,14 +67,14 @@ def cmd_eval(args) -> int:
     return _skipped_exit(skipped)
 
 
-def _read_images(files: list[Path], strict: bool, transform=None):
+def _read_images(files: list[Path], strict: bool, transform=None, upright: bool = True):
     """(file, image) for every readable file; unreadable ones warned about and returned apart, or raised."""
     from .data.datasets import DataError, open_rgb
 
     readable, skipped = [], []
     for f in files:
         try:
-            image = open_rgb(f)
+            image = open_rgb(f, upright)
             readable.append((f, transform(image) if transform else image))
         except DataError as err:
             if strict:
@@ -103,7 +103,8 @@ def cmd_predict(args) -> int:
     predictions, skipped = [], []
     with torch.no_grad():
         for start in range(0, len(files), args.batch_size):
-            readable, unreadable = _read_images(files[start:start + args.batch_size], args.strict, transform)
+            readable, unreadable = _read_images(files[start:start + args.batch_size], args.strict, transform,
+                                                _reads_upright(config))
             skipped += unreadable
             if not readable:
                 continue
@@ -120,6 +121,13 @@ def cmd_predict(args) -> int:
                   "skipped": skipped}
         atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     return _skipped_exit(skipped)
+
+
+def _reads_upright(config: dict) -> bool:
+    """New images are read as the adapter's training read its own (EXIF orientation; see ivpt.engine.data)."""
+    from .engine.data import adapter_reads_upright
+
+    return adapter_reads_upright(config.get("data"))
 
 
 def _skipped_exit(skipped: list) -> int:
@@ -184,7 +192,7 @@ def cmd_explain(args) -> int:
     records, last, batches = [], None, []
     for start in range(0, len(files), args.batch_size):
         chunk = files[start:start + args.batch_size]
-        batch = torch.stack([transform(open_rgb(f)) for f in chunk])
+        batch = torch.stack([transform(open_rgb(f, _reads_upright(config))) for f in chunk])
         batches.append(batch)
         last = explain(model, batch)
         pixels = denormalize(batch, config["mean"], config["std"])

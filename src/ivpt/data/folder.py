@@ -12,7 +12,7 @@ def _class_dirs(root: Path) -> list[Path]:
 
 
 def image_folder(root, split: str | None = None, classes: list[str] | None = None,
-                 transform=None) -> ImageListDataset:
+                 transform=None, upright: bool = True) -> ImageListDataset:
     """An ImageFolder-style dataset. ``classes`` pins the class order (e.g. from the train split)."""
     root = Path(root)
     base = root / split if split else root
@@ -40,7 +40,7 @@ def image_folder(root, split: str | None = None, classes: list[str] | None = Non
         if not files:
             raise DataError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         items += [(str(f.relative_to(base)), index[d.name]) for f in files]
-    return ImageListDataset(base, items, list(classes), transform)
+    return ImageListDataset(base, items, list(classes), transform, upright)
 
 
 def image_folder_splits(root, transform=None, eval_transform=None) -> dict[str, ImageListDataset]:

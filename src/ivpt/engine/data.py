@@ -23,7 +23,7 @@ DATA_FIELDS = {
     "suite": (("task",), ("seed", "version")),
     "vtab": (("root", "task"), ()),
     "fgvc": (("root", "dataset"), ()),
-    "folder": (("root",), ("val_fraction", "test_fraction", "seed", "preprocess", "augment")),
+    "folder": (("root",), ("val_fraction", "test_fraction", "seed", "preprocess", "augment", "exif_orientation")),
     "cifar10": ((), ("path", "limit", "seed")),
     "camvid": ((), ("path",)),
     "ade20k": (("root",), ()),
@@ -67,8 +67,9 @@ def check_data_spec(spec: Any) -> dict[str, Any]:
     if spec.get("preprocess", "crop") not in ("crop", "squash"):
         raise DataError(f"data field 'preprocess': got {spec['preprocess']!r}, expected 'crop' (resize the shorter "
                         "side and centre-crop, as timm evaluates) or 'squash' (resize to a square, aspect ratio lost)")
-    if not isinstance(spec.get("augment", False), bool):
-        raise DataError(f"data field 'augment': got {spec['augment']!r}, expected true or false")
+    for name in ("augment", "exif_orientation"):
+        if not isinstance(spec.get(name, False), bool):
+            raise DataError(f"data field {name!r}: got {spec[name]!r}, expected true or false")
     for name in ("seed", "version", "limit"):
         if name in spec and (isinstance(spec[name], bool) or not isinstance(spec[name], int) or spec[name] < 0):
             raise DataError(f"data field {name!r}: got {spec[name]!r}, expected a non-negative integer")
@@ -175,12 +176,26 @@ def _build_task_data(spec: dict[str, Any], pretrained_cfg: dict) -> TaskData:
     return _folder(spec, root, pretrained_cfg)
 
 
+def recorded_data_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The data spec an adapter records: a folder's with its image reading spelt out, so that a later
+    ivpt, or one with another default, reads the images as this run did."""
+    return {**spec, "exif_orientation": spec.get("exif_orientation", True)} if spec.get("kind") == "folder" else spec
+
+
+def adapter_reads_upright(recorded: dict[str, Any] | None) -> bool:
+    """Whether new images for an adapter are turned by their EXIF orientation: as its folder run read its
+    images (adapters from before ivpt applied it read the stored pixels); other adapters: yes, as a viewer."""
+    recorded = recorded or {}
+    return bool(recorded.get("exif_orientation", False)) if recorded.get("kind") == "folder" else True
+
+
 def _folder(spec: dict[str, Any], root: Path, pretrained_cfg: dict) -> TaskData:
     """Class folders with or without split folders; missing val/test splits held out of train."""
     from ..data.datasets import ImageListDataset
     from ..data.transforms import folder_transform
 
     preprocess, augment = spec.get("preprocess", "crop"), bool(spec.get("augment", False))
+    upright = bool(spec.get("exif_orientation", True))
     train_tf, eval_tf = folder_transform(pretrained_cfg, preprocess, augment), folder_transform(pretrained_cfg, preprocess)
     base = root / "train" if (root / "train").is_dir() else root
     if base != root:  # split folders: one under another name would be ignored, and val held out of train instead
@@ -188,7 +203,7 @@ def _folder(spec: dict[str, Any], root: Path, pretrained_cfg: dict) -> TaskData:
             if (root / other).is_dir() and not (root / meant).is_dir():
                 raise DataError(f"{root / other}: split folders are named train/, val/ and test/; rename it to "
                                 f"{meant}/ (as it is, it would be ignored and {meant} held out of train)")
-    full = image_folder(base, transform=train_tf)
+    full = image_folder(base, transform=train_tf, upright=upright)
     if len(full.classes) < 2:
         raise DataError(f"{base}: {len(full.classes)} class folder ({', '.join(full.classes)}); classification needs "
                         f"at least two ({base}/<class>/<images>)")
@@ -198,17 +213,18 @@ def _folder(spec: dict[str, Any], root: Path, pretrained_cfg: dict) -> TaskData:
                             f"{split}; remove the field or the folder")
     fractions = {s: float(spec.get(f"{s}_fraction", FOLDER_HOLDOUT)) for s in ("val", "test") if not (root / s).is_dir()}
     keep, held = stratified_holdout(full.labels, fractions, int(spec.get("seed", 0)))
-    train = ImageListDataset(base, [full.items[i] for i in keep], full.classes, train_tf)
+    train = ImageListDataset(base, [full.items[i] for i in keep], full.classes, train_tf, upright)
     splits, origin = {"train": train}, {}
     for split in ("val", "test"):
         if (root / split).is_dir():
-            splits[split], origin[split] = image_folder(root / split, classes=full.classes, transform=eval_tf), "folder"
+            splits[split] = image_folder(root / split, classes=full.classes, transform=eval_tf, upright=upright)
+            origin[split] = "folder"
         elif len(held[split]):
-            splits[split] = ImageListDataset(base, [full.items[i] for i in held[split]], full.classes, eval_tf)
+            splits[split] = ImageListDataset(base, [full.items[i] for i in held[split]], full.classes, eval_tf, upright)
             origin[split] = f"{100 * fractions[split]:g}% of each class held out of train, seed {int(spec.get('seed', 0))}"
     if "val" in splits:
         val = splits["val"]
-        splits["trainval"] = ConcatDataset([train, ImageListDataset(val.root, val.items, full.classes, train_tf)])
+        splits["trainval"] = ConcatDataset([train, ImageListDataset(val.root, val.items, full.classes, train_tf, upright)])
     size = pretrained_cfg["input_size"][-1]
     how = (f"resize the shorter side to {round(size / float(pretrained_cfg.get('crop_pct') or 1.0))} and centre-crop "
            f"{size}x{size} (timm's crop_pct {pretrained_cfg.get('crop_pct') or 1.0:g})" if preprocess == "crop"

@@ -20,7 +20,7 @@ from .checkpoint import (CheckpointError, atomic_write, checkpoint_meta, has_che
                          save_checkpoint)
 from .config import ConfigError, TrainConfig, check_compile
 from . import features as features_mod
-from .data import TensorImages, split_of, split_record
+from .data import TensorImages, recorded_data_spec, split_of, split_record
 from .distributed import Dist, GlobalBatchSampler, init_distributed, shutdown
 from .hardware import configure_threads, machine_cores, processes_on_machine, resolve_precision
 from .preemption import Preempted, StepCheckpoints, StopRequest
@@ -359,7 +359,8 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
             extra["data_splits"] = splits  # ivpt eval refuses a folder changed since (ivpt.engine.data)
         # the card (README.md) shows the effective recipe and the command line that ran it
         command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else None
-        model.save_adapter(out / "adapter", metrics=summary, data=cfg.data, training_config=cfg.to_dict(),
+        model.save_adapter(out / "adapter", metrics=summary, data=recorded_data_spec(cfg.data),
+                           training_config=cfg.to_dict(),
                            command=command, **extra)
         results["adapter"] = str(out / "adapter")
         atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
