@@ -58,8 +58,65 @@ def test_threads_divide_the_cores(monkeypatch):
         assert configure_threads() == 4
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         assert configure_threads() is None  # the user's own setting wins
+        # torchrun exports OMP_NUM_THREADS=1 to the ranks of a multi-process node unless the user set it
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+        assert configure_threads() == 4 and torch.get_num_threads() == 4
+        assert configure_threads(threads=1) == 1  # one thread per rank, asked in the recipe
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert configure_threads() is None  # another value is the user's
     finally:
         torch.set_num_threads(before)
+
+
+def test_native_bf16_is_judged_on_the_runs_own_gpu(monkeypatch):
+    """torch.cuda.is_bf16_supported() says yes where bf16 is emulated (V100, T4: capability 7.x) and asks
+    the current device; auto precision must give fp16 with a scaler on an sm_70 GPU at cuda:1."""
+    capability = {0: (8, 0), 1: (7, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability[index])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # as torch says on both
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert hardware.cuda_bf16(torch.device("cuda", 0)) and not hardware.cuda_bf16(torch.device("cuda", 1))
+    assert hardware.cuda_bf16(torch.device("cuda"))  # no index: the current device (0)
+    old = resolve_precision("auto", torch.device("cuda", 1))
+    assert old.used == "fp16" and old.grad_scaler
+    assert resolve_precision("auto", torch.device("cuda", 0)).used == "bf16"
+
+
+def test_loader_settings_follow_each_split_and_worker_gpus_map_through_the_visible_list(monkeypatch):
+    """Pinning is judged per split (a device-cached test split beside a host train split: pinning a CUDA
+    tensor fails); a folder's trainval moves to the device with its parts; worker processes cannot read
+    a split kept on the device; --devices entries index the GPUs this process sees."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from torch.utils.data import ConcatDataset
+
+    from ivpt.data.cache import CachedImages, NormalizeBatch
+    from ivpt.engine.loop import input_cache, loader_workers, pins
+    from ivpt.engine.study import visible_device
+
+    def part(n):
+        source = SimpleNamespace(root=".", items=[])
+        return CachedImages(np.zeros((n, 3, 4, 4), dtype=np.uint8), np.zeros(n, dtype=np.int64), ["a"], norm, None,
+                            source)
+
+    norm = NormalizeBatch((0.5,) * 3, (0.2,) * 3)
+    meta = torch.device("meta")  # stands in for a GPU: a tensor device other than the CPU
+    joined = ConcatDataset([part(2), part(3)])
+    joined.normalize_batch = norm
+    on_device = input_cache(joined, "device", meta)
+    assert isinstance(on_device, ConcatDataset) and all(p.images.device == meta for p in on_device.datasets)
+    assert not pins(on_device, CUDA) and not pins(part(2).to_device(meta), CUDA)
+    assert pins(joined, CUDA) and not pins(joined, CPU)
+    with pytest.raises(ValueError, match="'workers': 2 loader processes cannot read a split kept on"):
+        loader_workers("2", CUDA, on_device)
+    assert loader_workers("2", CUDA, joined) == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert [visible_device(d) for d in ("0", "1")] == ["4", "5"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_device("1") == "1"
 
 
 def test_a_run_records_the_precision_it_used(tmp_path, monkeypatch):

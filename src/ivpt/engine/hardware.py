@@ -43,7 +43,17 @@ def cpu_native_bf16() -> bool:
 
 
 def cuda_bf16(device: torch.device) -> bool:
-    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else False
+    """Whether the run's own GPU computes bf16 natively: compute capability 8.0 (Ampere) or later, or ROCm.
+
+    Not ``torch.cuda.is_bf16_supported()``: it also says yes where bf16 is only emulated (V100, T4), and
+    it asks the current device, which is GPU 0 for a run on ``cuda:1``.
+    """
+    if not torch.cuda.is_available():
+        return False
+    if torch.version.hip:
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return tuple(torch.cuda.get_device_capability(index)) >= (8, 0)
 
 
 @dataclass(frozen=True)
@@ -117,13 +127,16 @@ def configure_threads(threads: int | None = None, processes: int | None = None) 
 
     An explicit ``threads`` wins; then OMP_NUM_THREADS (the user's own choice, left alone); then,
     when several processes share the machine, cores / processes. A single process is left as it is.
+    torchrun sets OMP_NUM_THREADS=1 for every rank of a multi-process node unless the user set it, and
+    its 1 cannot be told from a user's: under torchrun a 1 gets the share (``threads: 1`` forces one).
     """
     if threads:
         torch.set_num_threads(int(threads))
         return int(threads)
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
     processes = processes or processes_on_machine()
+    omp = os.environ.get("OMP_NUM_THREADS")
+    if omp and not (omp == "1" and os.environ.get("TORCHELASTIC_RUN_ID") and processes > 1):
+        return None
     if processes <= 1:
         return None
     share = max(1, machine_cores() // processes)

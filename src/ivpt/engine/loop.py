@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from ..data.cache import to_device
 from ..progress import progress as tqdm_or_lines
@@ -80,18 +80,34 @@ def input_cache(dataset, setting: str, device: torch.device):
     served = cached(dataset)
     if setting == "device" and isinstance(served, CachedImages):
         served = served.to_device(device)
+    elif setting == "device" and isinstance(served, ConcatDataset) and all(
+            isinstance(part, CachedImages) for part in served.datasets):  # e.g. a folder's trainval
+        joined = ConcatDataset([part.to_device(device) for part in served.datasets])
+        joined.normalize_batch = served.normalize_batch
+        served = joined
     return served
 
 
 def _on_device(dataset) -> bool:
+    if isinstance(dataset, ConcatDataset):
+        return all(_on_device(part) for part in dataset.datasets)
     images = getattr(dataset, "images", None)
     return isinstance(images, torch.Tensor) and images.device.type != "cpu"
+
+
+def pins(dataset, device: torch.device) -> bool:
+    """Pinned host memory for a split's batches: on CUDA, unless the split already lives on the device
+    (pinning a CUDA tensor fails). Judged per split: a device-cached test split beside a host train split."""
+    return device.type == "cuda" and not _on_device(dataset)
 
 
 def loader_workers(setting, device: torch.device, dataset) -> int:
     """``workers: auto``: none where batches are slices of decoded tensors (the cache, in-memory tasks) or the
     device is the CPU (workers would take the cores that train); on CUDA a share of this process's cores."""
     if setting != "auto":
+        if int(setting) > 0 and _on_device(dataset):
+            raise ValueError(f"config field 'workers': {setting} loader processes cannot read a split kept on "
+                             f"{device} (cache: device); use workers: 0 or auto, or cache: auto")
         return int(setting)
     from ..data.cache import normalizer_of
 
@@ -151,7 +167,11 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, progress:
     device = resolve_device(cfg.device)
     ctx = init_distributed(device)
     if ctx.active and device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
+        # each rank its LOCAL_RANK's GPU; modulo: a launcher that shows each rank only its own GPU
+        device = torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
+    if device.type == "cuda" and device.index is not None:
+        # the current device too: the loader's pinning thread, the RNG state saved for resume and the
+        # precision's bf16 check use it, and would otherwise open GPU 0
         torch.cuda.set_device(device)
     out = Path(cfg.output)
     try:
@@ -193,14 +213,14 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     optimizer = make_optimizer(list(tuned.values()), cfg, base_lr)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.grad_scaler and device.type == "cuda")
     workers = loader_workers(cfg.workers, device, train_set)
-    pin = device.type == "cuda" and not _on_device(train_set)
+    pin = pins(train_set, device)  # the training batches' copies are non-blocking where they are pinned
     train_loader = loader_for(train_set, cfg.batch_size, ctx, cfg.seed, True, workers, pin=pin)
     # segmentation label maps keep their own sizes: one image per evaluation batch
     eval_batch = max(cfg.batch_size, 256) if impl.name == "classification" else 1
     eval_loader = None
     if eval_set is not None:
         eval_loader = loader_for(eval_set, eval_batch, ctx, cfg.seed, False, loader_workers(cfg.workers, device, eval_set),
-                                 pin=pin)
+                                 pin=pins(eval_set, device))
     diagnostic_images = _diagnostic_batch(model, eval_set if eval_set is not None else train_set) if ctx.main else None
     if diagnostic_images is not None:
         diagnostic_images = diagnostic_images.to(device)  # once, not every epoch
@@ -243,6 +263,9 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
     net, eval_model = compile_model(net, cfg.compile), compile_model(model, cfg.compile)
     if features is not None:
         net = eval_model = features["head"]
+        if cfg.compile and ctx.main and not quiet:
+            print("compile: the linear probe trains its head on cached features; there is nothing to compile",
+                  flush=True)
     writer = _tensorboard(out) if ctx.main else None
 
     def checkpoint(epochs_done: int, step: int = 0, sums: list[float] | None = None) -> None:
@@ -346,9 +369,9 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
         if features is not None and features_mod.cacheable(cfg, ctx, test_set):
             test_set = features["featurize"](test_set)
         elif features is not None:  # a test split that is not cached: the whole model on its images
-            eval_model = model
+            eval_model = compile_model(model, cfg.compile)
         test_loader = loader_for(test_set, eval_batch, ctx, cfg.seed, False, loader_workers(cfg.workers, device, test_set),
-                                 pin=pin)
+                                 pin=pins(test_set, device))
         results["test"] = evaluate(eval_model, test_loader, len(task.classes), device, ctx, precision.used, "test", impl,
                                    progress)
     if ctx.main:

@@ -472,12 +472,19 @@ def _checkpoint_epochs(run: Path) -> int:
         return 0
 
 
+def visible_device(index: str) -> str:
+    """CUDA_VISIBLE_DEVICES for a worker on ``--devices`` entry ``index``: an index into the devices this
+    process sees, so under a scheduler's CUDA_VISIBLE_DEVICES=4,5 the entry 1 is GPU 5, not GPU 1."""
+    parent = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return parent[int(index)] if parent else index
+
+
 def worker_main(cfg_dict: dict, out: str, storage: str | None, pruner: str, heartbeat: float, device: str | None,
                 workers: int = 1):
     """A ``--workers`` process: pinned to one device when given, then the same stages as the main process."""
     os.environ.setdefault("IVPT_PROCESSES", str(workers))  # the workers here divide the cores
     if device is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = device
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_device(device)
     cfg = TrainConfig(**cfg_dict)
     if device is not None:
         cfg = dataclasses.replace(cfg, device="cuda:0")
