@@ -347,3 +347,28 @@ print(json.dumps({{"same": same, "name": again.backbone_name,
 """
     result = run_offline(cache, code)
     assert result == {"same": True, "name": "hf-hub:someone/tiny-vit", "source": "pretrained"}
+
+
+def test_a_push_says_which_local_paths_go_up_with_the_adapter(tmp_path, fake_hub):
+    """Adapters record the backbone weights' file (and runs their data root and command line) to reload on
+    this machine; pushed, those paths are public with a public repository: the push names them."""
+    import timm
+    from safetensors.torch import save_file
+
+    import ivpt.backbones  # noqa: F401  (registers the shipped architecture with timm)
+    from ivpt.hub import push_to_hub
+
+    save_file(timm.create_model("vit_mini_patch4_32").state_dict(), str(tmp_path / "mine.safetensors"))
+    ivpt.create_model("vit_mini_patch4_32", "linear", 3, weights=tmp_path / "mine.safetensors").save_adapter(
+        tmp_path / "a")
+    hub = fake_hub()
+    with pytest.warns(UserWarning, match=r"record local paths \(backbone\.weights_file\); they are uploaded"):
+        push_to_hub(tmp_path / "a", "org/x", dry_run=tmp_path / "up")
+    assert str(tmp_path / "mine.safetensors") in (tmp_path / "up" / "adapter_config.json").read_text()
+    ivpt.create_model(BACKBONE, "linear", 3).save_adapter(tmp_path / "b")  # the shipped weights: no path
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        push_to_hub(tmp_path / "b", "org/y")
+    assert [repo for repo, _ in hub.uploads] == ["org/y"]

@@ -7,8 +7,10 @@ adapter folder: adapter.safetensors, adapter_config.json and the model card READ
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from .adapter_format import CONFIG_FILE, TENSORS_FILE, AdapterError, read_adapter_config, write_card, write_config_copy
@@ -91,7 +93,24 @@ def stage(source, folder: Path, protocol: dict | None = None) -> Path:
     if protocol is None and summary.is_file():
         protocol = json.loads(summary.read_text())
     write_card(folder, config, protocol)
+    paths = local_paths(config)
+    if paths:  # recorded for reloading on this machine; on the Hub they only tell where things were
+        warnings.warn(f"{source}: the adapter's config and card record local paths ({', '.join(paths[:6])}"
+                      f"{', ...' if len(paths) > 6 else ''}); they are uploaded with it, public if the repository "
+                      "is (see them with --dry-run DIR)", stacklevel=2)
     return folder
+
+
+def local_paths(value, where: str = "") -> list[str]:
+    """The fields (dotted) of a config that hold absolute paths of this machine."""
+    if isinstance(value, dict):
+        return [p for key, item in value.items() for p in local_paths(item, f"{where}.{key}" if where else str(key))]
+    if isinstance(value, list):
+        return [p for i, item in enumerate(value) for p in local_paths(item, f"{where}[{i}]")]
+    if isinstance(value, str) and (value.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", value)
+                                   or re.search(r"(^|\s)/\S+/", value)):
+        return [where]
+    return []
 
 
 def push_to_hub(source, repo_id: str, *, private: bool | None = None, dry_run=None, token: str | None = None,
