@@ -201,7 +201,9 @@ def test_predict_and_eval_never_write_their_output_over_the_adapter_they_read(tm
     for name in ("adapter.safetensors", "adapter_config.json", "README.md"):
         assert cli.main(["predict", str(directory), str(tmp_path / "x.png"), "--output", str(directory / name)]) == 2
         assert f"--output {directory / name} is {directory / name}, an input" in capsys.readouterr().err
-        assert cli.main(["eval", str(directory), "--output", str(directory / name)]) == 2
+        assert cli.main(["eval", str(directory), "--data", '{"kind": "suite", "task": "dtd10"}',
+                         "--output", str(directory / name)]) == 2
+        assert f"--output {directory / name} is {directory / name}, an input" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
     for flag in (["--top-k", "0"], ["--top-k", "-1"], ["--batch-size", "0"]):
         with pytest.raises(SystemExit):
@@ -233,3 +235,13 @@ def test_backbone_weights_that_differ_only_inside_the_blocks_are_caught(tmp_path
     assert ivpt.load_adapter(tmp_path / "a", backbone=inner()) is not None
     with pytest.raises(AdapterError, match="weights differ"):
         ivpt.load_adapter(tmp_path / "a", backbone=make_vit(seed=1))
+
+
+def test_a_failed_load_onto_a_module_leaves_it_free_for_the_retry_the_error_suggests(tmp_path):
+    model = ivpt.create_model(make_vit(), "lora", 7)
+    model.save_adapter(tmp_path / "a")
+    other = make_vit(seed=1)
+    with pytest.raises(AdapterError, match="check_weights=False"):
+        ivpt.load_adapter(tmp_path / "a", backbone=other)
+    assert not any(m._forward_hooks for m in other.modules())  # LoRA's hooks taken out again
+    assert ivpt.load_adapter(tmp_path / "a", backbone=other, check_weights=False).backbone is other

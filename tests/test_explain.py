@@ -2,6 +2,7 @@
 adapter's tensors, training logs carry the diagnostics, and bad input is refused clearly."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,6 +159,14 @@ def test_training_logs_the_diagnostics_every_epoch(tmp_path):
     first = report["images"][0]
     assert set(first["selected"]) == {"0"} and len(first["selected"]["0"]) == 16  # 0.25 of the 8 x 8 patches
     assert first["prediction"] in ("class0", "class1") and 0 < first["score"] <= 1
+    # a phone photo in a format ivpt cannot read: skipped with a warning, listed, the rest explained (exit 3)
+    (images / "IMG_0002.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    assert cli.main(["explain", str(tmp_path / "run" / "adapter"), str(images), "--output", str(tmp_path / "ex2"),
+                     "--batch-size", "3"]) == cli.EXIT_SKIPPED
+    again = json.loads((tmp_path / "ex2" / "explain.json").read_text())
+    assert len(again["images"]) == 4 and [Path(s["image"]).name for s in again["skipped"]] == ["IMG_0002.HEIC"]
+    assert sorted(Path(r["figure"]).name[:4] for r in again["images"]) == ["0000", "0001", "0002", "0003"]
+    (images / "IMG_0002.HEIC").unlink()
 
 
 def Path_is_png(path) -> bool:

@@ -99,3 +99,12 @@ def test_a_temperature_at_or_beyond_its_bound_is_clamped_in_place_and_keeps_lear
     values = [round(t.value.item(), 4) for t in model.method.temperatures]
     assert values == [0.01, 0.5, 10.0, 10.0]
     assert all(float(t.value.grad.abs()) > 0 for t in model.method.temperatures)
+
+
+def test_two_forwards_before_one_backward_train_the_temperature(images):
+    """Two views through the model, one loss (a consistency objective): the clamp of the stored value must
+    not invalidate the first forward's graph."""
+    model = ivpt.create_model(make_vit(), "gatevpt", 7, prompt_length=3, gate_init=0.5, learn_temperature=True)
+    model.train()
+    (model(images) - model(images.flip(-1))).square().sum().backward()
+    assert all(t.value.grad is not None for t in model.method.temperatures)

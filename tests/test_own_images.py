@@ -250,7 +250,8 @@ def test_new_images_are_read_as_the_adapters_run_read_its_own(setup, tmp_path):
     assert predicted(True) and not predicted(False)
     rewrite_config(Path(adapter), lambda c: c["data"].pop("exif_orientation"))  # as saved by an older ivpt
     assert predicted(False) and not predicted(True)
-    assert cli.main(["eval", adapter, "--split", "val"]) == 0  # its own folder, read as it was
+    assert cli.main(["eval", adapter, "--split", "val", "--output", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["data"]["exif_orientation"] is False  # read as it was
     with pytest.raises(DataError, match="data field 'exif_orientation': got 'yes', expected true or false"):
         check_data_spec({"kind": "folder", "root": str(tmp_path / "photos"), "exif_orientation": "yes"})
     stored = build_task_data({"kind": "folder", "root": str(tmp_path / "photos"), "exif_orientation": False}, CFG)

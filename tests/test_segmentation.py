@@ -276,3 +276,26 @@ def test_every_tuned_tensor_of_a_segmentation_encoder_is_reached_by_the_patch_to
     torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.randint(0, 5, (2, 32, 32))).backward()
     unreached = [name for name, p in model.tuned_parameters().items() if p.grad is None]
     assert unreached == []
+
+
+def test_a_segmentation_adapter_saved_with_pooling_modules_still_loads(tmp_path):
+    """Adapters saved before the pooling modules left segmentation encoders hold tensors there (SSF's last
+    site, BitFit's fc_norm bias): without the record they are rebuilt as they were, and load."""
+    import copy
+
+    from test_adapter import rewrite_config
+
+    vit = make_vit(dynamic_img_size=True, global_pool="avg")
+    for method in ("ssf", "bitfit"):
+        old = create_segmentation_model(copy.deepcopy(vit), method, 5, decoder="naive", crop_size=32,
+                                        decoder_channels=16, pooling_modules=True).eval()
+        old.save_adapter(tmp_path / method)
+        rewrite_config(tmp_path / method, lambda c: c.pop("pooling_modules"))  # as an older ivpt wrote it
+        loaded = ivpt.load_adapter(tmp_path / method, backbone=copy.deepcopy(vit)).eval()
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), old(x))
+        new = create_segmentation_model(copy.deepcopy(vit), method, 5, decoder="naive", crop_size=32,
+                                        decoder_channels=16)
+        new.save_adapter(tmp_path / f"{method}-new")
+        assert ivpt.load_adapter(tmp_path / f"{method}-new", backbone=copy.deepcopy(vit)) is not None

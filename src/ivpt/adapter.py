@@ -104,6 +104,7 @@ def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=
                 backbone, config["method"], config["num_classes"], decoder=config["decoder"],
                 crop_size=config["crop_size"], decoder_channels=config.get("decoder_channels", 256), weights=weights,
                 decoder_stages=config.get("decoder_stages") or _pup_stages(config, tensors),
+                pooling_modules=config.get("pooling_modules", True),  # older adapters: built with them
                 pretrained=bool(pretrained), class_names=config.get("class_names"),
                 ignore_index=config.get("ignore_index"), timm_kwargs=timm_kwargs, **config["options"])
         else:
@@ -115,6 +116,15 @@ def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=
     encoder = getattr(model, "encoder", model)
     if not check_weights:
         saved = dict(saved, weights_fingerprint=None, frozen_weights_sha256=None)
+    try:
+        _fill(model, encoder, config, saved, tensors, directory)
+    except Exception:
+        encoder.release_backbone()  # a module the caller passed in is theirs again, to retry with
+        raise
+    return model
+
+
+def _fill(model, encoder, config: dict, saved: dict, tensors: dict, directory) -> None:
     check_backbone_matches(dict(config, backbone=saved), encoder, str(directory))
     expected = model.adapter_tensors()
     missing = sorted(set(expected) - set(tensors))
@@ -129,4 +139,3 @@ def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=
     with torch.no_grad():
         for name, param in expected.items():
             param.copy_(tensors[name])
-    return model

@@ -5,6 +5,7 @@ import argparse
 import errno
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .tables import print_table
@@ -102,14 +103,7 @@ def cmd_predict(args) -> int:
     k = min(args.top_k, len(names))
     predictions, skipped = [], []
     with torch.no_grad():
-        for start in range(0, len(files), args.batch_size):
-            readable, unreadable = _read_images(files[start:start + args.batch_size], args.strict, transform,
-                                                _reads_upright(config))
-            skipped += unreadable
-            if not readable:
-                continue
-            chunk = [f for f, _ in readable]
-            batch = torch.stack([x for _, x in readable])
+        for chunk, batch in _readable_batches(files, args, transform, config, skipped):
             scores, index = model(batch).softmax(-1).topk(k, dim=-1)
             for f, s, i in zip(chunk, scores.tolist(), index.tolist()):
                 predictions.append({"image": str(f), "top_k": [{"label": names[j], "score": round(p, 5)}
@@ -121,6 +115,19 @@ def cmd_predict(args) -> int:
                   "skipped": skipped}
         atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     return _skipped_exit(skipped)
+
+
+def _readable_batches(files: list[Path], args, transform, config: dict, skipped: list):
+    """(files, image batch) per --batch-size of readable images, read as the adapter's run read its own;
+    unreadable ones go to ``skipped`` (or raise, with --strict)."""
+    import torch
+
+    for start in range(0, len(files), args.batch_size):
+        readable, unreadable = _read_images(files[start:start + args.batch_size], args.strict, transform,
+                                            _reads_upright(config))
+        skipped += unreadable
+        if readable:
+            yield [f for f, _ in readable], torch.stack([x for _, x in readable])
 
 
 def _reads_upright(config: dict) -> bool:
@@ -172,7 +179,6 @@ def cmd_explain(args) -> int:
     import torch
     from torchvision import transforms
 
-    from .data.datasets import open_rgb
     from .engine.checkpoint import atomic_write
     from .explain import _pyplot, denormalize, explain, plot_adapter, plot_image
 
@@ -189,26 +195,27 @@ def cmd_explain(args) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{config['method']} on {(config.get('backbone') or {}).get('name') or 'its backbone'}"
-    records, last, batches = [], None, []
-    for start in range(0, len(files), args.batch_size):
-        chunk = files[start:start + args.batch_size]
-        batch = torch.stack([transform(open_rgb(f, _reads_upright(config))) for f in chunk])
+    records, last, batches, skipped = [], None, [], []
+    for chunk, batch in _readable_batches(files, args, transform, config, skipped):
         batches.append(batch)
         last = explain(model, batch)
         pixels = denormalize(batch, config["mean"], config["std"])
         for n, (f, e) in enumerate(zip(chunk, last.to_dict()["images"])):
-            figure = out / f"{start + n:04d}_{f.stem}.png"
+            figure = out / f"{len(records):04d}_{f.stem}.png"
             plot_image(last, n, pixels[n], figure, title=f"{title} | {f.name}")
             records.append({"image": str(f), "figure": str(figure), **e})
             print(f"{f}\t{figure}" + (f"\t{e['prediction']} {e['score']:.3f}" if e["prediction"] is not None else ""))
+    if not batches:
+        raise ValueError(f"none of the {len(files)} image(s) given could be read (see the warnings above)")
     # learned quantities: DA's gate values gathered over every image given, the rest from the tensors
     whole = explain(model, torch.cat(batches)) if len(batches) > 1 else last  # each image decoded once
     plot_adapter(whole, out / "adapter.png", title=f"{title}: learned per-transition quantities")
     summary = {k: v for k, v in whole.to_dict().items() if k != "images"}
-    summary.update(adapter=str(args.adapter), adapter_figure=str(out / "adapter.png"), images=records)
+    summary.update(adapter=str(args.adapter), adapter_revision=config["loaded_from"],
+                   adapter_figure=str(out / "adapter.png"), images=records, skipped=skipped)
     atomic_write(out / "explain.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     print(f"figures and explain.json in {out}/")
-    return 0
+    return _skipped_exit(skipped)
 
 
 def _predict_masks(model, config: dict, files: list[Path], out: Path, strict: bool = False) -> int:
@@ -330,7 +337,9 @@ def _refuse_overwriting_inputs(out: Path, adapter: str, config: dict | None, wei
     from .card import CARD_FILE
 
     if config is None and Path(adapter).is_dir():
-        config = read_adapter_config(adapter)
+        with warnings.catch_warnings():  # a stale JSON copy: the command's own read of it says so, once
+            warnings.simplefilter("ignore")
+            config = read_adapter_config(adapter)
     inputs = [Path(adapter) / name for name in (TENSORS_FILE, CONFIG_FILE, CARD_FILE)]
     inputs += [Path(w) for w in (weights, ((config or {}).get("backbone") or {}).get("weights_file")) if w]
     target = Path(out).resolve()  # resolve() follows links
@@ -541,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=5)
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
-    p.add_argument("--output", help="predictions JSON to write: {predictions: [...], skipped: [...]}")
+    p.add_argument("--output", help="predictions JSON to write: {adapter, adapter_revision, predictions: [...], "
+                   "skipped: [...]}")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip it with "
                    "a warning, list it under 'skipped' and exit 3)")
     p.set_defaults(func=cmd_predict)
@@ -558,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--output", required=True, help="folder for the figures and explain.json")
     p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
     p.set_defaults(func=cmd_explain)
 

@@ -129,8 +129,8 @@ class PromptedViT(nn.Module):
         self.last_attention: dict[int, torch.Tensor] = {}
         self.shape = backbone_shape(backbone)
         check_unowned(backbone)
-        backbone.__dict__[OWNER_ATTRIBUTE] = method.name
-        method.attach(backbone)  # module methods (LoRA, adapters, SSF, BitFit) hook into timm's modules here
+        method.attach(backbone)
+        backbone.__dict__[OWNER_ATTRIBUTE] = method.name  # module methods (LoRA, adapters, SSF, BitFit) hook into timm's modules here
         self._set_trainable()
 
     # -- what trains -----------------------------------------------------------------------
@@ -164,6 +164,13 @@ class PromptedViT(nn.Module):
         if self.method.tunes_backbone:
             tensors.update(self.named_buffers())
         return tensors
+
+    def release_backbone(self) -> None:
+        """Take the method's hooks out of the backbone and free it for another model (this one is then unusable)."""
+        from .methods.modules import strip_hooks
+
+        strip_hooks(self.backbone, getattr(self.method, "hook_ids", set()))
+        self.backbone.__dict__.pop(OWNER_ATTRIBUTE, None)
 
     def frozen_weights_sha256(self) -> str | None:
         """The digest of the backbone's frozen tensors, recorded in adapters (see backbone.frozen_weights_digest)."""

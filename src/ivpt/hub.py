@@ -133,6 +133,10 @@ def push_to_hub(source, repo_id: str, *, private: bool | None = None, dry_run=No
     hub = require("huggingface_hub", "publishing an adapter")
     from huggingface_hub import errors
 
+    if private is None and _version(hub.__version__) < (0, 27):  # older create_repo sends private=False itself
+        raise AdapterError(f"huggingface_hub {hub.__version__} creates every new repository public unless told: "
+                           "upgrade it (pip install 'ivpt[hub]', >= 0.27) or ask with --private or --public")
+
     with tempfile.TemporaryDirectory() as tmp:
         staged = stage(source, Path(tmp) / "upload")
         api = hub.HfApi(token=token)
@@ -151,6 +155,10 @@ def push_to_hub(source, repo_id: str, *, private: bool | None = None, dry_run=No
     return f"{PREFIX}{repo_id}@{commit.oid}"
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
 def _check_visibility(repo_id: str, asked_private: bool, is_private) -> None:
     asked = "private" if asked_private else "public"
     if is_private is None:
@@ -159,7 +167,7 @@ def _check_visibility(repo_id: str, asked_private: bool, is_private) -> None:
     if bool(is_private) != asked_private:
         actual = "private" if is_private else "public"
         raise AdapterError(f"cannot push to {repo_id}: it already exists and is {actual}, but a {asked} repository "
-                           f"was asked for ({'--private, ' if asked_private else ''}private={asked_private}); "
+                           f"was asked for ({'--private' if asked_private else '--public'}, private={asked_private}); "
                            "nothing was uploaded. Change its "
                            "visibility in the repository's settings on the Hub first, or push without asking for "
                            "one")

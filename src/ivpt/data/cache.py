@@ -120,7 +120,7 @@ class CachedImages(Dataset):
 
     def to_device(self, device: torch.device) -> "CachedImages":
         """The whole split as one tensor on ``device`` (small splits: no copies per step at all)."""
-        if self.shapes is not None:  # varying sizes and random crops: stays in host memory
+        if self.shapes is not None or self.augment is not None:  # random crops and flips act per access, on the host
             return self
         images = torch.from_numpy(np.array(self.images)).to(device)
         return CachedImages(images, self.labels_array, self.classes, self.normalize_batch, self.path, self.source)

@@ -267,10 +267,14 @@ def check_same_splits(recorded: dict[str, Any] | None, task: TaskData, where: st
     changed = [name for name in recorded if name in now and recorded[name] != now[name]]
     if changed:
         name = changed[0]
+        avif = any(rel.lower().endswith(".avif") for split in task.splits.values() for rel, _ in
+                   getattr(split, "items", []))
         raise DataError(f"{where}: the folder changed since the adapter was trained: its {name} split now holds "
                         f"{now[name]['images']} images, then {recorded[name]['images']} (or other files); splits "
                         "held out of train would be drawn anew and could hold images it trained on. Evaluate "
-                        "on images of their own (--data with a val/ or test/ folder, or another root)")
+                        "on images of their own (--data with a val/ or test/ folder, or another root)"
+                        + ("; ivpt reads .avif photos since 2026-12-04, so an adapter trained before left this "
+                           "folder's AVIF files out" if avif else ""))
 
 
 def stratified_holdout(labels, fractions: dict[str, float], seed: int) -> tuple[list[int], dict[str, list[int]]]:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from ..adapter_format import tensors_digest
+from ..backbone import frozen_weights_digest
 from ..data.cache import CachedImages, cache_root, to_device
 from .checkpoint import atomic_write
 from .data import TensorImages
@@ -73,8 +73,7 @@ def cacheable(cfg, ctx, *datasets) -> bool:
 
 def backbone_digest(model) -> str:
     vit = model.backbone
-    head = {id(p) for p in vit.get_classifier().parameters()}
-    return tensors_digest({n: p for n, p in vit.state_dict(keep_vars=True).items() if id(p) not in head})
+    return frozen_weights_digest(vit, {id(p) for p in vit.get_classifier().parameters()})
 
 
 @torch.no_grad()

@@ -101,8 +101,12 @@ class GateVPT(_PromptBank):
     def attach(self, vit):
         # the temperature divides the logits q k^T * scale: dividing q (after timm's q_norm) does exactly that,
         # in the block's own SDPA, and AR-style saliency readers see the same attention
-        for block, temperature in zip(vit.blocks, self.temperatures):
-            block.attn.q_norm.register_forward_hook(temperature.divide)
+        self._handles = [block.attn.q_norm.register_forward_hook(temperature.divide)
+                         for block, temperature in zip(vit.blocks, self.temperatures)]
+
+    @property
+    def hook_ids(self) -> set[int]:
+        return {h.id for h in getattr(self, "_handles", [])}
 
     def next_prompts(self, i, z, q=None):
         gate = torch.sigmoid(self.gate_logits[i]).to(z.dtype)
@@ -128,8 +132,9 @@ class AttentionTemperature(nn.Module):
     def divide(self, module, args, q):
         if torch.is_grad_enabled() and self.value.requires_grad:
             # as GateVPT's code does: the stored value is clamped, then used as it is, so that it keeps its
-            # gradient at a bound (a clamp in the graph would give it none there, for good)
-            with torch.no_grad():
-                self.value.clamp_(*TEMPERATURE_RANGE)
+            # gradient at a bound (a clamp in the graph would give it none there, for good). Through .data:
+            # no version bump, so a graph that ran the model before (two views, one backward) stays valid;
+            # the value it saved was in range already, so the clamp leaves it as it was
+            self.value.data.clamp_(*TEMPERATURE_RANGE)
             return q / self.value.to(q.dtype)
         return q / self.value.clamp(*TEMPERATURE_RANGE).to(q.dtype)

@@ -71,7 +71,8 @@ class SegmentationModel(nn.Module):
 
     def adapter_config(self) -> dict:
         config = self.encoder.adapter_config()
-        config.update(task="segmentation", num_classes=self.num_classes, class_names=self.class_names,
+        config.update(task="segmentation", pooling_modules=getattr(self.encoder, "pooling_modules", False),
+                      num_classes=self.num_classes, class_names=self.class_names,
                       decoder=self.decoder_kind, decoder_channels=self.channels, decoder_stages=self.decoder_stages,
                       crop_size=self.crop_size, ignore_index=self.ignore_index)
         return config
@@ -86,15 +87,20 @@ def create_segmentation_model(backbone, method: str, num_classes: int, *, decode
                               crop_size: int = 512, decoder_channels: int = 256, weights=None,
                               pretrained: bool = False, class_names=None, ignore_index: int | None = None,
                               timm_kwargs: dict | None = None, decoder_stages: int | None = None,
-                              **options) -> SegmentationModel:
+                              pooling_modules: bool = False, **options) -> SegmentationModel:
     """A prompted encoder (any method) at ``crop_size`` plus a decoder; position embeddings are resized
-    for the crop by timm and follow any other input size (``dynamic_img_size``)."""
+    for the crop by timm and follow any other input size (``dynamic_img_size``).
+
+    pooling_modules: keep timm's pooling modules in the encoder (adapters saved before they were removed
+    hold tensors there); new models leave them out, since the patch tokens never pass them.
+    """
     check_choice("decoder", decoder, DECODERS)
     kwargs = {"img_size": crop_size, "dynamic_img_size": True, **(timm_kwargs or {})}
     if not isinstance(backbone, str):
         kwargs = None
     encoder = create_model(backbone, method, 1, weights=weights, pretrained=pretrained, timm_kwargs=kwargs,
-                           pooling=False, **options)
+                           pooling=pooling_modules, **options)
+    encoder.pooling_modules = pooling_modules
     encoder.reset_classifier(0)  # no classification head: the decoder replaces it
     return SegmentationModel(encoder, decoder, num_classes, crop_size, decoder_channels, class_names, ignore_index,
                              decoder_stages)
