@@ -119,7 +119,8 @@ def test_a_dead_attempt_does_not_count_twice_at_the_rungs(pruner):
     from ivpt.engine.study import _pruner
 
     def next_point_pruned(make_pruner, died: bool) -> bool:
-        study = optuna.create_study(direction="maximize", pruner=make_pruner())
+        # a fixed name: hyperband puts a trial in a bracket by a hash of the study name and trial number
+        study = optuna.create_study(study_name="rungs", direction="maximize", pruner=make_pruner())
 
         def reach_rung(value):
             trial = study.ask()
@@ -129,9 +130,14 @@ def test_a_dead_attempt_does_not_count_twice_at_the_rungs(pruner):
         for value in (0.8, 0.7, 0.6, 0.5):
             trial, _ = reach_rung(value)
             study.tell(trial, value)
-        if died:  # point P passed rung 1, then its worker died: failed, and P queued anew
-            trial, _ = reach_rung(0.9)
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        # a failed attempt either way, so that both cases number their trials alike (hyperband's brackets);
+        # died: point P passed rung 1, then its worker died (failed, and P queued anew); else one that
+        # failed before reporting anything
+        trial = study.ask()
+        if died:
+            trial.report(0.9, 1)
+            trial.should_prune()  # where the pruner records the rung it reached
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
         reach_rung(0.9)  # P's live trial (its retry, if it died) at rung 1
         return reach_rung(0.85)[1]
 
