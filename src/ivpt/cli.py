@@ -122,19 +122,14 @@ def _readable_batches(files: list[Path], args, transform, config: dict, skipped:
     unreadable ones go to ``skipped`` (or raise, with --strict)."""
     import torch
 
+    from .engine.data import adapter_reads_upright
+
+    upright = adapter_reads_upright(config.get("data"))  # EXIF orientation as the adapter's run applied it
     for start in range(0, len(files), args.batch_size):
-        readable, unreadable = _read_images(files[start:start + args.batch_size], args.strict, transform,
-                                            _reads_upright(config))
+        readable, unreadable = _read_images(files[start:start + args.batch_size], args.strict, transform, upright)
         skipped += unreadable
         if readable:
             yield [f for f, _ in readable], torch.stack([x for _, x in readable])
-
-
-def _reads_upright(config: dict) -> bool:
-    """New images are read as the adapter's training read its own (EXIF orientation; see ivpt.engine.data)."""
-    from .engine.data import adapter_reads_upright
-
-    return adapter_reads_upright(config.get("data"))
 
 
 def _skipped_exit(skipped: list) -> int:

@@ -129,8 +129,8 @@ class PromptedViT(nn.Module):
         self.last_attention: dict[int, torch.Tensor] = {}
         self.shape = backbone_shape(backbone)
         check_unowned(backbone)
-        method.attach(backbone)
-        backbone.__dict__[OWNER_ATTRIBUTE] = method.name  # module methods (LoRA, adapters, SSF, BitFit) hook into timm's modules here
+        method.attach(backbone)  # module methods (LoRA, adapters, SSF, BitFit) hook into timm's modules here
+        backbone.__dict__[OWNER_ATTRIBUTE] = method.name
         self._set_trainable()
 
     # -- what trains -----------------------------------------------------------------------

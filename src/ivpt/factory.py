@@ -46,6 +46,7 @@ def create_model(backbone: str | nn.Module, method: str, num_classes: int, *, pr
     model = PromptedViT(vit, tuner, backbone_name=backbone if isinstance(backbone, str) else backbone_name(vit),
                         class_names=class_names)
     model.timm_kwargs = dict(timm_kwargs or {})
+    model.pooling_modules = pooling  # a segmentation adapter records it, to be rebuilt alike
     # where the backbone weights came from, so an adapter can be reloaded onto the same ones
     if weights is not None:
         model.weights_source, model.weights_file = "file", str(Path(weights).resolve())

@@ -28,6 +28,7 @@ DATA_FIELDS = {
     "camvid": ((), ("path",)),
     "ade20k": (("root",), ()),
 }
+FOLDER_EXIF_ORIENTATION = True  # a folder's photos are turned by their EXIF tag unless the spec says false
 FOLDER_HOLDOUT = 0.2  # the share of each class held out of train for val (and for test) when the folder has none
 
 
@@ -179,7 +180,9 @@ def _build_task_data(spec: dict[str, Any], pretrained_cfg: dict) -> TaskData:
 def recorded_data_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """The data spec an adapter records: a folder's with its image reading spelt out, so that a later
     ivpt, or one with another default, reads the images as this run did."""
-    return {**spec, "exif_orientation": spec.get("exif_orientation", True)} if spec.get("kind") == "folder" else spec
+    if spec.get("kind") != "folder":
+        return spec
+    return {**spec, "exif_orientation": spec.get("exif_orientation", FOLDER_EXIF_ORIENTATION)}
 
 
 def adapter_reads_upright(recorded: dict[str, Any] | None) -> bool:
@@ -195,7 +198,7 @@ def _folder(spec: dict[str, Any], root: Path, pretrained_cfg: dict) -> TaskData:
     from ..data.transforms import folder_transform
 
     preprocess, augment = spec.get("preprocess", "crop"), bool(spec.get("augment", False))
-    upright = bool(spec.get("exif_orientation", True))
+    upright = bool(spec.get("exif_orientation", FOLDER_EXIF_ORIENTATION))
     train_tf, eval_tf = folder_transform(pretrained_cfg, preprocess, augment), folder_transform(pretrained_cfg, preprocess)
     base = root / "train" if (root / "train").is_dir() else root
     if base != root:  # split folders: one under another name would be ignored, and val held out of train instead

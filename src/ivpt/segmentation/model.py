@@ -71,7 +71,8 @@ class SegmentationModel(nn.Module):
 
     def adapter_config(self) -> dict:
         config = self.encoder.adapter_config()
-        config.update(task="segmentation", pooling_modules=getattr(self.encoder, "pooling_modules", False),
+        # an encoder built by hand (not by create_model) keeps timm's pooling modules
+        config.update(task="segmentation", pooling_modules=getattr(self.encoder, "pooling_modules", True),
                       num_classes=self.num_classes, class_names=self.class_names,
                       decoder=self.decoder_kind, decoder_channels=self.channels, decoder_stages=self.decoder_stages,
                       crop_size=self.crop_size, ignore_index=self.ignore_index)
@@ -100,7 +101,6 @@ def create_segmentation_model(backbone, method: str, num_classes: int, *, decode
         kwargs = None
     encoder = create_model(backbone, method, 1, weights=weights, pretrained=pretrained, timm_kwargs=kwargs,
                            pooling=pooling_modules, **options)
-    encoder.pooling_modules = pooling_modules
     encoder.reset_classifier(0)  # no classification head: the decoder replaces it
     return SegmentationModel(encoder, decoder, num_classes, crop_size, decoder_channels, class_names, ignore_index,
                              decoder_stages)
