@@ -257,6 +257,20 @@ def test_cli_train_eval_predict_params(setup, capsys):
     predictions = json.loads((tmp_path / "pred.json").read_text())
     assert predictions["skipped"] == [] and len(predictions["predictions"]) == 4
     assert predictions["predictions"][0]["top_k"][0]["label"] in ("class0", "class1")
+    assert predictions["device"] == "cpu" and predictions["precision"] == "fp32"
+    # bf16 autocast on request (a GPU user's fast path): recorded, and the scores close to fp32's
+    assert cli.main(["predict", str(tmp_path / "cli" / "adapter"), str(folder / "val" / "class0"), "--top-k", "2",
+                     "--device", "cpu", "--precision", "bf16", "--output", str(tmp_path / "pred_bf16.json")]) == 0
+    low = json.loads((tmp_path / "pred_bf16.json").read_text())
+    assert low["precision"] == "bf16"
+    for a, b in zip(predictions["predictions"], low["predictions"]):
+        scores = {t["label"]: t["score"] for t in a["top_k"]}
+        assert all(abs(scores[t["label"]] - t["score"]) < 0.05 for t in b["top_k"])
+    assert cli.main(["eval", str(tmp_path / "cli" / "adapter"), "--split", "val", "--precision", "bf16",
+                     "--output", str(tmp_path / "eval_bf16.json")]) == 0
+    evaluated_low = json.loads((tmp_path / "eval_bf16.json").read_text())
+    assert evaluated_low["precision"]["used"] == "bf16" and metrics["precision"]["used"] == "fp32"
+    assert abs(evaluated_low["loss"] - metrics["loss"]) < 0.05
     # an imperfect folder: the unreadable file is skipped with a warning, listed, and the exit code says so
     (folder / "val" / "class0" / "corrupt.png").write_bytes(b"\x89PNG broken")
     capsys.readouterr()
@@ -283,6 +297,12 @@ def test_cli_train_eval_predict_params(setup, capsys):
     (["train", "--set", "optimizer=adam"], "'optimizer'"),
     (["eval", "/nonexistent/adapter"], "adapter_config.json"),
     (["predict", "/nonexistent/adapter", "x.png"], "adapter_config.json"),
+    # device and precision are checked before the adapter is read
+    (["predict", "/nonexistent/adapter", "x.png", "--device", "cuda:7"], "device cuda:7: this machine has"),
+    (["eval", "/nonexistent/adapter", "--device", "gpu"], "device 'gpu' is not a device name"),
+    (["predict", "/nonexistent/adapter", "x.png", "--device", "cpu", "--precision", "fp16"],
+     "--precision: fp16 needs a CUDA device"),
+    (["eval", "/nonexistent/adapter", "--precision", "half"], "precision: got 'half', expected one of"),
 ])
 def test_cli_bad_input_gives_a_clear_message(argv, message, capsys):
     assert cli.main(argv) != 0

@@ -59,24 +59,38 @@ def data_for(model, config: dict, spec: dict):
     return build_task_data(spec, input_config(model.backbone))
 
 
+def inference_device(device: str, precision: str, field: str = "precision"):
+    """(device, Precision) for eval and predict: the device claimed (an indexed GPU made current), the
+    precision resolved on it; both refused with the flag's name before an adapter or image is read."""
+    from .engine.hardware import resolve_precision
+    from .engine.loop import claim_device, resolve_device
+
+    where = claim_device(resolve_device(device))
+    return where, resolve_precision(precision, where, field=field)
+
+
 def evaluate(adapter, split: str = "test", data: dict | None = None, *, weights=None, batch_size: int = 256,
-             device: str = "auto", multiscale=None, strict: bool = False, compile: bool | str = False) -> dict[str, Any]:
+             device: str = "auto", multiscale=None, strict: bool = False, compile: bool | str = False,
+             precision: str = "fp32") -> dict[str, Any]:
     """Metrics of a saved adapter on a split of its dataset (or of ``data``), as ``ivpt eval`` computes them.
 
-    compile: torch.compile the model first (true or a mode), as the recipe field does for training."""
-    return evaluate_adapter(str(adapter), split, data, weights, batch_size, device, multiscale, strict, compile)
+    compile: torch.compile the model first (true or a mode), as the recipe field does for training.
+    precision: fp32 (default: the same numbers on every machine), auto, bf16 or fp16 autocast."""
+    return evaluate_adapter(str(adapter), split, data, weights, batch_size, device, multiscale, strict, compile,
+                            precision)
 
 
 def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, device: str, multiscale,
-                     strict: bool, compile: bool | str = False) -> dict[str, Any]:
+                     strict: bool, compile: bool | str = False, precision: str = "fp32") -> dict[str, Any]:
     from .engine.data import split_of
     from .engine.distributed import Dist
     from .data.datasets import DataError
-    from .engine.loop import compile_model, evaluate as run_evaluation, input_cache, loader_for, resolve_device
+    from .engine.loop import compile_model, evaluate as run_evaluation, input_cache, loader_for
     from .engine.tasks import TASKS
 
     from .engine.data import adapter_reads_upright, check_data_spec, check_same_splits
 
+    device, computed_in = inference_device(device, precision)  # first: a wrong value is named before any reading
     model, config = load_for_inference(adapter, weights)
     spec = check_data_spec(data) if data else config.get("data")
     recorded = config.get("data") or {}
@@ -87,7 +101,6 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
         spec = {**own, "exif_orientation": adapter_reads_upright(recorded), **spec}
     if not spec:
         raise ValueError(f"{adapter} records no dataset; pass data={{\"kind\": ..., ...}} (--data on the command line)")
-    device = resolve_device(device)
     task = data_for(model, config, spec)
     if not data:  # the adapter's own folder: its held-out splits must be the ones it was trained beside
         check_same_splits(config.get("data_splits"), task, f"{adapter} (data root {spec.get('root')})")
@@ -117,10 +130,12 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
 
         dataset = SkipUnreadable(dataset)
     loader = loader_for(dataset, batch, Dist(), 0, False, 0, None if strict else collate_readable)
-    metrics = run_evaluation(compile_model(model.to(device), compile), loader, len(task.classes), device, desc=split, task=impl)
+    metrics = run_evaluation(compile_model(model.to(device), compile), loader, len(task.classes), device,
+                             precision=computed_in.used, desc=split, task=impl)
     skipped = [] if strict else [_named(dataset.dataset, s) for s in dataset.skipped]
     metrics.update({"adapter": adapter, "adapter_revision": config["loaded_from"], "split": split, "data": spec,
-                    "classes": task.classes, "scales": multiscale, "skipped": skipped})
+                    "classes": task.classes, "scales": multiscale, "skipped": skipped,
+                    "device": str(device), "precision": computed_in.to_dict()})
     return metrics
 
 

@@ -57,8 +57,8 @@ def cmd_eval(args) -> int:
     data = _json_object("--data", args.data, '\'{"kind": "suite", "task": "dtd10"}\'')
     if args.output:
         _refuse_overwriting_inputs(args.output, args.adapter, None, args.weights, "--output")
-    metrics = evaluate_adapter(args.adapter, args.split, data, args.weights,
-                               args.batch_size, args.device, args.multiscale, args.strict, args.compile)
+    metrics = evaluate_adapter(args.adapter, args.split, data, args.weights, args.batch_size, args.device,
+                               args.multiscale, args.strict, args.compile, args.precision)
     skipped = metrics["skipped"]
     primary = "mIoU" if "mIoU" in metrics else "top1"
     print(json.dumps({"split": args.split, primary: round(metrics[primary], 4),
@@ -90,29 +90,37 @@ def cmd_predict(args) -> int:
     import torch
 
     from .engine.checkpoint import atomic_write
+    from .engine.loop import autocast_for
 
+    from .api import inference_device
+
+    device, precision = inference_device(args.device, args.precision, "--precision")
+    precision = precision.used
     model, config = _load_for_inference(args.adapter, args.weights)
-    model.eval()
+    model.eval().to(device)
     if args.output and config.get("task") != "segmentation":  # a JSON file; segmentation writes a folder of masks
         _refuse_overwriting_inputs(args.output, args.adapter, config, args.weights, "--output")
     files = _image_files(args.images)
     if config.get("task") == "segmentation":
-        return _predict_masks(model, config, files, Path(args.output or "predictions"), args.strict)
+        return _predict_masks(model, config, files, Path(args.output or "predictions"), args.strict, device,
+                              precision)
     transform = _classification_transform(config, model)
     names = model.class_names or [str(i) for i in range(config["num_classes"])]
     k = min(args.top_k, len(names))
     predictions, skipped = [], []
     with torch.no_grad():
         for chunk, batch in _readable_batches(files, args, transform, config, skipped):
-            scores, index = model(batch).softmax(-1).topk(k, dim=-1)
+            with autocast_for(precision, device):
+                logits = model(batch.to(device))
+            scores, index = logits.float().softmax(-1).topk(k, dim=-1)
             for f, s, i in zip(chunk, scores.tolist(), index.tolist()):
                 predictions.append({"image": str(f), "top_k": [{"label": names[j], "score": round(p, 5)}
                                                               for p, j in zip(s, i)]})
     for p in predictions:
         print(p["image"] + "\t" + "  ".join(f"{t['label']} {t['score']:.3f}" for t in p["top_k"]))
     if args.output:
-        result = {"adapter": args.adapter, "adapter_revision": config["loaded_from"], "predictions": predictions,
-                  "skipped": skipped}
+        result = {"adapter": args.adapter, "adapter_revision": config["loaded_from"], "device": str(device),
+                  "precision": precision, "predictions": predictions, "skipped": skipped}
         atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     return _skipped_exit(skipped)
 
@@ -213,7 +221,8 @@ def cmd_explain(args) -> int:
     return _skipped_exit(skipped)
 
 
-def _predict_masks(model, config: dict, files: list[Path], out: Path, strict: bool = False) -> int:
+def _predict_masks(model, config: dict, files: list[Path], out: Path, strict: bool = False, device=None,
+                   precision: str = "fp32") -> int:
     """Segmentation: a colour-coded mask and an overlay PNG per image, plus class legend JSON."""
     import numpy as np
     import torch
@@ -222,6 +231,7 @@ def _predict_masks(model, config: dict, files: list[Path], out: Path, strict: bo
 
     from .data.segmentation import SegEvalTransform
     from .engine.checkpoint import atomic_write
+    from .engine.loop import autocast_for
     from .engine.segdata import base_size
     from .palette import palette
     from .segmentation import slide_inference
@@ -241,10 +251,11 @@ def _predict_masks(model, config: dict, files: list[Path], out: Path, strict: bo
     readable, skipped = _read_images(files, strict)
     for f, image in readable:
         x, _ = transform(image, np.zeros((image.size[1], image.size[0]), dtype=np.uint8))
-        with torch.no_grad():
-            logits = slide_inference(model, x[None])
-            labels = F.interpolate(logits, size=(image.size[1], image.size[0]), mode="bilinear",
-                                   align_corners=False).argmax(1)[0].numpy()
+        device = device or torch.device("cpu")
+        with torch.no_grad(), autocast_for(precision, device):
+            logits = slide_inference(model, x[None].to(device)).float()
+        labels = F.interpolate(logits, size=(image.size[1], image.size[0]), mode="bilinear",
+                               align_corners=False).argmax(1)[0].cpu().numpy()
         mask = Image.fromarray(colours[labels])
         mask.save(out / f"{f.stem}_mask.png")
         Image.blend(image, mask, 0.5).save(out / f"{f.stem}_overlay.png")
@@ -495,6 +506,13 @@ def _config_fields_help() -> str:
     return "\n".join(lines)
 
 
+def _inference_flags(p) -> None:
+    p.add_argument("--device", default="auto", help="auto (a CUDA device where there is one), cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 (default: the same numbers on every machine), auto (bf16 where the device computes it "
+                        "natively, as training's auto), bf16 or fp16 (CUDA) autocast")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -528,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiscale", nargs="*", type=_positive_float, metavar="SCALE",
                    help="segmentation: mIoU-MS, averaging these scales with horizontal flips "
                         "(no values: 0.5 0.75 1.0 1.25 1.5 1.75); default single scale")
-    p.add_argument("--device", default="auto")
+    _inference_flags(p)
     p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                    help="torch.compile the model first (optionally a mode: reduce-overhead, max-autotune, ...)")
     p.add_argument("--output", help="results JSON to write")
@@ -544,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=_positive_int, default=5)
     p.add_argument("--batch-size", type=_positive_int, default=64)
+    _inference_flags(p)
     p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
     p.add_argument("--output", help="predictions JSON to write: {adapter, adapter_revision, predictions: [...], "
                    "skipped: [...]}")

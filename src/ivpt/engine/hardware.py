@@ -73,10 +73,12 @@ class Precision:
 _WARNED: set[str] = set()
 
 
-def resolve_precision(asked: str, device: torch.device, *, cpu_bf16=None, cuda_has_bf16=None) -> Precision:
-    """The precision a run computes in; ``cpu_bf16`` / ``cuda_has_bf16`` override the hardware checks (tests)."""
+def resolve_precision(asked: str, device: torch.device, *, cpu_bf16=None, cuda_has_bf16=None,
+                      field: str = "config field 'precision'") -> Precision:
+    """The precision a run computes in; ``cpu_bf16`` / ``cuda_has_bf16`` override the hardware checks (tests);
+    ``field``: what errors name (the recipe's field, or a command's flag)."""
     if asked not in PRECISIONS:
-        raise ValueError(f"config field 'precision': got {asked!r}, expected one of {', '.join(PRECISIONS)}")
+        raise ValueError(f"{field}: got {asked!r}, expected one of {', '.join(PRECISIONS)}")
     kind = device.type
     native_cpu = cpu_native_bf16() if cpu_bf16 is None else cpu_bf16
     if kind == "cuda":
@@ -85,7 +87,7 @@ def resolve_precision(asked: str, device: torch.device, *, cpu_bf16=None, cuda_h
         return Precision(asked, "fp32", "asked for")
     if asked == "fp16":
         if kind != "cuda":
-            raise ValueError("config field 'precision': fp16 needs a CUDA device; use auto, bf16 or fp32 here")
+            raise ValueError(f"{field}: fp16 needs a CUDA device; use auto, bf16 or fp32 here")
         return Precision(asked, "fp16", "asked for (with a gradient scaler)")
     if asked == "bf16":
         if kind == "cpu" and not native_cpu and "bf16" not in _WARNED:

@@ -31,7 +31,21 @@ from .tasks import TASKS
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device {name!r} is not a device name (expected auto, cpu, cuda or cuda:N): {err}") from None
+
+
+def claim_device(device: torch.device) -> torch.device:
+    """Make an indexed CUDA device the current one: the loader's pinning thread, the RNG state saved for resume
+    and the precision's bf16 check use the current device, and would otherwise open GPU 0."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if device.index is not None:
+            torch.cuda.set_device(device)
+    return device
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -169,10 +183,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, progress:
     if ctx.active and device.type == "cuda":
         # each rank its LOCAL_RANK's GPU; modulo: a launcher that shows each rank only its own GPU
         device = torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
-    if device.type == "cuda" and device.index is not None:
-        # the current device too: the loader's pinning thread, the RNG state saved for resume and the
-        # precision's bf16 check use it, and would otherwise open GPU 0
-        torch.cuda.set_device(device)
+    claim_device(device)
     out = Path(cfg.output)
     try:
         # one writer per run folder (rank 0 writes): a second process on it fails at once, naming the holder
