@@ -277,9 +277,39 @@ def test_a_live_trial_of_another_machine_is_left_to_its_heartbeat(tmp_path):
     storage.record_heartbeat(trial._trial_id)
     time.sleep(1.1)  # older than the grace below
     storage.record_heartbeat(trial._trial_id)
-    _fail_orphans(study, grace=1.0)
+    _fail_orphans(study, 1.0, {trial.number: time.monotonic() - 2.0})  # seen running for longer than the grace
     assert study.get_trials(deepcopy=False)[0].state.name == "RUNNING"
     assert not elsewhere.parent.exists()  # nor does a worker make folders for another machine's runs
+
+
+def test_a_popped_trial_stamped_by_another_clock_is_judged_by_how_long_this_worker_saw_it(tmp_path):
+    """Optuna stamps a trial's start in the popping machine's local time: a machine five hours behind (or
+    in another time zone) makes a trial it popped a moment ago look hours old. Its age is this worker's
+    own observation: not failed at first sight, failed once seen running, runless, for the grace."""
+    import sqlite3
+
+    import optuna
+
+    from ivpt.engine.study import _fail_orphans, open_storage
+
+    study = optuna.create_study(study_name="s", storage=open_storage(None, tmp_path, 0.5), direction="maximize")
+    study.enqueue_trial({"lr": 0.03})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study.ask()  # popped on the other machine, which has not named its run yet
+    db = next(tmp_path.glob("*.db"))
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("UPDATE trials SET datetime_start = '2026-01-01 00:00:00'").rowcount == 1
+    here = optuna.load_study(study_name="s", storage=open_storage(None, tmp_path, 0.5))
+    assert here.get_trials(deepcopy=False)[0].datetime_start.year == 2026
+    seen: dict[int, float] = {}
+    _fail_orphans(here, 1.0, seen)
+    assert here.get_trials(deepcopy=False)[0].state.name == "RUNNING" and list(seen) == [0]
+    time.sleep(1.1)
+    _fail_orphans(here, 1.0, seen)
+    assert here.get_trials(deepcopy=False)[0].state.name == "FAIL" and seen == {0: seen[0]}
+    _fail_orphans(here, 1.0, seen)
+    assert seen == {}  # no longer running: forgotten
 
 
 def test_a_live_trial_failed_by_another_worker_is_finished_by_its_retry(recipe, tmp_path, monkeypatch):

@@ -237,28 +237,34 @@ def _check_same_run(run: Path, done: dict, cfg: TrainConfig) -> None:
                               f"{', '.join(diff)}): remove that folder or choose another output")
 
 
-def _fail_orphans(study, grace: float) -> None:
+def _fail_orphans(study, grace: float, seen: dict[int, float]) -> None:
     """Fail the running trials of dead workers that no heartbeat can tell of.
 
     On a storage without heartbeats (Optuna's journal file) a trial is alive while its run folder's
-    lock is held (ivpt.engine.runlock: a kernel lock that dies with its process) or while it is younger
-    than ``grace`` seconds (popped, not yet training). A live trial misjudged in the instant between its
-    training and its report only loses its bookkeeping: its retry finds the run's results.json.
+    lock is held (ivpt.engine.runlock: a kernel lock that dies with its process) or while this worker
+    has seen it running for less than ``grace`` seconds (popped, not yet training). A live trial misjudged
+    in the instant between its training and its report only loses its bookkeeping: its retry finds the
+    run's results.json.
     On an RDB storage heartbeats judge every trial that got as far as naming its run (the objective
     runs inside Optuna's heartbeat thread); one popped by a worker killed before that has no heartbeat
     that could go stale, and would hold its point, and the stage, forever: it is failed after ``grace``.
+    Age is measured on this worker's own monotonic clock from when it first saw the trial running
+    (``seen``: trial number -> that moment, kept by the caller across calls), never from the trial's
+    start time: Optuna stamps that in the popping machine's local time, and another machine's clock or
+    time zone would make a trial just popped there look hours old here.
     """
-    import datetime
-
     import optuna
 
     from .runlock import RunLock
 
     # Optuna wraps an RDBStorage in a cache; asking for its heartbeat interval sees through that
     heartbeats = getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
-    now = datetime.datetime.now()
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if trial.datetime_start is None or (now - trial.datetime_start).total_seconds() < grace:
+    now = time.monotonic()
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for number in set(seen) - {t.number for t in running}:
+        del seen[number]  # finished or failed meanwhile
+    for trial in running:
+        if now - seen.setdefault(trial.number, now) < grace:
             continue
         run = trial.user_attrs.get("run")
         if run is not None:
@@ -331,11 +337,12 @@ def run_stage(name: str, storage, space: dict[str, list], jobs: dict, split: str
     names = sorted(space)
     point = functools.partial(_trial_point, names=names)
 
+    first_seen_running: dict[int, float] = {}
     while True:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             optuna.storages.fail_stale_trials(study)  # trials of dead workers: failed (queued anew below)
-        _fail_orphans(study, grace=2 * heartbeat)
+        _fail_orphans(study, 2 * heartbeat, first_seen_running)
         trials = study.get_trials(deepcopy=False)
         finished = {point(t) for t in trials if t.state in (states.COMPLETE, states.PRUNED)}
         if set(jobs) <= finished:
