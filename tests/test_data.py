@@ -419,6 +419,12 @@ def test_sixteen_bit_greyscale_keeps_its_values_and_undefined_ranges_are_refused
     rgb = np.asarray(open_rgb(tmp_path / "xray.png"))
     assert rgb.shape == (2, 2, 3) and (rgb[..., 0] == rgb[..., 2]).all()
     assert rgb[..., 0].tolist() == [[0, 4], [117, 255]]  # scaled by 255/65535; Pillow alone gives 0, 255, 255, 255
+    import ivpt.data.datasets as datasets
+
+    datasets._WARNED_NARROW.clear()
+    Image.fromarray(np.array([[0, 4095]], dtype=np.uint16)).save(tmp_path / "12bit.png")  # a 12-bit sensor's range
+    with pytest.warns(UserWarning, match=r"12bit\.png: a 16-bit image whose values reach only 4095 \(12-bit data\?\)"):
+        assert np.asarray(open_rgb(tmp_path / "12bit.png"))[0, 1, 0] == 16  # read as 16-bit: dark
     Image.fromarray(np.array([[0.5, 2.0]], dtype=np.float32)).save(tmp_path / "depth.tif")
     with pytest.raises(DataError, match=r"depth\.tif: mode F .* has no known range"):
         open_rgb(tmp_path / "depth.tif")
@@ -494,3 +500,16 @@ def test_avif_photos_are_read_where_pillow_decodes_them(tmp_path):
     ds = image_folder(tmp_path / "data")
     assert [item for item, _ in ds.items] == ["cat/a.png", "dog/b.avif"]
     assert abs(float(np.asarray(ds[1][0]).mean()) - 200) < 8
+
+
+def test_a_cache_built_by_an_older_decoder_is_not_reused(tmp_path, monkeypatch):
+    """The cache key carries the decoder's version: files decoded otherwise by an older ivpt (16-bit
+    greyscale clipped white) must not be served as this one's pixels."""
+    import ivpt.data.cache as cache
+    from ivpt.data.datasets import ImageListDataset
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    data = ImageListDataset(tmp_path, [("a.png", 0)], ["x"])
+    now = cache.cache_key(data, [])
+    monkeypatch.setattr(cache, "DECODER_VERSION", cache.DECODER_VERSION - 1)
+    assert cache.cache_key(data, []) != now

@@ -208,14 +208,19 @@ def test_eval_refuses_a_folder_changed_since_training(setup, tmp_path, capsys):
     assert cli.main(["eval", adapter]) == 2
     said = capsys.readouterr().err
     assert "the folder changed since the adapter was trained: its train split now holds" in said
-    assert cli.main(["eval", adapter, "--data", json.dumps({"root": str(root)})]) == 0  # asked for: scored
+    # --data naming the same folder draws the same held-out splits from it: refused alike, not scored
+    assert cli.main(["eval", adapter, "--data", json.dumps({"root": str(root)})]) == 2
+    assert "the folder changed since the adapter was trained" in capsys.readouterr().err
+    (root / "cat" / "new.jpg").unlink()
+    assert cli.main(["eval", adapter, "--data", json.dumps({"root": str(root)})]) == 0  # unchanged: its own splits
 
 
 def test_a_split_folder_under_another_name_is_refused_not_ignored(tmp_path):
     root = tmp_path / "photos"
     flat_folder(root / "train")
     flat_folder(root / "validation", per_class=2)
-    with pytest.raises(DataError, match=r"validation: split folders are named train/, val/ and test/; rename it to val/"):
+    with pytest.raises(DataError, match=r"validation: split folders are named exactly train/, val/ and test/ "
+                                        r"\(train/ required\); rename it to val/"):
         build_task_data({"kind": "folder", "root": str(root)}, CFG)
     flat = flat_folder(tmp_path / "flat", classes=("invalid", "valid"))  # class folders may have such names
     assert build_task_data({"kind": "folder", "root": str(flat)}, CFG).classes == ["invalid", "valid"]
@@ -256,3 +261,125 @@ def test_new_images_are_read_as_the_adapters_run_read_its_own(setup, tmp_path):
         check_data_spec({"kind": "folder", "root": str(tmp_path / "photos"), "exif_orientation": "yes"})
     stored = build_task_data({"kind": "folder", "root": str(tmp_path / "photos"), "exif_orientation": False}, CFG)
     assert not any(split.upright for name, split in stored.splits.items() if name != "trainval")
+
+
+def test_split_folders_spelt_otherwise_are_refused_not_read_as_classes(tmp_path):
+    """Train/ + Test/ (a Kaggle layout) or training/ + testing/ without train/ would be read as two classes,
+    each holding every class's images: the model would learn which split an image came from."""
+    for layout, named in (({"Train", "Test"}, r"rename Test/ to test/, Train/ to train/; as they are, each would "
+                                              r"be read as a class"),
+                          ({"training", "testing"}, r"rename testing/ to test/, training/ to train/"),
+                          ({"test", "val"}, r"put the training images under train/<class>/")):
+        root = tmp_path / "_".join(sorted(layout))
+        for split in layout:
+            flat_folder(root / split, per_class=2)
+        with pytest.raises(DataError, match=named):
+            build_task_data({"kind": "folder", "root": str(root)}, CFG)
+    both = tmp_path / "both"
+    for split in ("train", "val", "validation"):
+        flat_folder(both / split, per_class=2)
+    with pytest.raises(DataError, match="both val/ and validation/ exist"):
+        build_task_data({"kind": "folder", "root": str(both)}, CFG)
+    # classes that merely share a word with a split stay classes
+    assert build_task_data({"kind": "folder", "root": str(flat_folder(tmp_path / "docs", classes=("valid", "void")))},
+                           CFG).classes == ["valid", "void"]
+
+
+def test_images_repeated_across_splits_or_classes_are_reported(tmp_path):
+    """A copy of a training photo in test/ is scored as unseen; the same photo under two classes carries
+    two labels. Both are said (warning and the run's data line), naming a pair of files."""
+    import shutil
+
+    root = tmp_path / "photos"
+    flat_folder(root / "train", per_class=6)
+    flat_folder(root / "test", per_class=2, size=(40, 40))
+    clean = build_task_data({"kind": "folder", "root": str(root)}, CFG)
+    assert "WARNING" not in clean.description
+    shutil.copy(root / "train" / "cat" / "0.jpg", root / "test" / "cat" / "copy.jpg")
+    shutil.copy(root / "train" / "cat" / "1.jpg", root / "train" / "dog" / "again.jpg")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) in two splits \(e\.g\. .*train/cat/0\.jpg and "
+                                         r".*test/cat/copy\.jpg hold the same bytes\): val/test scores count them"):
+        data = build_task_data({"kind": "folder", "root": str(root)}, CFG)
+    assert "WARNING: 1 image(s) in two splits" in data.description
+    assert "1 image(s) under two classes" in data.description and "again.jpg" in data.description
+
+
+def test_symlinked_subfolders_are_read_and_metadata_folders_are_not(tmp_path):
+    """A class folder's symlinked subfolder is part of the class (rglob skipped it before Python 3.13);
+    a link looping back is walked once; a NAS's @eaDir thumbnails and a zip's __MACOSX are not data."""
+    from ivpt.data.datasets import visible_files
+
+    root = flat_folder(tmp_path / "photos", classes=("cat", "dog"), per_class=3)
+    more = flat_folder(tmp_path / "elsewhere", classes=("cat",), per_class=4)
+    (root / "cat" / "more").symlink_to(more / "cat", target_is_directory=True)
+    (root / "cat" / "loop").symlink_to(root / "cat", target_is_directory=True)
+    thumbs = root / "dog" / "@eaDir" / "0.jpg"
+    thumbs.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(thumbs / "SYNOPHOTO_THUMB_S.jpg")
+    (root / "__MACOSX" / "cat").mkdir(parents=True)
+    (root / "__MACOSX" / "cat" / "._0.jpg").write_bytes(b"\0\5\26\7")
+    data = build_task_data({"kind": "folder", "root": str(root), "val_fraction": 0, "test_fraction": 0}, CFG)
+    assert data.classes == ["cat", "dog"]
+    files = sorted(rel for rel, _ in data.splits["train"].items)
+    assert files == sorted([f"cat/{i}.jpg" for i in range(3)] + [f"cat/more/{i}.jpg" for i in range(4)]
+                           + [f"dog/{i}.jpg" for i in range(3)])
+    assert len(visible_files(root / "cat")) == 7
+
+
+def test_class_names_that_differ_only_in_case_or_unicode_form_are_said(tmp_path):
+    import unicodedata
+
+    root = flat_folder(tmp_path / "photos", classes=("Cat", "cat", "dog"), per_class=2)
+    with pytest.warns(UserWarning, match=r"class folders 'Cat' and 'cat' differ only in case"):
+        build_task_data({"kind": "folder", "root": str(root), "val_fraction": 0, "test_fraction": 0}, CFG)
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    split = tmp_path / "split"
+    flat_folder(split / "train", classes=(nfc, "tea"), per_class=3)
+    flat_folder(split / "test", classes=(nfd, "tea"), per_class=1)
+    with pytest.raises(DataError, match=r"'cafe\\u0301', 'caf\\xe9' differ from the expected classes \(the same "
+                                        r"name spelt with other characters"):
+        build_task_data({"kind": "folder", "root": str(split)}, CFG)
+
+
+def test_eval_data_on_the_adapters_own_folder_draws_its_held_out_splits_as_training_did(setup, tmp_path, capsys):
+    """--data naming the training folder without a seed used seed 0, a run trained with seed 1 drew other
+    held-out images, and its test split held images the adapter trained on: now the recorded seed is
+    used, and another seed asked for is refused."""
+    from ivpt import cli, evaluate
+
+    root, adapter = trained_on_a_folder(setup, tmp_path, seed=1)
+    own = evaluate(adapter, "test")
+    same = evaluate(adapter, "test", {"root": str(root)})
+    assert same["data"]["seed"] == 1 and same["count"] == own["count"] and same["top1"] == own["top1"]
+    assert cli.main(["eval", adapter, "--data", json.dumps({"root": str(root), "seed": 0})]) == 2
+    assert "draws this folder's held-out splits otherwise than training did (seed 0 (trained with 1))" in \
+        capsys.readouterr().err
+
+
+def test_the_resize_is_timms_and_an_adapter_records_it(setup, tmp_path):
+    """timm resizes to floor(size / crop_pct); the adapter records the size, so new images are read at it
+    whatever crop_pct a later timm gives; an adapter saved before keeps its run's rounding."""
+    import ivpt
+    from ivpt import cli
+    from ivpt.data.transforms import timm_resize
+    from test_adapter import rewrite_config
+
+    assert timm_resize({"input_size": (3, 224, 224), "crop_pct": 0.9}) == 248  # round() gave 249
+    root = flat_folder(tmp_path / "photos", size=(40, 40))
+    custom = build_task_data({"kind": "folder", "root": str(root), "resize": 36}, CFG)
+    assert "resize the shorter side to 36 and centre-crop 32x32 (data field 'resize')" in custom.description
+    with pytest.raises(DataError, match="data field 'resize': 20 is below the input size 32"):
+        build_task_data({"kind": "folder", "root": str(root), "resize": 20}, CFG)
+    with pytest.raises(DataError, match="data field 'resize': got 3.5"):
+        check_data_spec({"kind": "folder", "root": str(root), "resize": 3.5})
+    _, adapter = trained_on_a_folder(setup, tmp_path)
+    assert ivpt.adapter.read_adapter_config(adapter)["data"]["resize"] == 32  # crop_pct 1 at 32 px
+
+    def resize_of(config):
+        model, _ = cli._load_for_inference(adapter, None)
+        return next(s.size for s in cli._classification_transform(config, model).transforms if hasattr(s, "size"))
+
+    config = ivpt.adapter.read_adapter_config(adapter)
+    assert resize_of({**config, "data": {**config["data"], "resize": 35}}) == 35  # the recorded size, as recorded
+    rewrite_config(Path(adapter), lambda c: c["data"].pop("resize"))  # as saved by an older ivpt
+    assert resize_of(ivpt.adapter.read_adapter_config(adapter)) == 32

@@ -88,7 +88,8 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
     from .engine.loop import compile_model, evaluate as run_evaluation, input_cache, loader_for
     from .engine.tasks import TASKS
 
-    from .engine.data import adapter_reads_upright, check_data_spec, check_same_splits
+    from .backbone import input_config
+    from .engine.data import FOLDER_DEFAULTS, adapter_folder_reading, check_data_spec, check_same_splits
 
     device, computed_in = inference_device(device, precision)  # first: a wrong value is named before any reading
     model, config = load_for_inference(adapter, weights)
@@ -97,13 +98,18 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
     if spec and spec.get("kind") == "folder" == recorded.get("kind"):
         # the adapter's own folder, or new images: its own input pipeline and image reading (as ivpt predict
         # uses them), unless the spec asks otherwise
-        own = {"preprocess": recorded["preprocess"]} if "preprocess" in recorded else {}
-        spec = {**own, "exif_orientation": adapter_reads_upright(recorded), **spec}
+        spec = {**adapter_folder_reading(recorded, input_config(model.backbone)), **spec}
     if not spec:
         raise ValueError(f"{adapter} records no dataset; pass data={{\"kind\": ..., ...}} (--data on the command line)")
+    own_folder = not data or _same_folder(spec, recorded)
+    redrawn = []
+    if data and own_folder:  # --data naming the adapter's own folder: its held-out splits drawn as training drew them
+        redrawn = [f"{k} {spec[k]} (trained with {recorded.get(k, FOLDER_DEFAULTS[k])})" for k in FOLDER_DEFAULTS
+                   if k in spec and spec[k] != recorded.get(k, FOLDER_DEFAULTS[k])]
+        spec = {**{k: recorded[k] for k in FOLDER_DEFAULTS if k in recorded}, **spec}
     task = data_for(model, config, spec)
-    if not data:  # the adapter's own folder: its held-out splits must be the ones it was trained beside
-        check_same_splits(config.get("data_splits"), task, f"{adapter} (data root {spec.get('root')})")
+    if own_folder:  # the adapter's own folder: its held-out splits must be the ones it was trained beside
+        check_same_splits(config.get("data_splits"), task, f"{adapter} (data root {spec.get('root')})", redrawn)
     if model.class_names and task.classes != model.class_names:
         raise ValueError(f"the dataset's classes differ from the adapter's ({len(task.classes)} vs "
                          f"{len(model.class_names)}): is this the dataset the adapter was trained on?")
@@ -137,6 +143,13 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
                     "classes": task.classes, "scales": multiscale, "skipped": skipped,
                     "device": str(device), "precision": computed_in.to_dict()})
     return metrics
+
+
+def _same_folder(spec: dict, recorded: dict) -> bool:
+    """Whether a --data spec names the folder the adapter was trained on."""
+    if not (spec.get("kind") == "folder" == recorded.get("kind") and spec.get("root") and recorded.get("root")):
+        return False
+    return Path(spec["root"]).resolve() == Path(recorded["root"]).resolve()
 
 
 def _named(dataset, skipped: dict) -> dict:

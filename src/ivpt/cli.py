@@ -166,12 +166,15 @@ def _classification_transform(config: dict, model=None):
     """The adapter's evaluation pipeline: as its data was evaluated (folder: resize + centre crop or squash;
     FGVC: resize + centre crop; otherwise VTAB's resize)."""
     from .data.transforms import fgvc_transform, folder_transform, vtab_transform
+    from .engine.data import adapter_folder_reading
 
     size = config["image_size"][-1] if config.get("image_size") else 224
     data = config.get("data") or {}
     if data.get("kind") == "folder" and model is not None:
-        return folder_transform({**model.backbone.pretrained_cfg, "mean": config["mean"], "std": config["std"],
-                                 "input_size": (3, size, size)}, data.get("preprocess", "crop"))
+        reading_cfg = {**model.backbone.pretrained_cfg, "mean": config["mean"], "std": config["std"],
+                       "input_size": (3, size, size)}
+        reading = adapter_folder_reading(data, reading_cfg)  # as the adapter's run read its own images
+        return folder_transform(reading_cfg, reading.get("preprocess", "crop"), resize=reading.get("resize"))
     if data.get("kind") == "fgvc":
         return fgvc_transform(False, size, config["mean"], config["std"], config.get("interpolation", "bilinear"))
     return vtab_transform(size, config["mean"], config["std"], config.get("interpolation", "bilinear"))

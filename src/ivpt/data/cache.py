@@ -5,12 +5,12 @@ so the decoded, resized pixels of a split are the same in every epoch and every 
 whose transform is deterministic (geometry steps, then ToTensor and Normalize), the geometry is
 applied once per image and the uint8 result stored under ``$IVPT_CACHE`` (default
 ~/.cache/ivpt) as ``tensors/<key>.npy``, memory-mapped, so every process and run shares one copy
-and memory stays bounded. The key is a sha256 over every file's content, the geometry steps and the
-output size, so a changed file, size or transform never reuses a stale cache. ToTensor's /255 and
-Normalize run on the device, on the batch (``normalize_batch``), exactly as the uncached transform
-computes them. A cache is built under an OS file lock (one builder; others wait and reuse it),
-written to a temporary name and renamed; a corrupt file (its recorded sha256 no longer matches)
-is rebuilt with a warning.
+and memory stays bounded. The key is a sha256 over every file's content, the decoder's version, the
+geometry steps and the output size, so a changed file, decoding, size or transform never reuses a stale
+cache. ToTensor's /255 and Normalize run on the device, on the batch (``normalize_batch``), exactly
+as the uncached transform computes them. A cache is built under an OS file lock (one builder; others
+wait and reuse it), written to a temporary name and renamed; a corrupt file (its recorded sha256 no
+longer matches) is rebuilt with a warning.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from torchvision import transforms as T
 
 from .datasets import ImageListDataset, open_rgb
+from .paths import sha256_file
 
 RANDOM_STEPS = (T.RandomCrop, T.RandomResizedCrop, T.RandomHorizontalFlip, T.RandomVerticalFlip,
                 T.RandomRotation, T.RandomAffine, T.ColorJitter, T.RandomApply, T.RandomChoice, T.RandomOrder)
@@ -57,14 +58,6 @@ def split_transform(transform) -> tuple[list, list, tuple, tuple] | None:
     if any(type(step) not in EXACT_ON_TENSORS or getattr(step, "padding", None) for step in augment):
         return None
     return geometry, augment, tuple(float(m) for m in steps[-1].mean), tuple(float(s) for s in steps[-1].std)
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class NormalizeBatch:
@@ -126,13 +119,19 @@ class CachedImages(Dataset):
         return CachedImages(images, self.labels_array, self.classes, self.normalize_batch, self.path, self.source)
 
 
+# Bumped whenever open_rgb decodes some file differently (2: 16-bit greyscale scaled, not clipped white), so
+# that a cache built by an older ivpt is never served as this one's reading of the same files
+DECODER_VERSION = 2
+
+
 def cache_key(dataset: ImageListDataset, geometry: list) -> str:
     digest = hashlib.sha256()
+    digest.update(f"decoder {DECODER_VERSION}\n".encode())
     digest.update(repr([repr(step) for step in geometry]).encode())
     if dataset.upright:  # decoded with EXIF orientation applied; caches built before that stay keyed as they were
         digest.update(b"upright\n")
     for rel, label in dataset.items:
-        digest.update(f"{rel}|{label}|{_file_digest(Path(dataset.root) / rel)}\n".encode())
+        digest.update(f"{rel}|{label}|{sha256_file(Path(dataset.root) / rel)}\n".encode())
     return digest.hexdigest()
 
 
@@ -172,7 +171,7 @@ def _valid(data: Path, meta: Path, count: int, warn) -> bool:
         return False
     try:
         record = json.loads(meta.read_text())
-        ok = record["count"] == count and _file_digest(data) == record["sha256"]
+        ok = record["count"] == count and sha256_file(data) == record["sha256"]
     except (OSError, ValueError, KeyError):
         ok = False
     if not ok:
@@ -203,7 +202,7 @@ def _build(dataset: ImageListDataset, geometry: list, data: Path, meta: Path) ->
     raw.unlink()
     os.replace(tmp, data)
     record = {"count": len(dataset), "shape": None if ragged else shapes[0], "shapes": shapes if ragged else None,
-              "sha256": _file_digest(data), "root": str(dataset.root), "geometry": [repr(s) for s in geometry]}
+              "sha256": sha256_file(data), "root": str(dataset.root), "geometry": [repr(s) for s in geometry]}
     tmp_meta = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
     tmp_meta.write_text(json.dumps(record))
     os.replace(tmp_meta, meta)

@@ -1,7 +1,9 @@
 """Dataset classes shared by every layout: images listed on disk, or decoded arrays in memory."""
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,10 +24,31 @@ class DataError(ValueError):
     """A dataset on disk does not follow its layout, or one of its files is unusable."""
 
 
+# Folders that file systems and tools add beside the user's images: a NAS's thumbnails (Synology's
+# @eaDir/<photo>.jpg/SYNOPHOTO_THUMB_*.jpg), a macOS zip's resource forks, Windows' recycle bin
+METADATA_FOLDERS = frozenset({"@eaDir", "__MACOSX", "$RECYCLE.BIN", "System Volume Information", "@Recycle",
+                              "#recycle", "__pycache__"})
+
+
+def hidden(name: str) -> bool:
+    """Whether a file or folder name is not the user's data: hidden (.x, macOS's ._x.jpg) or metadata."""
+    return name.startswith(".") or name in METADATA_FOLDERS
+
+
 def visible_files(folder: Path) -> list[Path]:
-    """Files under ``folder``, sorted, without hidden ones (.ipynb_checkpoints/, macOS's ._x.jpg)."""
-    return [f for f in sorted(folder.rglob("*")) if f.is_file()
-            and not any(part.startswith(".") for part in f.relative_to(folder).parts)]
+    """Files under ``folder``, sorted, without hidden or metadata ones (.ipynb_checkpoints/, ._x.jpg,
+    @eaDir/). Symlinked subfolders are followed (pathlib's rglob does not, before Python 3.13), each
+    real folder once, so a link that loops back is not walked forever."""
+    found, walked = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in walked:
+            dirs[:] = []
+            continue
+        walked.add(real)
+        dirs[:] = [d for d in dirs if not hidden(d)]
+        found += [Path(top) / f for f in files if not hidden(f) and (Path(top) / f).is_file()]
+    return sorted(found)
 
 
 def open_rgb(path: str | Path, upright: bool = True) -> Image.Image:
@@ -61,8 +84,17 @@ def _high_depth_to_rgb(img: Image.Image, path: Path) -> Image.Image:
     if img.mode == "F" or values.min() < 0 or values.max() > 65535:
         raise DataError(f"cannot read image {path}: mode {img.mode} with values {values.min():g}..{values.max():g} "
                         "has no known range; expected 8- or 16-bit images (save it as 16-bit PNG or 8-bit)")
+    if 0 < values.max() <= 4095 and not _WARNED_NARROW:
+        # 12-bit sensors (X-ray, microscopy) store 0..4095 in 16-bit files: scaled as 16-bit, nearly black
+        _WARNED_NARROW.append(path)
+        warnings.warn(f"{path}: a 16-bit image whose values reach only {values.max()} (12-bit data?) is read as "
+                      "0..65535 and comes out nearly black; scale such images to the full 16-bit range (or save "
+                      "them as 8-bit) first (said once)", stacklevel=2)
     grey = np.round(values.astype(np.float64) * (255 / 65535)).astype(np.uint8)
     return Image.fromarray(grey).convert("RGB")
+
+
+_WARNED_NARROW: list[Path] = []
 
 
 def require_known(what: str, value: str, known) -> None:

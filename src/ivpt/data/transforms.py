@@ -1,6 +1,8 @@
 """Input pipelines per protocol (see docs/method.md, evaluation protocol)."""
 from __future__ import annotations
 
+import math
+
 from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,10 +44,16 @@ def backbone_transform(pretrained_cfg: dict, protocol: str = "vtab", train: bool
     raise ValueError(f"protocol {protocol!r}: expected 'vtab' or 'fgvc'")
 
 
-def folder_transform(pretrained_cfg: dict, preprocess: str = "crop", augment: bool = False):
+def timm_resize(pretrained_cfg: dict) -> int:
+    """The shorter side timm's evaluation pipeline resizes to before its centre crop: floor(size / crop_pct)."""
+    return math.floor(pretrained_cfg["input_size"][-1] / float(pretrained_cfg.get("crop_pct") or 1.0))
+
+
+def folder_transform(pretrained_cfg: dict, preprocess: str = "crop", augment: bool = False, resize: int | None = None):
     """Folder data at the backbone's input: timm's evaluation pipeline (resize the shorter side to
-    size / crop_pct, centre-crop, normalise), or ``squash`` to a square; ``augment``: random resized
-    crops (60-100% of the image) and horizontal flips for training."""
+    ``resize``, by default floor(size / crop_pct) as timm computes it, centre-crop, normalise), or
+    ``squash`` to a square; ``augment``: random resized crops (60-100% of the image) and horizontal
+    flips for training."""
     size = pretrained_cfg["input_size"][-1]
     mean, std = pretrained_cfg.get("mean", IMAGENET_MEAN), pretrained_cfg.get("std", IMAGENET_STD)
     interpolation = _interp(pretrained_cfg.get("interpolation", "bilinear"))
@@ -54,6 +62,5 @@ def folder_transform(pretrained_cfg: dict, preprocess: str = "crop", augment: bo
     elif preprocess == "squash":
         steps = [T.Resize((size, size), interpolation=interpolation)]
     else:
-        crop_pct = float(pretrained_cfg.get("crop_pct") or 1.0)
-        steps = [T.Resize(round(size / crop_pct), interpolation=interpolation), T.CenterCrop(size)]
+        steps = [T.Resize(resize or timm_resize(pretrained_cfg), interpolation=interpolation), T.CenterCrop(size)]
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])

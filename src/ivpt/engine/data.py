@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ from torch.utils.data import ConcatDataset, Dataset
 from ..data import fgvc, image_folder, load_task, vtab_1k
 from ..data.cifar10 import load_cifar10
 from ..data.datasets import ArrayDataset, DataError
+from ..data.folder import check_split_folders, describe_repeats, repeated_images
 from ..data.paths import data_file
-from ..data.transforms import backbone_transform
+from ..data.transforms import backbone_transform, timm_resize
 
 KINDS = ("suite", "vtab", "fgvc", "folder", "cifar10")
 # kind -> (required fields, optional fields); a spec is checked as a whole against its kind
@@ -23,13 +25,15 @@ DATA_FIELDS = {
     "suite": (("task",), ("seed", "version")),
     "vtab": (("root", "task"), ()),
     "fgvc": (("root", "dataset"), ()),
-    "folder": (("root",), ("val_fraction", "test_fraction", "seed", "preprocess", "augment", "exif_orientation")),
+    "folder": (("root",), ("val_fraction", "test_fraction", "seed", "preprocess", "augment", "exif_orientation",
+                           "resize")),
     "cifar10": ((), ("path", "limit", "seed")),
     "camvid": ((), ("path",)),
     "ade20k": (("root",), ()),
 }
 FOLDER_EXIF_ORIENTATION = True  # a folder's photos are turned by their EXIF tag unless the spec says false
 FOLDER_HOLDOUT = 0.2  # the share of each class held out of train for val (and for test) when the folder has none
+FOLDER_DEFAULTS = {"seed": 0, "val_fraction": FOLDER_HOLDOUT, "test_fraction": FOLDER_HOLDOUT}  # how holdouts are drawn
 
 
 def check_data_spec(spec: Any) -> dict[str, Any]:
@@ -71,6 +75,10 @@ def check_data_spec(spec: Any) -> dict[str, Any]:
     for name in ("augment", "exif_orientation"):
         if not isinstance(spec.get(name, False), bool):
             raise DataError(f"data field {name!r}: got {spec[name]!r}, expected true or false")
+    if "resize" in spec and (isinstance(spec["resize"], bool) or not isinstance(spec["resize"], int)
+                             or spec["resize"] < 1):
+        raise DataError(f"data field 'resize': got {spec['resize']!r}, expected the shorter side in pixels to resize "
+                        "to before the centre crop (a whole number; default timm's floor(size / crop_pct))")
     for name in ("seed", "version", "limit"):
         if name in spec and (isinstance(spec[name], bool) or not isinstance(spec[name], int) or spec[name] < 0):
             raise DataError(f"data field {name!r}: got {spec[name]!r}, expected a non-negative integer")
@@ -177,12 +185,16 @@ def _build_task_data(spec: dict[str, Any], pretrained_cfg: dict) -> TaskData:
     return _folder(spec, root, pretrained_cfg)
 
 
-def recorded_data_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """The data spec an adapter records: a folder's with its image reading spelt out, so that a later
-    ivpt, or one with another default, reads the images as this run did."""
+def recorded_data_spec(spec: dict[str, Any], pretrained_cfg: dict | None = None) -> dict[str, Any]:
+    """The data spec an adapter records: a folder's with its image reading spelt out (EXIF orientation,
+    the resize before the centre crop), so that a later ivpt, or timm with another crop_pct, reads new
+    images as this run did."""
     if spec.get("kind") != "folder":
         return spec
-    return {**spec, "exif_orientation": spec.get("exif_orientation", FOLDER_EXIF_ORIENTATION)}
+    recorded = {**spec, "exif_orientation": spec.get("exif_orientation", FOLDER_EXIF_ORIENTATION)}
+    if pretrained_cfg is not None and recorded.get("preprocess", "crop") == "crop":
+        recorded["resize"] = spec.get("resize") or timm_resize(pretrained_cfg)
+    return recorded
 
 
 def adapter_reads_upright(recorded: dict[str, Any] | None) -> bool:
@@ -192,6 +204,19 @@ def adapter_reads_upright(recorded: dict[str, Any] | None) -> bool:
     return bool(recorded.get("exif_orientation", False)) if recorded.get("kind") == "folder" else True
 
 
+def adapter_folder_reading(recorded: dict[str, Any], pretrained_cfg: dict) -> dict[str, Any]:
+    """The data fields with which a folder adapter's run read its images, for reading new ones alike:
+    preprocess, EXIF orientation and the resize (adapters from before 2026-12-05 record none: their runs
+    rounded size / crop_pct, where timm floors it)."""
+    reading = {"exif_orientation": adapter_reads_upright(recorded)}
+    if "preprocess" in recorded:
+        reading["preprocess"] = recorded["preprocess"]
+    if reading.get("preprocess", "crop") == "crop":
+        reading["resize"] = recorded.get("resize") or round(
+            pretrained_cfg["input_size"][-1] / float(pretrained_cfg.get("crop_pct") or 1.0))
+    return reading
+
+
 def _folder(spec: dict[str, Any], root: Path, pretrained_cfg: dict) -> TaskData:
     """Class folders with or without split folders; missing val/test splits held out of train."""
     from ..data.datasets import ImageListDataset
@@ -199,13 +224,15 @@ def _folder(spec: dict[str, Any], root: Path, pretrained_cfg: dict) -> TaskData:
 
     preprocess, augment = spec.get("preprocess", "crop"), bool(spec.get("augment", False))
     upright = bool(spec.get("exif_orientation", FOLDER_EXIF_ORIENTATION))
-    train_tf, eval_tf = folder_transform(pretrained_cfg, preprocess, augment), folder_transform(pretrained_cfg, preprocess)
+    resize = spec.get("resize") or timm_resize(pretrained_cfg)
+    size = pretrained_cfg["input_size"][-1]
+    if preprocess == "crop" and resize < size:
+        raise DataError(f"data field 'resize': {resize} is below the input size {size}: the centre crop would pad "
+                        "the image; give at least the input size")
+    train_tf = folder_transform(pretrained_cfg, preprocess, augment, resize)
+    eval_tf = folder_transform(pretrained_cfg, preprocess, resize=resize)
+    check_split_folders(root)  # Train/ + Test/, or validation/ beside train/: refused, never misread
     base = root / "train" if (root / "train").is_dir() else root
-    if base != root:  # split folders: one under another name would be ignored, and val held out of train instead
-        for other, meant in (("validation", "val"), ("valid", "val"), ("testing", "test")):
-            if (root / other).is_dir() and not (root / meant).is_dir():
-                raise DataError(f"{root / other}: split folders are named train/, val/ and test/; rename it to "
-                                f"{meant}/ (as it is, it would be ignored and {meant} held out of train)")
     full = image_folder(base, transform=train_tf, upright=upright)
     if len(full.classes) < 2:
         raise DataError(f"{base}: {len(full.classes)} class folder ({', '.join(full.classes)}); classification needs "
@@ -228,16 +255,37 @@ def _folder(spec: dict[str, Any], root: Path, pretrained_cfg: dict) -> TaskData:
     if "val" in splits:
         val = splits["val"]
         splits["trainval"] = ConcatDataset([train, ImageListDataset(val.root, val.items, full.classes, train_tf, upright)])
-    size = pretrained_cfg["input_size"][-1]
-    how = (f"resize the shorter side to {round(size / float(pretrained_cfg.get('crop_pct') or 1.0))} and centre-crop "
-           f"{size}x{size} (timm's crop_pct {pretrained_cfg.get('crop_pct') or 1.0:g})" if preprocess == "crop"
+    how = (f"resize the shorter side to {resize} and centre-crop {size}x{size} "
+           + (f"(timm's crop_pct {pretrained_cfg.get('crop_pct') or 1.0:g})" if "resize" not in spec else "(data field "
+              "'resize')") if preprocess == "crop"
            else f"squash to {size}x{size} (aspect ratio not kept)") + (
         "; training adds random resized crops and flips" if augment else "")
     counts = ", ".join(f"{s} {len(splits[s])}" + (f" ({origin[s]})" if s in origin else "")
                        for s in ("train", "val", "test") if s in splits)
+    repeats = describe_repeats(_repeated(splits))
+    if repeats:
+        warnings.warn(f"{root}: {repeats}", stacklevel=2)
     description = (f"folder {root}: {len(full.classes)} classes ({', '.join(full.classes[:8])}"
-                   f"{', ...' if len(full.classes) > 8 else ''}); {counts}; input: {how}")
+                   f"{', ...' if len(full.classes) > 8 else ''}); {counts}; input: {how}"
+                   + (f"; WARNING: {repeats}" if repeats else ""))
     return TaskData(full.classes, splits, "folder", description)
+
+
+_REPEATS: dict[str, list] = {}  # per process: tune builds the same folder for every grid point
+
+
+def _repeated(splits: dict[str, Any]) -> list:
+    """repeated_images over train, val and test, remembered per listing (files, sizes, change times)."""
+    parts = {n: splits[n] for n in ("train", "val", "test") if n in splits}
+    listing = hashlib.sha256()
+    for name, data in parts.items():
+        for rel, label in data.items:
+            stat = (Path(data.root) / rel).stat()
+            listing.update(f"{name}|{data.root}|{rel}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    key = listing.hexdigest()
+    if key not in _REPEATS:
+        _REPEATS[key] = repeated_images(parts)
+    return _REPEATS[key]
 
 
 def split_record(task: TaskData) -> dict[str, Any] | None:
@@ -262,12 +310,19 @@ def split_record(task: TaskData) -> dict[str, Any] | None:
     return record
 
 
-def check_same_splits(recorded: dict[str, Any] | None, task: TaskData, where: str) -> None:
-    """Refuse evaluating on a folder whose splits differ from the ones the adapter was trained with."""
+def check_same_splits(recorded: dict[str, Any] | None, task: TaskData, where: str,
+                      redrawn: list[str] | None = None) -> None:
+    """Refuse evaluating on a folder whose splits differ from the ones the adapter was trained with.
+
+    redrawn: the holdout fields (seed, fractions) a --data spec set otherwise than training did."""
     now = split_record(task)
     if not recorded or now is None:
         return
     changed = [name for name in recorded if name in now and recorded[name] != now[name]]
+    if changed and redrawn:
+        raise DataError(f"{where}: --data draws this folder's held-out splits otherwise than training did "
+                        f"({', '.join(redrawn)}), so they would hold images the adapter trained on; leave those "
+                        "fields out to evaluate on its own held-out splits, or evaluate on images of their own")
     if changed:
         name = changed[0]
         avif = any(rel.lower().endswith(".avif") for split in task.splits.values() for rel, _ in

@@ -14,6 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader
 
+from ..backbone import input_config
 from ..data.cache import to_device
 from ..progress import progress as tqdm_or_lines
 from .checkpoint import (CheckpointError, atomic_write, checkpoint_meta, has_checkpoint, load_checkpoint,
@@ -393,7 +394,8 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
             extra["data_splits"] = splits  # ivpt eval refuses a folder changed since (ivpt.engine.data)
         # the card (README.md) shows the effective recipe and the command line that ran it
         command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else None
-        model.save_adapter(out / "adapter", metrics=summary, data=recorded_data_spec(cfg.data),
+        reading = input_config(model.backbone) if impl.name == "classification" else None
+        model.save_adapter(out / "adapter", metrics=summary, data=recorded_data_spec(cfg.data, reading),
                            training_config=cfg.to_dict(),
                            command=command, **extra)
         results["adapter"] = str(out / "adapter")
