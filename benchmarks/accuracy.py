@@ -115,7 +115,7 @@ def main() -> None:
     if count > 1:
         print("shard done; run once more without --shard to write the tables")
         return
-    report, rows = build_report(base, table, args.methods, args.quick)
+    report, rows = build_report(base, table, args.methods, args.quick, runs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"accuracy{suffix}.json").write_text(json.dumps(report, indent=2))
@@ -129,7 +129,7 @@ def write_progress(base, runs: Path, methods: list[str], tasks: list[str]) -> No
     done = {m: {t: json.loads(p.read_text()) for t in tasks if (p := runs / m / t / "summary.json").is_file()}
             for m in methods}
     complete = {m: per_task for m, per_task in done.items() if len(per_task) == len(tasks)}
-    report, rows = build_report(base, complete, methods, False)
+    report, rows = build_report(base, complete, methods, False, runs)
     report["progress"] = {m: sorted(per_task) for m, per_task in done.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "accuracy_progress.json").write_text(json.dumps(report, indent=2))
@@ -140,7 +140,18 @@ def write_progress(base, runs: Path, methods: list[str], tasks: list[str]) -> No
           + (", ".join(f"{m} {n}" for m, n in left.items()) or "none"))
 
 
-def build_report(base, table: dict, methods: list[str], quick: bool) -> tuple[dict, list[dict]]:
+def training_seconds(folder: Path) -> float:
+    """Seconds of training its runs logged under a folder (every grid point and seed run, one line per epoch).
+
+    Each run is one process, so these are core-seconds when every process has one thread; an epoch that
+    an interruption cut short and a resumed run trained again counts once."""
+    total = 0.0
+    for path in sorted(folder.rglob("metrics.jsonl")):
+        total += sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if line.strip())
+    return total
+
+
+def build_report(base, table: dict, methods: list[str], quick: bool, runs: Path) -> tuple[dict, list[dict]]:
     report = {"recipe": base.to_dict(), "quick": quick, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "methods": {}}
@@ -152,6 +163,7 @@ def build_report(base, table: dict, methods: list[str], quick: bool) -> tuple[di
                           "chosen": s["chosen"]} for t, s in per_task.items()},
             **summarize(means),
             "tuned_parameters": next(iter(per_task.values()))["parameters"],
+            "training_seconds": {t: training_seconds(runs / name / t) for t in per_task},
         }
         for t, s in per_task.items():
             rows.append({"method": name, "task": t, "group": SUITE_TASKS[t][0], "test_mean": s["test_mean"],
@@ -199,16 +211,17 @@ def plot(report, tasks, path: Path) -> None:
         return
     names = list(report["methods"])
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(tasks)), 5))
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours: the default cycle repeats after 10 methods
+    fig, ax = plt.subplots(figsize=(max(8, (1.6 if len(names) <= 8 else 2.4) * len(tasks)), 5.5))
     for i, name in enumerate(names):
         r = report["methods"][name]["tasks"]
         xs = [j + i * width for j in range(len(tasks))]
-        ax.bar(xs, [100 * r[t]["test_mean"] if t in r else 0 for t in tasks], width,
-               yerr=[100 * r[t]["test_std"] if t in r else 0 for t in tasks], label=name, capsize=2)
+        ax.bar(xs, [100 * r[t]["test_mean"] if t in r else 0 for t in tasks], width, color=colours[i % len(colours)],
+               yerr=[100 * r[t]["test_std"] if t in r else 0 for t in tasks], label=name, capsize=1)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=20)
     ax.set_ylabel("test top-1 (%)")
     ax.set_title("offline suite, default backbone: mean and std over seeds")
-    ax.legend(fontsize=8, ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    ax.legend(fontsize=8, ncol=min(len(names), 8), loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

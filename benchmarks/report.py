@@ -20,8 +20,11 @@ DOC = ROOT / "docs" / "benchmarks.md"
 GROUPS = ("natural", "specialized", "structured")
 SWITCHES = {  # ablation name -> (CDC, DA, AR) as the spec's switches
     "vpt-deep": ("-", "-", "-"), "cdc-static": ("yes", "static", "-"), "cdc-da": ("yes", "gate", "-"),
-    "ar-only": ("-", "-", "yes"), "ivpt": ("yes", "static (then the default)", "yes"),
+    "ar-only": ("-", "-", "yes"), "ivpt-static": ("yes", "static", "yes"), "ivpt": ("yes", "gate", "yes"),
 }
+# the run of 2026-11-24 (5 epochs), when method="ivpt" meant the static connection
+SWITCHES_5EPOCH = {**{k: v for k, v in SWITCHES.items() if k not in ("ivpt", "ivpt-static")},
+                   "ivpt": ("yes", "static (then the default)", "yes")}
 
 
 def load(name: str) -> dict | None:
@@ -73,6 +76,16 @@ def accuracy_tables(report: dict) -> str:
         note = ("Each method against VPT-deep per task (test top-1 points; a tie unless the gap exceeds "
                 f"twice its standard error over the {seeds} seeds):")
         out += ["", note, "", table(["method"] + tasks, rows)]
+        others = [m for m in methods if m not in ("ivpt", "vpt-deep")]
+        if others:
+            rows = [[name] + [verdict(methods["ivpt"]["tasks"][t], methods[name]["tasks"][t]) for t in tasks]
+                    for name in others]
+            out += ["", "iVPT against each other method per task (iVPT's test top-1 minus the method's, the same rule):",
+                    "", table(["iVPT against"] + tasks, rows)]
+    hours = {name: sum(r["training_seconds"].values()) / 3600 for name, r in methods.items() if "training_seconds" in r}
+    if hours:
+        out += ["", f"Training time the runs logged (grid and seed runs, one thread each): {sum(hours.values()):.1f} "
+                "core-hours in all; " + ", ".join(f"{name} {h:.2f}" for name, h in hours.items()) + "."]
     return "\n".join(out)
 
 
@@ -85,11 +98,11 @@ def accuracy_progress_tables(report: dict) -> str:
     return head + accuracy_tables(report)
 
 
-def ablation_table(report: dict) -> str:
+def ablation_table(report: dict, switches: dict = SWITCHES) -> str:
     methods = report["methods"]
     base = methods.get("vpt-deep")
     rows = []
-    for name, (cdc, da, ar) in SWITCHES.items():
+    for name, (cdc, da, ar) in switches.items():
         if name not in methods:
             continue
         r = methods[name]
@@ -392,6 +405,8 @@ RENDERERS = {  # block name -> (results file, renderer)
     "accuracy": ("accuracy", accuracy_tables),
     "accuracy_progress": ("accuracy_progress", accuracy_progress_tables),
     "ablation": ("accuracy", ablation_table),
+    "accuracy_5epoch": ("accuracy_5epoch", accuracy_tables),  # the suite of 2026-11-24, kept as it was
+    "ablation_5epoch": ("accuracy_5epoch", lambda report: ablation_table(report, SWITCHES_5EPOCH)),
     "defaults": ("ivpt_defaults", defaults_table),
     "segmentation": ("segmentation", segmentation_table),
     "cost": ("cost", cost_tables),

@@ -1,0 +1,62 @@
+"""The suite benchmark's bookkeeping: training time read back from the runs, and the tables' verdicts."""
+import importlib.util
+import json
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_log(path: Path, seconds: list[float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"epoch": i + 1, "train_loss": 1.0, "seconds": s}) for i, s in enumerate(seconds)]
+    path.write_text("\n".join(lines) + "\n\n")  # a trailing blank line, as an interrupted append may leave
+
+
+def test_training_seconds_adds_every_grid_point_and_seed_run(tmp_path):
+    accuracy = load_script("accuracy")
+    folder = tmp_path / "ivpt" / "dtd10"
+    write_log(folder / "grid" / "lr0.01_wd0.0001" / "metrics.jsonl", [10.0, 12.0])
+    write_log(folder / "grid" / "lr0.03_wd0.0001" / "metrics.jsonl", [11.5])
+    write_log(folder / "final" / "seed42" / "metrics.jsonl", [20.0, 20.0, 20.0])
+    write_log(tmp_path / "ivpt" / "pneumonia" / "final" / "seed42" / "metrics.jsonl", [99.0])  # another task
+    assert accuracy.training_seconds(folder) == 93.5
+    assert accuracy.training_seconds(tmp_path / "missing") == 0.0
+
+
+def task(mean, seeds):
+    std = (sum((s - mean) ** 2 for s in seeds) / (len(seeds) - 1)) ** 0.5
+    return {"test_mean": mean, "test_std": std, "seeds": seeds, "chosen": {"lr": 0.01, "weight_decay": 1e-4}}
+
+
+def test_verdict_is_a_tie_within_two_standard_errors():
+    report = load_script("report")
+    base = task(0.50, [0.49, 0.50, 0.51])
+    assert report.verdict(task(0.51, [0.50, 0.51, 0.52]), base).startswith("tie")
+    assert report.verdict(task(0.60, [0.59, 0.60, 0.61]), base) == "win (+10.0)"
+    assert report.verdict(task(0.40, [0.39, 0.40, 0.41]), base) == "loss (-10.0)"
+
+
+def test_tables_set_ivpt_against_every_method_and_the_time_spent():
+    report = load_script("report")
+    def method(mean, hours, tuned):
+        return {"tasks": {"dtd10": task(mean, [mean - 0.01, mean, mean + 0.01])},
+                "groups": {"natural": mean}, "mean_of_group_means": mean, "plain_mean": mean,
+                "tuned_parameters": {"tuned_without_head": tuned}, "training_seconds": {"dtd10": 3600 * hours}}
+    data = {"methods": {"vpt-deep": method(0.50, 1.0, 100), "ivpt": method(0.50, 2.0, 110),
+                        "ivpt-static": method(0.50, 1.5, 105), "gatevpt": method(0.40, 0.5, 20)}}
+    text = report.accuracy_tables(data)
+    against = text.split("iVPT against each other method")[1]
+    assert "| gatevpt | win (+10.0) |" in against and "| ivpt-static | tie (+0.0) |" in against
+    assert "5.0 core-hours in all; vpt-deep 1.00, ivpt 2.00, ivpt-static 1.50, gatevpt 0.50." in text
+    # today's names: ivpt is the gate, ivpt-static the static connection; the 5-epoch run's ivpt was static
+    rows = report.ablation_table(data).splitlines()
+    assert "| ivpt-static | yes | static | yes |" in "\n".join(rows) and "| ivpt | yes | gate | yes |" in "\n".join(rows)
+    old = report.ablation_table(data, report.SWITCHES_5EPOCH)
+    assert "| ivpt | yes | static (then the default) | yes |" in old and "ivpt-static" not in old
