@@ -16,7 +16,7 @@ def load_script(name):
 def write_log(path: Path, seconds: list[float]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"epoch": i + 1, "train_loss": 1.0, "seconds": s}) for i, s in enumerate(seconds)]
-    path.write_text("\n".join(lines) + "\n\n")  # a trailing blank line, as an interrupted append may leave
+    path.write_text("\n".join(lines) + "\n\n")  # a stray blank line (a hand edit) is not an epoch
 
 
 def test_training_seconds_adds_every_grid_point_and_seed_run(tmp_path):
@@ -56,7 +56,7 @@ def test_tables_set_ivpt_against_every_method_and_the_time_spent():
     assert "| gatevpt | win (+10.0) |" in against and "| ivpt-static | tie (+0.0) |" in against
     assert "5.0 core-hours in all; vpt-deep 1.00, ivpt 2.00, ivpt-static 1.50, gatevpt 0.50." in text
     # today's names: ivpt is the gate, ivpt-static the static connection; the 5-epoch run's ivpt was static
-    rows = report.ablation_table(data).splitlines()
-    assert "| ivpt-static | yes | static | yes |" in "\n".join(rows) and "| ivpt | yes | gate | yes |" in "\n".join(rows)
+    new = report.ablation_table(data)
+    assert "| ivpt-static | yes | static | yes |" in new and "| ivpt | yes | gate | yes |" in new
     old = report.ablation_table(data, report.SWITCHES_5EPOCH)
     assert "| ivpt | yes | static (then the default) | yes |" in old and "ivpt-static" not in old
