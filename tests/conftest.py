@@ -35,3 +35,35 @@ def images():
 
 def clone(module):
     return copy.deepcopy(module)
+
+
+TINY_MINI = {"embed_dim": 32, "depth": 2, "num_heads": 2}  # vit_mini_patch4_32 made small for fast runs
+
+
+def photo_folder(root, classes=("cat", "dog", "owl"), per_class=10, size=(40, 40)):
+    """A flat folder of random photos, one subfolder per class (``root/<class>/<i>.jpg``)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in classes:
+        for i in range(per_class):
+            path = root / name / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return root
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    """A weights file of a small random vit_mini_patch4_32 (TINY_MINI), and the --set overrides that use it."""
+    import timm
+    from safetensors.torch import save_file
+
+    import ivpt.backbones  # noqa: F401  (registers vit_mini_patch4_32 with timm)
+
+    torch.manual_seed(0)
+    path = tmp_path / "backbone.safetensors"
+    save_file(timm.create_model("vit_mini_patch4_32", **TINY_MINI).state_dict(), str(path))
+    return path, ["backbone=vit_mini_patch4_32", "backbone_options={embed_dim: 32, depth: 2, num_heads: 2}",
+                  f"weights={path}"]

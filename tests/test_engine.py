@@ -231,7 +231,7 @@ def test_config_errors_name_the_field(tmp_path):
     (tmp_path / "r.yaml").write_text("epochs: [1, 2\n")
     with pytest.raises(ConfigError, match="r.yaml is not valid YAML"):
         load_config(tmp_path / "r.yaml")
-    with pytest.raises(ConfigError, match="recipe not found"):
+    with pytest.raises(FileNotFoundError, match="recipe not found"):  # a missing file: exit 1
         load_config(tmp_path / "none.yaml")
     assert load_config(None, ["lr=0.5", "method_options.prompt_length=20", "data.task=dtd10"]).data["task"] == "dtd10"
 

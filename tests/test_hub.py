@@ -198,6 +198,7 @@ def fake_hub(monkeypatch):
     def install(**kwargs):
         fake = FakeHub(**kwargs)
         monkeypatch.setattr(huggingface_hub, "HfApi", fake)
+        monkeypatch.setattr("ivpt.reach.hub_unreachable", lambda: None)  # the fake Hub answers
         return fake
     return install
 

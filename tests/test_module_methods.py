@@ -242,8 +242,11 @@ def test_deepcopy_carries_the_hooks_onto_the_copy(images):
     assert torch.equal(model(images), expected) and not torch.allclose(expected, twin(images))
 
 
-def test_export_of_ivpts_own_architecture_says_how_timm_finds_it(tmp_path, capsys):
-    import timm
+def test_export_of_ivpts_own_architecture_loads_without_ivpt(tmp_path, capsys):
+    """The printed line builds the shipped architecture with timm alone: run in a fresh interpreter that never
+    imports ivpt, it gives the tuned model's logits."""
+    import subprocess
+    import sys
 
     from ivpt.cli import main
 
@@ -252,10 +255,18 @@ def test_export_of_ivpts_own_architecture_says_how_timm_finds_it(tmp_path, capsy
     out = tmp_path / "merged.safetensors"
     assert main(["export", str(tmp_path / "adapter"), "--merged", str(out)]) == 0
     said = capsys.readouterr().out
-    assert "vit_mini_patch4_32 is ivpt's own architecture: run `import ivpt.backbones`" in said
+    assert "import ivpt" not in said
+    assert "preprocess as it was tuned: 32 px" in said
     images = torch.randn(2, 3, 32, 32)
-    plain = run_printed_call(said).eval()
-    assert torch.allclose(plain(images), model(images), atol=1e-4)
+    torch.save(images, tmp_path / "images.pt")
+    line = next(line for line in said.splitlines() if line.startswith("load it with: ")).removeprefix("load it with: ")
+    script = (f"{line}\nimport sys, torch\nassert not any(m.split('.')[0] == 'ivpt' for m in sys.modules)\n"
+              f"torch.save(model.eval()(torch.load({str(tmp_path / 'images.pt')!r})).detach(), "
+              f"{str(tmp_path / 'logits.pt')!r})\n")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path,
+                   env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    with torch.no_grad():
+        assert torch.allclose(torch.load(tmp_path / "logits.pt"), model(images), atol=1e-4)
 
 
 def run_printed_call(said: str):

@@ -336,8 +336,8 @@ def test_class_names_that_differ_only_in_case_or_unicode_form_are_said(tmp_path)
     split = tmp_path / "split"
     flat_folder(split / "train", classes=(nfc, "tea"), per_class=3)
     flat_folder(split / "test", classes=(nfd, "tea"), per_class=1)
-    with pytest.raises(DataError, match=r"'cafe\\u0301', 'caf\\xe9' differ from the expected classes \(the same "
-                                        r"name spelt with other characters"):
+    with pytest.raises(DataError, match=r"differ from the expected classes \(train's\): 'cafe\\u0301', 'caf\\xe9' are "
+                                        r"the same name spelt with other characters"):
         build_task_data({"kind": "folder", "root": str(split)}, CFG)
 
 

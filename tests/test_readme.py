@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import photo_folder
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"```(bash|python)\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
 SETUP = "python3 -m venv .venv"
@@ -30,9 +32,7 @@ def test_the_readme_blocks_run(tmp_path):
 
 
 def test_the_own_images_page_runs_on_a_tiny_folder(tmp_path):
-    from test_own_images import flat_folder
-
-    flat_folder(tmp_path / "photos", per_class=10, size=(48, 36))
+    photo_folder(tmp_path / "photos", per_class=10, size=(48, 36))
     page = (ROOT / "docs" / "own-images.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", page, re.DOTALL)
     assert blocks
@@ -41,6 +41,6 @@ def test_the_own_images_page_runs_on_a_tiny_folder(tmp_path):
         done = subprocess.run(["bash", "-e", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=900)
         assert done.returncode == 0, f"docs/own-images.md block failed:\n{code}\n{done.stderr[-3000:]}"
-    assert "data: folder photos: 3 classes (cat, dog, owl); train 18, val 6" in done.stdout
+    assert f"data: folder {(tmp_path / 'photos').resolve()}: 3 classes (cat, dog, owl); train 18, val 6" in done.stdout
     assert (tmp_path / "runs" / "photos" / "explain" / "explain.json").is_file()
     assert json.loads((tmp_path / "runs" / "photos" / "test.json").read_text())["count"] == 6

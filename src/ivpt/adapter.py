@@ -5,6 +5,7 @@ and the code that builds models (``ivpt.factory``, ``ivpt.segmentation``); nothi
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,8 @@ def check_backbone_matches(config: dict[str, Any], model: PromptedViT, source: s
     saved = config["backbone"]
     problems = []
     name, recorded = model.backbone_name, saved.get("name")
-    if recorded and name:
-        (arch_a, _, tag_a), (arch_b, _, tag_b) = recorded.partition("."), name.partition(".")
-        if arch_a != arch_b or (tag_a and tag_b and tag_a != tag_b):  # a missing tag matches any
-            problems.append(f"name: adapter {recorded!r}, backbone {name!r}")
+    if recorded and name and not same_backbone_name(recorded, name):
+        problems.append(f"name: adapter {recorded!r}, backbone {name!r}")
     now = backbone_signature(model.backbone)
     for key, value in (saved.get("signature") or {}).items():
         if now.get(key) != value:
@@ -54,9 +53,16 @@ def check_backbone_matches(config: dict[str, Any], model: PromptedViT, source: s
         if current is not None and current != (full or fingerprint):
             trained_on = saved.get("weights_file") or saved.get("weights_source", "unknown")
             problems.append(f"weights: the backbone's weights differ from those the adapter was trained on ({trained_on}); "
-                            "pass the same ones (weights=PATH or pretrained=True), or check_weights=False")
+                            "pass the same ones (--weights PATH on the command line; weights=PATH or pretrained=True "
+                            "in Python), or check_weights=False in Python to use these anyway")
     if problems:
         raise AdapterError(f"adapter {source} does not fit this backbone: " + "; ".join(problems))
+
+
+def same_backbone_name(recorded: str, name: str) -> bool:
+    """Whether two timm names are one backbone: the same architecture, and the same tag where both have one."""
+    (arch_a, _, tag_a), (arch_b, _, tag_b) = recorded.partition("."), name.partition(".")
+    return arch_a == arch_b and not (tag_a and tag_b and tag_a != tag_b)  # a missing tag matches any
 
 
 def _pup_stages(config: dict, tensors: dict) -> int | None:
@@ -84,8 +90,15 @@ def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=
         backbone = saved.get("name")
         if not backbone:
             raise AdapterError(f"adapter {directory} records no backbone name; pass backbone=")
+    if isinstance(backbone, str) and saved.get("name") and not same_backbone_name(saved["name"], backbone):
+        # said before anything is built: building it could mean downloading weights for nothing
+        raise AdapterError(f"adapter {directory} does not fit this backbone: name: adapter {saved['name']!r}, "
+                           f"backbone {backbone!r}; leave backbone= out to use the recorded one")
+    seed = None  # a backbone trained from random weights is rebuilt from the run's seed, as the run built it
     if isinstance(backbone, str) and weights is None and pretrained is None:
         source, recorded = saved.get("weights_source"), saved.get("weights_file")
+        if source == "none":
+            seed = (config.get("training_config") or {}).get("seed")
         if source == "file" and recorded:
             if not Path(recorded).is_file():
                 raise AdapterError(f"adapter {directory} was trained on backbone weights from {recorded}, which is "
@@ -99,18 +112,17 @@ def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=
     else:
         timm_kwargs = None
     try:
-        if config.get("task", "classification") == "segmentation":
-            model = create_segmentation_model(
-                backbone, config["method"], config["num_classes"], decoder=config["decoder"],
-                crop_size=config["crop_size"], decoder_channels=config.get("decoder_channels", 256), weights=weights,
-                decoder_stages=config.get("decoder_stages") or _pup_stages(config, tensors),
-                pooling_modules=config.get("pooling_modules", True),  # older adapters: built with them
-                pretrained=bool(pretrained), class_names=config.get("class_names"),
-                ignore_index=config.get("ignore_index"), timm_kwargs=timm_kwargs, **config["options"])
-        else:
-            model = create_model(backbone, config["method"], config["num_classes"], weights=weights,
-                                 pretrained=bool(pretrained), class_names=config.get("class_names"),
-                                 timm_kwargs=timm_kwargs, **config["options"])
+        if seed is None:
+            model = _build(config, tensors, backbone, weights, pretrained, timm_kwargs)
+        else:  # built as the run built it: one class under its seed, then the task's head under seed + 1
+            with _seeded(seed):
+                model = _build({**config, "num_classes": 1, "class_names": None}, tensors, backbone, weights,
+                               pretrained, timm_kwargs)
+            with _seeded(seed + 1):
+                if config.get("task", "classification") == "segmentation":
+                    model.reset_decoder(config["num_classes"], config.get("class_names"), config.get("ignore_index"))
+                else:
+                    model.reset_classifier(config["num_classes"], config.get("class_names"))
     except OptionError as err:
         raise AdapterError(f"{config_file(directory, config)}: {err}") from err
     encoder = getattr(model, "encoder", model)
@@ -122,6 +134,32 @@ def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=
         encoder.release_backbone()  # a module the caller passed in is theirs again, to retry with
         raise
     return model
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """torch's generator seeded for a block (None: untouched), restored afterwards."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # as the training run seeded it before building the model
+        yield
+
+
+def _build(config: dict, tensors: dict, backbone, weights, pretrained, timm_kwargs):
+    """The model an adapter's config describes, before its tensors are filled in."""
+    if config.get("task", "classification") == "segmentation":
+        return create_segmentation_model(
+            backbone, config["method"], config["num_classes"], decoder=config["decoder"],
+            crop_size=config["crop_size"], decoder_channels=config.get("decoder_channels", 256), weights=weights,
+            decoder_stages=config.get("decoder_stages") or _pup_stages(config, tensors),
+            pooling_modules=config.get("pooling_modules", True),  # older adapters: built with them
+            pretrained=bool(pretrained), class_names=config.get("class_names"),
+            ignore_index=config.get("ignore_index"), timm_kwargs=timm_kwargs, **config["options"])
+    return create_model(backbone, config["method"], config["num_classes"], weights=weights,
+                        pretrained=bool(pretrained), class_names=config.get("class_names"),
+                        timm_kwargs=timm_kwargs, **config["options"])
 
 
 def _fill(model, encoder, config: dict, saved: dict, tensors: dict, directory) -> None:

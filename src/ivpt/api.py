@@ -89,7 +89,8 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
     from .engine.tasks import TASKS
 
     from .backbone import input_config
-    from .engine.data import FOLDER_DEFAULTS, adapter_folder_reading, check_data_spec, check_same_splits
+    from .data.folder import class_difference
+    from .engine.data import adapter_folder_reading, check_data_spec, check_same_splits
 
     device, computed_in = inference_device(device, precision)  # first: a wrong value is named before any reading
     model, config = load_for_inference(adapter, weights)
@@ -101,18 +102,14 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
         spec = {**adapter_folder_reading(recorded, input_config(model.backbone)), **spec}
     if not spec:
         raise ValueError(f"{adapter} records no dataset; pass data={{\"kind\": ..., ...}} (--data on the command line)")
-    own_folder = not data or _same_folder(spec, recorded)
-    redrawn = []
-    if data and own_folder:  # --data naming the adapter's own folder: its held-out splits drawn as training drew them
-        redrawn = [f"{k} {spec[k]} (trained with {recorded.get(k, FOLDER_DEFAULTS[k])})" for k in FOLDER_DEFAULTS
-                   if k in spec and spec[k] != recorded.get(k, FOLDER_DEFAULTS[k])]
-        spec = {**{k: recorded[k] for k in FOLDER_DEFAULTS if k in recorded}, **spec}
-    task = data_for(model, config, spec)
+    if data and isinstance(spec.get("root"), str):
+        spec = {**spec, "root": str(Path(spec["root"]).expanduser().resolve())}
+    task, spec, own_folder, redrawn = _own_folder_task(model, config, spec, bool(data))
     if own_folder:  # the adapter's own folder: its held-out splits must be the ones it was trained beside
         check_same_splits(config.get("data_splits"), task, f"{adapter} (data root {spec.get('root')})", redrawn)
     if model.class_names and task.classes != model.class_names:
-        raise ValueError(f"the dataset's classes differ from the adapter's ({len(task.classes)} vs "
-                         f"{len(model.class_names)}): is this the dataset the adapter was trained on?")
+        raise ValueError(f"the dataset's classes differ from the adapter's: {class_difference(model.class_names, task.classes, 'the adapter')}; "
+                         "is this the dataset the adapter was trained on?")
     kind = config.get("task", "classification")
     impl = TASKS[kind]()
     impl.ignore_index = getattr(task, "ignore_index", None)
@@ -145,11 +142,36 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
     return metrics
 
 
-def _same_folder(spec: dict, recorded: dict) -> bool:
-    """Whether a --data spec names the folder the adapter was trained on."""
-    if not (spec.get("kind") == "folder" == recorded.get("kind") and spec.get("root") and recorded.get("root")):
-        return False
-    return Path(spec["root"]).resolve() == Path(recorded["root"]).resolve()
+def _own_folder_task(model, config: dict, spec: dict, given: bool):
+    """(task data, the spec it was built from, whether it is the adapter's own folder, the holdout fields a
+    --data spec redraws).
+
+    A folder is the adapter's own when no --data is given, when --data names the recorded root, or when
+    its content is the one recorded (the folder moved: its splits, drawn as training drew them, hold the
+    recorded images); then its held-out splits are drawn as training drew them, never anew."""
+    from .engine.data import FOLDER_DEFAULTS, split_record
+
+    recorded = config.get("data") or {}
+    if not (spec.get("kind") == "folder" == recorded.get("kind")):
+        return data_for(model, config, spec), spec, not given, []
+    # the holdout fields the adapter records (the rest were the defaults then); no rule recorded: rule 1
+    as_trained = {**{k: v for k, v in spec.items() if k not in FOLDER_DEFAULTS},
+                  **{k: recorded[k] for k in FOLDER_DEFAULTS if k in recorded},
+                  "holdout_rule": recorded.get("holdout_rule", FOLDER_DEFAULTS["holdout_rule"])}
+    if not given:
+        return data_for(model, config, as_trained), as_trained, True, []
+    asked = {k: spec[k] for k in FOLDER_DEFAULTS if k in spec}
+    redrawn = [f"{k} {v} (trained with {recorded.get(k, FOLDER_DEFAULTS[k])})" for k, v in asked.items()
+               if v != recorded.get(k, FOLDER_DEFAULTS[k])]
+    same_path = bool(recorded.get("root")) and Path(spec["root"]) == Path(recorded["root"]).expanduser().resolve()
+    trained_splits = data_for(model, config, as_trained) if (same_path or config.get("data_splits")) else None
+    moved = (not same_path and trained_splits is not None
+             and split_record(trained_splits) == config.get("data_splits"))
+    if not (same_path or moved):
+        return data_for(model, config, spec), spec, False, []  # images of their own: drawn as the spec says
+    if redrawn:
+        return data_for(model, config, {**as_trained, **asked}), {**as_trained, **asked}, True, redrawn
+    return trained_splits, as_trained, True, []
 
 
 def _named(dataset, skipped: dict) -> dict:

@@ -211,6 +211,52 @@ def check_unowned(vit: nn.Module) -> None:
                             "(a copy.deepcopy of it carries the first model's method along)")
 
 
+HUB_WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def offline_pretrained_file(backbone: str) -> str | None:
+    """Where timm's pretrained weights for ``backbone`` lie in a local cache when their server cannot be
+    reached (None: the server answers, so timm downloads or reads its cache as usual). Unreachable and not
+    cached: a BackboneError at once, instead of huggingface_hub's minute of retries."""
+    from .reach import hub_unreachable, unreachable
+
+    advice = "pass weights='path/to/file' (.safetensors, .pth/.bin state dict, or Google .npz)"
+    if backbone.startswith("hf-hub:"):
+        reason = hub_unreachable()
+        if reason:
+            raise BackboneError(f"backbone {backbone!r}: the Hugging Face Hub cannot be reached ({reason}); if the "
+                                f"repository is in the Hub cache, set HF_HUB_OFFLINE=1 to read it from there, or {advice}")
+        return None
+    cfg = timm.models.get_pretrained_cfg(backbone, allow_unregistered=True)
+    if cfg is None:
+        return None  # no pretrained source known to timm: its own error says so
+    if cfg.hf_hub_id:
+        reason = hub_unreachable()
+        if not reason:
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        names = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_WEIGHT_FILES
+        for name in names:
+            cached = try_to_load_from_cache(repo, name, revision=revision or None)
+            if isinstance(cached, str):
+                return cached
+        where = f"the Hugging Face Hub ({repo})"
+    elif cfg.url:
+        reason = unreachable(cfg.url)
+        if not reason:
+            return None
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name  # where timm caches URL downloads
+        if cached.is_file():
+            return str(cached)
+        where = cfg.url
+    else:
+        return None
+    raise BackboneError(f"could not fetch pretrained weights for {backbone!r}: they come from {where}, which this "
+                        f"machine cannot reach ({reason}), and they are not in the local cache. Offline? {advice}")
+
+
 def build_backbone(backbone: str | nn.Module, num_classes: int, *, pretrained: bool = False,
                    weights: str | Path | None = None, **timm_kwargs) -> VisionTransformer:
     """A supported timm ViT with a fresh head for ``num_classes``, weights loaded as asked."""
@@ -239,6 +285,11 @@ def build_backbone(backbone: str | nn.Module, num_classes: int, *, pretrained: b
     elif not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models("vit_*"), n=5)
         raise BackboneError(f"unknown backbone {backbone!r}" + (f"; similar timm models: {', '.join(close)}" if close else ""))
+    if pretrained and weights is None and not is_shipped(backbone):
+        overlay = offline_pretrained_file(backbone)  # unreachable and not cached: said now, not after a minute
+        if overlay:
+            timm_kwargs = {**timm_kwargs, "pretrained_cfg_overlay": {**timm_kwargs.get("pretrained_cfg_overlay", {}),
+                                                                     "file": overlay}}
     try:
         vit = timm.create_model(backbone, pretrained=pretrained and weights is None, num_classes=num_classes, **timm_kwargs)
     except (OSError, ConnectionError, RuntimeError) as err:

@@ -46,12 +46,26 @@ def _metric_entries(config: dict[str, Any]) -> list[dict[str, Any]]:
             for split, value in metrics.items() if isinstance(value, (int, float))]
 
 
+def as_typed(training: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded config with its path fields as the user typed them (the run records them absolute,
+    which tells a card's reader only where they were on the training machine)."""
+    typed = training.get("paths_as_typed") or {}
+    shown = {k: v for k, v in training.items() if k != "paths_as_typed"}
+    for key, value in typed.items():
+        if key.startswith("data.") and isinstance(shown.get("data"), dict):
+            shown["data"] = {**shown["data"], key[5:]: value}
+        elif key in shown:
+            shown[key] = value
+    return shown
+
+
 def model_card(config: dict[str, Any], protocol: dict[str, Any] | None = None) -> str:
     """The card's text. protocol: an ``ivpt tune`` summary (chosen lr/wd, per-seed test scores), if any."""
     method = config.get("method", "?")
     backbone = config.get("backbone") or {}
     name = backbone.get("name") or "a timm VisionTransformer"
-    data = config.get("data") or {}
+    typed = (config.get("training_config") or {}).get("paths_as_typed") or {}
+    data = {**(config.get("data") or {}), **{k[5:]: v for k, v in typed.items() if k.startswith("data.")}}
     task = config.get("task", "classification")
     tags = ["ivpt", "timm", "parameter-efficient-fine-tuning", method,
             "image-segmentation" if task == "segmentation" else "image-classification"]
@@ -88,7 +102,7 @@ def model_card(config: dict[str, Any], protocol: dict[str, Any] | None = None) -
               f"- classes: {config.get('num_classes')}" + (f" ({', '.join(map(str, config['class_names'][:20]))}"
                                                           f"{', ...' if len(config['class_names']) > 20 else ''})"
                                                           if config.get("class_names") else "")]
-    training = config.get("training_config") or {}
+    training = as_typed(config.get("training_config") or {})
     if training:
         lines.append(f"- splits: trained on `{training.get('train_split')}`, evaluated on "
                      f"`{training.get('eval_split')}`" + (f" and `{training['test_split']}`"

@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .cliparse import Parser, one_line_warnings
 from .tables import print_table
 
 EXIT_INTERRUPTED = 130
@@ -16,6 +17,7 @@ EXIT_SKIPPED = 3  # predict / eval finished, but skipped unreadable images (list
 
 # -- train ---------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
+    from .engine.checkpoint import CheckpointError
     from .engine.config import load_config
     from .engine.loop import train
 
@@ -23,7 +25,18 @@ def cmd_train(args) -> int:
     if args.output:
         overrides.append(f"output={args.output}")
     cfg = load_config(args.config, overrides)
-    results = train(cfg, resume=args.resume)
+    if args.restart:
+        from .engine.checkpoint import set_aside_run
+
+        moved = set_aside_run(Path(cfg.output).expanduser())
+        if moved:
+            print(f"--restart: the earlier run's files are now in {moved} (delete that folder once you do not need "
+                  "them)", file=sys.stderr)
+    try:
+        results = train(cfg, resume=args.resume)
+    except CheckpointError as err:  # a damaged or foreign checkpoint: the way out is to start over
+        raise CheckpointError(f"{err}; to start this run over, run the same command with --restart instead of "
+                              "--resume (the earlier files are moved aside, not deleted)") from None
     metric = results["primary_metric"]
     summary = {k: round(results[k][metric], 4) for k in ("val", "test") if k in results}
     print(json.dumps({"output": cfg.output, metric: summary, "tuned_parameters": results["parameters"]["tuned"]}))
@@ -41,8 +54,15 @@ def _json_object(flag: str, text: str | None, example: str) -> dict | None:
     """A command-line JSON object (--data, --options), refused with the flag's name when it is not one."""
     if not text:
         return None
+    def unique(pairs):  # json.loads keeps the last of a repeated key without a word
+        keys = [k for k, _ in pairs]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"{flag} {text!r}: key {repeated[0]!r} is given twice; keep one")
+        return dict(pairs)
+
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as err:
         raise ValueError(f"{flag} {text!r} is not valid JSON: {err}") from None
     if not isinstance(value, dict):
@@ -301,22 +321,33 @@ def cmd_export(args) -> int:
     state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
     atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     name = (config.get("backbone") or {}).get("name") or "ARCH"
-    arch = name.split(".")[0]
     print(f"wrote {out}: {config['method']} merged into {name} (a plain timm checkpoint, head of "
           f"{config['num_classes']} classes)")
     print(f"load it with: {_timm_load_call(name, config, out)}")
+    if name.split(".")[0] in _own_architectures():  # the checkpoint holds no preprocessing: say it
+        size = config["image_size"][-1] if isinstance(config.get("image_size"), list) else config.get("image_size")
+        print(f"preprocess as it was tuned: {size} px, mean {config['mean']}, std {config['std']}")
+    return 0
+
+
+def _own_architectures() -> dict:
     from .backbones.architectures import ARCHITECTURES
 
-    if arch in ARCHITECTURES:  # registered with timm by ivpt, not by timm itself
-        print(f"({arch} is ivpt's own architecture: run `import ivpt.backbones` before that call so "
-              "that timm knows the name; the checkpoint itself needs no ivpt code)")
-    return 0
+    return ARCHITECTURES
 
 
 def _timm_load_call(name: str, config: dict, out: Path) -> str:
     """One line of Python, with no ivpt in it, that builds the merged model from ``out``."""
     k = config["num_classes"]
-    kwargs = "".join(f", {key}={value!r}" for key, value in ((config.get("backbone") or {}).get("timm_kwargs") or {}).items())
+    timm_kwargs = (config.get("backbone") or {}).get("timm_kwargs") or {}
+    kwargs = "".join(f", {key}={value!r}" for key, value in timm_kwargs.items())
+    arch = name.split(".")[0]
+    if arch in _own_architectures():  # registered with timm by ivpt only: timm's own class, built from its settings
+        settings = {**_own_architectures()[arch], **timm_kwargs}
+        args = ", ".join(f"{key}={value!r}" for key, value in settings.items())
+        return ("import safetensors.torch; from timm.models.vision_transformer import VisionTransformer; "
+                f"model = VisionTransformer({args}, num_classes={k}); "
+                f"model.load_state_dict(safetensors.torch.load_file({str(out)!r}))")
     if name.startswith("hf-hub:"):  # timm loads a Hub name's weights from the Hub whatever file= says
         return (f"import timm, safetensors.torch; model = timm.create_model({name!r}, num_classes={k}{kwargs}); "
                 f"model.load_state_dict(safetensors.torch.load_file({str(out)!r}))")
@@ -396,6 +427,10 @@ def cmd_params(args) -> int:
         raise OptionError(f"--prompt-length: method {args.method!r} has no prompts, so a prompt length would "
                           "change nothing; leave the flag out")
     prompt_length = 10 if args.prompt_length is None else args.prompt_length
+    if args.backbone is None:
+        from .backbones import DEFAULT_BACKBONE
+
+        args.backbone = DEFAULT_BACKBONE
     options = _json_object("--options", args.options, '\'{"lora_rank": 4}\'') or {}
     rows = parameter_table(args.backbone, methods, args.num_classes, prompt_length, options)
     print(f"{args.backbone}, {args.num_classes} classes" + (f", prompt length {prompt_length}" if prompted else ""))
@@ -519,7 +554,7 @@ def _inference_flags(p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="ivpt", description="Visual prompt tuning (iVPT and baselines) for timm ViTs")
+    parser = Parser(prog="ivpt", description="Visual prompt tuning (iVPT and baselines) for timm ViTs")
     parser.add_argument("--version", action="version", version=f"ivpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -531,10 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="*", help="YAML recipe(s) (see configs/; a later file's fields replace an "
                    "earlier one's, e.g. a dataset's recipe then configs/protocols/vtab-lora.yaml); fields not "
                    "given keep their defaults")
-    p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
-                   help="override recipe fields, e.g. lr=0.5 method_options.prompt_length=20 data.task=dtd10")
+    p.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE",
+                   help="override recipe fields, e.g. lr=0.5 method_options.prompt_length=20 data.task=dtd10 (may be "
+                        "given several times; every one applies, a key given twice with two values is refused)")
     p.add_argument("--output", help="run folder (overrides the recipe's output)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in the output folder")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the interrupted run in the output folder")
+    again.add_argument("--restart", action="store_true",
+                       help="start the run in the output folder over: its checkpoint, logs, results and adapter are "
+                            "moved to OUTPUT.replaced-<time>/ first (e.g. a damaged checkpoint that --resume refuses)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on a split",
@@ -617,10 +657,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("params", help="tuned-parameter table for a backbone and one or all methods")
-    p.add_argument("--backbone", default="vit_base_patch16_224")
+    p.add_argument("--backbone", default=None, help="timm model name (default: the shipped default backbone, "
+                   "as ivpt train uses it)")
     p.add_argument("--method", default="all", help="a method name or 'all'")
-    p.add_argument("--num-classes", type=int, default=100, help="classes of the task head (default: %(default)s)")
-    p.add_argument("--prompt-length", type=int, default=None,
+    p.add_argument("--num-classes", type=_positive_int, default=100, help="classes of the task head (default: %(default)s)")
+    p.add_argument("--prompt-length", type=_positive_int, default=None,
                    help="prompt length of the prompt methods (default: 10; refused for a method without prompts)")
     p.add_argument("--options", help="method options as JSON: iVPT's switches for ivpt and its presets, or the named method's own, e.g. '{\"lora_rank\": 4}'")
     p.add_argument("--output", help="JSON file to write the table to")
@@ -635,16 +676,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint.")
     p.add_argument("config", nargs="+", help="YAML recipe(s), its 'protocol' field sets lrs, wds and seeds; a later "
                    "file's fields replace an earlier one's (a method's protocol: configs/protocols/)")
-    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override recipe fields")
+    p.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE",
+                   help="override recipe fields (may be given several times; every one applies)")
     p.add_argument("--output", help="tuning folder (default: the recipe's output)")
     p.add_argument("--storage", metavar="URL", help="Optuna storage shared by every worker: sqlite:///PATH, "
                    "postgresql://USER:PASS@HOST/DB, or journal:PATH (default: sqlite in the output folder)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes to start here (default 1)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="worker processes to start here (default 1)")
     p.add_argument("--devices", metavar="0,1,...", help="GPU ids: worker k uses device k mod len")
     p.add_argument("--pruner", choices=("none", "sha", "asha", "hyperband"), default="sha",  # = study.PRUNERS
                    help="stop weak grid points early: sha, successive halving rung by rung (default); asha, "
                    "Optuna's asynchronous one; hyperband; or none, every point to the end")
-    p.add_argument("--heartbeat", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--heartbeat", type=_positive_float, default=30.0, metavar="SECONDS",
                    help="worker heartbeat; a trial silent for twice this is retried (default 30)")
     p.add_argument("--tasks", help="with a suite recipe: 'all' or a comma-separated list of offline-suite tasks")
     p.set_defaults(func=cmd_tune)
@@ -654,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "procedural task of the offline suite (no data needed), prints test top-1 and "
                                    "tuned parameters side by side, and saves adapters and results.")
     p.add_argument("--task", default=None, help="offline-suite task (default: the recipe's)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per method (default: the recipe's)")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="epochs per method (default: the recipe's)")
     p.add_argument("--output", default="runs/quickstart")
     p.set_defaults(func=cmd_quickstart)
 
@@ -666,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    one_line_warnings()
     parser = build_parser()
     if argv and argv[0] == "pretrain":
         from .engine.preemption import EXIT_PREEMPTED, Preempted

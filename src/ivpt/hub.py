@@ -54,16 +54,20 @@ def resolve_adapter(source) -> Path:
 
     repo, revision = parse_hub_name(source)
     where = f"{repo}" + (f" at revision {revision!r}" if revision else "")
+    from .reach import hub_unreachable
+
+    reason = hub_unreachable()  # no network: the cache at once, not after huggingface_hub's minute of retries
     try:
-        folder = Path(hub.snapshot_download(repo, revision=revision, allow_patterns=list(ADAPTER_FILES)))
+        folder = Path(hub.snapshot_download(repo, revision=revision, allow_patterns=list(ADAPTER_FILES),
+                                            local_files_only=bool(reason)))
     except errors.RevisionNotFoundError:
         raise AdapterError(f"Hub adapter {source}: repository {repo} has no revision {revision!r}") from None
     except errors.RepositoryNotFoundError:
         raise AdapterError(f"Hub adapter {source}: no repository {repo} (or no access: log in with "
                            "huggingface-cli login for a private one)") from None
     except errors.LocalEntryNotFoundError:
-        raise AdapterError(f"Hub adapter {source}: {where} is not in the Hub cache and the Hub cannot be reached; "
-                           + OFFLINE_HINT) from None
+        raise AdapterError(f"Hub adapter {source}: {where} is not in the Hub cache and the Hub cannot be reached"
+                           + (f" ({reason})" if reason else "") + "; " + OFFLINE_HINT) from None
     except (OSError, errors.HfHubHTTPError) as err:
         raise AdapterError(f"Hub adapter {source}: could not fetch {where} ({err}); {OFFLINE_HINT}") from None
     missing = [f for f in (TENSORS_FILE, CONFIG_FILE) if not (folder / f).is_file()]
@@ -137,8 +141,14 @@ def push_to_hub(source, repo_id: str, *, private: bool | None = None, dry_run=No
         raise AdapterError(f"huggingface_hub {hub.__version__} creates every new repository public unless told: "
                            "upgrade it (pip install 'ivpt[hub]', >= 0.27) or ask with --private or --public")
 
+    from .reach import hub_unreachable
+
     with tempfile.TemporaryDirectory() as tmp:
         staged = stage(source, Path(tmp) / "upload")
+        reason = hub_unreachable()  # said in seconds, not after huggingface_hub's minute of retries
+        if reason:
+            raise AdapterError(f"cannot push to {repo_id}: the Hub cannot be reached ({reason}); nothing was sent. "
+                               "Check the upload with --dry-run DIR and push from a machine with network access")
         api = hub.HfApi(token=token)
         try:
             # private=None is not sent: the Hub then applies its (or the organisation's) default

@@ -30,7 +30,9 @@ from .architectures import ARCHITECTURES
 
 
 def parse_args(argv=None, prog: str | None = None):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cliparse import Parser
+
+    p = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="cifar10-jpg.tar.gz (default: $IVPT_DATA or ../shared/data)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, log, final weights")
     p.add_argument("--arch", default="vit_mini_patch4_32", choices=sorted(ARCHITECTURES))

@@ -33,9 +33,11 @@ def image_folder(root, split: str | None = None, classes: list[str] | None = Non
     elif set(found) != set(classes):
         odd = sorted(set(found) ^ set(classes))
         alike = len({_folded(c) for c in odd}) < len(odd)  # e.g. NFC and NFD spellings: they print the same
-        raise DataError(f"{base}: class folders {', '.join(map(ascii, odd)) if alike else odd} differ from the "
-                        "expected classes" + (" (the same name spelt with other characters, e.g. an accent "
-                                              "composed or not, as macOS and Linux write it: rename one)" if alike else ""))
+        differ = class_difference(list(classes), found, "the expected classes")
+        raise DataError(f"{base}: its class folders differ from the expected classes (train's): "
+                        + (f"{', '.join(map(ascii, odd))} are the same name spelt with other characters, e.g. an accent "
+                           "composed or not, as macOS and Linux write it: rename one" if alike else
+                           f"{differ}; give every split the same class folders"))
     index = {c: i for i, c in enumerate(classes)}
     items = []
     for d in dirs:
@@ -51,6 +53,21 @@ def image_folder(root, split: str | None = None, classes: list[str] | None = Non
             raise DataError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         items += [(str(f.relative_to(base)), index[d.name]) for f in files]
     return ImageListDataset(base, items, list(classes), transform, upright)
+
+
+def class_difference(expected: list[str], found: list[str], owner: str) -> str:
+    """How two class lists differ, by name: missing, extra, or the same names in another order."""
+    missing = [c for c in expected if c not in found]
+    extra = [c for c in found if c not in expected]
+    parts = []
+    if missing:
+        parts.append(f"missing {', '.join(map(repr, missing[:8]))}{', ...' if len(missing) > 8 else ''}")
+    if extra:
+        parts.append(f"not in {owner} {', '.join(map(repr, extra[:8]))}{', ...' if len(extra) > 8 else ''}")
+    if not parts:
+        parts.append(f"the same {len(found)} names in another order ({', '.join(map(repr, found[:8]))}"
+                     f"{', ...' if len(found) > 8 else ''}; {owner}'s: {', '.join(map(repr, expected[:8]))})")
+    return "; ".join(parts)
 
 
 def image_folder_splits(root, transform=None, eval_transform=None) -> dict[str, ImageListDataset]:

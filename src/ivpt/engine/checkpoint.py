@@ -156,3 +156,25 @@ def load_checkpoint(directory, optimizer=None) -> tuple[dict[str, torch.Tensor],
     if optimizer is not None:
         restore_optimizer(optimizer, tensors, meta.get("optimizer_scalars", {}))
     return {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, meta
+
+
+def set_aside_run(directory) -> Path | None:
+    """Move a run folder's files out of the way so that a run can start over there (``--restart``):
+    renamed to ``NAME.replaced-<time>`` beside it, nothing deleted. None when there is nothing to move.
+    Refused while another process holds the folder."""
+    import time
+
+    from .runlock import RunLock
+
+    directory = Path(directory)
+    if not directory.is_dir() or not any(directory.iterdir()):
+        return None
+    with RunLock(directory):  # RunLockedError, naming the holder, when a live run writes there
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = directory.with_name(f"{directory.name}.replaced-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = directory.with_name(f"{directory.name}.replaced-{stamp}-{n}")
+        os.replace(directory, target)
+    return target

@@ -62,6 +62,8 @@ class TrainConfig:
     output: str = "runs/default"
     # used by `ivpt tune` only: the lr x wd grid and the seeds of the final runs (VPT's protocol)
     protocol: dict[str, Any] = field(default_factory=dict)
+    # set by ivpt when a run starts: the path fields as typed (the resolved ones are recorded), for the model card
+    paths_as_typed: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
         import torch  # here, not at import: `ivpt train --help` lists the fields without loading torch
@@ -147,6 +149,7 @@ class TrainConfig:
                 "decoder", "crop_size", "decoder_channels", "base_size", "ratio_range"}:
             raise ConfigError("config field 'segmentation': expected a mapping with decoder, crop_size, "
                               "decoder_channels, base_size, ratio_range")
+        check_segmentation_options(self.segmentation)
         if not isinstance(self.backbone_options, dict):
             raise ConfigError("config field 'backbone_options': expected a mapping of timm.create_model arguments")
         if not isinstance(self.method_options, dict):
@@ -162,6 +165,30 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_segmentation_options(opts: dict[str, Any]) -> None:
+    """The ``segmentation`` field's values: sizes whole and positive, the scale range ordered."""
+    from ..segmentation import DECODERS
+
+    def pair(value, kind):
+        return isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, kind) and not isinstance(v, bool) for v in value)
+
+    if "decoder" in opts and opts["decoder"] not in DECODERS:
+        raise ConfigError(f"config field 'segmentation.decoder': got {opts['decoder']!r}, expected one of "
+                          f"{', '.join(DECODERS)}")
+    for name in ("crop_size", "decoder_channels"):
+        if name in opts and (isinstance(opts[name], bool) or not isinstance(opts[name], int) or opts[name] < 1):
+            raise ConfigError(f"config field 'segmentation.{name}': got {opts[name]!r}, expected a whole number of "
+                              "at least 1")
+    if "base_size" in opts and not (pair(opts["base_size"], int) and min(opts["base_size"]) >= 1):
+        raise ConfigError(f"config field 'segmentation.base_size': got {opts['base_size']!r}, expected [long side, "
+                          "short side] in pixels, e.g. [2048, 512]")
+    ratio = opts.get("ratio_range")
+    if ratio is not None and not (pair(ratio, (int, float)) and 0 < ratio[0] <= ratio[1]):
+        raise ConfigError(f"config field 'segmentation.ratio_range': got {ratio!r}, expected [low, high] scale "
+                          "factors with 0 < low <= high, e.g. [0.5, 2.0]")
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -186,30 +213,133 @@ def check_compile(value) -> dict[str, str] | None:
                       "or {mode: ..., backend: ...}")
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# the fields that do not change a run's result: where it is written, how it is fed and what it records
+NOT_RESULT_FIELDS = ("output", "device", "workers", "eval_every", "threads", "compile", "cache", "paths_as_typed")
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a mapping that repeats a key is refused (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                continue  # an unhashable key: PyYAML's own check names it
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise ConfigError(f"{key_node.start_mark.name}: key {key!r} is given twice (lines {first[key]} and "
+                                  f"{line}); keep one")
+            first[key] = line
+        return super().construct_mapping(node, deep)
 
 
-def parse_value(text: str) -> Any:
-    """Command-line values are read as YAML scalars: 0.1, true, null, [1, 2], {a: 1}."""
+def read_yaml(text: str, source: str) -> Any:
+    """A user's YAML text (a recipe, a --set value), duplicate keys refused naming both lines of ``source``."""
+    loader = UniqueKeyLoader(text)
+    loader.name = source  # what the marks (and so the messages) call the text
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def parse_value(text: str, where: str = "value") -> Any:
+    """Command-line values are read as YAML: 0.1, true, null, [1, 2], {a: 1}; text that is not valid YAML
+    (an unclosed brace, 'a: b: c') is refused rather than taken as a string that means something else."""
+    try:
+        return read_yaml(text, where)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: {text!r} is not a valid YAML value ({problem}); close the brackets or quotes, "
+                          f"or quote the whole value to mean a string (KEY='\"{text}\"')") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; dotted keys reach into mappings (``data.task=dtd10``)."""
+    """``key=value`` pairs; dotted keys reach into mappings (``data.task=dtd10``). A key given twice with
+    different values is refused: which one was meant cannot be told."""
     raw = json.loads(json.dumps(raw))  # deep copy
+    given: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, value = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected key=value with a field name before '='")
+        if key in given and given[key] != value:
+            raise ConfigError(f"override {key!r} is given twice ({key}={given[key]} and {item}); give it once")
+        given[key] = value
         target, parts = raw, key.split(".")
         for part in parts[:-1]:
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
-        target[parts[-1]] = parse_value(value)
+        target[parts[-1]] = parse_value(value, f"override {key}")
     return raw
+
+
+def _expand(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def as_started(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` as a run records it when it starts: every path field expanded (``~``) and made absolute against
+    the working directory, so that its records name the same files from anywhere (the values as typed go to
+    ``paths_as_typed``, for the model card), and a folder's holdout rule spelt out. Idempotent."""
+    from .data import HOLDOUT_RULE
+
+    typed = dict(cfg.paths_as_typed)
+    values = {"weights": cfg.weights, "output": cfg.output, **{f"data.{k}": cfg.data.get(k) for k in ("root", "path")}}
+    resolved = {}
+    for name, value in values.items():
+        if isinstance(value, (str, Path)) and str(value):
+            resolved[name] = _expand(str(value))
+            if resolved[name] != str(value):
+                typed.setdefault(name, str(value))
+    data = {**cfg.data, **{k.split(".", 1)[1]: v for k, v in resolved.items() if k.startswith("data.")}}
+    if data.get("kind", "folder" if "root" in data else None) == "folder":
+        data.setdefault("holdout_rule", HOLDOUT_RULE)
+    return dataclasses.replace(cfg, data=data, paths_as_typed=typed,
+                               **{k: v for k, v in resolved.items() if k in ("weights", "output")})
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """The files and folders a run reads, checked to exist before any weights are downloaded or model built."""
+    data = cfg.data
+    for name, value, want in (("data.root", data.get("root"), "folder"), ("data.path", data.get("path"), "file or folder"),
+                              ("weights", cfg.weights, "file")):
+        if not isinstance(value, str) or not value:
+            continue
+        path = Path(value).expanduser()
+        if not path.exists():
+            where = "" if Path(value).is_absolute() else f" (relative to the working directory {Path.cwd()})"
+            raise FileNotFoundError(f"config field '{name}': {value} does not exist{where}; expected a {want}"
+                                    + (" of images, one subfolder per class" if name == "data.root" and
+                                       data.get("kind", "folder") == "folder" else ""))
+        if want == "folder" and not path.is_dir():
+            raise ConfigError(f"config field '{name}': {value} is a file; expected a folder")
+        if want == "file" and path.is_dir() and name == "weights":
+            raise ConfigError(f"config field 'weights': {value} is a folder; expected a weights file "
+                              "(.safetensors, .pth/.bin state dict or Google .npz)")
+
+
+def read_recipe(path: Path) -> Any:
+    """A recipe file's YAML; anything else (a folder, an image, a missing file) refused saying what it is."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a recipe (a YAML file such as configs/suite/base.yaml). To train "
+                          f"on a folder of images (one subfolder per class): ivpt train --set data.root={path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe not found: {path} (a recipe is a YAML file such as configs/suite/base.yaml; "
+                                "`ivpt train --help` lists its fields)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a recipe: it is not UTF-8 text (an image or other binary file?). A recipe "
+                          "is a YAML file such as configs/suite/base.yaml; to label images use ivpt predict ADAPTER "
+                          "IMAGES; to train on your images, ivpt train --set data.root=FOLDER") from None
+    try:
+        return read_yaml(text, str(path))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
 
 
 def load_config(path: str | Path | list | tuple | None = None, overrides: list[str] | None = None,
@@ -219,12 +349,7 @@ def load_config(path: str | Path | list | tuple | None = None, overrides: list[s
     raw: dict[str, Any] = {}
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     for path in map(Path, paths):
-        if not path.is_file():
-            raise ConfigError(f"recipe not found: {path}")
-        try:
-            layer = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        layer = read_recipe(path) or {}
         if not isinstance(layer, dict):
             raise ConfigError(f"{path}: expected a mapping of config fields")
         unknown = sorted(set(layer) - set(FIELDS))

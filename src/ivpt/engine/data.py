@@ -26,14 +26,18 @@ DATA_FIELDS = {
     "vtab": (("root", "task"), ()),
     "fgvc": (("root", "dataset"), ()),
     "folder": (("root",), ("val_fraction", "test_fraction", "seed", "preprocess", "augment", "exif_orientation",
-                           "resize")),
+                           "resize", "holdout_rule")),
     "cifar10": ((), ("path", "limit", "seed")),
     "camvid": ((), ("path",)),
     "ade20k": (("root",), ()),
 }
 FOLDER_EXIF_ORIENTATION = True  # a folder's photos are turned by their EXIF tag unless the spec says false
 FOLDER_HOLDOUT = 0.2  # the share of each class held out of train for val (and for test) when the folder has none
-FOLDER_DEFAULTS = {"seed": 0, "val_fraction": FOLDER_HOLDOUT, "test_fraction": FOLDER_HOLDOUT}  # how holdouts are drawn
+# how holdouts are drawn, as an adapter that records none of these fields drew them
+FOLDER_DEFAULTS = {"seed": 0, "val_fraction": FOLDER_HOLDOUT, "test_fraction": FOLDER_HOLDOUT, "holdout_rule": 1}
+# 2 (since 2026-12-06): each fraction of a class's own count; 1: test_fraction of what val left (recorded
+# adapters without the field keep it, so that their held-out splits are the ones they were trained beside)
+HOLDOUT_RULE = 2
 
 
 def check_data_spec(spec: Any) -> dict[str, Any]:
@@ -42,6 +46,11 @@ def check_data_spec(spec: Any) -> dict[str, Any]:
     ``root`` without a kind means a folder of images; a suite task and a root together are refused
     (it is one or the other: the built-in task, or the user's folder).
     """
+    if isinstance(spec, (str, Path)):  # a folder's path where its mapping belongs: say how to write it
+        raise DataError(f"data spec: got the text {str(spec)!r}, expected a mapping. For a folder of images (one "
+                        f"subfolder per class) give {{'kind': 'folder', 'root': {str(spec)!r}}} "
+                        f"(data.root={spec} on the command line); for a built-in task "
+                        "{'kind': 'suite', 'task': 'clevr-count'}")
     if not isinstance(spec, dict):
         raise DataError(f"data spec: expected a mapping with a 'kind', got {spec!r}")
     spec = dict(spec)
@@ -69,6 +78,13 @@ def check_data_spec(spec: Any) -> dict[str, Any]:
         if name in spec and (isinstance(spec[name], bool) or not isinstance(spec[name], (int, float))
                              or not 0 <= spec[name] < 0.9):
             raise DataError(f"data field {name!r}: got {spec[name]!r}, expected a fraction in [0, 0.9)")
+    if spec.get("holdout_rule", HOLDOUT_RULE) not in (1, 2) or isinstance(spec.get("holdout_rule"), bool):
+        raise DataError(f"data field 'holdout_rule': got {spec['holdout_rule']!r}, expected 2 (each fraction of a "
+                        "class's images) or 1 (test_fraction of what val left: adapters trained before 2026-12-06)")
+    held = [float(spec.get(f"{s}_fraction", FOLDER_HOLDOUT)) for s in ("val", "test")]
+    if spec.get("holdout_rule", HOLDOUT_RULE) == 2 and sum(held) >= 0.95:
+        raise DataError(f"data fields 'val_fraction' and 'test_fraction': {held[0]:g} + {held[1]:g} of each class "
+                        "leave less than 5% for train; lower them so that their sum is below 0.95")
     if spec.get("preprocess", "crop") not in ("crop", "squash"):
         raise DataError(f"data field 'preprocess': got {spec['preprocess']!r}, expected 'crop' (resize the shorter "
                         "side and centre-crop, as timm evaluates) or 'squash' (resize to a square, aspect ratio lost)")
@@ -82,6 +98,9 @@ def check_data_spec(spec: Any) -> dict[str, Any]:
     for name in ("seed", "version", "limit"):
         if name in spec and (isinstance(spec[name], bool) or not isinstance(spec[name], int) or spec[name] < 0):
             raise DataError(f"data field {name!r}: got {spec[name]!r}, expected a non-negative integer")
+    if spec.get("limit") == 0:  # 0 would read as 'no limit': every image, not none
+        raise DataError("data field 'limit': got 0, expected the number of images to keep (at least 1); leave the "
+                        "field out to keep every image")
     return spec
 
 
@@ -191,7 +210,8 @@ def recorded_data_spec(spec: dict[str, Any], pretrained_cfg: dict | None = None)
     images as this run did."""
     if spec.get("kind") != "folder":
         return spec
-    recorded = {**spec, "exif_orientation": spec.get("exif_orientation", FOLDER_EXIF_ORIENTATION)}
+    recorded = {**spec, "exif_orientation": spec.get("exif_orientation", FOLDER_EXIF_ORIENTATION),
+                "holdout_rule": spec.get("holdout_rule", HOLDOUT_RULE)}
     if pretrained_cfg is not None and recorded.get("preprocess", "crop") == "crop":
         recorded["resize"] = spec.get("resize") or timm_resize(pretrained_cfg)
     return recorded
@@ -242,7 +262,8 @@ def _folder(spec: dict[str, Any], root: Path, pretrained_cfg: dict) -> TaskData:
             raise DataError(f"data field '{split}_fraction': {root / split} exists, so nothing is held out for "
                             f"{split}; remove the field or the folder")
     fractions = {s: float(spec.get(f"{s}_fraction", FOLDER_HOLDOUT)) for s in ("val", "test") if not (root / s).is_dir()}
-    keep, held = stratified_holdout(full.labels, fractions, int(spec.get("seed", 0)))
+    keep, held = stratified_holdout(full.labels, fractions, int(spec.get("seed", 0)),
+                                    of_remainder=spec.get("holdout_rule", HOLDOUT_RULE) == 1)
     train = ImageListDataset(base, [full.items[i] for i in keep], full.classes, train_tf, upright)
     splits, origin = {"train": train}, {}
     for split in ("val", "test"):
@@ -251,7 +272,9 @@ def _folder(spec: dict[str, Any], root: Path, pretrained_cfg: dict) -> TaskData:
             origin[split] = "folder"
         elif len(held[split]):
             splits[split] = ImageListDataset(base, [full.items[i] for i in held[split]], full.classes, eval_tf, upright)
-            origin[split] = f"{100 * fractions[split]:g}% of each class held out of train, seed {int(spec.get('seed', 0))}"
+            share = "of what val left " if split == "test" and spec.get("holdout_rule", HOLDOUT_RULE) == 1 else ""
+            origin[split] = (f"{100 * fractions[split]:g}% of each class {share}held out of train, "
+                             f"seed {int(spec.get('seed', 0))}")
     if "val" in splits:
         val = splits["val"]
         splits["trainval"] = ConcatDataset([train, ImageListDataset(val.root, val.items, full.classes, train_tf, upright)])
@@ -335,11 +358,13 @@ def check_same_splits(recorded: dict[str, Any] | None, task: TaskData, where: st
                            "folder's AVIF files out" if avif else ""))
 
 
-def stratified_holdout(labels, fractions: dict[str, float], seed: int) -> tuple[list[int], dict[str, list[int]]]:
+def stratified_holdout(labels, fractions: dict[str, float], seed: int,
+                       of_remainder: bool = False) -> tuple[list[int], dict[str, list[int]]]:
     """Seeded per-class holdout: (indices kept for train, {split: held-out indices}), each sorted.
 
     Each split takes round(fraction * n) images of each class of n images, at least one where the
     fraction is above 0 and the class has an image to spare; train keeps the rest (at least one).
+    of_remainder: n is what the splits before it left (holdout rule 1, adapters from before 2026-12-06).
     """
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
@@ -347,8 +372,10 @@ def stratified_holdout(labels, fractions: dict[str, float], seed: int) -> tuple[
     keep: list[int] = []
     for label in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == label)).tolist()
+        total = len(idx)
         for split, fraction in fractions.items():
-            take = max(1, round(fraction * len(idx))) if fraction > 0 and len(idx) > 1 else 0
+            n = len(idx) if of_remainder else total
+            take = max(1, round(fraction * n)) if fraction > 0 and len(idx) > 1 else 0
             take = min(take, len(idx) - 1)
             held[split] += idx[:take]
             idx = idx[take:]

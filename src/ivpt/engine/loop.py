@@ -19,7 +19,7 @@ from ..data.cache import to_device
 from ..progress import progress as tqdm_or_lines
 from .checkpoint import (CheckpointError, atomic_write, checkpoint_meta, has_checkpoint, load_checkpoint,
                          save_checkpoint)
-from .config import ConfigError, TrainConfig, check_compile
+from .config import NOT_RESULT_FIELDS, ConfigError, TrainConfig, as_started, check_compile, check_inputs
 from . import features as features_mod
 from .data import TensorImages, recorded_data_spec, split_of, split_record
 from .distributed import Dist, GlobalBatchSampler, init_distributed, shutdown
@@ -177,7 +177,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, progress:
     with each epoch's log entry after its checkpoint (a resumed run replays the entries it already has);
     an exception it raises (e.g. a pruner's) stops the run there, that checkpoint kept.
     """
-    cfg.validate()
+    cfg = as_started(cfg.validate())  # paths absolute: what the run records names the same files from anywhere
+    check_inputs(cfg)  # a missing data folder or weights file said before any download or model build
     configure_threads(cfg.threads)  # several processes on one machine (torchrun ranks, shards) share its cores
     device = resolve_device(cfg.device)
     ctx = init_distributed(device)
@@ -199,7 +200,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, progress:
 def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: bool, progress: bool,
            stopper: StopRequest, on_epoch=None) -> dict[str, Any]:
     if has_checkpoint(out) and not resume:
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another output")
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, --restart to start it over "
+                              "(its files are moved aside, not deleted), or choose another output")
     precision = resolve_precision(cfg.precision, device)
     if ctx.main and not quiet:
         print(f"precision {precision.used} ({precision.reason}); {torch.get_num_threads()} CPU threads", flush=True)
@@ -435,8 +437,10 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
 def _result_fields(config: dict) -> dict:
     """The config fields that change a run's result (not where it is written or how it is fed)."""
     normal = json.loads(json.dumps(config))  # tuples and lists compare alike
-    return {k: v for k, v in normal.items() if k not in ("output", "device", "workers", "eval_every", "threads",
-                                                             "compile", "cache")}
+    for holder, key in ((normal, "weights"), (normal.get("data") or {}, "root"), (normal.get("data") or {}, "path")):
+        if isinstance(holder.get(key), str) and holder[key]:  # runs before 2026-12-06 recorded paths as typed
+            holder[key] = str(Path(holder[key]).expanduser().resolve())
+    return {k: v for k, v in normal.items() if k not in NOT_RESULT_FIELDS}
 
 
 def _yaml(data: dict) -> str:

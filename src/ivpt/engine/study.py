@@ -32,7 +32,7 @@ from typing import Any
 
 from ..extras import require
 from .checkpoint import atomic_write
-from .config import ConfigError, TrainConfig
+from .config import NOT_RESULT_FIELDS, ConfigError, TrainConfig, as_started, check_inputs
 from .protocol import VPT_LRS, VPT_SEEDS, VPT_WDS, _check_finals, choose, final_jobs, grid_jobs
 from .runlock import RunLockedError
 
@@ -48,8 +48,7 @@ def _done(run: Path) -> dict | None:
 def study_key(cfg: TrainConfig) -> str:
     """What makes two tuning runs the same protocol stage: every result field but lr, wd, seed and output."""
     fields = {k: v for k, v in cfg.to_dict().items()
-              if k not in ("lr", "weight_decay", "seed", "output", "device", "workers", "threads", "compile", "cache",
-                           "train_split", "eval_split", "test_split", "eval_every")}
+              if k not in (*NOT_RESULT_FIELDS, "lr", "weight_decay", "seed", "train_split", "eval_split", "test_split")}
     if cfg.seed != TrainConfig.seed:  # the grid runs' seed; left out at its default, so earlier studies keep their keys
         fields["grid_seed"] = cfg.seed
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -325,7 +324,7 @@ def run_stage(name: str, storage, space: dict[str, list], jobs: dict, split: str
     """
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial: ivpt says why, once (not Optuna beside it)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
                                 pruner=pruner)
     if pruner_name is not None:  # a stage pruned one way is not finished by another: its pruned points differ
@@ -507,7 +506,9 @@ def tune(cfg: TrainConfig, output: str | Path, *, storage: str | None = None, wo
     processes on other machines join by running the same command with the same ``storage``.
     ``chosen`` ({"lr", "weight_decay"}) skips the grid: e.g. an ablation reusing its method's choice.
     """
-    out = Path(output)
+    cfg = as_started(cfg.validate())  # paths absolute before the study's key and every run are made of them
+    check_inputs(cfg)  # a missing data folder said before any trial downloads weights or builds a model
+    out = Path(output).expanduser()
     if workers < 1:
         raise ValueError(f"--workers {workers}: expected at least 1")
     if devices:

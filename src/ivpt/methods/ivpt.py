@@ -60,7 +60,10 @@ class IVPTConfig:
         if self.layers is not None:
             if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
                 raise OptionError(f"option 'layers': got {self.layers!r}, expected a list of transition indices or None")
-            layers = tuple(sorted({check_int("layers", v, low=0) for v in self.layers}))
+            given = [check_int("layers", v, low=0) for v in self.layers]
+            if len(set(given)) != len(given):  # a repeat would collapse into one transition, unsaid
+                raise OptionError(f"option 'layers': {list(self.layers)!r} repeats a transition; list each once")
+            layers = tuple(sorted(given))
             object.__setattr__(self, "layers", layers)
 
     def transitions(self, depth: int) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ class VPTConfig:
     prompt_dropout: float = 0.0
 
     def __post_init__(self):
-        check_int("prompt_length", self.prompt_length, low=0)
+        check_int("prompt_length", self.prompt_length, low=1)  # 0: a linear probe under another name
         check_float("prompt_dropout", self.prompt_dropout, 0.0, 1.0, high_open=True)
 
 
