@@ -55,7 +55,7 @@ def test_paths_are_recorded_absolute_and_a_moved_folder_is_known_by_its_content(
     work = tmp_path / "work"
     photo_folder(work / "photos", per_class=20)
     monkeypatch.chdir(work)
-    assert run(train_argv(weights_set, "run", "data.root=photos"), capsys)[0] == 0
+    assert run(train_argv(weights_set, "run", "data={root: photos, seed: 3}"), capsys)[0] == 0
     adapter = work / "run" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["data"]["root"] == str((work / "photos").resolve())  # absolute
@@ -64,10 +64,14 @@ def test_paths_are_recorded_absolute_and_a_moved_folder_is_known_by_its_content(
     monkeypatch.chdir(tmp_path)  # elsewhere
     own = ivpt.evaluate(adapter, "test")
     assert own["count"] == 12  # 20% of each class of 20
-    # the folder moved: known as the adapter's own by its content, its held-out splits drawn as training drew them
+    # the folder moved: known as the adapter's own by its content, its held-out splits drawn as training drew
+    # them (seed 3, where a spec without a seed draws seed 0)
     shutil.move(str(work / "photos"), str(tmp_path / "moved"))
     moved = ivpt.evaluate(adapter, "test", {"root": str(tmp_path / "moved")})
-    assert moved["count"] == own["count"] and moved["top1"] == own["top1"]
+    assert moved["data"]["seed"] == 3 and moved["count"] == own["count"] and moved["top1"] == own["top1"]
+    # another folder of the same classes (other files) is images of their own: drawn as its spec says
+    photo_folder(tmp_path / "other", per_class=15)
+    assert "seed" not in ivpt.evaluate(adapter, "test", {"root": str(tmp_path / "other")})["data"]
     code, _, err = run(["eval", str(adapter), "--data", json.dumps({"root": "moved", "test_fraction": 0.3})], capsys)
     assert code == 2 and "draws this folder's held-out splits otherwise than training did (test_fraction 0.3" in err
     # the card shows the path as typed; a push says that the config records this machine's paths
@@ -341,17 +345,23 @@ def test_a_zero_that_would_mean_something_else_is_refused(argv, named, capsys):
 
 
 def test_path_fields_name_what_is_missing(tmp_path, capsys):
+    """A missing file or folder exits 1 (the exit-code table's file problem), naming the field."""
     missing = tmp_path / "missing"
     for argv, named in ((["train", "--set", f"data.root={missing}"], "config field 'data.root'"),
                         (["train", "--set", f"weights={missing}.safetensors"], "config field 'weights'"),
                         (["tune", "configs/suite/base.yaml", "--set", f"weights={missing}.pt"], "config field 'weights'"),
                         (["eval", str(missing)], str(missing)),
-                        (["predict", str(missing), str(tmp_path)], str(missing)),
-                        (["export", str(missing), "--merged", str(tmp_path / "none" / "m.safetensors")],
-                         "folder " + str(tmp_path / "none") + " does not exist")):
+                        (["predict", str(missing), str(tmp_path)], str(missing))):
         code, _, err = run(argv, capsys)
-        assert code in (1, 2) and named in err, (argv, err)
+        assert code == 1 and named in err, (argv, err)
         assert not missing.exists()
+    code, _, err = run(["export", str(missing), "--merged", str(tmp_path / "none" / "m.safetensors")], capsys)
+    assert code == 2 and f"folder {tmp_path / 'none'} does not exist" in err  # checked before the adapter is read
+    for text in ("2024", "null", "{a: b}"):  # read as YAML, these are no paths
+        code, _, err = run(["train", "--set", f"output={text}"], capsys)
+        assert code == 2 and "config field 'output'" in err and "expected a path" in err, (text, err)
+    code, _, err = run(["train", "--set", "data.root=2024"], capsys)
+    assert code == 2 and "data field 'root': got 2024, expected a path" in err
 
 
 def test_duplicate_keys_are_refused_in_every_text_a_user_writes(tmp_path, capsys):
@@ -364,3 +374,73 @@ def test_duplicate_keys_are_refused_in_every_text_a_user_writes(tmp_path, capsys
     assert code == 2 and "key 'root' is given twice" in err
     code, _, err = run(["params", "--method", "lora", "--options", '{"lora_rank": 2, "lora_rank": 4}'], capsys)
     assert code == 2 and "key 'lora_rank' is given twice" in err
+
+
+def test_list_options_refuse_a_repeated_entry(capsys):
+    code, _, err = run(["tune", "configs/suite/base.yaml", "--tasks", "clevr-count,clevr-count"], capsys)
+    assert code == 2 and "--tasks clevr-count,clevr-count: a task is listed twice" in err
+    code, _, err = run(["eval", "x", "--multiscale", "1.0", "1.0"], capsys)
+    assert code == 2 and "--multiscale 1.0 1.0: a scale is listed twice" in err
+
+
+def test_path_arguments_expand_a_home_that_the_shell_left(tmp_path, monkeypatch, capsys):
+    """`--output=~/x` and quoted paths reach ivpt with the ~ in them."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "lora", 3).save_adapter(tmp_path / "a")
+    code, out, err = run(["export", "~/a", "--merged=~/m.safetensors"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "m.safetensors").is_file() and not (tmp_path / "~").exists()
+    code, _, err = run(["params", "--method", "lora", "--output=~/p.json"], capsys)
+    assert code == 0 and (tmp_path / "p.json").is_file()
+    assert ivpt.load_adapter("~/a").head.out_features == 3
+
+
+def test_a_run_from_before_the_holdout_fix_resumes_when_asked_for_its_rule(tmp_path):
+    from ivpt.engine.config import as_started
+    from ivpt.engine.loop import config_differences, resume_hint
+
+    cfg = as_started(TrainConfig(data={"root": str(tmp_path)}).validate())
+    saved = {**cfg.to_dict(), "data": {"root": str(tmp_path), "kind": "folder"}}  # a checkpoint before the field
+    diff = config_differences(saved, cfg)
+    assert diff == ["data"] and "--set data.holdout_rule=1" in resume_hint(saved, diff)
+    old_rule = as_started(TrainConfig(data={"root": str(tmp_path), "holdout_rule": 1}).validate())
+    assert config_differences(saved, old_rule) == []
+
+
+def test_a_study_is_the_same_from_any_working_directory(tmp_path, monkeypatch):
+    """Workers in other directories (or machines mounting the data elsewhere) join one study: its key is made of
+    the paths as typed, and a study from before the holdout field keeps its key under rule 1."""
+    import hashlib
+
+    from ivpt.engine.config import as_started
+    from ivpt.engine.study import study_key
+
+    keys = []
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        monkeypatch.chdir(tmp_path / where)
+        keys.append(study_key(as_started(load_config(None, ["data.root=photos", "data.holdout_rule=1"]))))
+    assert keys[0] == keys[1]
+    before = load_config(None, ["data.root=photos"]).to_dict()  # the key of a study started before the change
+    fields = {k: v for k, v in before.items() if k not in ("lr", "weight_decay", "seed", "output", "device", "workers",
+                                                            "threads", "compile", "cache", "train_split", "eval_split",
+                                                            "test_split", "eval_every", "paths_as_typed")}
+    assert keys[0] == hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def test_restart_moves_only_a_run(tmp_path, capsys):
+    from ivpt.engine.checkpoint import set_aside_run
+
+    photos = photo_folder(tmp_path / "photos")
+    assert set_aside_run(photos) is None and (photos / "cat").is_dir()  # not a run: left where it is
+    assert set_aside_run(tmp_path / "nothing") is None
+
+
+def test_pretrain_refuses_zero_and_expands_home(tmp_path, monkeypatch):
+    from ivpt.backbones.pretrain import parse_args
+
+    for flag in ("--threads", "--epochs", "--depth"):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "x", flag, "0"])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_args(["--out", "~/run"]).out == str(tmp_path / "run")

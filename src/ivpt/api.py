@@ -92,6 +92,8 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
     from .data.folder import class_difference
     from .engine.data import adapter_folder_reading, check_data_spec, check_same_splits
 
+    if multiscale and len(set(multiscale)) != len(multiscale):  # a repeat would weigh twice in the mean, unsaid
+        raise ValueError(f"--multiscale {' '.join(map(str, multiscale))}: a scale is listed twice; list each once")
     device, computed_in = inference_device(device, precision)  # first: a wrong value is named before any reading
     model, config = load_for_inference(adapter, weights)
     spec = check_data_spec(data) if data else config.get("data")
@@ -102,8 +104,9 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
         spec = {**adapter_folder_reading(recorded, input_config(model.backbone)), **spec}
     if not spec:
         raise ValueError(f"{adapter} records no dataset; pass data={{\"kind\": ..., ...}} (--data on the command line)")
-    if data and isinstance(spec.get("root"), str):
-        spec = {**spec, "root": str(Path(spec["root"]).expanduser().resolve())}
+    if data:  # resolved as a run resolves its paths
+        spec = {**spec, **{k: str(Path(spec[k]).expanduser().resolve()) for k in ("root", "path")
+                           if isinstance(spec.get(k), str)}}
     task, spec, own_folder, redrawn = _own_folder_task(model, config, spec, bool(data))
     if own_folder:  # the adapter's own folder: its held-out splits must be the ones it was trained beside
         check_same_splits(config.get("data_splits"), task, f"{adapter} (data root {spec.get('root')})", redrawn)
@@ -149,6 +152,7 @@ def _own_folder_task(model, config: dict, spec: dict, given: bool):
     A folder is the adapter's own when no --data is given, when --data names the recorded root, or when
     its content is the one recorded (the folder moved: its splits, drawn as training drew them, hold the
     recorded images); then its held-out splits are drawn as training drew them, never anew."""
+    from .data.datasets import DataError
     from .engine.data import FOLDER_DEFAULTS, split_record
 
     recorded = config.get("data") or {}
@@ -164,7 +168,14 @@ def _own_folder_task(model, config: dict, spec: dict, given: bool):
     redrawn = [f"{k} {v} (trained with {recorded.get(k, FOLDER_DEFAULTS[k])})" for k, v in asked.items()
                if v != recorded.get(k, FOLDER_DEFAULTS[k])]
     same_path = bool(recorded.get("root")) and Path(spec["root"]) == Path(recorded["root"]).expanduser().resolve()
-    trained_splits = data_for(model, config, as_trained) if (same_path or config.get("data_splits")) else None
+    trained_splits = None
+    if same_path:
+        trained_splits = data_for(model, config, as_trained)
+    elif config.get("data_splits") and _class_folders(spec["root"]) == set(model.class_names or ()):
+        try:  # drawn as training drew them, does this folder give the recorded splits?
+            trained_splits = data_for(model, config, as_trained)
+        except DataError:  # the recorded fields do not even apply to it (e.g. it has a val/ folder): another one
+            trained_splits = None
     moved = (not same_path and trained_splits is not None
              and split_record(trained_splits) == config.get("data_splits"))
     if not (same_path or moved):
@@ -172,6 +183,15 @@ def _own_folder_task(model, config: dict, spec: dict, given: bool):
     if redrawn:
         return data_for(model, config, {**as_trained, **asked}), {**as_trained, **asked}, True, redrawn
     return trained_splits, as_trained, True, []
+
+
+def _class_folders(root) -> set[str]:
+    """The visible subfolder names of a flat image folder (its classes), cheaply: no file is read."""
+    from .data.datasets import hidden
+
+    root = Path(root)
+    root = root / "train" if (root / "train").is_dir() else root  # split folders: the classes are train's
+    return {p.name for p in root.iterdir() if p.is_dir() and not hidden(p.name)} if root.is_dir() else set()
 
 
 def _named(dataset, skipped: dict) -> dict:

@@ -9,6 +9,7 @@ import difflib
 import hashlib
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +166,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_backbone_weights(vit: VisionTransformer, path: str | Path) -> None:
     """Load local weights: timm/PyTorch state dicts (.safetensors, .pth, .bin) or Google .npz."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path}")
     suffix = path.suffix.lower()
@@ -223,10 +224,18 @@ def offline_pretrained_file(backbone: str) -> str | None:
     advice = "pass weights='path/to/file' (.safetensors, .pth/.bin state dict, or Google .npz)"
     if backbone.startswith("hf-hub:"):
         reason = hub_unreachable()
-        if reason:
-            raise BackboneError(f"backbone {backbone!r}: the Hugging Face Hub cannot be reached ({reason}); if the "
-                                f"repository is in the Hub cache, set HF_HUB_OFFLINE=1 to read it from there, or {advice}")
-        return None
+        if not reason:
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = backbone[len("hf-hub:"):].partition("@")[0]
+        if isinstance(try_to_load_from_cache(repo, "config.json"), str):  # timm reads it from the cache, slowly
+            warnings.warn(f"backbone {backbone!r}: the Hugging Face Hub cannot be reached ({reason}); reading the "
+                          "repository from the Hub cache after huggingface_hub's retries (about a minute; "
+                          "HF_HUB_OFFLINE=1 skips them)", stacklevel=3)
+            return None
+        raise BackboneError(f"backbone {backbone!r}: the Hugging Face Hub cannot be reached ({reason}) and the "
+                            f"repository is not in the Hub cache; {advice}")
     cfg = timm.models.get_pretrained_cfg(backbone, allow_unregistered=True)
     if cfg is None:
         return None  # no pretrained source known to timm: its own error says so

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -21,10 +22,10 @@ def cmd_train(args) -> int:
     from .engine.config import load_config
     from .engine.loop import train
 
-    overrides = list(args.set or [])
-    if args.output:
-        overrides.append(f"output={args.output}")
-    cfg = load_config(args.config, overrides)
+    # --output is a path as typed, never read as YAML (2024 would be a number, '#run' nothing)
+    if args.output and any(item.split("=", 1)[0] == "output" for item in args.set or []):
+        raise ValueError("the run folder is given twice (--output and --set output=...); give it once")
+    cfg = load_config(args.config, list(args.set or []), fields={"output": args.output} if args.output else None)
     if args.restart:
         from .engine.checkpoint import set_aside_run
 
@@ -447,6 +448,12 @@ def cmd_params(args) -> int:
 
 
 # -- tune ----------------------------------------------------------------------------------------
+def _user_path(text: str) -> str:
+    """A path argument with ``~`` expanded: a shell leaves it in ``--output=~/x`` and in quotes; Hub names
+    (hf-hub:...) pass through."""
+    return text if text.startswith("hf-hub:") else os.path.expanduser(text)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -492,10 +499,12 @@ def cmd_tune(args) -> int:
     if args.tasks:
         if cfg.data.get("kind") != "suite":
             raise ValueError("--tasks applies to recipes whose data kind is 'suite'")
-        tasks = list(SUITE_TASKS) if args.tasks == "all" else args.tasks.split(",")
+        tasks = list(SUITE_TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",")]
         unknown = [t for t in tasks if t not in SUITE_TASKS]
         if unknown:
             raise ValueError(f"--tasks: unknown suite task {unknown[0]!r}; expected {', '.join(SUITE_TASKS)} or all")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"--tasks {args.tasks}: a task is listed twice; list each once")
         summaries = {}
         for task in tasks:
             task_cfg = dataclasses.replace(cfg, data={**cfg.data, "task": task})
@@ -569,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE",
                    help="override recipe fields, e.g. lr=0.5 method_options.prompt_length=20 data.task=dtd10 (may be "
                         "given several times; every one applies, a key given twice with two values is refused)")
-    p.add_argument("--output", help="run folder (overrides the recipe's output)")
+    p.add_argument("--output", type=_user_path, help="run folder (overrides the recipe's output)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the interrupted run in the output folder")
     again.add_argument("--restart", action="store_true",
@@ -581,10 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Classification: top-1 of an adapter on a split, with per-class accuracy and "
                                    "the confusion matrix in --output. Segmentation: mIoU (single scale, sliding "
                                    "window), per-class IoU and pixel accuracy.")
-    p.add_argument("adapter", help="adapter folder (adapter.safetensors + adapter_config.json)")
+    p.add_argument("adapter", type=_user_path, help="adapter folder (adapter.safetensors + adapter_config.json)")
     p.add_argument("--split", default="test", help="train, val, trainval or test (default test)")
     p.add_argument("--data", help="dataset spec as JSON (default: the one recorded in the adapter)")
-    p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
+    p.add_argument("--weights", type=_user_path, help="local backbone weights (default: as recorded in the adapter)")
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--multiscale", nargs="*", type=_positive_float, metavar="SCALE",
                    help="segmentation: mIoU-MS, averaging these scales with horizontal flips "
@@ -592,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_flags(p)
     p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                    help="torch.compile the model first (optionally a mode: reduce-overhead, max-autotune, ...)")
-    p.add_argument("--output", help="results JSON to write")
+    p.add_argument("--output", type=_user_path, help="results JSON to write")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip it with "
                    "a warning, list it under 'skipped' and exit 3)")
     p.set_defaults(func=cmd_eval)
@@ -601,13 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Classification adapters: top-k labels with scores (printed, and as JSON with "
                                    "--output). Segmentation adapters: a colour-coded mask and an overlay PNG per "
                                    "image, and legend.json, in the --output folder (default predictions/).")
-    p.add_argument("adapter", help="adapter folder")
-    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("adapter", type=_user_path, help="adapter folder")
+    p.add_argument("images", nargs="+", type=_user_path, help="image files or folders")
     p.add_argument("--top-k", type=_positive_int, default=5)
     p.add_argument("--batch-size", type=_positive_int, default=64)
     _inference_flags(p)
-    p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
-    p.add_argument("--output", help="predictions JSON to write: {adapter, adapter_revision, predictions: [...], "
+    p.add_argument("--weights", type=_user_path, help="local backbone weights (default: as recorded in the adapter)")
+    p.add_argument("--output", type=_user_path, help="predictions JSON to write: {adapter, adapter_revision, predictions: [...], "
                    "skipped: [...]}")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip it with "
                    "a warning, list it under 'skipped' and exit 3)")
@@ -621,12 +630,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "numbers in explain.json. Works for every prompt method (VPT-deep: attention "
                                    "maps only) and segmentation adapters (one centre crop). Needs matplotlib: "
                                    "pip install 'ivpt[explain]'.")
-    p.add_argument("adapter", help="adapter folder")
-    p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--output", required=True, help="folder for the figures and explain.json")
+    p.add_argument("adapter", type=_user_path, help="adapter folder")
+    p.add_argument("images", nargs="+", type=_user_path, help="image files or folders")
+    p.add_argument("--output", type=_user_path, required=True, help="folder for the figures and explain.json")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
-    p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
+    p.add_argument("--weights", type=_user_path, help="local backbone weights (default: as recorded in the adapter)")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("push", help="publish an adapter with its model card to the Hugging Face Hub",
@@ -635,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "recipe, metrics; a protocol run's seeds from summary.json) to REPO, creating "
                                    "it if needed. Uses huggingface_hub's login token. Read it back anywhere with "
                                    "hf-hub:REPO as the adapter (ivpt eval, predict, explain, ivpt.load_adapter).")
-    p.add_argument("source", help="adapter folder, a run folder holding adapter/, or an ivpt tune folder (its first "
+    p.add_argument("source", type=_user_path, help="adapter folder, a run folder holding adapter/, or an ivpt tune folder (its first "
                    "seed's adapter; the card lists every seed)")
     p.add_argument("repo", help="Hub repository, ORG/NAME")
     visibility = p.add_mutually_exclusive_group()  # neither: a new repository gets the Hub's (organisation's) default
@@ -643,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the repository is private (created so; an existing public one is refused)")
     visibility.add_argument("--public", dest="private", action="store_const", const=False,
                             help="the repository is public (created so; an existing private one is refused)")
-    p.add_argument("--dry-run", metavar="DIR", help="write exactly what would be uploaded into DIR; send nothing")
+    p.add_argument("--dry-run", type=_user_path, metavar="DIR", help="write exactly what would be uploaded into DIR; send nothing")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("export", help="fold a LoRA, SSF or BitFit adapter into a plain timm checkpoint",
@@ -651,9 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "as a safetensors file that timm loads with no ivpt code. For methods whose "
                                    "change is linear in the weights (lora, ssf, bitfit; linear and full too); "
                                    "prompt methods and bottleneck adapters cannot be merged and say so.")
-    p.add_argument("adapter", help="adapter folder")
-    p.add_argument("--merged", required=True, metavar="OUT", help="safetensors file to write")
-    p.add_argument("--weights", help="local backbone weights (default: as recorded in the adapter)")
+    p.add_argument("adapter", type=_user_path, help="adapter folder")
+    p.add_argument("--merged", type=_user_path, required=True, metavar="OUT", help="safetensors file to write")
+    p.add_argument("--weights", type=_user_path, help="local backbone weights (default: as recorded in the adapter)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("params", help="tuned-parameter table for a backbone and one or all methods")
@@ -664,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-length", type=_positive_int, default=None,
                    help="prompt length of the prompt methods (default: 10; refused for a method without prompts)")
     p.add_argument("--options", help="method options as JSON: iVPT's switches for ivpt and its presets, or the named method's own, e.g. '{\"lora_rank\": 4}'")
-    p.add_argument("--output", help="JSON file to write the table to")
+    p.add_argument("--output", type=_user_path, help="JSON file to write the table to")
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("tune", help="VPT protocol: lr x wd grid on train->val, then seeds on train+val->test",
@@ -678,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "file's fields replace an earlier one's (a method's protocol: configs/protocols/)")
     p.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE",
                    help="override recipe fields (may be given several times; every one applies)")
-    p.add_argument("--output", help="tuning folder (default: the recipe's output)")
+    p.add_argument("--output", type=_user_path, help="tuning folder (default: the recipe's output)")
     p.add_argument("--storage", metavar="URL", help="Optuna storage shared by every worker: sqlite:///PATH, "
                    "postgresql://USER:PASS@HOST/DB, or journal:PATH (default: sqlite in the output folder)")
     p.add_argument("--workers", type=_positive_int, default=1, help="worker processes to start here (default 1)")
@@ -697,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tuned parameters side by side, and saves adapters and results.")
     p.add_argument("--task", default=None, help="offline-suite task (default: the recipe's)")
     p.add_argument("--epochs", type=_positive_int, default=None, help="epochs per method (default: the recipe's)")
-    p.add_argument("--output", default="runs/quickstart")
+    p.add_argument("--output", type=_user_path, default="runs/quickstart")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("pretrain", add_help=False, help="pretrain the default backbone on CIFAR-10 "

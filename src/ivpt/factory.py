@@ -49,7 +49,7 @@ def create_model(backbone: str | nn.Module, method: str, num_classes: int, *, pr
     model.pooling_modules = pooling  # a segmentation adapter records it, to be rebuilt alike
     # where the backbone weights came from, so an adapter can be reloaded onto the same ones
     if weights is not None:
-        model.weights_source, model.weights_file = "file", str(Path(weights).resolve())
+        model.weights_source, model.weights_file = "file", str(Path(weights).expanduser().resolve())
     elif not isinstance(backbone, str):
         model.weights_source, model.weights_file = "module", None
     else:

@@ -48,7 +48,7 @@ def pinned_name(source, folder: Path) -> str:
 def resolve_adapter(source) -> Path:
     """A local adapter folder for ``source``: a path, or a Hub name fetched into (or read from) the Hub cache."""
     if not is_hub_name(source):
-        return Path(source)
+        return Path(source).expanduser()
     hub = require("huggingface_hub", "loading an adapter by Hub name")
     from huggingface_hub import errors
 

@@ -6,24 +6,34 @@ Nothing here is needed when ``HF_HUB_OFFLINE=1``: huggingface_hub then reads its
 """
 from __future__ import annotations
 
-import functools
 import os
 import socket
+import time
 from urllib.parse import urlparse
 
 TIMEOUT = 5.0  # seconds for the lookup and the connection together, per host
+REMEMBER = 60.0  # seconds an answer is reused: a long tune asks again after a network blip
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+_ANSWERS: dict[tuple[str, int], tuple[float, str | None]] = {}
 
 
-@functools.lru_cache(maxsize=None)
 def unreachable(url: str) -> str | None:
     """Why the server of ``url`` cannot be reached from here (None: it can, or the question cannot be asked:
     behind a proxy the connection goes elsewhere, so nothing is said)."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):
         return None
     parsed = urlparse(url)
     host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
     if not host:
         return None
+    asked, answer = _ANSWERS.get((host, port), (float("-inf"), None))
+    if time.monotonic() - asked > REMEMBER:
+        answer = _ask(host, port)
+        _ANSWERS[(host, port)] = (time.monotonic(), answer)
+    return answer
+
+
+def _ask(host: str, port: int) -> str | None:
     try:
         with socket.create_connection((host, port), timeout=TIMEOUT):
             return None

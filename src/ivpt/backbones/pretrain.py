@@ -9,6 +9,7 @@ resumed run follows the same path as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import math
 import time
@@ -33,8 +34,9 @@ def parse_args(argv=None, prog: str | None = None):
     from ..cliparse import Parser
 
     p = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="cifar10-jpg.tar.gz (default: $IVPT_DATA or ../shared/data)")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, log, final weights")
+    p.add_argument("--data", default=None, type=os.path.expanduser,
+                   help="cifar10-jpg.tar.gz (default: $IVPT_DATA or ../shared/data)")
+    p.add_argument("--out", required=True, type=os.path.expanduser, help="run folder: checkpoints, log, final weights")
     p.add_argument("--arch", default="vit_mini_patch4_32", choices=sorted(ARCHITECTURES))
     p.add_argument("--width", type=int, default=None, help="override the architecture's embed_dim")
     p.add_argument("--depth", type=int, default=None, help="override the architecture's depth")
@@ -57,9 +59,11 @@ def parse_args(argv=None, prog: str | None = None):
                         "(CUDA with bf16, CPUs with AVX512_BF16 or AMX), else fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) <= 0:
+    for name in ("epochs", "batch_size", "width", "depth", "heads", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:  # threads 0 would read as all cores
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.crop_padding < 0:
+        p.error(f"--crop-padding must be 0 or more, got {args.crop_padding}")
     if not 0 <= args.warmup_epochs < args.epochs:
         p.error(f"--warmup-epochs must be in [0, epochs), got {args.warmup_epochs}")
     return args

@@ -166,9 +166,9 @@ def set_aside_run(directory) -> Path | None:
 
     from .runlock import RunLock
 
-    directory = Path(directory)
-    if not directory.is_dir() or not any(directory.iterdir()):
-        return None
+    directory = Path(directory).expanduser().resolve()
+    if not (has_checkpoint(directory) or (directory / "results.json").is_file()):
+        return None  # no run there (a typo'd --output must never move a folder of something else)
     with RunLock(directory):  # RunLockedError, naming the holder, when a live run writes there
         stamp = time.strftime("%Y%m%d-%H%M%S")
         target = directory.with_name(f"{directory.name}.replaced-{stamp}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,10 @@ class TrainConfig:
             warnings.warn(f"warmup_epochs {self.warmup_epochs} is not below epochs {self.epochs}: using "
                           f"{self.epochs - 1} warm-up epoch(s)", stacklevel=2)
             self.warmup_epochs = self.epochs - 1
+        for name, value, optional in (("output", self.output, False), ("weights", self.weights, True)):
+            if not (isinstance(value, (str, os.PathLike)) and str(value)) and not (optional and value is None):
+                raise ConfigError(f"config field {name!r}: got {value!r}, expected a path"
+                                  + (" or null" if optional else "") + " (quote it in YAML if it reads as a number)")
         if self.pretrained is not None and not isinstance(self.pretrained, bool):
             raise ConfigError(f"config field 'pretrained': got {self.pretrained!r}, expected true, false or null")
         if self.pretrained is None and not self.weights and self.method != "full" and not is_shipped(self.backbone):

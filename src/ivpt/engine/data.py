@@ -74,6 +74,11 @@ def check_data_spec(spec: Any) -> dict[str, Any]:
     missing = [f for f in required if f not in spec]
     if missing:
         raise DataError(f"data spec of kind {kind!r} needs the field {missing[0]!r}")
+    for name in ("root", "path"):
+        if name in spec and not (isinstance(spec[name], (str, Path)) and str(spec[name])) and not (
+                name == "path" and spec[name] is None):
+            raise DataError(f"data field {name!r}: got {spec[name]!r}, expected a path (quote it in YAML if it reads "
+                            "as a number or a mapping)")
     for name in ("val_fraction", "test_fraction"):
         if name in spec and (isinstance(spec[name], bool) or not isinstance(spec[name], (int, float))
                              or not 0 <= spec[name] < 0.9):

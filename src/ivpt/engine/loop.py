@@ -243,9 +243,11 @@ def _train(cfg: TrainConfig, out: Path, device, ctx: Dist, resume: bool, quiet: 
 
     start_epoch, start_step, partial, log, last_eval = 0, 0, None, [], None
     if resume and has_checkpoint(out):
-        diff = config_differences(checkpoint_meta(out).get("config") or {}, cfg)
+        saved = checkpoint_meta(out).get("config") or {}
+        diff = config_differences(saved, cfg)
         if diff:
-            raise CheckpointError(f"cannot resume {out}: the config differs from the checkpoint's in {', '.join(diff)}")
+            raise CheckpointError(f"cannot resume {out}: the config differs from the checkpoint's in {', '.join(diff)}"
+                                  + resume_hint(saved, diff))
         used = checkpoint_meta(out).get("precision")
         if used and used != precision.used:  # precision: auto resolves per machine
             raise CheckpointError(f"cannot resume {out}: it was trained in {used}, and precision "
@@ -437,10 +439,22 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
 def _result_fields(config: dict) -> dict:
     """The config fields that change a run's result (not where it is written or how it is fed)."""
     normal = json.loads(json.dumps(config))  # tuples and lists compare alike
-    for holder, key in ((normal, "weights"), (normal.get("data") or {}, "root"), (normal.get("data") or {}, "path")):
+    data = normal.get("data") if isinstance(normal.get("data"), dict) else {}
+    for holder, key in ((normal, "weights"), (data, "root"), (data, "path")):
         if isinstance(holder.get(key), str) and holder[key]:  # runs before 2026-12-06 recorded paths as typed
             holder[key] = str(Path(holder[key]).expanduser().resolve())
+    if data.get("kind", "folder" if "root" in data else None) == "folder":
+        data.setdefault("holdout_rule", 1)  # runs before 2026-12-06 record none: they drew by rule 1
     return {k: v for k, v in normal.items() if k not in NOT_RESULT_FIELDS}
+
+
+def resume_hint(saved: dict, diff: list[str]) -> str:
+    """What to set so that a run from before the holdout fix resumes with the splits it was drawn with."""
+    data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    if "data" in diff and "root" in data and "holdout_rule" not in data:
+        return ("; it was started before 2026-12-06, when held-out splits were drawn by holdout rule 1: add "
+                "--set data.holdout_rule=1 to continue it with those splits")
+    return ""
 
 
 def _yaml(data: dict) -> str:

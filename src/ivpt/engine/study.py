@@ -32,6 +32,7 @@ from typing import Any
 
 from ..extras import require
 from .checkpoint import atomic_write
+from ..card import as_typed
 from .config import NOT_RESULT_FIELDS, ConfigError, TrainConfig, as_started, check_inputs
 from .protocol import VPT_LRS, VPT_SEEDS, VPT_WDS, _check_finals, choose, final_jobs, grid_jobs
 from .runlock import RunLockedError
@@ -46,9 +47,14 @@ def _done(run: Path) -> dict | None:
 
 
 def study_key(cfg: TrainConfig) -> str:
-    """What makes two tuning runs the same protocol stage: every result field but lr, wd, seed and output."""
-    fields = {k: v for k, v in cfg.to_dict().items()
+    """What makes two tuning runs the same protocol stage: every result field but lr, wd, seed and output,
+    with paths as typed (so that workers in other directories, or on machines that mount the data
+    elsewhere, join the same study)."""
+    fields = {k: v for k, v in as_typed(cfg.to_dict()).items()
               if k not in (*NOT_RESULT_FIELDS, "lr", "weight_decay", "seed", "train_split", "eval_split", "test_split")}
+    data = fields.get("data")
+    if isinstance(data, dict) and data.get("holdout_rule") == 1:  # studies from before the field keep their keys
+        fields["data"] = {k: v for k, v in data.items() if k != "holdout_rule"}
     if cfg.seed != TrainConfig.seed:  # the grid runs' seed; left out at its default, so earlier studies keep their keys
         fields["grid_seed"] = cfg.seed
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -57,6 +63,9 @@ def study_key(cfg: TrainConfig) -> str:
 def open_storage(url: str | None, out: Path, heartbeat: float):
     optuna = require("optuna", "ivpt tune")
     url = url or f"sqlite:///{(out / 'study.db').resolve()}"
+    for prefix in ("sqlite:///", "journal:"):  # a file path inside the URL: ~ as everywhere else
+        if url.startswith(prefix + "~"):
+            url = prefix + os.path.expanduser(url[len(prefix):])
     try:
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend
@@ -228,12 +237,13 @@ def _rung_value(entry: dict, split: str, epoch: int, run: Path) -> float:
 def _check_same_run(run: Path, done: dict, cfg: TrainConfig) -> None:
     """A results.json left by another recipe in the same folder must not stand in for this run."""
     from .checkpoint import CheckpointError
-    from .loop import config_differences
+    from .loop import config_differences, resume_hint
 
     diff = config_differences(done.get("config") or {}, cfg)
     if diff:
         raise CheckpointError(f"{run / 'results.json'} is a finished run of another config (it differs in "
-                              f"{', '.join(diff)}): remove that folder or choose another output")
+                              f"{', '.join(diff)}): remove that folder or choose another output"
+                              + resume_hint(done.get("config") or {}, diff))
 
 
 def _fail_orphans(study, grace: float, seen: dict[int, float]) -> None:
