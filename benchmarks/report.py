@@ -401,6 +401,22 @@ def tuner_table(report: dict) -> str:
     return f"{report['machine']}, {report['date']}\n\n" + out
 
 
+def onnx_table(report: dict) -> str:
+    out = [f"{report['machine']}, {report['date']}; `{report['command']}`", ""]
+    for block in report["backbones"].values():
+        rows = []
+        for m, e in block["methods"].items():
+            for b in (1, 32):
+                rows.append([m + (" (merged)" if m == "lora" else ""), str(b), f"{e[f'onnxruntime_ms_b{b}']:.2f}",
+                             f"{e[f'eager_ms_b{b}']:.2f}", f"{e[f'compiled_ms_b{b}']:.2f}",
+                             f"{e[f'onnxruntime_vs_eager_b{b}']:.2f}", f"{e[f'onnxruntime_vs_compiled_b{b}']:.2f}",
+                             f"{e['onnx_mib']:.1f}", f"{e['adapter_mib']:.2f}"])
+        out += [f"**{block['backbone']} @{block['image_size']}**", "",
+                table(["method", "batch", "onnxruntime (ms)", "eager (ms)", "compiled (ms)", "ort / eager",
+                       "ort / compiled", "ONNX file (MiB)", "adapter (MiB)"], rows), ""]
+    return "\n".join(out).rstrip()
+
+
 RENDERERS = {  # block name -> (results file, renderer)
     "accuracy": ("accuracy", accuracy_tables),
     "accuracy_progress": ("accuracy_progress", accuracy_progress_tables),
@@ -422,6 +438,7 @@ RENDERERS = {  # block name -> (results file, renderer)
     "input_pipeline": ("input_pipeline", input_pipeline_table),
     "linear_probe_cache": ("linear_probe_cache", linear_probe_cache_table),
     "tuner": ("tuner", tuner_table),
+    "onnx": ("onnx", onnx_table),
 }
 
 

@@ -67,3 +67,13 @@ def tiny_weights(tmp_path):
     save_file(timm.create_model("vit_mini_patch4_32", **TINY_MINI).state_dict(), str(path))
     return path, ["backbone=vit_mini_patch4_32", "backbone_options={embed_dim: 32, depth: 2, num_heads: 2}",
                   f"weights={path}"]
+
+
+def randomize(model, scale=0.3, seed=1):
+    """Move every tuned tensor away from its start (trained-looking, not the zero or identity initialisation
+    that hides mistakes), so that each method's change is visible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.tuned_parameters().values():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model

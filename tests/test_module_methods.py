@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_vit
+from conftest import make_vit, randomize
 from torch import nn
 
 import ivpt
@@ -18,15 +18,6 @@ MODULE_METHODS = ["lora", "adapter", "adaptformer", "ssf", "bitfit"]
 
 def build(method, vit=None, **options):
     return ivpt.create_model(vit if vit is not None else make_vit(), method, 7, **options).eval()
-
-
-def randomize(model, scale=0.3, seed=1):
-    """Move every tuned tensor away from its start, so that each method's change is visible."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.tuned_parameters().values():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 from test_engine import setup  # noqa: E402,F401  (a tiny colour folder and backbone)

@@ -117,20 +117,41 @@ def cmd_predict(args) -> int:
 
     device, precision = inference_device(args.device, args.precision, "--precision")
     precision = precision.used
-    model, config = _load_for_inference(args.adapter, args.weights)
-    model.eval().to(device)
+    adapter, images = (args.onnx, args.inputs) if args.onnx else (args.inputs[0], args.inputs[1:])
+    if not images:
+        raise ValueError("ivpt predict: no images given; expected ivpt predict ADAPTER IMAGES... "
+                         "(or ivpt predict --onnx MODEL.onnx IMAGES...)")
+    if args.onnx:  # the exported file, run by onnxruntime; the same preprocessing, read from its metadata
+        from .deploy import OnnxModel
+
+        if args.weights:
+            raise ValueError("--weights with --onnx: an ONNX file holds its backbone's weights; leave --weights out")
+
+        if precision != "fp32":
+            raise ValueError(f"--precision {args.precision}: an ONNX file runs in the precision it was exported "
+                             "in (fp32); leave --precision out")
+        model = OnnxModel(args.onnx, device, fall_back=args.device == "auto")
+        device = model.device
+        config = model.predict_config()
+        preprocess = model.meta["preprocess"]
+    else:
+        model, config = _load_for_inference(adapter, args.weights)
+        model.eval().to(device)
+        preprocess = None if config.get("task") == "segmentation" else _preprocess(config, model)
     if args.output and config.get("task") != "segmentation":  # a JSON file; segmentation writes a folder of masks
-        _refuse_overwriting_inputs(args.output, args.adapter, config, args.weights, "--output")
-    files = _image_files(args.images)
+        _refuse_overwriting_inputs(args.output, adapter, config, args.weights, "--output")
+    files = _image_files(images)
     if config.get("task") == "segmentation":
         return _predict_masks(model, config, files, Path(args.output or "predictions"), args.strict, device,
                               precision)
-    transform = _classification_transform(config, model)
+    from .deploy import transform_of
+
+    transform = transform_of(preprocess)
     names = model.class_names or [str(i) for i in range(config["num_classes"])]
     k = min(args.top_k, len(names))
     predictions, skipped = [], []
     with torch.no_grad():
-        for chunk, batch in _readable_batches(files, args, transform, config, skipped):
+        for chunk, batch in _readable_batches(files, args, transform, preprocess["exif_orientation"], skipped):
             with autocast_for(precision, device):
                 logits = model(batch.to(device))
             scores, index = logits.float().softmax(-1).topk(k, dim=-1)
@@ -140,20 +161,19 @@ def cmd_predict(args) -> int:
     for p in predictions:
         print(p["image"] + "\t" + "  ".join(f"{t['label']} {t['score']:.3f}" for t in p["top_k"]))
     if args.output:
-        result = {"adapter": args.adapter, "adapter_revision": config["loaded_from"], "device": str(device),
+        result = {"adapter": adapter, "adapter_revision": config["loaded_from"], "device": str(device),
                   "precision": precision, "predictions": predictions, "skipped": skipped}
+        if args.onnx:
+            result.update(runtime="onnxruntime", adapter_sha256=config["adapter_sha256"])
         atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     return _skipped_exit(skipped)
 
 
-def _readable_batches(files: list[Path], args, transform, config: dict, skipped: list):
-    """(files, image batch) per --batch-size of readable images, read as the adapter's run read its own;
-    unreadable ones go to ``skipped`` (or raise, with --strict)."""
+def _readable_batches(files: list[Path], args, transform, upright: bool, skipped: list):
+    """(files, image batch) per --batch-size of readable images, read as the adapter's run read its own
+    (``upright``: turned by their EXIF orientation); unreadable ones go to ``skipped`` (or raise, with --strict)."""
     import torch
 
-    from .engine.data import adapter_reads_upright
-
-    upright = adapter_reads_upright(config.get("data"))  # EXIF orientation as the adapter's run applied it
     for start in range(0, len(files), args.batch_size):
         readable, unreadable = _read_images(files[start:start + args.batch_size], args.strict, transform, upright)
         skipped += unreadable
@@ -183,22 +203,11 @@ def _image_files(items: list[str]) -> list[Path]:
     return files
 
 
-def _classification_transform(config: dict, model=None):
-    """The adapter's evaluation pipeline: as its data was evaluated (folder: resize + centre crop or squash;
-    FGVC: resize + centre crop; otherwise VTAB's resize)."""
-    from .data.transforms import fgvc_transform, folder_transform, vtab_transform
-    from .engine.data import adapter_folder_reading
+def _preprocess(config: dict, model) -> dict:
+    """The adapter's evaluation pipeline as data (ivpt.deploy.preprocess_of), read at the model's backbone."""
+    from .deploy import preprocess_of
 
-    size = config["image_size"][-1] if config.get("image_size") else 224
-    data = config.get("data") or {}
-    if data.get("kind") == "folder" and model is not None:
-        reading_cfg = {**model.backbone.pretrained_cfg, "mean": config["mean"], "std": config["std"],
-                       "input_size": (3, size, size)}
-        reading = adapter_folder_reading(data, reading_cfg)  # as the adapter's run read its own images
-        return folder_transform(reading_cfg, reading.get("preprocess", "crop"), resize=reading.get("resize"))
-    if data.get("kind") == "fgvc":
-        return fgvc_transform(False, size, config["mean"], config["std"], config.get("interpolation", "bilinear"))
-    return vtab_transform(size, config["mean"], config["std"], config.get("interpolation", "bilinear"))
+    return preprocess_of(config, getattr(model.backbone, "pretrained_cfg", None) or {})
 
 
 # -- explain -------------------------------------------------------------------------------------
@@ -218,12 +227,17 @@ def cmd_explain(args) -> int:
         transform = transforms.Compose([transforms.Resize(crop), transforms.CenterCrop(crop), transforms.ToTensor(),
                                         transforms.Normalize(config["mean"], config["std"])])
     else:
-        transform = _classification_transform(config, model)
+        from .deploy import transform_of
+
+        transform = transform_of(_preprocess(config, model))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{config['method']} on {(config.get('backbone') or {}).get('name') or 'its backbone'}"
     records, last, batches, skipped = [], None, [], []
-    for chunk, batch in _readable_batches(files, args, transform, config, skipped):
+    from .engine.data import adapter_reads_upright
+
+    upright = adapter_reads_upright(config.get("data"))  # EXIF orientation as the adapter's run applied it
+    for chunk, batch in _readable_batches(files, args, transform, upright, skipped):
         batches.append(batch)
         last = explain(model, batch)
         pixels = denormalize(batch, config["mean"], config["std"])
@@ -310,6 +324,10 @@ def cmd_push(args) -> int:
 def cmd_export(args) -> int:
     from .engine.checkpoint import atomic_write
 
+    if args.onnx:
+        return _export_onnx(args)
+    if args.opset is not None:
+        raise ValueError("--opset applies to --onnx; a merged checkpoint has no opset")
     out = _merged_path(args.merged)
     model, config = _load_for_inference(args.adapter, args.weights)
     _refuse_overwriting_inputs(out, args.adapter, config, args.weights)
@@ -328,6 +346,22 @@ def cmd_export(args) -> int:
     if name.split(".")[0] in _own_architectures():  # the checkpoint holds no preprocessing: say it
         size = config["image_size"][-1] if isinstance(config.get("image_size"), list) else config.get("image_size")
         print(f"preprocess as it was tuned: {size} px, mean {config['mean']}, std {config['std']}")
+    return 0
+
+
+def _export_onnx(args) -> int:
+    from .deploy import OPSET, export_onnx
+
+    out = _output_path(args.onnx, ".onnx", "--onnx", "onnxruntime and other runtimes read .onnx files")
+    model, config = _load_for_inference(args.adapter, args.weights)
+    _refuse_overwriting_inputs(out, args.adapter, config, args.weights, "--onnx")
+    meta = export_onnx(model, out, config, opset=args.opset or OPSET)
+    size = out.stat().st_size
+    print(f"wrote {out}: {config['method']} on {meta['backbone'] or 'its backbone'}"
+          + (" (merged into the backbone's weights)" if meta["merged"] else "") + f", {meta['task']}, "
+          f"opset {meta['opset']}, {size / 2**20:.1f} MiB; input {meta['input_name']!r} (batch, 3, H, W), output "
+          f"{meta['output_name']!r}; preprocessing and class names in its metadata")
+    print(f"run it: ivpt predict --onnx {out} IMAGES...  (or onnxruntime alone: docs/usage.md#deploy-with-onnx)")
     return 0
 
 
@@ -360,14 +394,19 @@ def _timm_load_call(name: str, config: dict, out: Path) -> str:
 def _merged_path(text: str) -> Path:
     """--merged OUT, checked before any work: a .safetensors file (what the printed timm call loads) in a folder
     that exists."""
+    return _output_path(text, ".safetensors", "--merged", "timm reads any other suffix with torch.load, which "
+                        "cannot load what export writes")
+
+
+def _output_path(text: str, suffix: str, flag: str, why: str) -> Path:
+    """An output file named by ``flag``, checked before any work: the suffix, not a folder, its folder there."""
     out = Path(text)
-    if out.suffix.lower() != ".safetensors":
-        raise ValueError(f"--merged {text}: expected a .safetensors file name (timm reads any other suffix with "
-                         "torch.load, which cannot load what export writes)")
+    if out.suffix.lower() != suffix:
+        raise ValueError(f"{flag} {text}: expected a {suffix} file name ({why})")
     if out.is_dir():
-        raise ValueError(f"--merged {text} is a folder; expected a .safetensors file to write")
+        raise ValueError(f"{flag} {text} is a folder; expected a {suffix} file to write")
     if not out.parent.is_dir():
-        raise ValueError(f"--merged {text}: folder {out.parent} does not exist")
+        raise ValueError(f"{flag} {text}: folder {out.parent} does not exist")
     return out
 
 
@@ -381,7 +420,7 @@ def _refuse_overwriting_inputs(out: Path, adapter: str, config: dict | None, wei
         with warnings.catch_warnings():  # a stale JSON copy: the command's own read of it says so, once
             warnings.simplefilter("ignore")
             config = read_adapter_config(adapter)
-    inputs = [Path(adapter) / name for name in (TENSORS_FILE, CONFIG_FILE, CARD_FILE)]
+    inputs = [Path(adapter) / name for name in (TENSORS_FILE, CONFIG_FILE, CARD_FILE)] + [Path(adapter)]
     inputs += [Path(w) for w in (weights, ((config or {}).get("backbone") or {}).get("weights_file")) if w]
     target = Path(out).resolve()  # resolve() follows links
     for path in inputs:
@@ -610,8 +649,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Classification adapters: top-k labels with scores (printed, and as JSON with "
                                    "--output). Segmentation adapters: a colour-coded mask and an overlay PNG per "
                                    "image, and legend.json, in the --output folder (default predictions/).")
-    p.add_argument("adapter", type=_user_path, help="adapter folder")
-    p.add_argument("images", nargs="+", type=_user_path, help="image files or folders")
+    p.add_argument("inputs", nargs="+", type=_user_path, metavar="ADAPTER IMAGES",
+                   help="the adapter folder (or hf-hub:ORG/NAME), then image files or folders; with --onnx, "
+                        "image files or folders only")
+    p.add_argument("--onnx", type=_user_path, metavar="MODEL.onnx",
+                   help="run a file written by ivpt export --onnx with onnxruntime instead of an adapter "
+                        "(pip install 'ivpt[onnx]'): the same preprocessing and output")
     p.add_argument("--top-k", type=_positive_int, default=5)
     p.add_argument("--batch-size", type=_positive_int, default=64)
     _inference_flags(p)
@@ -655,13 +698,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", type=_user_path, metavar="DIR", help="write exactly what would be uploaded into DIR; send nothing")
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("export", help="fold a LoRA, SSF or BitFit adapter into a plain timm checkpoint",
-                       description="Writes the backbone with the method folded into its weights, head included, "
-                                   "as a safetensors file that timm loads with no ivpt code. For methods whose "
+    p = sub.add_parser("export", help="an adapter as an ONNX file, or folded into a plain timm checkpoint",
+                       description="--onnx OUT.onnx: the eval-mode model of any method (classification or "
+                                   "segmentation) as one ONNX graph with a dynamic batch, its class names, "
+                                   "input size, mean, std, resize and crop, method and adapter digest in the "
+                                   "file's metadata; onnxruntime runs it without PyTorch or ivpt (ivpt predict "
+                                   "--onnx does). Methods that merge are exported merged. --merged "
+                                   "OUT.safetensors: the backbone with the method folded into its weights, head "
+                                   "included, as a checkpoint timm loads with no ivpt code; for methods whose "
                                    "change is linear in the weights (lora, ssf, bitfit; linear and full too); "
                                    "prompt methods and bottleneck adapters cannot be merged and say so.")
     p.add_argument("adapter", type=_user_path, help="adapter folder")
-    p.add_argument("--merged", type=_user_path, required=True, metavar="OUT", help="safetensors file to write")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--onnx", type=_user_path, metavar="OUT.onnx", help="ONNX file to write "
+                        "(pip install 'ivpt[onnx]')")
+    target.add_argument("--merged", type=_user_path, metavar="OUT", help="safetensors file to write")
+    p.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset (default: ivpt.deploy.OPSET)")
     p.add_argument("--weights", type=_user_path, help="local backbone weights (default: as recorded in the adapter)")
     p.set_defaults(func=cmd_export)
 

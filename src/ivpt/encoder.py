@@ -322,6 +322,13 @@ class PromptedViT(nn.Module):
         """The tuned tensors and the config (plus ``extra``, e.g. metrics), committed in one atomic step."""
         write_adapter(directory, self.adapter_tensors(), {**self.adapter_config(), **extra})
 
+    def export_onnx(self, path, *, opset: int | None = None) -> dict:
+        """This model as an ONNX file that onnxruntime runs without PyTorch or ivpt (see ``ivpt.deploy``);
+        returns the metadata written into it (class names, preprocessing, method, adapter digest)."""
+        from .deploy import OPSET, export_onnx
+
+        return export_onnx(self, path, opset=opset or OPSET)
+
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, dry_run=None,
                     token: str | None = None) -> str:
         """Publish this adapter with its model card to the Hub repo ``repo_id`` (see ``ivpt.hub``)."""

@@ -8,6 +8,9 @@ from types import ModuleType
 EXTRAS = {
     "matplotlib": ("explain", "drawing figures"),
     "huggingface_hub": ("hub", "reading and publishing Hub repositories"),
+    "onnx": ("onnx", "ONNX export"),
+    "onnxscript": ("onnx", "ONNX export"),
+    "onnxruntime": ("onnx", "running ONNX files"),
 }
 
 

@@ -11,7 +11,7 @@ _INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.Interpo
                   "nearest": T.InterpolationMode.NEAREST}
 
 
-def _interp(name: str):
+def interpolation_mode(name: str):
     if name not in _INTERPOLATION:
         raise ValueError(f"interpolation {name!r}: expected one of {', '.join(_INTERPOLATION)}")
     return _INTERPOLATION[name]
@@ -19,7 +19,7 @@ def _interp(name: str):
 
 def vtab_transform(size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = "bilinear"):
     """VTAB-1k: resize to size x size, normalise, no augmentation (train and test alike)."""
-    return T.Compose([T.Resize((size, size), interpolation=_interp(interpolation)), T.ToTensor(),
+    return T.Compose([T.Resize((size, size), interpolation=interpolation_mode(interpolation)), T.ToTensor(),
                       T.Normalize(mean, std)])
 
 
@@ -27,7 +27,7 @@ def fgvc_transform(train: bool, size: int = 224, mean=IMAGENET_MEAN, std=IMAGENE
                    interpolation: str = "bilinear"):
     """FGVC: train Resize(256)+RandomCrop(224)+HFlip, test Resize(256)+CenterCrop(224), scaled to ``size``."""
     resize = round(size * 256 / 224)
-    steps = [T.Resize(resize, interpolation=_interp(interpolation))]
+    steps = [T.Resize(resize, interpolation=interpolation_mode(interpolation))]
     steps += [T.RandomCrop(size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(size)]
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
 
@@ -56,7 +56,7 @@ def folder_transform(pretrained_cfg: dict, preprocess: str = "crop", augment: bo
     flips for training."""
     size = pretrained_cfg["input_size"][-1]
     mean, std = pretrained_cfg.get("mean", IMAGENET_MEAN), pretrained_cfg.get("std", IMAGENET_STD)
-    interpolation = _interp(pretrained_cfg.get("interpolation", "bilinear"))
+    interpolation = interpolation_mode(pretrained_cfg.get("interpolation", "bilinear"))
     if augment:
         steps = [T.RandomResizedCrop(size, scale=(0.6, 1.0), interpolation=interpolation), T.RandomHorizontalFlip()]
     elif preprocess == "squash":

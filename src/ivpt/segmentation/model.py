@@ -82,6 +82,7 @@ class SegmentationModel(nn.Module):
         write_adapter(directory, self.adapter_tensors(), {**self.adapter_config(), **extra})
 
     push_to_hub = PromptedViT.push_to_hub  # the same: save into a temporary folder, push with the card
+    export_onnx = PromptedViT.export_onnx  # the same: ivpt.deploy tells the two apart by the config's task
 
 
 def create_segmentation_model(backbone, method: str, num_classes: int, *, decoder: str = "pup",

@@ -1,0 +1,196 @@
+"""ONNX export (issue 35): every method's file gives onnxruntime the eager logits, carries what a consumer
+needs, and ivpt predict --onnx answers as ivpt predict does."""
+import json
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import randomize
+
+import ivpt
+import ivpt.adapter_format
+import ivpt.deploy
+import ivpt.methods
+from ivpt.cli import main
+from ivpt.deploy import OnnxFileError, read_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+METHODS = [(m, {}) for m in ivpt.methods.METHODS] + [
+    ("ivpt", {"da": da}) for da in ("channel", "static", "sum")] + [("ivpt", {"ar_source": "prompts"})]
+
+
+def small_vit_224():
+    """A small timm ViT at 224 px (two blocks, width 32): the patch grid of ViT-B/16 at a fraction of its cost."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", depth=2, embed_dim=32, num_heads=2)
+
+
+@pytest.mark.parametrize("backbone", ["shipped", "vit-224"])
+@pytest.mark.parametrize("method,options", METHODS, ids=[m + "".join(f"[{k}={v}]" for k, v in o.items())
+                                                         for m, o in METHODS])
+def test_onnxruntime_gives_the_eager_logits_at_any_batch(backbone, method, options, tmp_path):
+    vit = "vit_mini_patch4_32.ivpt_cifar10" if backbone == "shipped" else small_vit_224()
+    model = randomize(ivpt.create_model(vit, method, 5, class_names=list("abcde"), **options), scale=0.1).eval()
+    size = model.adapter_config()["image_size"][-1]
+    meta = model.export_onnx(tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):  # one file, a dynamic batch
+        images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            eager = model(images).numpy()
+        onnx = session.run(None, {"images": images.numpy()})[0]
+        assert onnx.shape == eager.shape and np.abs(onnx - eager).max() < 1e-4, (method, batch)
+    assert read_metadata(tmp_path / "m.onnx") == json.loads(json.dumps(meta))  # round trip
+    assert meta["class_names"] == list("abcde") and meta["method"] == method and meta["options"] == {
+        **meta["options"], **options}
+    assert meta["merged"] == (method in ("lora", "ssf", "bitfit", "linear", "full"))
+    assert meta["adapter_sha256"] == ivpt.adapter_format.tensors_digest(
+        {k: v.detach().contiguous() for k, v in model.adapter_tensors().items()})
+
+
+def dtd_images(tmp_path, count=6) -> Path:
+    """A few real photos from ../shared/data (DTD, 256 px)."""
+    archive = SHARED / "dtd10-256.tar.gz"
+    if not archive.is_file():
+        pytest.skip(f"needs {archive}")
+    out = tmp_path / "photos"
+    out.mkdir()
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith(".jpg")][::97][:count]
+        for m in members:
+            (out / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+    return out
+
+
+def test_predict_onnx_answers_as_predict_on_real_photos(tmp_path, capsys):
+    model = randomize(ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "ivpt", 4,
+                                        class_names=["w", "x", "y", "z"]), scale=0.2)
+    model.save_adapter(tmp_path / "adapter")
+    photos = dtd_images(tmp_path)
+    assert main(["export", str(tmp_path / "adapter"), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    said = capsys.readouterr().out
+    assert "opset 18" in said and "ivpt predict --onnx" in said
+    assert main(["predict", str(tmp_path / "adapter"), str(photos), "--top-k", "3",
+                 "--output", str(tmp_path / "torch.json")]) == 0
+    assert main(["predict", "--onnx", str(tmp_path / "m.onnx"), str(photos), "--top-k", "3",
+                 "--output", str(tmp_path / "onnx.json")]) == 0
+    eager = json.loads((tmp_path / "torch.json").read_text())["predictions"]
+    onnx = json.loads((tmp_path / "onnx.json").read_text())
+    assert onnx["runtime"] == "onnxruntime" and len(onnx["predictions"]) == len(eager) == 6
+    for a, b in zip(eager, onnx["predictions"]):
+        assert a["image"] == b["image"] and [t["label"] for t in a["top_k"]] == [t["label"] for t in b["top_k"]]
+        assert all(abs(s["score"] - t["score"]) <= 1e-4 for s, t in zip(a["top_k"], b["top_k"]))
+
+
+def test_a_folder_adapters_reading_travels_in_the_file(tmp_path):
+    """A folder adapter resizes the shorter side and centre-crops: the metadata says so, and the ONNX path
+    builds the same torchvision pipeline from it."""
+    from ivpt.cli import _preprocess
+    from ivpt.deploy import transform_of
+
+    model = ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "linear", 2, class_names=["a", "b"])
+    config = {**model.adapter_config(), "data": {"kind": "folder", "root": "x", "resize": 40, "exif_orientation": True}}
+    meta = ivpt.deploy.export_onnx(model, tmp_path / "m.onnx", config)
+    assert meta["preprocess"] == {**_preprocess(config, model), "resize": 40, "crop": 32}
+    pipeline = [type(t).__name__ for t in transform_of(meta["preprocess"]).transforms]
+    assert pipeline == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+
+
+def test_segmentation_masks_agree(tmp_path):
+    from PIL import Image
+
+    from ivpt.cli import _predict_masks
+    from ivpt.deploy import OnnxModel
+    from ivpt.segmentation import create_segmentation_model
+
+    archive = SHARED / "camvid-240x180.tar.gz"
+    if not archive.is_file():
+        pytest.skip(f"needs {archive}")
+    images = tmp_path / "street"
+    images.mkdir()
+    with tarfile.open(archive) as tar:
+        for m in [m for m in tar.getmembers() if m.name.startswith("camvid/test/") and m.name.endswith(".png")][:2]:
+            (images / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+    model = randomize(create_segmentation_model("vit_mini_patch4_32.ivpt_cifar10", "ivpt", 6, crop_size=32,
+                                                decoder="pup", decoder_channels=16), scale=0.1).eval()
+    config = {**model.adapter_config(), "data": {"kind": "camvid"}}
+    ivpt.deploy.export_onnx(model, tmp_path / "seg.onnx", config)
+    files = sorted(images.iterdir())
+    assert _predict_masks(model, config, files, tmp_path / "torch") == 0
+    onnx = OnnxModel(tmp_path / "seg.onnx")
+    assert _predict_masks(onnx, onnx.predict_config(), files, tmp_path / "onnx") == 0
+    for f in files:
+        a = np.asarray(Image.open(tmp_path / "torch" / f"{f.stem}_mask.png"))
+        b = np.asarray(Image.open(tmp_path / "onnx" / f"{f.stem}_mask.png"))
+        assert a.shape[:2] == (180, 240) and (a == b).all(-1).mean() >= 0.999
+
+
+def test_damaged_and_foreign_files_are_named(tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save_model(helper.make_model(graph), str(tmp_path / "foreign.onnx"))
+    with pytest.raises(OnnxFileError, match="without ivpt's metadata"):
+        read_metadata(tmp_path / "foreign.onnx")
+    ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "vpt-deep", 3).export_onnx(tmp_path / "m.onnx")
+    data = (tmp_path / "m.onnx").read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
+    code = main(["predict", "--onnx", str(tmp_path / "cut.onnx"), str(tmp_path)])
+    assert code == 2 and "cut.onnx is not a readable ONNX file" in capsys.readouterr().err
+    (tmp_path / "text.onnx").write_text("hello")
+    with pytest.raises(OnnxFileError, match="not a readable ONNX file"):
+        read_metadata(tmp_path / "text.onnx")
+    assert main(["export", "x", "--onnx", str(tmp_path / "m.pt")]) == 2
+    assert "expected a .onnx file name" in capsys.readouterr().err
+
+
+def test_the_docs_example_runs_with_onnxruntime_alone(tmp_path):
+    """The usage page's dozen lines of plain Python: no torch, no ivpt, the eager model's top class."""
+    model = randomize(ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "gatevpt", 4,
+                                        class_names=["w", "x", "y", "z"]), scale=0.2).eval()
+    model.export_onnx(tmp_path / "model.onnx")
+    photos = dtd_images(tmp_path, count=3)
+    page = (ROOT / "docs" / "usage.md").read_text()
+    code = re.search(r"## Deploy with ONNX.*?```python\n(.*?)```", page, re.DOTALL).group(1)
+    assert "import torch" not in code and "ivpt" not in code.replace("ivpt.", "")
+    script = ("import sys\nsys.modules['torch'] = None  # importing torch would fail: the example must not need it\n"
+              + code)
+    for photo in sorted(photos.iterdir()):
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.onnx"), str(photo)],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        label = done.stdout.split()[0]
+        from ivpt.cli import _preprocess
+        from ivpt.data.datasets import open_rgb
+        from ivpt.deploy import transform_of
+
+        image = transform_of(_preprocess(model.adapter_config(), model))(open_rgb(photo, True))
+        with torch.no_grad():
+            assert label == model.class_names[int(model(image[None]).argmax())]
+
+
+def test_a_method_the_exporter_refuses_says_why(tmp_path, monkeypatch, capsys):
+    """No method of today fails, so the exporter's refusal is provoked: the message names the method and the
+    exporter's reason, and the way forward; nothing is written."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Dynamic control flow is not supported\nmore lines")
+
+    ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "adapter", 3).save_adapter(tmp_path / "a")
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    code = main(["export", str(tmp_path / "a"), "--onnx", str(tmp_path / "a.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "method 'adapter' could not be exported to ONNX by torch.onnx.export (RuntimeError: " \
+        "Dynamic control flow is not supported); share the adapter folder instead" in err
+    assert not (tmp_path / "a.onnx").exists()
