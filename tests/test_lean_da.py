@@ -106,3 +106,17 @@ def test_ivpt_keeps_no_more_for_backward_than_vpt_deep():
     deep = ivpt.create_model(make_vit(), "vpt-deep", 7, prompt_length=20).train()
     full = ivpt.create_model(make_vit(), "ivpt", 7, prompt_length=20).train()
     assert saved_bytes(full, images) <= saved_bytes(deep, images)
+
+
+def test_gradient_checkpointing_saves_as_much_for_ivpt_as_for_vpt_deep():
+    """timm's set_grad_checkpointing() used to be skipped on every block where AR acts (all but the last):
+    an iVPT model kept nearly everything. Now it keeps about what VPT-deep keeps with checkpointing."""
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    saved = {}
+    for method, checkpointed in (("vpt-deep", True), ("ivpt", True), ("ivpt", False)):
+        model = ivpt.create_model(make_vit(depth=6), method, 7, prompt_length=20).train()
+        model.backbone.set_grad_checkpointing(checkpointed)
+        saved[(method, checkpointed)] = saved_bytes(model, images)
+    assert saved[("ivpt", True)] <= 1.10 * saved[("vpt-deep", True)]
+    assert saved[("ivpt", True)] < 0.5 * saved[("ivpt", False)]

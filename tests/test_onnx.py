@@ -2,16 +2,18 @@
 needs, and ivpt predict --onnx answers as ivpt predict does."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import randomize
+from conftest import photo_folder, randomize
 
 import ivpt
 import ivpt.adapter_format
@@ -34,6 +36,7 @@ def small_vit_224():
     return timm.create_model("vit_tiny_patch16_224", depth=2, embed_dim=32, num_heads=2)
 
 
+@pytest.mark.filterwarnings("ignore:the model records no dataset")  # a fresh model: VTAB's reading, as said
 @pytest.mark.parametrize("backbone", ["shipped", "vit-224"])
 @pytest.mark.parametrize("method,options", METHODS, ids=[m + "".join(f"[{k}={v}]" for k, v in o.items())
                                                          for m, o in METHODS])
@@ -71,10 +74,15 @@ def dtd_images(tmp_path, count=6) -> Path:
     return out
 
 
-def test_predict_onnx_answers_as_predict_on_real_photos(tmp_path, capsys):
-    model = randomize(ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "ivpt", 4,
-                                        class_names=["w", "x", "y", "z"]), scale=0.2)
-    model.save_adapter(tmp_path / "adapter")
+@pytest.mark.parametrize("kind", ["vtab", "folder"])
+def test_predict_onnx_answers_as_predict_on_real_photos(kind, folder_adapter, tmp_path, capsys):
+    """VTAB-1k's square resize (an adapter without a folder) and a folder's resize + crop."""
+    if kind == "vtab":
+        model = randomize(ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "ivpt", 4,
+                                            class_names=["w", "x", "y", "z"]), scale=0.2)
+        model.save_adapter(tmp_path / "adapter", data={"kind": "vtab", "root": "x", "task": "dtd"})
+    else:
+        shutil.copytree(folder_adapter, tmp_path / "adapter")
     photos = dtd_images(tmp_path)
     assert main(["export", str(tmp_path / "adapter"), "--onnx", str(tmp_path / "m.onnx")]) == 0
     said = capsys.readouterr().out
@@ -86,23 +94,47 @@ def test_predict_onnx_answers_as_predict_on_real_photos(tmp_path, capsys):
     eager = json.loads((tmp_path / "torch.json").read_text())["predictions"]
     onnx = json.loads((tmp_path / "onnx.json").read_text())
     assert onnx["runtime"] == "onnxruntime" and len(onnx["predictions"]) == len(eager) == 6
+    assert read_metadata(tmp_path / "m.onnx")["preprocess"]["crop"] == (32 if kind == "folder" else None)
     for a, b in zip(eager, onnx["predictions"]):
         assert a["image"] == b["image"] and [t["label"] for t in a["top_k"]] == [t["label"] for t in b["top_k"]]
         assert all(abs(s["score"] - t["score"]) <= 1e-4 for s, t in zip(a["top_k"], b["top_k"]))
 
 
-def test_a_folder_adapters_reading_travels_in_the_file(tmp_path):
-    """A folder adapter resizes the shorter side and centre-crops: the metadata says so, and the ONNX path
-    builds the same torchvision pipeline from it."""
-    from ivpt.cli import _preprocess
+@pytest.fixture
+def folder_adapter(tiny_weights, tmp_path):
+    """A vpt-deep adapter trained one epoch on a folder of photos, read with EXIF orientation off and a
+    recorded resize of 40 (shorter side) then a 32 px centre crop."""
+    _, weights_set = tiny_weights
+    photo_folder(tmp_path / "train-photos", per_class=6, size=(48, 36))
+    assert main(["train", "--set", *weights_set, "method=vpt-deep", "method_options={prompt_length: 2}",
+                 "epochs=1", "warmup_epochs=0", "batch_size=8",
+                 f"data={{root: {tmp_path / 'train-photos'}, resize: 40, exif_orientation: false}}",
+                 "--output", str(tmp_path / "run")]) == 0
+    with torch.no_grad():  # trained-looking: one epoch at a small lr barely moves the prompts
+        adapter = tmp_path / "run" / "adapter"
+        model = randomize(ivpt.load_adapter(adapter), scale=0.2)
+        model.save_adapter(adapter, data=ivpt.adapter.read_adapter_config(adapter)["data"])
+    return adapter
+
+
+def test_a_folder_adapters_reading_travels_in_the_file(folder_adapter, tmp_path):
+    """The file says what the adapter's run did (resize 40, crop 32, stored pixels), and the pipeline built
+    from it gives the training pipeline's tensors (ivpt.data.transforms.folder_transform), not merely its own."""
+    from PIL import Image
+
+    from ivpt.data.transforms import folder_transform
     from ivpt.deploy import transform_of
 
-    model = ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "linear", 2, class_names=["a", "b"])
-    config = {**model.adapter_config(), "data": {"kind": "folder", "root": "x", "resize": 40, "exif_orientation": True}}
-    meta = ivpt.deploy.export_onnx(model, tmp_path / "m.onnx", config)
-    assert meta["preprocess"] == {**_preprocess(config, model), "resize": 40, "crop": 32}
-    pipeline = [type(t).__name__ for t in transform_of(meta["preprocess"]).transforms]
-    assert pipeline == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    model = ivpt.load_adapter(folder_adapter)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        meta = model.export_onnx(tmp_path / "m.onnx")  # a loaded adapter carries its own reading
+    assert not [w for w in said if "records no dataset" in str(w.message)]
+    pre = meta["preprocess"]
+    assert (pre["resize"], pre["crop"], pre["exif_orientation"]) == (40, 32, False)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    cfg = {**model.backbone.pretrained_cfg, "input_size": (3, 32, 32)}
+    assert torch.equal(transform_of(pre)(photo), folder_transform(cfg, "crop", resize=40)(photo))
 
 
 def test_segmentation_masks_agree(tmp_path):
@@ -120,14 +152,19 @@ def test_segmentation_masks_agree(tmp_path):
     with tarfile.open(archive) as tar:
         for m in [m for m in tar.getmembers() if m.name.startswith("camvid/test/") and m.name.endswith(".png")][:2]:
             (images / Path(m.name).name).write_bytes(tar.extractfile(m).read())
-    model = randomize(create_segmentation_model("vit_mini_patch4_32.ivpt_cifar10", "ivpt", 6, crop_size=32,
+    model = randomize(create_segmentation_model("vit_mini_patch4_32.ivpt_cifar10", "ivpt", 6, crop_size=48,
                                                 decoder="pup", decoder_channels=16), scale=0.1).eval()
-    config = {**model.adapter_config(), "data": {"kind": "camvid"}}
+    # 240 x 180 photos rescaled to 52 x 40: windows 40 high and 48 wide, not the 48 x 48 of the example input
+    config = {**model.adapter_config(), "data": {"kind": "camvid"}, "segmentation": {"base_size": [60, 40]}}
     ivpt.deploy.export_onnx(model, tmp_path / "seg.onnx", config)
     files = sorted(images.iterdir())
     assert _predict_masks(model, config, files, tmp_path / "torch") == 0
     onnx = OnnxModel(tmp_path / "seg.onnx")
+    shapes, run = [], onnx.session.run
+    onnx.session = type("Recorder", (), {"run": lambda self, names, feed: shapes.append(
+        next(iter(feed.values())).shape) or run(names, feed)})()
     assert _predict_masks(onnx, onnx.predict_config(), files, tmp_path / "onnx") == 0
+    assert shapes and all(s[2:] == (40, 48) for s in shapes)
     for f in files:
         a = np.asarray(Image.open(tmp_path / "torch" / f"{f.stem}_mask.png"))
         b = np.asarray(Image.open(tmp_path / "onnx" / f"{f.stem}_mask.png"))
@@ -152,16 +189,35 @@ def test_damaged_and_foreign_files_are_named(tmp_path, capsys):
     (tmp_path / "text.onnx").write_text("hello")
     with pytest.raises(OnnxFileError, match="not a readable ONNX file"):
         read_metadata(tmp_path / "text.onnx")
+    with pytest.raises(OnnxFileError, match="is a folder"):
+        read_metadata(tmp_path)
+    for key, value, named in (("ivpt.format_version", "99", "newer ivpt"), ("ivpt.class_names", "[unclosed", "damaged"),
+                              ("ivpt.preprocess", None, "lacks preprocess")):
+        proto = onnx.load(str(tmp_path / "m.onnx"))
+        props = [p for p in proto.metadata_props if p.key != key]
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(props)
+        if value is not None:
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save_model(proto, str(tmp_path / "altered.onnx"))
+        with pytest.raises(OnnxFileError, match=named):
+            read_metadata(tmp_path / "altered.onnx")
     assert main(["export", "x", "--onnx", str(tmp_path / "m.pt")]) == 2
     assert "expected a .onnx file name" in capsys.readouterr().err
 
 
-def test_the_docs_example_runs_with_onnxruntime_alone(tmp_path):
-    """The usage page's dozen lines of plain Python: no torch, no ivpt, the eager model's top class."""
-    model = randomize(ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "gatevpt", 4,
-                                        class_names=["w", "x", "y", "z"]), scale=0.2).eval()
+def test_the_docs_example_runs_with_onnxruntime_alone(folder_adapter, tmp_path):
+    """The usage page's plain Python: no torch, no ivpt; a folder adapter's shorter-side resize and centre
+    crop on photos wider and taller than high; the eager model's top class and score."""
+    model = ivpt.load_adapter(folder_adapter).eval()
     model.export_onnx(tmp_path / "model.onnx")
     photos = dtd_images(tmp_path, count=3)
+    from PIL import Image
+
+    for i, photo in enumerate(sorted(photos.iterdir())[:2]):  # one landscape, one portrait
+        image = Image.open(photo)
+        image.crop((0, 0, image.width, image.height // 2) if i == 0 else (0, 0, image.width // 2, image.height)
+                   ).save(photo)
     page = (ROOT / "docs" / "usage.md").read_text()
     code = re.search(r"## Deploy with ONNX.*?```python\n(.*?)```", page, re.DOTALL).group(1)
     assert "import torch" not in code and "ivpt" not in code.replace("ivpt.", "")
@@ -171,14 +227,15 @@ def test_the_docs_example_runs_with_onnxruntime_alone(tmp_path):
         done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.onnx"), str(photo)],
                               capture_output=True, text=True, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
-        label = done.stdout.split()[0]
-        from ivpt.cli import _preprocess
+        label, score = done.stdout.split()
         from ivpt.data.datasets import open_rgb
-        from ivpt.deploy import transform_of
+        from ivpt.data.transforms import folder_transform
 
-        image = transform_of(_preprocess(model.adapter_config(), model))(open_rgb(photo, True))
+        cfg = {**model.backbone.pretrained_cfg, "input_size": (3, 32, 32)}
+        image = folder_transform(cfg, "crop", resize=40)(open_rgb(photo, False))  # as the run read its photos
         with torch.no_grad():
-            assert label == model.class_names[int(model(image[None]).argmax())]
+            probs = model(image[None]).softmax(-1)[0]
+        assert label == model.class_names[int(probs.argmax())] and abs(float(score) - float(probs.max())) <= 1e-3
 
 
 def test_a_method_the_exporter_refuses_says_why(tmp_path, monkeypatch, capsys):

@@ -9,6 +9,7 @@ from PIL import Image
 from ivpt.data.datasets import DataError
 from ivpt.engine.config import ConfigError, TrainConfig, load_config
 from ivpt.engine.data import build_task_data, check_data_spec, stratified_holdout
+from ivpt.deploy import transform_of
 from ivpt.engine.loop import train
 from test_engine import TINY, setup  # noqa: F401  (fixture)
 
@@ -246,7 +247,7 @@ def test_new_images_are_read_as_the_adapters_run_read_its_own(setup, tmp_path):
         assert cli.main(["predict", adapter, str(photo), "--top-k", "3", "--output", str(tmp_path / "p.json")]) == 0
         scores = json.loads((tmp_path / "p.json").read_text())["predictions"][0]["top_k"]
         model, config = cli._load_for_inference(adapter, None)
-        x = cli._classification_transform(config, model)(open_rgb(photo, upright_expected))
+        x = transform_of(cli._preprocess(config, model))(open_rgb(photo, upright_expected))
         with torch.no_grad():
             expected = model.eval()(x[None]).softmax(-1)[0]
         names = model.class_names
@@ -377,7 +378,7 @@ def test_the_resize_is_timms_and_an_adapter_records_it(setup, tmp_path):
 
     def resize_of(config):
         model, _ = cli._load_for_inference(adapter, None)
-        return next(s.size for s in cli._classification_transform(config, model).transforms if hasattr(s, "size"))
+        return next(s.size for s in transform_of(cli._preprocess(config, model)).transforms if hasattr(s, "size"))
 
     config = ivpt.adapter.read_adapter_config(adapter)
     assert resize_of({**config, "data": {**config["data"], "resize": 35}}) == 35  # the recorded size, as recorded

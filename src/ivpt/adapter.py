@@ -133,6 +133,7 @@ def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=
     except Exception:
         encoder.release_backbone()  # a module the caller passed in is theirs again, to retry with
         raise
+    model.recorded = {k: config[k] for k in ("data", "segmentation") if config.get(k)}
     return model
 
 

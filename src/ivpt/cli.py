@@ -649,7 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Classification adapters: top-k labels with scores (printed, and as JSON with "
                                    "--output). Segmentation adapters: a colour-coded mask and an overlay PNG per "
                                    "image, and legend.json, in the --output folder (default predictions/).")
-    p.add_argument("inputs", nargs="+", type=_user_path, metavar="ADAPTER IMAGES",
+    p.usage = ("ivpt predict [options] ADAPTER IMAGE [IMAGE ...]\n       "
+               "ivpt predict --onnx MODEL.onnx [options] IMAGE [IMAGE ...]")
+    p.add_argument("inputs", nargs="+", type=_user_path, metavar="ADAPTER/IMAGE",
                    help="the adapter folder (or hf-hub:ORG/NAME), then image files or folders; with --onnx, "
                         "image files or folders only")
     p.add_argument("--onnx", type=_user_path, metavar="MODEL.onnx",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ FORMAT = "ivpt-onnx"
 FORMAT_VERSION = 1
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 PREFIX = "ivpt."
+REQUIRED_KEYS = ("task", "method", "num_classes", "class_names", "mean", "std", "preprocess", "input_name",
+                 "output_name", "adapter_sha256")
 
 
 class OnnxFileError(ValueError):
@@ -81,8 +84,13 @@ def export_onnx(model: torch.nn.Module, path, config: dict[str, Any] | None = No
     require("onnxscript", "exporting to ONNX", "onnx")
     from .engine.checkpoint import atomic_write
 
-    config = config or model.adapter_config()
+    config = config or {**model.adapter_config(), **model.recorded}
     segmentation = config.get("task") == "segmentation"
+    if not segmentation and not config.get("data"):
+        size = config["image_size"][-1] if config.get("image_size") else 224
+        warnings.warn(f"the model records no dataset, so the file says to read images as VTAB-1k does (a square "
+                      f"resize to {size} px); export a saved adapter (ivpt.load_adapter, or ivpt export) to carry "
+                      "its own reading (a folder's resize and crop, FGVC's crop)", stacklevel=3)
     model.eval()
     graph, merged = model, False
     if not segmentation:
@@ -96,11 +104,15 @@ def export_onnx(model: torch.nn.Module, path, config: dict[str, Any] | None = No
             program = torch.onnx.export(graph, (example,), dynamo=True, dynamic_shapes=(dynamic,),
                                          opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                          external_data=False, verbose=False)
+    except MemoryError:
+        raise
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"method {config.get('method')!r} could not be exported to ONNX by torch.onnx.export "
                          f"({type(err).__name__}: {first}); share the adapter folder instead") from err
     proto = program.model_proto
+    # the opset the file holds (the exporter keeps its own where converting to the one asked for fails)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
     metadata = _metadata(model, config, merged, opset, segmentation)
     del proto.metadata_props[:]
     for key, value in metadata.items():
@@ -138,9 +150,14 @@ def _metadata(model, config: dict, merged: bool, opset: int, segmentation: bool)
 
         opts = config.get("segmentation") or {}
         crop = int(config["crop_size"])
+        # ivpt predict's reading (ivpt.data.segmentation.SegEvalTransform and slide_inference): photos turned
+        # upright, resized bilinearly by min(base long / image long, base short / image short) with each
+        # side rounded to a multiple of the patch, normalised; crop x crop windows at stride, averaged;
+        # the logits resized bilinearly to the photo's size
         meta["preprocess"] = {"base_size": list(base_size(opts, (config.get("data") or {}).get("kind"), crop)),
-                              "crop_size": crop, "patch_size": model.patch_size, "mean": meta["mean"],
-                              "std": meta["std"]}
+                              "crop_size": crop, "stride": crop * 2 // 3, "patch_size": model.patch_size,
+                              "interpolation": "bilinear", "mean": meta["mean"], "std": meta["std"],
+                              "exif_orientation": True}
     else:
         meta["preprocess"] = preprocess_of(config, getattr(model.backbone, "pretrained_cfg", None) or {})
     return meta
@@ -150,6 +167,9 @@ def read_metadata(path) -> dict[str, Any]:
     """The ``ivpt.*`` metadata of an ONNX file ivpt exported; a damaged or foreign file refused by name."""
     onnx = require("onnx", "reading an ONNX file", "onnx")
     path = Path(path)
+    if path.is_dir():
+        raise OnnxFileError(f"{path} is a folder; expected an .onnx file written by ivpt export --onnx (an adapter "
+                            "folder runs without --onnx)")
     if not path.is_file():
         raise FileNotFoundError(f"no ONNX file at {path}")
     try:
@@ -167,9 +187,13 @@ def read_metadata(path) -> dict[str, Any]:
         meta = {k: json.loads(v) for k, v in props.items()}
     except json.JSONDecodeError as err:
         raise OnnxFileError(f"{path}: its ivpt metadata is damaged ({err}); export it again") from None
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise OnnxFileError(f"{path} was written by a newer ivpt (format version {meta['format_version']}); "
+    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
+        raise OnnxFileError(f"{path} was written by a newer ivpt (format version {meta.get('format_version')}); "
                             f"upgrade ivpt (this one reads version {FORMAT_VERSION})")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing or not isinstance(meta.get("preprocess"), dict):
+        raise OnnxFileError(f"{path}: its ivpt metadata lacks {', '.join(missing) or 'a preprocess mapping'} "
+                            "(altered after export?); export it again")
     return meta
 
 
@@ -203,7 +227,7 @@ class OnnxModel:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         out = self.session.run([self.meta["output_name"]], {self.meta["input_name"]: images.float().cpu().numpy()})
-        return torch.from_numpy(out[0])
+        return torch.from_numpy(out[0]).to(images.device)  # where the caller's tensors are (e.g. slide_inference)
 
     def eval(self) -> "OnnxModel":
         return self

@@ -6,6 +6,7 @@ inserted after timm's position embedding, patch dropout and pre-norm, so they ca
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,9 @@ class PromptedViT(nn.Module):
         self.method = method
         self.backbone_name = backbone_name
         self.class_names = list(class_names) if class_names is not None else None
+        # what the adapter this model was loaded from records about its data (the data spec), which decides
+        # how new images are read; set by load_adapter, used by export_onnx
+        self.recorded: dict = {}
         self.ar_source = getattr(method.config, "ar_source", "cls")
         self.last_reinforcement: list[Reinforcement] = []
         # record_attention: every block's saliency (even where AR does not act, e.g. VPT-deep) goes to
@@ -206,7 +210,6 @@ class PromptedViT(nn.Module):
         record = self.record_attention
         for i, block in enumerate(vit.blocks):
             p = prompts.shape[1]
-            tokens = torch.cat([prefix, prompts, patches], dim=1)
             reinforce = i < last and method.needs_saliency(i)
             # DA at this transition: the prompt rows' MLP half runs inside DA's recomputed function, so
             # backward keeps no copy of Z_i (docs/method.md); not while recording (explain reads Z_i's mix)
@@ -214,6 +217,7 @@ class PromptedViT(nn.Module):
                      and method.aggregates_block_output(i))
             if defer:
                 rows = self._saliency_rows(npt, p) if reinforce else None
+                tokens = torch.cat([prefix, prompts, patches], dim=1)
                 rest, saliency, residual = run_block(block, tokens, rows, npt + p, defer=slice(npt, npt + p))
                 prefix, patches = rest[:, :npt], rest[:, npt:]
                 prompts = method.next_prompts_from_residual(i, residual, block, prompts).to(rest.dtype)
@@ -221,31 +225,51 @@ class PromptedViT(nn.Module):
                     patches, selected = method.reinforce(i, patches, saliency, prompts)
                     records.append(Reinforcement(i, saliency.detach(), selected.detach()))
                 continue
-            if reinforce or record:
-                out, saliency = block_with_saliency(block, tokens, self._saliency_rows(npt, p), npt + p)
-                if record:
-                    attention[i] = saliency.detach()
-            elif vit.grad_checkpointing and torch.is_grad_enabled():
-                # timm's set_grad_checkpointing(): recompute the block in backward to save memory
-                out = checkpoint(block, tokens, use_reentrant=False)
+            # timm's set_grad_checkpointing(): the whole transition (block, saliency, the next prompts, AR)
+            # recomputed in backward, which keeps only its inputs, as for any other method's block
+            checkpointed = vit.grad_checkpointing and torch.is_grad_enabled() and not record
+            step = functools.partial(self._transition, i, block, reinforce=reinforce, saliency=reinforce or record,
+                                     last=i == last)
+            if checkpointed:
+                prefix, prompts, patches, saliency, selected, before = checkpoint(step, prefix, prompts, patches,
+                                                                                 use_reentrant=False)
+                if i < last and (reinforce or method.aggregates_block_output(i)):
+                    # DA's prompts and AR's patches are new tensors: the slices still pointing into the block's
+                    # output would keep all of it alive (its stale prompt rows too) for the next checkpoint
+                    prefix, patches = prefix.clone(), patches if reinforce else patches.clone()
             else:
-                out = block(tokens)
-            prefix, z, patches = out[:, :npt], out[:, npt:npt + p], out[:, npt + p:]
-            if i < last:
-                following = method.next_prompts(i, z, prompts)  # prompts: Q_i, what entered block i
-                prompts = z if following is None else following.to(z.dtype)
-                if reinforce:
-                    before = patches
-                    patches, selected = method.reinforce(i, patches, saliency, prompts)
-                    ratio = _relative_change(before, patches, selected) if record else None
-                    records.append(Reinforcement(i, saliency.detach(), selected.detach(), ratio))
-            else:
-                prompts = z
+                prefix, prompts, patches, saliency, selected, before = step(prefix, prompts, patches)
+            if record:
+                attention[i] = saliency.detach()
+            if reinforce:
+                ratio = _relative_change(before, patches, selected) if record else None
+                records.append(Reinforcement(i, saliency.detach(), selected.detach(), ratio))
         self.last_reinforcement = records
         self.last_attention = attention
         tokens = vit.norm(torch.cat([prefix, prompts, patches], dim=1))
         p = prompts.shape[1]
         return EncoderTokens(tokens[:, :npt], tokens[:, npt:npt + p], tokens[:, npt + p:])
+
+    def _transition(self, i: int, block: nn.Module, prefix: torch.Tensor, prompts: torch.Tensor, patches: torch.Tensor,
+                    *, reinforce: bool, saliency: bool, last: bool):
+        """Block i on [prefix, prompts, patches], then (but after the last block) the prompts for block i + 1
+        and AR on the patches: (prefix, prompts, patches, saliency or None, AR's selection or None, the
+        patches before AR)."""
+        npt, p = prefix.shape[1], prompts.shape[1]
+        tokens = torch.cat([prefix, prompts, patches], dim=1)
+        if saliency:
+            out, attention = block_with_saliency(block, tokens, self._saliency_rows(npt, p), npt + p)
+        else:
+            out, attention = block(tokens), None
+        prefix, z, patches = out[:, :npt], out[:, npt:npt + p], out[:, npt + p:]
+        if last:
+            return prefix, z, patches, attention, None, patches
+        following = self.method.next_prompts(i, z, prompts)  # prompts: Q_i, what entered block i
+        prompts = z if following is None else following.to(z.dtype)
+        before, selected = patches, None
+        if reinforce:
+            patches, selected = self.method.reinforce(i, patches, attention, prompts)
+        return prefix, prompts, patches, attention, selected, before
 
     def _saliency_rows(self, num_prefix: int, num_prompts: int) -> slice:
         """The query rows whose attention is the saliency: CLS, or the prompts (``ar_source``)."""

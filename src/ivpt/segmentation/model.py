@@ -31,6 +31,7 @@ class SegmentationModel(nn.Module):
         self.decoder = make_decoder(decoder, encoder.backbone.embed_dim, num_classes, channels, self.decoder_stages)
         self.class_names = list(class_names) if class_names is not None else None
         self.ignore_index = ignore_index
+        self.recorded: dict = {}  # the loaded adapter's data spec and segmentation options (see PromptedViT)
 
     def reset_decoder(self, num_classes: int, class_names: list[str] | None = None,
                       ignore_index: int | None = None) -> None:
