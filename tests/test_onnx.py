@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import photo_folder, randomize
+from conftest import TINY_MINI, photo_folder, randomize
 
 import ivpt
 import ivpt.adapter_format
@@ -100,18 +100,26 @@ def test_predict_onnx_answers_as_predict_on_real_photos(kind, folder_adapter, tm
         assert all(abs(s["score"] - t["score"]) <= 1e-4 for s, t in zip(a["top_k"], b["top_k"]))
 
 
-@pytest.fixture
-def folder_adapter(tiny_weights, tmp_path):
+@pytest.fixture(scope="module")
+def folder_adapter(tmp_path_factory):
     """A vpt-deep adapter trained one epoch on a folder of photos, read with EXIF orientation off and a
-    recorded resize of 40 (shorter side) then a 32 px centre crop."""
-    _, weights_set = tiny_weights
-    photo_folder(tmp_path / "train-photos", per_class=6, size=(48, 36))
-    assert main(["train", "--set", *weights_set, "method=vpt-deep", "method_options={prompt_length: 2}",
-                 "epochs=1", "warmup_epochs=0", "batch_size=8",
-                 f"data={{root: {tmp_path / 'train-photos'}, resize: 40, exif_orientation: false}}",
-                 "--output", str(tmp_path / "run")]) == 0
+    recorded resize of 40 (shorter side) then a 32 px centre crop (trained once for the module)."""
+    import timm
+    from safetensors.torch import save_file
+
+    import ivpt.backbones  # noqa: F401  (registers vit_mini_patch4_32 with timm)
+
+    work = tmp_path_factory.mktemp("folder-adapter")
+    torch.manual_seed(0)
+    save_file(timm.create_model("vit_mini_patch4_32", **TINY_MINI).state_dict(), str(work / "backbone.safetensors"))
+    photo_folder(work / "train-photos", per_class=6, size=(48, 36))
+    assert main(["train", "--set", "backbone=vit_mini_patch4_32", "backbone_options={embed_dim: 32, depth: 2, "
+                 "num_heads: 2}", f"weights={work / 'backbone.safetensors'}", "method=vpt-deep",
+                 "method_options={prompt_length: 2}", "epochs=1", "warmup_epochs=0", "batch_size=8",
+                 f"data={{root: {work / 'train-photos'}, resize: 40, exif_orientation: false}}",
+                 "--output", str(work / "run")]) == 0
     with torch.no_grad():  # trained-looking: one epoch at a small lr barely moves the prompts
-        adapter = tmp_path / "run" / "adapter"
+        adapter = work / "run" / "adapter"
         model = randomize(ivpt.load_adapter(adapter), scale=0.2)
         model.save_adapter(adapter, data=ivpt.adapter.read_adapter_config(adapter)["data"])
     return adapter
@@ -181,7 +189,7 @@ def test_damaged_and_foreign_files_are_named(tmp_path, capsys):
     onnx.save_model(helper.make_model(graph), str(tmp_path / "foreign.onnx"))
     with pytest.raises(OnnxFileError, match="without ivpt's metadata"):
         read_metadata(tmp_path / "foreign.onnx")
-    ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "vpt-deep", 3).export_onnx(tmp_path / "m.onnx")
+    ivpt.create_model("vit_mini_patch4_32.ivpt_cifar10", "linear", 3).export_onnx(tmp_path / "m.onnx")
     data = (tmp_path / "m.onnx").read_bytes()
     (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
     code = main(["predict", "--onnx", str(tmp_path / "cut.onnx"), str(tmp_path)])
