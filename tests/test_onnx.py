@@ -60,18 +60,23 @@ def test_onnxruntime_gives_the_eager_logits_at_any_batch(backbone, method, optio
         {k: v.detach().contiguous() for k, v in model.adapter_tensors().items()})
 
 
-def dtd_images(tmp_path, count=6) -> Path:
-    """A few real photos from ../shared/data (DTD, 256 px)."""
-    archive = SHARED / "dtd10-256.tar.gz"
-    if not archive.is_file():
-        pytest.skip(f"needs {archive}")
-    out = tmp_path / "photos"
+def shared_images(archive: str, out: Path, pick, count: int) -> Path:
+    """The first ``count`` of the members ``pick`` chooses from a ../shared/data archive's member names,
+    extracted flat into ``out`` (skipped where the archive is not there)."""
+    path = SHARED / archive
+    if not path.is_file():
+        pytest.skip(f"needs {path}")
     out.mkdir()
-    with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if m.name.endswith(".jpg")][::97][:count]
-        for m in members:
-            (out / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+    with tarfile.open(path) as tar:
+        for name in pick(tar.getnames())[:count]:
+            (out / Path(name).name).write_bytes(tar.extractfile(name).read())
     return out
+
+
+def dtd_images(tmp_path, count=6) -> Path:
+    """A few real photos from ../shared/data (DTD, 256 px): every 97th, so several classes."""
+    return shared_images("dtd10-256.tar.gz", tmp_path / "photos",
+                         lambda names: [n for n in names if n.endswith(".jpg")][::97], count)
 
 
 @pytest.mark.parametrize("kind", ["vtab", "folder"])
@@ -152,14 +157,8 @@ def test_segmentation_masks_agree(tmp_path):
     from ivpt.deploy import OnnxModel
     from ivpt.segmentation import create_segmentation_model
 
-    archive = SHARED / "camvid-240x180.tar.gz"
-    if not archive.is_file():
-        pytest.skip(f"needs {archive}")
-    images = tmp_path / "street"
-    images.mkdir()
-    with tarfile.open(archive) as tar:
-        for m in [m for m in tar.getmembers() if m.name.startswith("camvid/test/") and m.name.endswith(".png")][:2]:
-            (images / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+    images = shared_images("camvid-240x180.tar.gz", tmp_path / "street",
+                           lambda names: [n for n in names if n.startswith("camvid/test/") and n.endswith(".png")], 2)
     model = randomize(create_segmentation_model("vit_mini_patch4_32.ivpt_cifar10", "ivpt", 6, crop_size=48,
                                                 decoder="pup", decoder_channels=16), scale=0.1).eval()
     # 240 x 180 photos rescaled to 52 x 40: windows 40 high and 48 wide, not the 48 x 48 of the example input

@@ -138,11 +138,8 @@ def load_adapter(directory, backbone: str | nn.Module | None = None, *, weights=
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None):
-    """torch's generator seeded for a block (None: untouched), restored afterwards."""
-    if seed is None:
-        yield
-        return
+def _seeded(seed: int):
+    """torch's generator seeded for a block, restored afterwards."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # as the training run seeded it before building the model
         yield

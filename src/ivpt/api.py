@@ -90,6 +90,7 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
 
     from .backbone import input_config
     from .data.folder import class_difference
+    from .data.paths import absolute_path
     from .engine.data import adapter_folder_reading, check_data_spec, check_same_splits
 
     if multiscale and len(set(multiscale)) != len(multiscale):  # a repeat would weigh twice in the mean, unsaid
@@ -105,8 +106,7 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
     if not spec:
         raise ValueError(f"{adapter} records no dataset; pass data={{\"kind\": ..., ...}} (--data on the command line)")
     if data:  # resolved as a run resolves its paths
-        spec = {**spec, **{k: str(Path(spec[k]).expanduser().resolve()) for k in ("root", "path")
-                           if isinstance(spec.get(k), str)}}
+        spec = {**spec, **{k: absolute_path(spec[k]) for k in ("root", "path") if isinstance(spec.get(k), str)}}
     task, spec, own_folder, redrawn = _own_folder_task(model, config, spec, bool(data))
     if own_folder:  # the adapter's own folder: its held-out splits must be the ones it was trained beside
         check_same_splits(config.get("data_splits"), task, f"{adapter} (data root {spec.get('root')})", redrawn)
@@ -153,6 +153,7 @@ def _own_folder_task(model, config: dict, spec: dict, given: bool):
     its content is the one recorded (the folder moved: its splits, drawn as training drew them, hold the
     recorded images); then its held-out splits are drawn as training drew them, never anew."""
     from .data.datasets import DataError
+    from .data.paths import absolute_path
     from .engine.data import FOLDER_DEFAULTS, split_record
 
     recorded = config.get("data") or {}
@@ -167,7 +168,7 @@ def _own_folder_task(model, config: dict, spec: dict, given: bool):
     asked = {k: spec[k] for k in FOLDER_DEFAULTS if k in spec}
     redrawn = [f"{k} {v} (trained with {recorded.get(k, FOLDER_DEFAULTS[k])})" for k, v in asked.items()
                if v != recorded.get(k, FOLDER_DEFAULTS[k])]
-    same_path = bool(recorded.get("root")) and Path(spec["root"]) == Path(recorded["root"]).expanduser().resolve()
+    same_path = bool(recorded.get("root")) and spec["root"] == absolute_path(recorded["root"])
     trained_splits = None
     if same_path:
         trained_splits = data_for(model, config, as_trained)

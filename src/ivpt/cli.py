@@ -213,7 +213,6 @@ def _preprocess(config: dict, model) -> dict:
 # -- explain -------------------------------------------------------------------------------------
 def cmd_explain(args) -> int:
     import torch
-    from torchvision import transforms
 
     from .engine.checkpoint import atomic_write
     from .explain import _pyplot, denormalize, explain, plot_adapter, plot_image
@@ -223,21 +222,21 @@ def cmd_explain(args) -> int:
     model.eval()
     files = _image_files(args.images)
     if config.get("task") == "segmentation":  # one centre window at the training crop size
-        crop = int(config["crop_size"])
-        transform = transforms.Compose([transforms.Resize(crop), transforms.CenterCrop(crop), transforms.ToTensor(),
-                                        transforms.Normalize(config["mean"], config["std"])])
-    else:
-        from .deploy import transform_of
+        from .engine.data import adapter_reads_upright
 
-        transform = transform_of(_preprocess(config, model))
+        crop = int(config["crop_size"])
+        preprocess = {"resize": crop, "crop": crop, "interpolation": "bilinear", "mean": config["mean"],
+                      "std": config["std"], "exif_orientation": adapter_reads_upright(config.get("data"))}
+    else:
+        preprocess = _preprocess(config, model)
+    from .deploy import transform_of
+
+    transform = transform_of(preprocess)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{config['method']} on {(config.get('backbone') or {}).get('name') or 'its backbone'}"
     records, last, batches, skipped = [], None, [], []
-    from .engine.data import adapter_reads_upright
-
-    upright = adapter_reads_upright(config.get("data"))  # EXIF orientation as the adapter's run applied it
-    for chunk, batch in _readable_batches(files, args, transform, upright, skipped):
+    for chunk, batch in _readable_batches(files, args, transform, preprocess["exif_orientation"], skipped):
         batches.append(batch)
         last = explain(model, batch)
         pixels = denormalize(batch, config["mean"], config["std"])
@@ -344,8 +343,9 @@ def cmd_export(args) -> int:
           f"{config['num_classes']} classes)")
     print(f"load it with: {_timm_load_call(name, config, out)}")
     if name.split(".")[0] in _own_architectures():  # the checkpoint holds no preprocessing: say it
-        size = config["image_size"][-1] if isinstance(config.get("image_size"), list) else config.get("image_size")
-        print(f"preprocess as it was tuned: {size} px, mean {config['mean']}, std {config['std']}")
+        from .deploy import input_size
+
+        print(f"preprocess as it was tuned: {input_size(config)} px, mean {config['mean']}, std {config['std']}")
     return 0
 
 
@@ -604,8 +604,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = Parser(prog="ivpt", description="Visual prompt tuning (iVPT and baselines) for timm ViTs")
     parser.add_argument("--version", action="version", version=f"ivpt {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)  # one function per subcommand, below
+    _add_train(sub)
+    _add_eval(sub)
+    _add_predict(sub)
+    _add_explain(sub)
+    _add_push(sub)
+    _add_export(sub)
+    _add_params(sub)
+    _add_tune(sub)
+    _add_quickstart(sub)
+    _add_pretrain(sub)
+    return parser
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train one method on one dataset", epilog=_config_fields_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train one method on one dataset from a YAML recipe plus key=value overrides. "
@@ -625,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "moved to OUTPUT.replaced-<time>/ first (e.g. a damaged checkpoint that --resume refuses)")
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a saved adapter on a split",
                        description="Classification: top-1 of an adapter on a split, with per-class accuracy and "
                                    "the confusion matrix in --output. Segmentation: mIoU (single scale, sliding "
@@ -645,6 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a warning, list it under 'skipped' and exit 3)")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="top-k labels (or segmentation masks) for images or folders",
                        description="Classification adapters: top-k labels with scores (printed, and as JSON with "
                                    "--output). Segmentation adapters: a colour-coded mask and an overlay PNG per "
@@ -667,6 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a warning, list it under 'skipped' and exit 3)")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_explain(sub) -> None:
     p = sub.add_parser("explain", help="figures of what the prompts do: saliency, AR's patches, DA and AR weights",
                        description="For every image, a PNG of the input and each block's saliency (the class "
                                    "token's attention over the patches, as AR uses it) with the patches AR "
@@ -683,6 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=_user_path, help="local backbone weights (default: as recorded in the adapter)")
     p.set_defaults(func=cmd_explain)
 
+
+def _add_push(sub) -> None:
     p = sub.add_parser("push", help="publish an adapter with its model card to the Hugging Face Hub",
                        description="Uploads adapter.safetensors, adapter_config.json and a model card (README.md, "
                                    "written from the adapter's record: method, backbone, tuned parameters, data, "
@@ -700,6 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", type=_user_path, metavar="DIR", help="write exactly what would be uploaded into DIR; send nothing")
     p.set_defaults(func=cmd_push)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="an adapter as an ONNX file, or folded into a plain timm checkpoint",
                        description="--onnx OUT.onnx: the eval-mode model of any method (classification or "
                                    "segmentation) as one ONNX graph with a dynamic batch, its class names, "
@@ -719,6 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=_user_path, help="local backbone weights (default: as recorded in the adapter)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_params(sub) -> None:
     p = sub.add_parser("params", help="tuned-parameter table for a backbone and one or all methods")
     p.add_argument("--backbone", default=None, help="timm model name (default: the shipped default backbone, "
                    "as ivpt train uses it)")
@@ -730,6 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=_user_path, help="JSON file to write the table to")
     p.set_defaults(func=cmd_params)
 
+
+def _add_tune(sub) -> None:
     p = sub.add_parser("tune", help="VPT protocol: lr x wd grid on train->val, then seeds on train+val->test",
                        description="The grid (train -> val) and the final seeds (train+val -> test) as Optuna "
                                    "studies: best val top-1 wins (ties: smaller lr, then larger wd). Studies live "
@@ -754,6 +781,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="with a suite recipe: 'all' or a comma-separated list of offline-suite tasks")
     p.set_defaults(func=cmd_tune)
 
+
+def _add_quickstart(sub) -> None:
     p = sub.add_parser("quickstart", help="the main job: iVPT vs linear probe vs VPT-deep on an offline task",
                        description="Trains linear probe, VPT-deep and iVPT on the shipped default backbone on one "
                                    "procedural task of the offline suite (no data needed), prints test top-1 and "
@@ -763,10 +792,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=_user_path, default="runs/quickstart")
     p.set_defaults(func=cmd_quickstart)
 
+
+def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", add_help=False, help="pretrain the default backbone on CIFAR-10 "
                        "(arguments: see ivpt pretrain --help)")
     p.set_defaults(func=None)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

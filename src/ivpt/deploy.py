@@ -37,6 +37,12 @@ class OnnxFileError(ValueError):
     """A file that is not an ONNX model ivpt exported (damaged, truncated, or someone else's)."""
 
 
+def input_size(config: dict[str, Any]) -> int:
+    """The side of the square input an adapter record says its model takes (224 where it records none)."""
+    size = config.get("image_size")
+    return int(size[-1] if isinstance(size, (list, tuple)) else size) if size else 224
+
+
 def preprocess_of(config: dict[str, Any], pretrained_cfg: dict | None = None) -> dict[str, Any]:
     """How images are prepared for a classification adapter, as data: what ``transform_of`` builds, and
     what an ONNX file carries for runtimes without ivpt. As the adapter's data was evaluated: a folder's
@@ -44,7 +50,7 @@ def preprocess_of(config: dict[str, Any], pretrained_cfg: dict | None = None) ->
     from .data.transforms import timm_resize
     from .engine.data import adapter_folder_reading, adapter_reads_upright
 
-    size = config["image_size"][-1] if config.get("image_size") else 224
+    size = input_size(config)
     data = config.get("data") or {}
     interpolation = config.get("interpolation", "bilinear")
     resize, crop = [size, size], None  # VTAB-1k: a square resize, no crop
@@ -87,7 +93,7 @@ def export_onnx(model: torch.nn.Module, path, config: dict[str, Any] | None = No
     config = config or {**model.adapter_config(), **model.recorded}
     segmentation = config.get("task") == "segmentation"
     if not segmentation and not config.get("data"):
-        size = config["image_size"][-1] if config.get("image_size") else 224
+        size = input_size(config)
         warnings.warn(f"the model records no dataset, so the file says to read images as VTAB-1k does (a square "
                       f"resize to {size} px); export a saved adapter (ivpt.load_adapter, or ivpt export) to carry "
                       "its own reading (a folder's resize and crop, FGVC's crop)", stacklevel=3)
@@ -129,7 +135,7 @@ def _example(model, config: dict, segmentation: bool):
 
     batch = Dim("batch", min=1, max=4096)
     if not segmentation:
-        size = config["image_size"][-1] if config.get("image_size") else 224
+        size = input_size(config)
         return torch.randn(2, 3, size, size), {0: batch}
     patch, crop = model.patch_size, int(config["crop_size"])
     rows, cols = Dim("patch_rows", min=1, max=4096), Dim("patch_cols", min=1, max=4096)

@@ -8,6 +8,7 @@ from torch import nn
 
 from .backbone import backbone_name, backbone_shape, build_backbone
 from .backbones import is_shipped
+from .data.paths import absolute_path
 from .encoder import PromptedViT
 from .methods import METHODS
 from .options import OptionError, check_int, config_from_options
@@ -49,7 +50,7 @@ def create_model(backbone: str | nn.Module, method: str, num_classes: int, *, pr
     model.pooling_modules = pooling  # a segmentation adapter records it, to be rebuilt alike
     # where the backbone weights came from, so an adapter can be reloaded onto the same ones
     if weights is not None:
-        model.weights_source, model.weights_file = "file", str(Path(weights).expanduser().resolve())
+        model.weights_source, model.weights_file = "file", absolute_path(weights)
     elif not isinstance(backbone, str):
         model.weights_source, model.weights_file = "module", None
     else:

@@ -9,6 +9,12 @@ DATA_ENV = "IVPT_DATA"
 CACHE_ENV = "IVPT_CACHE"
 
 
+def absolute_path(text: str | os.PathLike) -> str:
+    """A path as a user typed it, with ``~`` expanded and made absolute against the working directory: how
+    every path a run, a study or an evaluation records is written."""
+    return str(Path(text).expanduser().resolve())
+
+
 def data_root() -> Path:
     """The folder holding the offline data files.
 

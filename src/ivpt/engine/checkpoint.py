@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..data.paths import sha256_file
+from ..data.paths import absolute_path, sha256_file
 
 META = "checkpoint.json"
 
@@ -166,7 +166,7 @@ def set_aside_run(directory) -> Path | None:
 
     from .runlock import RunLock
 
-    directory = Path(directory).expanduser().resolve()
+    directory = Path(absolute_path(directory))
     if not (has_checkpoint(directory) or (directory / "results.json").is_file()):
         return None  # no run there (a typo'd --output must never move a folder of something else)
     with RunLock(directory):  # RunLockedError, naming the holder, when a live run writes there

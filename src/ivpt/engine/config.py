@@ -281,26 +281,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _expand(path: str) -> str:
-    return str(Path(path).expanduser().resolve())
-
-
 def as_started(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` as a run records it when it starts: every path field expanded (``~``) and made absolute against
     the working directory, so that its records name the same files from anywhere (the values as typed go to
     ``paths_as_typed``, for the model card), and a folder's holdout rule spelt out. Idempotent."""
-    from .data import HOLDOUT_RULE
+    from ..data.paths import absolute_path
+    from .data import HOLDOUT_RULE, is_folder_spec
 
     typed = dict(cfg.paths_as_typed)
     values = {"weights": cfg.weights, "output": cfg.output, **{f"data.{k}": cfg.data.get(k) for k in ("root", "path")}}
     resolved = {}
     for name, value in values.items():
         if isinstance(value, (str, Path)) and str(value):
-            resolved[name] = _expand(str(value))
+            resolved[name] = absolute_path(value)
             if resolved[name] != str(value):
                 typed.setdefault(name, str(value))
     data = {**cfg.data, **{k.split(".", 1)[1]: v for k, v in resolved.items() if k.startswith("data.")}}
-    if data.get("kind", "folder" if "root" in data else None) == "folder":
+    if is_folder_spec(data):
         data.setdefault("holdout_rule", HOLDOUT_RULE)
     return dataclasses.replace(cfg, data=data, paths_as_typed=typed,
                                **{k: v for k, v in resolved.items() if k in ("weights", "output")})

@@ -40,6 +40,11 @@ FOLDER_DEFAULTS = {"seed": 0, "val_fraction": FOLDER_HOLDOUT, "test_fraction": F
 HOLDOUT_RULE = 2
 
 
+def is_folder_spec(spec: dict[str, Any]) -> bool:
+    """Whether a data spec reads a folder of images: kind 'folder', or a 'root' without a kind."""
+    return spec.get("kind", "folder" if "root" in spec else None) == "folder"
+
+
 def check_data_spec(spec: Any) -> dict[str, Any]:
     """A data spec checked as a whole: its kind, every field known to it, nothing that could be misread.
 

@@ -21,7 +21,8 @@ from .checkpoint import (CheckpointError, atomic_write, checkpoint_meta, has_che
                          save_checkpoint)
 from .config import NOT_RESULT_FIELDS, ConfigError, TrainConfig, as_started, check_compile, check_inputs
 from . import features as features_mod
-from .data import TensorImages, recorded_data_spec, split_of, split_record
+from ..data.paths import absolute_path
+from .data import TensorImages, is_folder_spec, recorded_data_spec, split_of, split_record
 from .distributed import Dist, GlobalBatchSampler, init_distributed, shutdown
 from .hardware import configure_threads, machine_cores, processes_on_machine, resolve_precision
 from .preemption import Preempted, StepCheckpoints, StopRequest
@@ -442,8 +443,8 @@ def _result_fields(config: dict) -> dict:
     data = normal.get("data") if isinstance(normal.get("data"), dict) else {}
     for holder, key in ((normal, "weights"), (data, "root"), (data, "path")):
         if isinstance(holder.get(key), str) and holder[key]:  # runs before 2026-12-06 recorded paths as typed
-            holder[key] = str(Path(holder[key]).expanduser().resolve())
-    if data.get("kind", "folder" if "root" in data else None) == "folder":
+            holder[key] = absolute_path(holder[key])
+    if is_folder_spec(data):
         data.setdefault("holdout_rule", 1)  # runs before 2026-12-06 record none: they drew by rule 1
     return {k: v for k, v in normal.items() if k not in NOT_RESULT_FIELDS}
 
