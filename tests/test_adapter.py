@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import ivpt
 from ivpt.adapter import AdapterError
-from conftest import clone, make_vit
+from conftest import clone, make_vit, rewrite_config
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=4, qkv_bias=True)
 
@@ -111,24 +111,6 @@ def test_truncated_or_altered_tensor_file_is_refused(tmp_path):
     tensors.write_bytes(bytes(altered))
     with pytest.raises(AdapterError, match="adapter.safetensors does not match its config"):
         ivpt.load_adapter(directory, backbone=make_vit())
-
-
-def rewrite_config(directory, change):
-    """Damage the config where the loader reads it: inside adapter.safetensors (format 2)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    path = directory / "adapter.safetensors"
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(str(path))
-    if callable(change):
-        config = json.loads(metadata["ivpt_adapter_config"])
-        change(config)
-        metadata["ivpt_adapter_config"] = json.dumps(config)
-    else:
-        metadata["ivpt_adapter_config"] = change
-    save_file(tensors, str(path), metadata=metadata)
 
 
 def test_wrong_config_is_refused(tmp_path):

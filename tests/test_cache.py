@@ -131,7 +131,7 @@ def test_two_processes_building_one_cache_give_one_valid_cache(tmp_path):
 def test_training_from_the_cache_equals_training_without_it(tmp_path, monkeypatch):
     """A folder run with the cache = without it; two runs from the cache are bit-identical."""
     from safetensors.torch import load_file, save_file
-    from test_engine import TINY, config, make_folder
+    from conftest import TINY_MINI as TINY, config, make_folder
 
     import timm
     from ivpt.engine.loop import train
@@ -154,7 +154,7 @@ def test_training_from_the_cache_equals_training_without_it(tmp_path, monkeypatc
 def test_linear_probe_on_cached_features_equals_the_full_model_path(tmp_path, monkeypatch):
     """method linear: the head trained on features computed once = the head trained through the backbone."""
     from safetensors.torch import load_file, save_file
-    from test_engine import TINY, config, make_folder
+    from conftest import TINY_MINI as TINY, config, make_folder
 
     import timm
     from ivpt.engine.loop import train

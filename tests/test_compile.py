@@ -96,7 +96,7 @@ def test_compiled_segmentation_model():
 
 
 def test_recipe_compile_field_trains_like_eager(tmp_path):
-    from test_engine import adapter_tensors, config, make_folder
+    from conftest import adapter_tensors, config, make_folder
     from safetensors.torch import save_file
 
     from ivpt.engine.loop import train
@@ -135,7 +135,7 @@ def test_ddp_compiled_matches_one_eager_process(tmp_path):
     """DDP (2 gloo ranks) with the recipe's compile field: the same adapter as one eager process."""
     import torch.multiprocessing as mp
     from safetensors.torch import save_file
-    from test_engine import _ddp_worker, adapter_tensors, config, free_port, make_folder
+    from conftest import adapter_tensors, config, ddp_worker, free_port, make_folder
 
     import timm
     from ivpt.engine.loop import train
@@ -147,7 +147,7 @@ def test_ddp_compiled_matches_one_eager_process(tmp_path):
     common = dict(epochs=2, method_options={"prompt_length": 3, "ar_gamma_init": 0.1}, lr=1.0)
     train(config(tmp_path, folder, output=str(tmp_path / "one"), **common), quiet=True)
     cfg = config(tmp_path, folder, output=str(tmp_path / "two"), compile={"backend": "aot_eager"}, **common)
-    mp.start_processes(_ddp_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path / "two.json")),
+    mp.start_processes(ddp_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path / "two.json")),
                        nprocs=2, join=True, start_method="spawn")
     a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)

@@ -1,9 +1,7 @@
 """Data layouts, each read from a small fixture that the test writes in that exact layout."""
 import gzip
-import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from ivpt.data.folder import image_folder, image_folder_splits
 from ivpt.data.suite import SUITE_TASKS, load_task, summarize
 from ivpt.data.transforms import backbone_transform, fgvc_transform, vtab_transform
 from ivpt.data.vtab import VTAB_TASKS, vtab_1k
+from conftest import image_bytes, oriented_jpeg, write_tar
 
 
 @pytest.fixture(autouse=True)
@@ -33,21 +32,6 @@ def write_image(path: Path, value: int = 0, size=(12, 10)):
 
 def snapshot(root: Path):
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
-
-
-def image_bytes(value: int, size=(8, 8), fmt="PNG", mode="RGB") -> bytes:
-    buf = io.BytesIO()
-    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
-    Image.fromarray(np.full(shape, value, dtype=np.uint8), mode).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def write_tar(path: Path, files: dict[str, bytes]):
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 # -- folder per class --------------------------------------------------------------------------
@@ -439,17 +423,6 @@ def test_image_folder_skips_hidden_files_and_reads_jfif(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "data" / "dog" / "c.jfif", format="JPEG")
     ds = image_folder(tmp_path / "data")
     assert sorted(item for item, _ in ds.items) == ["cat/a.png", "cat/more/b.png", "dog/c.jfif"]
-
-
-def oriented_jpeg(path: Path, orientation: int = 6):
-    """A 16 x 8 photo stored landscape, left half black and right half white, tagged as a phone tags a
-    portrait shot (6: the viewer turns it 90 degrees clockwise, so the black half ends up on top)."""
-    pixels = np.zeros((8, 16, 3), dtype=np.uint8)
-    pixels[:, 8:] = 255
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path, exif=exif, quality=95)
 
 
 def test_photos_are_read_upright_as_viewers_show_them_and_benchmarks_keep_the_stored_pixels(tmp_path):

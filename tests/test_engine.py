@@ -1,16 +1,12 @@
 """Training engine: resume = uninterrupted, DDP (gloo, 2 CPU processes) = 1 process, protocol, CLI."""
 import errno
 import json
-import os
-import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import ivpt
 from ivpt import cli
@@ -20,46 +16,7 @@ from ivpt.engine.config import ConfigError, TrainConfig, load_config
 from ivpt.engine.loop import train
 from ivpt.engine.protocol import choose
 from ivpt.engine.study import tune
-
-TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
-
-
-def make_folder(root: Path, per_class=12):
-    """Two colour classes (learnable), train and val splits."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", per_class), ("val", 4)):
-        for label, colour in enumerate(((200, 40, 40), (40, 40, 200))):
-            for i in range(n):
-                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-                path = root / split / f"class{label}" / f"{i}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pixels).save(path)
-    return root
-
-
-@pytest.fixture
-def setup(tmp_path):
-    folder = make_folder(tmp_path / "data")
-    torch.manual_seed(0)
-    import timm
-
-    backbone = timm.create_model("vit_mini_patch4_32", **TINY)
-    save_file(backbone.state_dict(), str(tmp_path / "backbone.safetensors"))
-    return tmp_path, folder
-
-
-def config(tmp_path, folder, **changes):
-    base = dict(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(tmp_path / "backbone.safetensors"),
-                method="ivpt", method_options={"prompt_length": 3, "ar_gamma_init": 0.1, "prompt_dropout": 0.1},
-                data={"kind": "folder", "root": str(folder)}, epochs=3, warmup_epochs=1, batch_size=8, lr=2.0,
-                output=str(tmp_path / "run"))
-    base.update(changes)
-    return TrainConfig(**base).validate()
-
-
-def adapter_tensors(run: Path):
-    return load_file(str(run / "adapter" / "adapter.safetensors"))
-
+from conftest import TINY_MINI as TINY, adapter_tensors, config, ddp_worker, free_port
 
 def test_resume_after_interrupt_ends_like_an_uninterrupted_run(setup, monkeypatch):
     tmp_path, folder = setup
@@ -133,29 +90,12 @@ def test_training_learns_and_writes_everything(setup):
     assert not [p for p in run.iterdir() if ".tmp" in p.name]
 
 
-def _ddp_worker(rank, world, port, cfg_dict, result_path):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-                       "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
-    os.environ.pop("OMP_NUM_THREADS", None)  # as under torchrun without it: ivpt divides the cores itself
-    results = train(TrainConfig(**cfg_dict), quiet=True)
-    Path(f"{result_path}.rank{rank}").write_text(json.dumps({"threads": results["threads"],
-                                                             "inside": torch.get_num_threads()}))
-    if rank == 0:
-        Path(result_path).write_text(json.dumps({"val": results["val"]["top1"], "log": results["log"]}))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_match_one_process(setup):
     tmp_path, folder = setup
     common = dict(epochs=2, method_options={"prompt_length": 3, "ar_gamma_init": 0.1}, lr=1.0)
     single = train(config(tmp_path, folder, output=str(tmp_path / "one"), **common), quiet=True)
     cfg = config(tmp_path, folder, output=str(tmp_path / "two"), **common)
-    mp.start_processes(_ddp_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path / "two.json")),
+    mp.start_processes(ddp_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path / "two.json")),
                        nprocs=2, join=True, start_method="spawn")
     two = json.loads((tmp_path / "two.json").read_text())
     from ivpt.engine.hardware import machine_cores

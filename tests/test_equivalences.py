@@ -3,15 +3,7 @@ import pytest
 import torch
 
 import ivpt
-from conftest import clone, make_vit
-
-
-def copy_tuned(src, dst):
-    """Give dst the same prompts and head as src (the parts both methods have)."""
-    with torch.no_grad():
-        dst.head.weight.copy_(src.head.weight)
-        dst.head.bias.copy_(src.head.bias)
-        dst.method.prompts.copy_(src.method.prompts)
+from conftest import clone, copy_tuned, make_vit
 
 
 @pytest.mark.parametrize("overrides", [

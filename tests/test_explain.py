@@ -17,8 +17,7 @@ from ivpt.engine.config import TrainConfig
 from ivpt.engine.loop import train
 from ivpt.explain import denormalize, epoch_diagnostics, explain, plot_adapter, plot_image
 from ivpt.segmentation import create_segmentation_model
-from test_engine import TINY, make_folder
-from test_reinforcement import full_attention_saliency, record_block_inputs
+from conftest import TINY_MINI as TINY, full_attention_saliency, make_folder, record_block_inputs
 
 
 def trained_like(model, gamma=0.4, theta=1.3):
@@ -75,7 +74,7 @@ def test_explanation_equals_the_models_own_selection_and_tensors(da, images, tmp
 
 def test_reinforcement_ratio_is_the_relative_change_of_the_selected_patches(images):
     model = trained_like(ivpt.create_model(make_vit(), "ivpt", 7, prompt_length=3, ar_ratio=0.5).eval(), gamma=0.9)
-    from test_reinforcement import record_ar
+    from conftest import record_ar
 
     seen = record_ar(model)
     e = explain(model, images)

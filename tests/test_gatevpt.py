@@ -3,8 +3,7 @@ import pytest
 import torch
 
 import ivpt
-from conftest import clone, make_vit
-from test_equivalences import copy_tuned
+from conftest import clone, copy_tuned, make_vit
 
 
 def reference_gatevpt(vit, prompts, logits, images):

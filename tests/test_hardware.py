@@ -120,7 +120,7 @@ def test_loader_settings_follow_each_split_and_worker_gpus_map_through_the_visib
 
 
 def test_a_run_records_the_precision_it_used(tmp_path, monkeypatch):
-    from test_engine import TINY, make_folder
+    from conftest import TINY_MINI as TINY, make_folder
     from safetensors.torch import save_file
     import timm
 
@@ -141,7 +141,7 @@ def test_a_run_records_the_precision_it_used(tmp_path, monkeypatch):
 
 
 def test_a_resume_that_would_compute_in_another_precision_is_refused(tmp_path, monkeypatch):
-    from test_engine import TINY, make_folder
+    from conftest import TINY_MINI as TINY, make_folder
     from safetensors.torch import save_file
     import timm
 

@@ -12,36 +12,13 @@ import torch
 
 import ivpt
 from ivpt.card import read_card_metadata
+from conftest import lay_out_hub_repo, run_offline
 
 BACKBONE = "vit_mini_patch4_32.ivpt_cifar10"
 
 
-def lay_out_hub_repo(cache: Path, repo: str, files: dict[str, bytes], revision: str, refs: list[str]) -> str:
-    """huggingface_hub's cache format: blobs named by content hash, snapshots/<commit>/ links, refs/<name>."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    commit = hashlib.sha1(revision.encode()).hexdigest()
-    for name, data in files.items():
-        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = root / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref in refs:
-        (root / "refs").mkdir(parents=True, exist_ok=True)
-        (root / "refs" / ref).write_text(commit)
-    return commit
-
-
 def adapter_files(folder: Path) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in ("adapter.safetensors", "adapter_config.json", "README.md")}
-
-
-def run_offline(cache: Path, code: str) -> dict:
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_adapters_load_by_hub_name_offline_with_revisions(tmp_path):

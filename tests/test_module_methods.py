@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_vit, randomize
+from conftest import make_vit, randomize, run_printed_call
 from torch import nn
 
 import ivpt
@@ -18,9 +18,6 @@ MODULE_METHODS = ["lora", "adapter", "adaptformer", "ssf", "bitfit"]
 
 def build(method, vit=None, **options):
     return ivpt.create_model(vit if vit is not None else make_vit(), method, 7, **options).eval()
-
-
-from test_engine import setup  # noqa: E402,F401  (a tiny colour folder and backbone)
 
 
 @pytest.fixture
@@ -260,16 +257,6 @@ def test_export_of_ivpts_own_architecture_loads_without_ivpt(tmp_path, capsys):
         assert torch.allclose(torch.load(tmp_path / "logits.pt"), model(images), atol=1e-4)
 
 
-def run_printed_call(said: str):
-    """The model that the line export printed builds (``load it with: ...``), run as a user would paste it."""
-    line = next(line for line in said.splitlines() if line.startswith("load it with: "))
-    code = line.removeprefix("load it with: ")
-    assert "import ivpt" not in code  # run in an empty scope below: it could use no ivpt code unimported
-    scope = {}
-    exec(code, scope)
-    return scope["model"]
-
-
 def test_export_merged_loads_in_plain_timm(tmp_path, images, capsys):
     """ivpt export --merged writes a checkpoint that timm alone loads, giving the tuned model's logits."""
     import timm
@@ -300,7 +287,7 @@ def test_export_of_a_hub_backbone_prints_a_call_that_reads_the_merged_file(tmp_p
     import json
 
     from safetensors.torch import save
-    from test_hub import lay_out_hub_repo, run_offline
+    from conftest import lay_out_hub_repo, run_offline
 
     import timm
 
@@ -318,7 +305,7 @@ import contextlib, io, json, sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import ivpt
 from ivpt.cli import main
-from test_module_methods import randomize, run_printed_call
+from conftest import randomize, run_printed_call
 model = randomize(ivpt.create_model("hf-hub:someone/tiny-vit", "lora", 10, pretrained=True), scale=0.2).eval()
 model.save_adapter({str(tmp_path / "a")!r})
 said = io.StringIO()
@@ -421,7 +408,7 @@ def test_params_and_eval_name_a_bad_method_options_or_data(capsys):
                                             ("ssf", {})])
 def test_training_resumes_bit_identically(method, options, setup, monkeypatch):
     """The engine trains a module method like any other; an interrupted run resumes to the same adapter."""
-    from test_engine import adapter_tensors, config
+    from conftest import adapter_tensors, config
 
     from ivpt.engine import checkpoint as ckpt_module
     from ivpt.engine.loop import train
@@ -454,7 +441,7 @@ def test_training_resumes_bit_identically(method, options, setup, monkeypatch):
 def test_ddp_two_processes_match_one_process(method, setup):
     """Hooked modules (LoRA) and tensors tuned in place (BitFit) under DDP: 2 gloo ranks = 1 process."""
     import torch.multiprocessing as mp
-    from test_engine import _ddp_worker, adapter_tensors, config, free_port
+    from conftest import adapter_tensors, config, ddp_worker, free_port
 
     from ivpt.engine.loop import train
 
@@ -462,7 +449,7 @@ def test_ddp_two_processes_match_one_process(method, setup):
     common = dict(epochs=2, method=method, method_options={}, lr=0.05)
     single = train(config(tmp_path, folder, output=str(tmp_path / "one"), **common), quiet=True)
     cfg = config(tmp_path, folder, output=str(tmp_path / "two"), **common)
-    mp.start_processes(_ddp_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path / "two.json")),
+    mp.start_processes(ddp_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path / "two.json")),
                        nprocs=2, join=True, start_method="spawn")
     two = json.loads((tmp_path / "two.json").read_text())
     a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")

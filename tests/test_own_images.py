@@ -11,7 +11,7 @@ from ivpt.engine.config import ConfigError, TrainConfig, load_config
 from ivpt.engine.data import build_task_data, check_data_spec, stratified_holdout
 from ivpt.deploy import transform_of
 from ivpt.engine.loop import train
-from test_engine import TINY, setup  # noqa: F401  (fixture)
+from conftest import TINY_MINI as TINY
 
 CFG = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.25,) * 3, "interpolation": "bicubic", "crop_pct": 0.8}
 
@@ -235,8 +235,7 @@ def test_new_images_are_read_as_the_adapters_run_read_its_own(setup, tmp_path):
     import ivpt
     from ivpt import cli
     from ivpt.data.datasets import open_rgb
-    from test_adapter import rewrite_config
-    from test_data import oriented_jpeg
+    from conftest import oriented_jpeg, rewrite_config
 
     _, adapter = trained_on_a_folder(setup, tmp_path)
     assert ivpt.adapter.read_adapter_config(adapter)["data"]["exif_orientation"] is True  # spelt out
@@ -363,7 +362,7 @@ def test_the_resize_is_timms_and_an_adapter_records_it(setup, tmp_path):
     import ivpt
     from ivpt import cli
     from ivpt.data.transforms import timm_resize
-    from test_adapter import rewrite_config
+    from conftest import rewrite_config
 
     assert timm_resize({"input_size": (3, 224, 224), "crop_pct": 0.9}) == 248  # round() gave 249
     root = flat_folder(tmp_path / "photos", size=(40, 40))

@@ -16,8 +16,7 @@ from ivpt.backbones import pretrain
 from ivpt.engine.checkpoint import checkpoint_meta, load_checkpoint
 from ivpt.engine.loop import train
 from ivpt.engine.preemption import EXIT_PREEMPTED, Preempted, StepCheckpoints
-from test_engine import adapter_tensors, config, setup  # noqa: F401  (fixture)
-from test_pretrain import args as pretrain_args, cifar_tar  # noqa: F401  (fixture)
+from conftest import adapter_tensors, config, pretrain_args
 
 COMMON = dict(epochs=3, warmup_epochs=1, method_options={"prompt_length": 3, "ar_gamma_init": 0.1, "prompt_dropout": 0.1})
 
@@ -164,7 +163,7 @@ def _ddp_stop_worker(rank, world, port, cfg_dict, out):
 
 def test_under_ddp_every_rank_stops_at_the_same_step(setup):
     import torch.multiprocessing as mp
-    from test_engine import free_port
+    from conftest import free_port
 
     tmp_path, folder = setup
     cfg = config(tmp_path, folder, **COMMON)

@@ -6,21 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from ivpt.backbones import pretrain
-from test_data import image_bytes, write_tar
-
-
-@pytest.fixture
-def cifar_tar(tmp_path, monkeypatch):
-    monkeypatch.setenv("IVPT_CACHE", str(tmp_path / "cache"))
-    files = {f"cifar10/{split}/{cls}/{i:04d}.jpg": image_bytes(20 * i + 60 * c, (32, 32), "JPEG")
-             for split in ("train", "test") for c, cls in enumerate(("cat", "dog")) for i in range(8)}
-    write_tar(tmp_path / "c.tar.gz", files)
-    return tmp_path / "c.tar.gz"
-
-
-def args(tar, out):
-    return ["--data", str(tar), "--out", str(out), "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "4",
-            "--width", "32", "--depth", "2", "--heads", "2", "--precision", "fp32", "--threads", "1"]
+from conftest import pretrain_args as args
 
 
 def test_interrupted_pretraining_resumes_to_the_same_weights(cifar_tar, tmp_path, monkeypatch):

@@ -3,39 +3,7 @@ import pytest
 import torch
 
 import ivpt
-from conftest import make_vit
-
-
-def full_attention_saliency(block, tokens, query_rows, key_start):
-    """The saliency from the explicit T x T attention matrix, computed independently of ivpt."""
-    attn = block.attn
-    b, t, d = tokens.shape
-    qkv = attn.qkv(block.norm1(tokens)).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    weights = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)  # (B, H, T, T)
-    return weights[:, :, query_rows].mean(dim=(1, 2))[:, key_start:]
-
-
-def record_ar(model):
-    """Wrap the method's reinforce to see patch tokens before and after each AR step."""
-    seen = []
-    original = model.method.reinforce
-
-    def spy(i, patches, saliency, prompts):
-        out, selected = original(i, patches, saliency, prompts)
-        seen.append((i, patches.detach(), out.detach(), saliency, selected))
-        return out, selected
-
-    model.method.reinforce = spy
-    return seen
-
-
-def record_block_inputs(model):
-    """Each block's input tokens (norm1's input: AR's blocks run their modules, not ``block(x)``)."""
-    inputs = {}
-    for i, block in enumerate(model.backbone.blocks):
-        block.norm1.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach()))
-    return inputs
+from conftest import full_attention_saliency, make_vit, record_ar, record_block_inputs
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.01])

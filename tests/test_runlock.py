@@ -10,7 +10,7 @@ import pytest
 from ivpt import cli
 from ivpt.engine.loop import train
 from ivpt.engine.runlock import LOCK_NAME, RunLock, RunLockedError
-from test_engine import config, setup  # noqa: F401  (fixture)
+from conftest import config
 
 
 def test_a_second_writer_fails_at_once_naming_the_holder(setup, capsys):

@@ -283,7 +283,7 @@ def test_a_segmentation_adapter_saved_with_pooling_modules_still_loads(tmp_path)
     site, BitFit's fc_norm bias): without the record they are rebuilt as they were, and load."""
     import copy
 
-    from test_adapter import rewrite_config
+    from conftest import rewrite_config
 
     vit = make_vit(dynamic_img_size=True, global_pool="avg")
     for method in ("ssf", "bitfit"):
