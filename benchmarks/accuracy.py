@@ -10,8 +10,14 @@
 Protocol per (method, task), as VPT's: the lr x wd grid of the recipe (configs/suite/benchmark.yaml) is trained on train
 and evaluated on val; the best val top-1 is kept (ties: smaller lr); then one run per seed trains on
 train+val and is evaluated on test. The ablations (cdc-static, cdc-da, ar-only) reuse full iVPT's
-choice on the same task instead of a grid of their own (--own-grid: their own). Never selected on test. Runs live under --runs (resumable: finished
-runs are skipped); the tables go to benchmarks/results/accuracy.{json,csv} and accuracy.png.
+choice on the same task instead of a grid of their own (--own-grid: their own). Never selected on test.
+
+Run state (the Optuna studies, every run's checkpoints, adapter and logs) lives under --runs, by default
+in benchmarks/state/ (git ignores it; resumable: finished runs are skipped). Each tuned (method, task) also
+publishes its summary.json, with the seconds its runs trained, to the same place under --summaries (by
+default benchmarks/results/<the --runs folder's name>/, committed): a pair whose summary is there is not
+tuned again, so the tables rebuild from the results alone, on a machine without the run state. The tables
+go to benchmarks/results/accuracy.{json,csv} and accuracy.png.
 With --shard i/n, this process takes every n-th (method, task) pair and writes no tables; a final run
 without --shard finds every run done and writes them. --progress trains nothing and writes the tables of
 the methods finished on every task so far to benchmarks/results/accuracy_progress.{json,csv}.
@@ -21,12 +27,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+from common import RESULTS, ROOT, STATE, committed_summary, header, publish_summary, write_json
+from common import training_seconds  # noqa: F401  (the seconds the tables report: published with each summary)
 from tqdm import tqdm
 
 from ivpt.cli import parse_shard
@@ -35,9 +40,6 @@ from ivpt.engine.config import load_config
 from ivpt.engine.hardware import configure_threads
 from ivpt.engine.study import PRUNERS, tune
 from ivpt.tables import write_csv
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 
 # name -> (method, options beyond the recipe's prompt length)
 VARIANTS = {
@@ -87,7 +89,9 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(ROOT / "configs" / "suite" / "benchmark.yaml"))
     parser.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--tasks", nargs="+", default=list(SUITE_TASKS), choices=list(SUITE_TASKS))
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "accuracy"), help="folder for every run (resumable)")
+    parser.add_argument("--runs", default=str(STATE / "accuracy"), help="folder for every run (resumable; not committed)")
+    parser.add_argument("--summaries", default=None,
+                        help="folder of the per-(method, task) summaries (committed; default benchmarks/results/<--runs name>)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
     parser.add_argument("--quick", action="store_true", help="1 epoch, 1 seed, 2 lrs: a pipeline check")
     parser.add_argument("--own-grid", action="store_true", help="ablations choose their own lr on val")
@@ -100,39 +104,43 @@ def main() -> None:
     index, count = args.shard
     configure_threads(processes=count)  # shards on one machine share its cores (unless OMP_NUM_THREADS is set)
     base = load_config(args.recipe, args.set)
-    runs = Path(args.runs) / ("quick" if args.quick else "full")
+    variant = "quick" if args.quick else "full"
+    runs = Path(args.runs) / variant
+    summaries = Path(args.summaries or RESULTS / Path(args.runs).name) / variant
     if args.progress:
-        write_progress(base, runs, args.methods, args.tasks)
+        write_progress(base, summaries, args.methods, args.tasks)
         return
     table = {}
     # methods whose val choice an ablation reuses come first, so one process never waits on itself
     order = sorted(args.methods, key=lambda m: m not in REUSE_CHOICE.values())
     pairs = [(m, t) for m in order for t in args.tasks]
     for name, task in tqdm(pairs[index::count], desc=f"method x task (shard {index}/{count})"):
-        chosen = None if args.own_grid else reused_choice(runs, name, task, wait=count > 1)
-        summary = tune(variant_config(base, name, task, runs, args.quick), runs / name / task, chosen=chosen, pruner=args.pruner)
+        cfg = variant_config(base, name, task, runs, args.quick)
+        summary = committed_summary(cfg, summaries / name / task / "summary.json")
+        if summary is None:
+            chosen = None if args.own_grid else reused_choice(summaries, name, task, wait=count > 1)
+            summary = tune(cfg, runs / name / task, chosen=chosen, pruner=args.pruner)
+            summary = publish_summary(cfg, runs / name / task, summary, summaries / name / task / "summary.json")
         table.setdefault(name, {})[task] = summary
     if count > 1:
         print("shard done; run once more without --shard to write the tables")
         return
-    report, rows = build_report(base, table, args.methods, args.quick, runs)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    report, rows = build_report(base, table, args.methods, args.quick)
     suffix = "_quick" if args.quick else ""
-    (RESULTS / f"accuracy{suffix}.json").write_text(json.dumps(report, indent=2))
+    write_json(f"accuracy{suffix}.json", report)
     write_csv(RESULTS / f"accuracy{suffix}.csv", rows)
     print_tables(report, args.tasks)
     plot(report, args.tasks, RESULTS / f"accuracy{suffix}.png")
 
 
-def write_progress(base, runs: Path, methods: list[str], tasks: list[str]) -> None:
+def write_progress(base, summaries: Path, methods: list[str], tasks: list[str]) -> None:
     """A rerun spread over sessions, read back mid-way: the methods finished on every task, and what is left."""
-    done = {m: {t: json.loads(p.read_text()) for t in tasks if (p := runs / m / t / "summary.json").is_file()}
+    done = {m: {t: json.loads(p.read_text()) for t in tasks if (p := summaries / m / t / "summary.json").is_file()}
             for m in methods}
     complete = {m: per_task for m, per_task in done.items() if len(per_task) == len(tasks)}
-    report, rows = build_report(base, complete, methods, False, runs)
+    report, rows = build_report(base, complete, methods, False)
     report["progress"] = {m: sorted(per_task) for m, per_task in done.items()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "accuracy_progress.json").write_text(json.dumps(report, indent=2))
+    write_json("accuracy_progress.json", report)
     write_csv(RESULTS / "accuracy_progress.csv", rows)
     print_tables(report, tasks)
     left = {m: len(tasks) - len(per_task) for m, per_task in done.items() if len(per_task) < len(tasks)}
@@ -140,21 +148,9 @@ def write_progress(base, runs: Path, methods: list[str], tasks: list[str]) -> No
           + (", ".join(f"{m} {n}" for m, n in left.items()) or "none"))
 
 
-def training_seconds(folder: Path) -> float:
-    """Seconds of training its runs logged under a folder (every grid point and seed run, one line per epoch).
-
-    Each run is one process, so these are core-seconds when every process has one thread; an epoch that
-    an interruption cut short and a resumed run trained again counts once."""
-    total = 0.0
-    for path in sorted(folder.rglob("metrics.jsonl")):
-        total += sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if line.strip())
-    return total
-
-
-def build_report(base, table: dict, methods: list[str], quick: bool, runs: Path) -> tuple[dict, list[dict]]:
-    report = {"recipe": base.to_dict(), "quick": quick, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "methods": {}}
+def build_report(base, table: dict, methods: list[str], quick: bool) -> tuple[dict, list[dict]]:
+    """The tables from the published summaries (``table[method][task]``), in the order of ``methods``."""
+    report = {"recipe": base.to_dict(), "quick": quick, **header(), "methods": {}}
     rows = []
     for name, per_task in ((m, table[m]) for m in methods if m in table):  # the order asked for
         means = {t: s["test_mean"] for t, s in per_task.items()}
@@ -163,7 +159,7 @@ def build_report(base, table: dict, methods: list[str], quick: bool, runs: Path)
                           "chosen": s["chosen"]} for t, s in per_task.items()},
             **summarize(means),
             "tuned_parameters": next(iter(per_task.values()))["parameters"],
-            "training_seconds": {t: training_seconds(runs / name / t) for t in per_task},
+            "training_seconds": {t: s["training_seconds"] for t, s in per_task.items()},
         }
         for t, s in per_task.items():
             rows.append({"method": name, "task": t, "group": SUITE_TASKS[t][0], "test_mean": s["test_mean"],
@@ -172,12 +168,12 @@ def build_report(base, table: dict, methods: list[str], quick: bool, runs: Path)
     return report, rows
 
 
-def reused_choice(runs: Path, name: str, task: str, wait: bool) -> dict | None:
+def reused_choice(summaries: Path, name: str, task: str, wait: bool) -> dict | None:
     """The lr and wd chosen on val for the method this ablation reuses (its own val score is not known)."""
     source = REUSE_CHOICE.get(name)
     if source is None:
         return None
-    path = runs / source / task / "summary.json"
+    path = summaries / source / task / "summary.json"
     while not path.is_file():
         if not wait:
             raise SystemExit(f"{name} on {task} reuses {source}'s choice on val, but {path} does not exist yet: "

@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
+from common import RESULTS, header, write_json
 from cost import build, make_step, ratio, timed
 
 import ivpt
-from ivpt.engine.checkpoint import atomic_write
 from ivpt.engine.hardware import cpu_native_bf16
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["linear", "vpt-deep", "ivpt"]
 
 
@@ -93,12 +89,9 @@ def main() -> None:
     peak = {"fp32": matmul_peak(torch.float32, 512 if args.quick else 2048)}
     if cpu_native_bf16():
         peak["bf16"] = matmul_peak(torch.bfloat16, 512 if args.quick else 2048)
-    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                         f"torch {torch.__version__}", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-              "matmul_peak_gflops": peak, "setups": []}
+    report = {**header(), "matmul_peak_gflops": peak, "setups": []}
     print(f"matmul peak (GFLOP/s): {json.dumps({k: round(v, 1) for k, v in peak.items()})}", flush=True)
     path = RESULTS / ("compiled_quick.json" if args.quick else "compiled.json")
-    RESULTS.mkdir(exist_ok=True)
     for backbone, size, batch in setups:
         print(f"== {backbone} @{size}, batch {batch}", flush=True)
         setup = measure(backbone, size, batch, rounds)
@@ -108,7 +101,7 @@ def main() -> None:
             print(m, json.dumps({k: round(v, 4) for k, v in s.items()}), flush=True)
         print("ivpt/vpt-deep", json.dumps(setup["ivpt_vs_vpt_deep"]), flush=True)
         report["setups"].append(setup)
-        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+        write_json(path, report)
 
 
 if __name__ == "__main__":

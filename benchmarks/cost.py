@@ -23,22 +23,19 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from common import RESULTS, header, today, write_json
 
 import ivpt
 from ivpt.methods import prompt_options
-from ivpt.engine.checkpoint import atomic_write
 from ivpt.tables import write_csv
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["floor", "linear", "full", "vpt-shallow", "vpt-deep", "ivpt"]
 
 
@@ -207,11 +204,7 @@ def main() -> None:
     else:
         setups = [("vit_base_patch16_224", 224, 8, 10), (ivpt.DEFAULT_BACKBONE, 32, 128, 10)]
         lengths, sizes, rounds = [1, 10, 50, 100, 200], [160, 224, 288], args.rounds
-    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                         f"torch {torch.__version__}, timm {__import__('timm').__version__}",
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "setups": [], "prompt_length": [],
-              "image_size": []}
-    RESULTS.mkdir(exist_ok=True)
+    report = {**header(libraries=("torch", "timm")), "setups": [], "prompt_length": [], "image_size": []}
     suffix = "_quick" if args.quick else ""
     rows = []
     if args.resume and (RESULTS / f"cost{suffix}.json").is_file():
@@ -224,7 +217,7 @@ def main() -> None:
         setups_to_run = setups
 
     def save() -> None:  # after every section: a late failure (e.g. out of memory) keeps what was measured
-        atomic_write(RESULTS / f"cost{suffix}.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+        write_json(f"cost{suffix}.json", report)
         write_csv(RESULTS / f"cost{suffix}.csv", rows)
 
     for backbone, size, batch, p in setups_to_run:
@@ -292,9 +285,7 @@ def baselines(quick: bool, rounds: int) -> None:
             for m in MERGEABLE:
                 times[m]["unmerged"].append(timed(lambda model=entries[m]["model"]: model(images)))
                 times[m]["merged"].append(timed(lambda model=merged[m]: model(images)))
-    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                         f"torch {torch.__version__}", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-              "backbone": backbone, "image_size": size, "batch": batch, "prompt_length": p, "rounds": rounds,
+    report = {**header(), "backbone": backbone, "image_size": size, "batch": batch, "prompt_length": p, "rounds": rounds,
               "methods": {}}
     for m in BASELINES[1:]:
         e = entries[m]
@@ -309,9 +300,7 @@ def baselines(quick: bool, rounds: int) -> None:
             report["methods"][m]["merged_vs_unmerged_inference"] = statistics.median(
                 a / b for a, b in zip(times[m]["merged"], times[m]["unmerged"]))
         print(m, json.dumps({k: round(v, 4) for k, v in report["methods"][m].items()}), flush=True)
-    name = "cost_baselines_quick.json" if quick else "cost_baselines.json"
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write(RESULTS / name, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    write_json("cost_baselines_quick.json" if quick else "cost_baselines.json", report)
 
 
 def saved_memory(quick: bool) -> None:
@@ -320,7 +309,7 @@ def saved_memory(quick: bool) -> None:
     lengths = [1, 10] if quick else [1, 10, 50, 100, 200]
     torch.manual_seed(0)
     images, labels = torch.randn(batch, 3, size, size), torch.randint(0, 100, (batch,))
-    report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "backbone": backbone, "image_size": size,
+    report = {"date": today(), "backbone": backbone, "image_size": size,
               "batch": batch, "points": []}
     variants = {"vpt-deep": ("vpt-deep", {}), "ivpt": ("ivpt", {}), "ivpt-channel": ("ivpt", {"da": "channel"})}
     for p in lengths:
@@ -334,9 +323,7 @@ def saved_memory(quick: bool) -> None:
             point[f"{name}_vs_vpt_deep"] = point[name] / point["vpt-deep"]
         report["points"].append(point)
         print(json.dumps(point), flush=True)
-    name = "saved_memory_quick.json" if quick else "saved_memory.json"
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write(RESULTS / name, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    write_json("saved_memory_quick.json" if quick else "saved_memory.json", report)
 
 
 def rss_ratio(a: dict, b: dict) -> float | None:

@@ -9,21 +9,16 @@ benchmarks/results/backbone_eval.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import timm
 import torch
+from common import header, write_json
 
 import ivpt
 from ivpt.backbones import shipped_config
 from ivpt.data.cifar10 import load_cifar10
 from ivpt.data.paths import data_file
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -55,11 +50,9 @@ def main() -> None:
         "matches_record": abs(top1 - recorded) < 1e-4,
         "images": int(totals.sum()),
         "seconds": round(time.time() - started, 1),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        **header(),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "backbone_eval.json").write_text(json.dumps(result, indent=2))
+    write_json("backbone_eval.json", result)
     print(f"{args.name}: CIFAR-10 test top-1 {100 * top1:.2f}% (recorded {100 * recorded:.2f}%)")
 
 

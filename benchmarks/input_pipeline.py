@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tarfile
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from common import header, write_json
 from torch.utils.data import DataLoader
 
 import ivpt
@@ -31,9 +30,7 @@ from ivpt.data.cache import cached, to_device
 from ivpt.data.datasets import ImageListDataset
 from ivpt.data.paths import data_file
 from ivpt.data.transforms import vtab_transform
-from ivpt.engine.checkpoint import atomic_write
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 64
 
 
@@ -103,9 +100,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     count, rounds = (64, 1) if args.quick else (800, args.rounds)
-    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                         f"torch {torch.__version__}", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-              "images": count, "batch": BATCH, "sets": {}}
+    report = {**header(), "images": count, "batch": BATCH, "sets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sets = (("dtd @224", "dtd10-256.tar.gz", "dtd10", 224), ("cifar10 @224", "cifar10-jpg.tar.gz", "cifar10/train", 224),
@@ -134,9 +129,7 @@ def main() -> None:
     sizes = [("vit_mini_patch4_32.ivpt_cifar10", 32, 64), ("vit_base_patch16_224", 224, 8)]
     report["consumption"] = {f"{b} @{s}": consumption(b, s, n, 2 if args.quick else 3) for b, s, n in sizes}
     print("training step consumes (img/s):", json.dumps({k: round(v, 1) for k, v in report["consumption"].items()}))
-    RESULTS.mkdir(exist_ok=True)
-    name = "input_pipeline_quick.json" if args.quick else "input_pipeline.json"
-    atomic_write(RESULTS / name, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    write_json("input_pipeline_quick.json" if args.quick else "input_pipeline.json", report)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,8 @@ from ivpt.data.suite import SUITE_TASKS
 from ivpt.engine.config import load_config
 from ivpt.engine.loop import train
 from ivpt.tables import write_csv
+from common import ROOT, RESULTS, header, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 # one switch at a time around the spec's defaults (the default itself is skipped where it appears)
 SWEEP = {
     "da": ["gate", "static", "sum"],
@@ -110,18 +109,18 @@ def main() -> None:
         for label, v in verdicts.items():
             print(f"{label}: {v['gain_points']:+.2f} points over the spec's method -> "
                   f"{'a named variant' if v['variant'] else 'no'}")
-        (RESULTS / f"ivpt_open_choices{suffix}.json").write_text(json.dumps(
-            {"recipe": base.to_dict(), "tasks": tasks, "spec_defaults": defaults, "margin": MARGIN,
-             "settings": dict(OPEN_CHOICES), "rows": rows, "verdicts": verdicts}, indent=2))
+        write_json(f"ivpt_open_choices{suffix}.json",
+                   {**header(), "recipe": base.to_dict(), "tasks": tasks, "spec_defaults": defaults, "margin": MARGIN,
+                    "settings": dict(OPEN_CHOICES), "rows": rows, "verdicts": verdicts})
         write_csv(RESULTS / f"ivpt_open_choices{suffix}.csv", rows)
         return
     verdicts = decide(rows, defaults)
     for key, v in verdicts.items():
         print(f"{key}: best on val {v['best']!r} ({v['gain_points']:+.2f} points over the default {v['default']!r})"
               f" -> {'CHANGE the default' if v['change'] else 'keep the default'}")
-    (RESULTS / f"ivpt_defaults{suffix}.json").write_text(json.dumps(
-        {"recipe": base.to_dict(), "tasks": tasks, "spec_defaults": defaults, "margin": MARGIN, "rows": rows,
-         "verdicts": verdicts}, indent=2))
+    write_json(f"ivpt_defaults{suffix}.json",
+               {**header(), "recipe": base.to_dict(), "tasks": tasks, "spec_defaults": defaults, "margin": MARGIN, "rows": rows,
+                "verdicts": verdicts})
     write_csv(RESULTS / f"ivpt_defaults{suffix}.csv", rows)
 
 

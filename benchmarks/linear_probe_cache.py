@@ -14,19 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+from common import header, write_json
 
-from ivpt.engine.checkpoint import atomic_write
 from ivpt.engine.config import load_config
 from ivpt.engine.loop import train
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -34,8 +29,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     epochs = 2 if args.quick else 20
-    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "task": "dtd10", "epochs": epochs, "runs": {}}
+    report = {**header(libraries=()), "task": "dtd10", "epochs": epochs, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["IVPT_CACHE"] = str(Path(tmp) / "cache")
         for name, cache in (("uncached", "off"), ("cached, first", "auto"), ("cached, again", "auto")):
@@ -51,9 +45,7 @@ def main() -> None:
     report["uncached_vs_cached_first"] = runs["uncached"]["seconds"] / runs["cached, first"]["seconds"]
     print(f"uncached / cached: {report['uncached_vs_cached_first']:.1f}x (first), "
           f"{report['uncached_vs_cached_again']:.1f}x (features reused)")
-    RESULTS.mkdir(exist_ok=True)
-    name = "linear_probe_cache_quick.json" if args.quick else "linear_probe_cache.json"
-    atomic_write(RESULTS / name, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    write_json("linear_probe_cache_quick.json" if args.quick else "linear_probe_cache.json", report)
 
 
 if __name__ == "__main__":

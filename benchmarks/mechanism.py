@@ -35,15 +35,12 @@ import torch
 import ivpt
 from ivpt.data.procedural import box_patches
 from ivpt.data.suite import load_task
-from ivpt.engine.checkpoint import atomic_write
 from ivpt.engine.config import load_config
 from ivpt.engine.data import build_task_data
 from ivpt.engine.study import tune
 from ivpt.explain import denormalize, explain, plot_adapter, plot_image
 from ivpt.tables import write_csv
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from common import ROOT, RESULTS, header, write_json
 TASK = "find-shape"
 METHODS = ["vpt-deep", "ivpt"]
 COVERAGE_BAR, SHARPEN_BAR = 0.35, 0.05  # the rule above
@@ -91,7 +88,7 @@ def main() -> None:
     grid = (images.shape[-2] // 4, images.shape[-1] // 4)
     targets = [box_patches(b, grid) for b in task.boxes["test"]]
     chance = {"coverage": 0.25, "hit_at_1": statistics.fmean(len(t) for t in targets) / (grid[0] * grid[1])}
-    report = {"task": TASK, "recipe": base.to_dict(), "chance": chance, "rule": {"coverage": COVERAGE_BAR,
+    report = {**header(), "task": TASK, "recipe": base.to_dict(), "chance": chance, "rule": {"coverage": COVERAGE_BAR,
               "sharpen": SHARPEN_BAR, "accuracy": "gap > 2 standard errors"}, "methods": {}}
     for method in METHODS:
         cfg = dataclasses.replace(base, method=method, output=str(runs / method)).validate()
@@ -121,7 +118,7 @@ def main() -> None:
     report["verdict"] = verdict(report)
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    atomic_write(RESULTS / f"mechanism{suffix}.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    write_json(f"mechanism{suffix}.json", report)
     rows = [{"method": m, "when": when, "block": b, **v} for m, e in report["methods"].items()
             for when in ("before", "after") for b, v in e.get(f"pointing_{when}", {}).items()]
     write_csv(RESULTS / f"mechanism{suffix}.csv", rows)

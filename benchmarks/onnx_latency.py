@@ -14,23 +14,19 @@ to benchmarks/results/onnx.json after each backbone (a killed run keeps what it 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from common import header, write_json
 
 import ivpt
-from ivpt.engine.checkpoint import atomic_write
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("vpt-deep", "ivpt", "lora")
 ENGINES = ("onnxruntime", "eager", "compiled")
 BACKBONES = {"default": ("vit_mini_patch4_32.ivpt_cifar10", 32), "vit-b16": ("vit_base_patch16_224", 224)}
@@ -121,16 +117,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                         f"torch {torch.__version__}, onnxruntime {ort.__version__}",
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    report = {**header(libraries=("torch", "onnxruntime")),
               "command": "python benchmarks/onnx_latency.py" + (" --quick" if args.quick else ""), "backbones": {}}
     for name, (backbone, size) in BACKBONES.items():
         if args.quick and name != "default":
             continue
         report["backbones"][name] = measure(name, backbone, size, 2 if args.quick else args.rounds)
-        RESULTS.mkdir(exist_ok=True)
-        atomic_write(RESULTS / "onnx.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+        write_json("onnx.json", report)
     for name, block in report["backbones"].items():
         print(f"\n{name} ({block['backbone']} @ {block['image_size']} px), ms per call (median of rounds)")
         print("method    batch  onnxruntime  eager  compiled  ort/eager  ort/compiled  onnx MiB")

@@ -19,13 +19,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from common import header, write_json
 SETUPS = {"default backbone": ("vit_mini_patch4_32.ivpt_cifar10", 32, 32),
           "ViT-B/16": ("vit_base_patch16_224", 224, 8)}
 
@@ -79,7 +76,7 @@ def main() -> None:
     cores = machine_cores()
     torch.set_num_threads(cores)
     auto = resolve_precision("auto", torch.device("cpu"))
-    report = {"cores": cores, "cpu_bf16_flags": sorted(f for f in _cpu_flags() if "bf16" in f or f.startswith("amx")),
+    report = {**header(), "cores": cores, "cpu_bf16_flags": sorted(f for f in _cpu_flags() if "bf16" in f or f.startswith("amx")),
               "auto_picks": auto.to_dict(), "precision": {}, "concurrency": {}}
     for name, setup in SETUPS.items():
         per = {"fp32": [], "bf16": []}
@@ -101,8 +98,7 @@ def main() -> None:
         "slowdown_divided": round(statistics.fmean(both_shared) / alone, 2),
     }
     print(json.dumps(report["concurrency"], indent=2))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "precision_threads.json").write_text(json.dumps(report, indent=2))
+    write_json("precision_threads.json", report)
 
 
 if __name__ == "__main__":

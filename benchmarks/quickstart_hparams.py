@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from ivpt.engine.loop import train
 from ivpt.quickstart import BASE, METHODS, TASK
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, header, write_json
 
 
 def main() -> None:
@@ -35,9 +33,8 @@ def main() -> None:
             table.setdefault(method, {})[lr] = result["val"]["top1"]
             print(f"{method:10s} lr {lr:<8g} val top-1 {100 * result['val']['top1']:.2f}", flush=True)
     best = {m: max(scores, key=lambda lr: (scores[lr], -lr)) for m, scores in table.items()}
-    out = ROOT / "benchmarks" / "results" / "quickstart_hparams.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"task": args.task, "epochs": BASE.epochs, "val_top1": table, "chosen_lr": best}, indent=2))
+    write_json("quickstart_hparams.json",
+               {**header(), "task": args.task, "epochs": BASE.epochs, "val_top1": table, "chosen_lr": best})
     print("chosen (best val, ties to the smaller lr):", best)
 
 

@@ -31,9 +31,7 @@ from ivpt.engine.segdata import build_segmentation_data
 from ivpt.engine.tasks import SegmentationTask
 from ivpt.segmentation import slide_inference
 from ivpt.tables import write_csv
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from common import ROOT, RESULTS, header, write_json
 BENCH_SCALES = (0.75, 1.0, 1.25)
 METHODS = {"linear": ("linear", {}), "vpt-deep": ("vpt-deep", None), "ivpt": ("ivpt", None)}
 
@@ -46,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     base = load_config(args.recipe)
     runs = Path(args.runs) / ("quick" if args.quick else "full")
-    report, rows = {"recipe": base.to_dict(), "methods": {}}, []
+    report, rows = {**header(), "recipe": base.to_dict(), "methods": {}}, []
     for name, (method, options) in METHODS.items():
         cfg = dataclasses.replace(base, method=method,
                                   method_options=base.method_options if options is None else options)
@@ -66,7 +64,7 @@ def main() -> None:
               f"mIoU-MS {100 * summary['test_ms_mean']:.2f} ± {100 * summary['test_ms_std']:.2f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    (RESULTS / f"segmentation{suffix}.json").write_text(json.dumps(report, indent=2))
+    write_json(f"segmentation{suffix}.json", report)
     write_csv(RESULTS / f"segmentation{suffix}.csv", rows)
     examples(runs, RESULTS / f"segmentation_examples{suffix}.png", tuple(base.segmentation["base_size"]))
 

@@ -17,32 +17,30 @@ folder of benchmarks/accuracy.py's rerun at the same recipe (--runs, then full/<
 rerun reuses it; the grid arm in full-grid/<method>/<task>. Wall time per arm is measured around its
 tune() call and added up across interruptions (a SIGTERM'd or Ctrl-C'd call still counts its time; a
 SIGKILL'd one loses it, and the table says how many calls an arm took).
-Results: benchmarks/results/tuner.{json,csv} after every arm; wall times in <runs>/tuner_wall.json.
+Run state (studies, runs) under --runs (default benchmarks/state/suite-protocol, not committed); each arm's
+summary.json is published under --summaries (default benchmarks/results/<the --runs folder's name>/, the
+layout of --runs, committed) and an arm whose summary is there is not run again, so the table rebuilds from
+the results alone. Results: benchmarks/results/tuner.{json,csv} after every arm; wall times in
+<summaries>/tuner_wall.json.
 """
 from __future__ import annotations
 
 import argparse
 import fcntl
 import json
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from accuracy import variant_config
+from common import RESULTS, ROOT, STATE, committed_summary, machine, publish_summary, today, write_json
 from ivpt.cli import parse_shard
 from ivpt.data.suite import SUITE_TASKS
-from ivpt.engine.checkpoint import atomic_write
 from ivpt.engine.config import load_config
 from ivpt.engine.hardware import configure_threads
 from ivpt.engine.study import tune
 from ivpt.tables import print_table, write_csv
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 # natural, specialized and two structured tasks: every group of the suite
 TASKS = ["dtd10", "pneumonia", "dsprites-loc", "clevr-count"]
 METHODS = ["vpt-deep", "ivpt"]
@@ -58,13 +56,18 @@ def load_json(path: Path, default):
     return json.loads(path.read_text()) if path.is_file() else default
 
 
-def run_arm(base, runs: Path, arm: str, method: str, task: str) -> dict:
+def run_arm(base, runs: Path, summaries: Path, arm: str, method: str, task: str) -> dict:
     """One arm of one (task, method), timed; the time of an interrupted call is kept as well."""
     cfg = variant_config(base, method, task, arm_folder(runs, arm), quick=False)
-    wall_path, key = runs / "tuner_wall.json", f"{arm}/{method}/{task}"
+    published = arm_folder(summaries, arm) / method / task / "summary.json"
+    summary = committed_summary(cfg, published)
+    if summary is not None:  # finished (perhaps on another machine): its wall time is recorded already
+        return summary
+    wall_path, key = summaries / "tuner_wall.json", f"{arm}/{method}/{task}"
     started = time.perf_counter()
     try:
         summary = tune(cfg, arm_folder(runs, arm) / method / task, pruner=ARMS[arm][0])
+        summary = publish_summary(cfg, arm_folder(runs, arm) / method / task, summary, published)
     finally:
         elapsed = time.perf_counter() - started
         runs.mkdir(parents=True, exist_ok=True)
@@ -75,8 +78,8 @@ def run_arm(base, runs: Path, arm: str, method: str, task: str) -> dict:
             if not entry["done"]:  # a finished arm read back later adds nothing
                 entry["seconds"] += elapsed
                 entry["calls"] += 1
-            entry["done"] = entry["done"] or (arm_folder(runs, arm) / method / task / "summary.json").is_file()
-            atomic_write(wall_path, lambda tmp: tmp.write_text(json.dumps(walls, indent=2)))
+            entry["done"] = entry["done"] or published.is_file()
+            write_json(wall_path, walls)
     return summary
 
 
@@ -89,16 +92,17 @@ def arm_row(summary: dict, wall: dict, epochs: int) -> dict:
             "test": summary["test_top1"]}
 
 
-def report(base, runs: Path, tasks: list[str], methods: list[str]) -> dict:
-    walls = load_json(runs / "tuner_wall.json", {})
-    out = {"recipe": base.to_dict(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-           "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__} (the arms: one thread per process, "
-                      "two shards side by side)", "pairs": {}}
+def report(base, summaries: Path, tasks: list[str], methods: list[str]) -> dict:
+    """The table from the published summaries and wall times (no run state needed)."""
+    walls = load_json(summaries / "tuner_wall.json", {})
+    out = {"recipe": base.to_dict(), "date": today(),
+           "machine": f"{machine(threads=False)} (the arms: one thread per process, two shards side by side)",
+           "pairs": {}}
     for method in methods:
         for task in tasks:
             arms = {}
             for arm in ARMS:
-                summary = load_json(arm_folder(runs, arm) / method / task / "summary.json", None)
+                summary = load_json(arm_folder(summaries, arm) / method / task / "summary.json", None)
                 wall = walls.get(f"{arm}/{method}/{task}")
                 if summary is not None and wall is not None:
                     arms[arm] = arm_row(summary, wall, base.epochs)
@@ -125,8 +129,7 @@ def report(base, runs: Path, tasks: list[str], methods: list[str]) -> dict:
 
 
 def save(out: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write(RESULTS / "tuner.json", lambda tmp: tmp.write_text(json.dumps(out, indent=2)))
+    write_json("tuner.json", out)
     rows = [{"method": p["method"], "task": p["task"], "arm": arm,
              **{k: v for k, v in p[arm].items() if k != "test"}} for p in out["pairs"].values() for arm in ARMS if arm in p]
     write_csv(RESULTS / "tuner.csv", rows)
@@ -157,8 +160,10 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides (e.g. the testbed's backbone)")
     parser.add_argument("--tasks", nargs="+", default=TASKS, choices=list(SUITE_TASKS))
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=["vpt-deep", "ivpt", "vpt-shallow", "gatevpt"])
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "suite-protocol"),
-                        help="folder of every run (resumable); the same as benchmarks/accuracy.py --runs for its rerun")
+    parser.add_argument("--runs", default=str(STATE / "suite-protocol"),
+                        help="folder of every run (resumable; not committed); the same as benchmarks/accuracy.py --runs for its rerun")
+    parser.add_argument("--summaries", default=None,
+                        help="folder of the published summaries and wall times (committed; default benchmarks/results/<--runs name>)")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: every n-th (task, method) pair only")
     parser.add_argument("--arms", nargs="+", default=list(COMPARED), choices=list(ARMS), help="arms to run (default grid sha)")
     parser.add_argument("--report", action="store_true", help="only the table of what is finished")
@@ -167,15 +172,16 @@ def main() -> None:
     configure_threads(processes=count)
     base = load_config(args.recipe, args.set)
     runs = Path(args.runs)
+    summaries = Path(args.summaries or RESULTS / runs.name)
     if not args.report:
         pairs = [(task, method) for task in args.tasks for method in args.methods]
         for task, method in pairs[index::count]:
             for arm in args.arms:
                 print(f"{method} on {task}: {arm} ...", flush=True)
-                run_arm(base, runs, arm, method, task)
+                run_arm(base, runs, summaries, arm, method, task)
                 if count == 1:
-                    save(report(base, runs, args.tasks, args.methods))
-    out = report(base, runs, args.tasks, args.methods)
+                    save(report(base, summaries, args.tasks, args.methods))
+    out = report(base, summaries, args.tasks, args.methods)
     save(out)
     print_report(out)
 

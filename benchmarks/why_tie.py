@@ -24,14 +24,11 @@ from pathlib import Path
 import torch
 
 import ivpt
-from ivpt.engine.checkpoint import atomic_write
 from ivpt.engine.config import load_config
 from ivpt.engine.data import build_task_data
 from ivpt.engine.loop import train
 from ivpt.explain import explain, plot_adapter
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from common import ROOT, RESULTS, header, write_json
 SCHEDULE_TASKS = ["dsprites-loc", "dtd10"]
 SCHEDULES = [5, 20]
 
@@ -70,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = {"adapters": [], "schedule": {}}
+    report = {**header(), "adapters": [], "schedule": {}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     for adapter in sorted(Path(args.adapters).glob("*/lr*/adapter")):
         found = read_adapter(adapter)
@@ -95,7 +92,7 @@ def main() -> None:
             last = result["log"][-1]
             print(f"{task} {epochs} epochs: val {100 * result['val']['top1']:.1f}, gamma_0 {last.get('ar_gamma_0')}, "
                   f"AR change_0 {last.get('ar_ratio_0')}", flush=True)
-    atomic_write(RESULTS / "why_tie.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    write_json("why_tie.json", report)
     plot_schedule(report)
 
 

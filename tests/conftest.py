@@ -311,3 +311,18 @@ def run_printed_call(said: str):
     scope = {}
     exec(code, scope)
     return scope["model"]
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module, importing its siblings (benchmarks/common.py) as it does when run."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,16 +1,8 @@
 """The suite benchmark's bookkeeping: training time read back from the runs, and the tables' verdicts."""
-import importlib.util
 import json
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark as load_script
 
 
 def write_log(path: Path, seconds: list[float]) -> None:
