@@ -24,7 +24,7 @@ from ivpt.data.suite import SUITE_TASKS
 from ivpt.engine.config import load_config
 from ivpt.engine.loop import train
 from ivpt.tables import write_csv
-from common import ROOT, RESULTS, header, write_json
+from common import RESULTS, ROOT, STATE, header, write_json
 
 # one switch at a time around the spec's defaults (the default itself is skipped where it appears)
 SWEEP = {
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="base lr (default: the recipe's)")
     parser.add_argument("--wd", type=float, default=None, help="weight decay (default: the recipe's)")
     parser.add_argument("--tasks", nargs="+", default=TASKS, choices=list(SUITE_TASKS))
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "ivpt_defaults"))
+    parser.add_argument("--runs", default=str(STATE / "ivpt_defaults"))
     parser.add_argument("--quick", action="store_true", help="1 epoch, 2 tasks")
     parser.add_argument("--sweep", choices=["defaults", "open-choices"], default="defaults")
     parser.add_argument("--threads", type=int, default=None)

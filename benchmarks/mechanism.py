@@ -40,7 +40,7 @@ from ivpt.engine.data import build_task_data
 from ivpt.engine.study import tune
 from ivpt.explain import denormalize, explain, plot_adapter, plot_image
 from ivpt.tables import write_csv
-from common import ROOT, RESULTS, header, write_json
+from common import RESULTS, ROOT, STATE, header, write_json
 TASK = "find-shape"
 METHODS = ["vpt-deep", "ivpt"]
 COVERAGE_BAR, SHARPEN_BAR = 0.35, 0.05  # the rule above
@@ -70,7 +70,7 @@ def summarise(per_block: dict[int, dict[str, float]], blocks: list[int]) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=str(ROOT / "configs" / "suite" / "benchmark.yaml"))
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "mechanism"))
+    parser.add_argument("--runs", default=str(STATE / "mechanism"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()

@@ -14,14 +14,14 @@ from pathlib import Path
 
 from ivpt.engine.loop import train
 from ivpt.quickstart import BASE, METHODS, TASK
-from common import ROOT, header, write_json
+from common import STATE, header, write_json
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default=TASK)
     parser.add_argument("--lrs", nargs="+", type=float, default=[0.01, 0.003, 0.001])
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "quickstart_hparams"))
+    parser.add_argument("--runs", default=str(STATE / "quickstart_hparams"))
     args = parser.parse_args()
     table = {}
     for method, (options, _) in METHODS.items():

@@ -31,7 +31,7 @@ from ivpt.engine.segdata import build_segmentation_data
 from ivpt.engine.tasks import SegmentationTask
 from ivpt.segmentation import slide_inference
 from ivpt.tables import write_csv
-from common import ROOT, RESULTS, header, write_json
+from common import RESULTS, ROOT, STATE, header, write_json
 BENCH_SCALES = (0.75, 1.0, 1.25)
 METHODS = {"linear": ("linear", {}), "vpt-deep": ("vpt-deep", None), "ivpt": ("ivpt", None)}
 
@@ -39,7 +39,7 @@ METHODS = {"linear": ("linear", {}), "vpt-deep": ("vpt-deep", None), "ivpt": ("i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=str(ROOT / "configs" / "segmentation" / "camvid.yaml"))
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "segmentation"))
+    parser.add_argument("--runs", default=str(STATE / "segmentation"))
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     base = load_config(args.recipe)

@@ -29,14 +29,12 @@ import torch
 
 from ivpt.backbones import DEFAULT_BACKBONE, shipped_config
 from ivpt.backbones.pretrain import main as pretrain
-from ivpt.engine.checkpoint import atomic_write
 from ivpt.engine.config import load_config
 from ivpt.engine.loop import train
 from ivpt.methods import prompt_options
 from ivpt.tables import print_table, write_csv
+from common import RESULTS, ROOT, STATE, header, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 STRUCTURED = ["dsprites-loc", "dsprites-ori", "clevr-count", "clevr-dist"]
 TASKS = STRUCTURED + ["dtd10"]
 METHODS = {"linear": [0.03, 0.01], "full": [3e-4, 1e-4], "vpt-deep": [0.03, 0.01], "ivpt": [0.03, 0.01]}
@@ -64,43 +62,6 @@ CANDIDATES = {
 def pretrain_dir(runs: Path, args: list[str]) -> Path:
     """Candidates with the same pretraining arguments share one pretrained backbone."""
     return runs / "pretrain" / "_".join(a.lstrip("-") for a in args)
-
-
-# A session's folders do not survive it, so an unfinished pretraining's last checkpoint (or, once finished,
-# the backbone itself) is committed here (--save-state) and copied back into --runs: resumable across sessions.
-STATE = ROOT / "benchmarks" / "state" / "testbed"
-
-
-def save_state(runs: Path, args: list[str]) -> None:
-    import shutil
-
-    folder, state = pretrain_dir(runs, args), STATE / pretrain_dir(runs, args).name
-    meta = folder / "checkpoint.json"
-    if (folder / "config.json").is_file():  # finished: the backbone itself, not its last checkpoint
-        files = [folder / "weights.safetensors", folder / "config.json"]
-    elif meta.is_file():
-        files = [folder / json.loads(meta.read_text())["tensors_file"], meta]
-    else:
-        print(f"nothing to save: no checkpoint or finished backbone in {folder}")
-        return
-    if state.exists():
-        shutil.rmtree(state)
-    state.mkdir(parents=True)
-    for item in files:
-        shutil.copy2(item, state / item.name)
-    print(f"saved the pretraining state of {folder} in {state} (commit it)")
-
-
-def restore_state(runs: Path, args: list[str]) -> None:
-    import shutil
-
-    folder, state = pretrain_dir(runs, args), STATE / pretrain_dir(runs, args).name
-    if (folder / "checkpoint.json").is_file() or (folder / "config.json").is_file() or not state.is_dir():
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    for item in state.iterdir():
-        shutil.copy2(item, folder / item.name)
-    print(f"restored the committed pretraining state {state} into {folder}")
 
 
 def backbone_facts(runs: Path, backbone: str, args: list[str] | None) -> dict | None:
@@ -157,21 +118,14 @@ def choose(report: dict) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "testbed"), help="folder for every run (resumable)")
+    parser.add_argument("--runs", default=str(STATE / "testbed"), help="folder for every run (resumable; not committed)")
     parser.add_argument("--pretrain", action="store_true", help="pretrain candidate backbones that are missing")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for this process")
-    parser.add_argument("--save-state", action="store_true",
-                        help="copy pretraining checkpoints (or finished backbones) into benchmarks/state/ (to commit) and exit")
     parser.add_argument("--recipe", default=str(ROOT / "configs" / "suite" / "benchmark.yaml"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = Path(args.runs)
-    if args.save_state:
-        for name in args.candidates:
-            if CANDIDATES[name][1] is not None:
-                save_state(runs, CANDIDATES[name][1])
-        return
     base = dataclasses.replace(load_config(args.recipe), precision="fp32", weight_decay=1e-4)
     path = RESULTS / "testbed_probe.json"
     report = json.loads(path.read_text()) if path.is_file() else {"rule": RULE, "candidates": {}}
@@ -184,10 +138,7 @@ def main() -> None:
             if not args.pretrain:
                 print(f"{name}: its backbone is not pretrained yet; rerun with --pretrain (resumable)")
                 continue
-            restore_state(runs, pre_args)  # the committed state: a finished backbone, or a checkpoint to resume
-            facts = backbone_facts(runs, backbone, pre_args)
-        if facts is None:
-            # fp32: its first 7 epochs ran fp32 on a CPU without bf16 (the committed state records no precision)
+            # fp32: its first 7 epochs ran fp32 on a CPU without bf16 (its checkpoints record no precision)
             pretrain([*pre_args, "--out", str(pretrain_dir(runs, pre_args)), "--precision", "fp32"], prog="pretrain")
             facts = backbone_facts(runs, backbone, pre_args)
         scores = {m: {} for m in METHODS}
@@ -206,8 +157,7 @@ def main() -> None:
 
 
 def save(report: dict, path: Path) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    write_json(path, {**report, **header()})
     rows = [{"candidate": name, "method": m, **{t: round(100 * v, 2) for t, v in per.items()}}
             for name, c in report["candidates"].items() for m, per in c["val_top1"].items()]
     write_csv(RESULTS / "testbed_probe.csv", rows)

@@ -28,7 +28,7 @@ from ivpt.engine.config import load_config
 from ivpt.engine.data import build_task_data
 from ivpt.engine.loop import train
 from ivpt.explain import explain, plot_adapter
-from common import ROOT, RESULTS, header, write_json
+from common import RESULTS, ROOT, STATE, header, write_json
 SCHEDULE_TASKS = ["dsprites-loc", "dtd10"]
 SCHEDULES = [5, 20]
 
@@ -60,8 +60,8 @@ def summary(rows: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapters", default=str(ROOT / "runs" / "testbed" / "mini-v1" / "ivpt"))
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "why_tie"))
+    parser.add_argument("--adapters", default=str(STATE / "testbed" / "mini-v1" / "ivpt"))
+    parser.add_argument("--runs", default=str(STATE / "why_tie"))
     parser.add_argument("--recipe", default=str(ROOT / "configs" / "suite" / "benchmark.yaml"))
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
