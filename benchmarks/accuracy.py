@@ -117,7 +117,9 @@ def main() -> None:
     for name, task in tqdm(pairs[index::count], desc=f"method x task (shard {index}/{count})"):
         cfg = variant_config(base, name, task, runs, args.quick)
         summary = committed_summary(cfg, summaries / name / task / "summary.json")
-        if summary is None:
+        if summary is not None:
+            check_choice_source(summary, name, task, args.own_grid)
+        else:
             chosen = None if args.own_grid else reused_choice(summaries, name, task, wait=count > 1)
             summary = tune(cfg, runs / name / task, chosen=chosen, pruner=args.pruner)
             summary = publish_summary(cfg, runs / name / task, summary, summaries / name / task / "summary.json")
@@ -183,6 +185,15 @@ def reused_choice(summaries: Path, name: str, task: str, wait: bool) -> dict | N
     chosen = json.loads(path.read_text())["chosen"]
     return {"lr": chosen["lr"], "weight_decay": chosen["weight_decay"], "from": source,
             "source_val_top1": chosen["val_top1"]}
+
+
+def check_choice_source(summary: dict, name: str, task: str, own_grid: bool) -> None:
+    """A committed ablation summary made the other way (its own grid, or another method's choice) is refused."""
+    reused = summary["chosen"].get("from")
+    if name in REUSE_CHOICE and bool(reused) == own_grid:
+        made = f"at {reused}'s choice" if reused else "with its own grid"
+        raise SystemExit(f"{name} on {task}: its committed summary was made {made}, not as asked "
+                         f"({'--own-grid' if own_grid else 'without --own-grid'}); pass another --summaries folder")
 
 
 def print_tables(report, tasks) -> None:
