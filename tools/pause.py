@@ -5,7 +5,7 @@
     python tools/pause.py --no-stop                         # only the archive (nothing is running)
 
     # on the next machine, in the repository's root, then the same benchmark command as before:
-    tar -xzf suite-protocol.tar.gz -C benchmarks/state
+    mkdir -p benchmarks/state && tar -xzf suite-protocol.tar.gz -C benchmarks/state
 
 The shards (benchmarks/tuner.py, benchmarks/accuracy.py) get SIGTERM: each run writes a checkpoint at its
 next step boundary and stops (ivpt's preemption). Then the whole run folder (the Optuna studies, every
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parent = state.resolve().parent
     where = parent.relative_to(ROOT) if parent.is_relative_to(ROOT) else parent
     print(f"wrote {target} ({target.stat().st_size / 2 ** 20:.1f} MiB); on the next machine, in the repository: "
-          f"tar -xzf {target.name} -C {where}, then the same benchmark command")
+          f"mkdir -p {where} && tar -xzf {target.name} -C {where}, then the same benchmark command")
 
 
 if __name__ == "__main__":
