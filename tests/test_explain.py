@@ -117,10 +117,11 @@ def test_prompt_methods_without_da_or_ar_get_attention_maps(images, tmp_path, me
     assert plot_image(e, 0, denormalize(images, (0.5,) * 3, (0.25,) * 3)[0], tmp_path / "i.png") == {}
 
 
-def tensors_held_outside_parameters(model):
-    """Every tensor a module holds as a plain attribute (parameters, buffers and submodules aside)."""
+def module_attributes(model):
+    """What every module holds as attributes, by identity: a forward that stores anything on the model
+    (a flag, a record such as the former ``last_reinforcement``) adds or rebinds one of them."""
     return {(name, key): id(value) for name, module in model.named_modules() for key, value in vars(module).items()
-            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)}
+            if key != "training"}
 
 
 @pytest.mark.parametrize("method", ["ivpt", "vpt-deep"])
@@ -131,7 +132,7 @@ def test_explained_forward_is_the_plain_forward_and_leaves_nothing_behind(images
     model = ivpt.create_model(make_vit(), method, 7, **options)
     if method == "ivpt":
         trained_like(model)
-    held = tensors_held_outside_parameters(model)
+    held = module_attributes(model)
     with torch.no_grad():
         plain = model.eval()(images)
         explained = model.forward_explained(images)
@@ -142,11 +143,12 @@ def test_explained_forward_is_the_plain_forward_and_leaves_nothing_behind(images
     assert sorted(trace.saliency) == [0, 1, 2, 3]
     assert sorted(trace.selected) == ([0, 1, 2] if method == "ivpt" else [])
     model.train()
-    training = model(images)  # iVPT: DA's deferred rows; the traced pass runs whole blocks
-    assert torch.equal(training.detach(), plain)
+    training = model(images)  # iVPT: DA's deferred rows (its MLP over fewer rows), the traced pass whole blocks
+    assert torch.allclose(training.detach(), plain, atol=1e-6, rtol=1e-5)
     assert torch.equal(model.forward_explained(images).output.detach(), plain)
     training.sum().backward()
-    assert tensors_held_outside_parameters(model) == held
+    model.forward_explained(images)
+    assert module_attributes(model) == held
     with torch.no_grad():
         assert torch.equal(model.eval()(images), plain)
 
