@@ -204,7 +204,7 @@ class AttentiveReinforcement(nn.Module):
             scores = standardize(patches) @ standardize(prompts).transpose(1, 2) / math.sqrt(patches.shape[-1])
             reinforcement = scores.softmax(dim=-1) @ prompts
         # patches + mask * (gamma r) in one pass over the patches; the same numbers as gamma * mask * r
-        # (mask is 0 or 1), one (B, m, d) tensor instead of three
+        # (mask is 0 or 1), one (B, m, d) tensor instead of two
         return torch.addcmul(patches, mask, self.gamma * reinforcement), selected
 
 
