@@ -4,6 +4,7 @@
     python benchmarks/cost.py --quick        # a tiny smoke run
     python benchmarks/cost.py --baselines    # every method against VPT-deep on ViT-B/16, merged vs unmerged
     python benchmarks/cost.py --saved-memory # iVPT's saved activations against VPT-deep's, prompt length 1-200
+    python benchmarks/cost.py --ivpt-vs-deep --rounds 20  # only VPT-deep and iVPT, both backbones, interleaved
 
 Timing: every configuration runs in the same process, interleaved round by round (A B C ... A B C),
 and each ratio is the median over rounds of the per-round ratio, so slow phases of a shared machine
@@ -37,6 +38,9 @@ from ivpt.methods import prompt_options
 from ivpt.tables import write_csv
 
 METHODS = ["floor", "linear", "full", "vpt-shallow", "vpt-deep", "ivpt"]
+# (backbone, image size, batch, prompt length) of the cost table's sections, and of --quick
+SETUPS = [("vit_base_patch16_224", 224, 8, 10), (ivpt.DEFAULT_BACKBONE, 32, 128, 10)]
+QUICK_SETUP = ("vit_mini_patch4_32", 32, 16, 10)
 
 
 def build(backbone: str, method: str, prompt_length: int, img_size: int, num_classes: int = 100):
@@ -184,6 +188,8 @@ def main() -> None:
                         help="only the baselines section: every method against VPT-deep, and merged inference")
     parser.add_argument("--saved-memory", action="store_true",
                         help="only iVPT's saved activations against VPT-deep's over prompt lengths (no timing)")
+    parser.add_argument("--ivpt-vs-deep", action="store_true",
+                        help="only VPT-deep and iVPT (train step and inference), on the cost table's two setups")
     parser.add_argument("--rss-probe", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--scaling-probe", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -198,11 +204,13 @@ def main() -> None:
         return baselines(args.quick, args.rounds)
     if args.saved_memory:
         return saved_memory(args.quick)
+    if args.ivpt_vs_deep:
+        return ivpt_vs_deep(args.quick, args.rounds)
     if args.quick:
-        setups = [("vit_mini_patch4_32", 32, 16, 10)]
+        setups = [QUICK_SETUP]
         lengths, sizes, rounds = [1, 10], [32, 48], 2
     else:
-        setups = [("vit_base_patch16_224", 224, 8, 10), (ivpt.DEFAULT_BACKBONE, 32, 128, 10)]
+        setups = SETUPS
         lengths, sizes, rounds = [1, 10, 50, 100, 200], [160, 224, 288], args.rounds
     report = {**header(libraries=("torch", "timm")), "setups": [], "prompt_length": [], "image_size": []}
     suffix = "_quick" if args.quick else ""
@@ -301,6 +309,30 @@ def baselines(quick: bool, rounds: int) -> None:
                 a / b for a, b in zip(times[m]["merged"], times[m]["unmerged"]))
         print(m, json.dumps({k: round(v, 4) for k, v in report["methods"][m].items()}), flush=True)
     write_json("cost_baselines_quick.json" if quick else "cost_baselines.json", report)
+
+
+def ivpt_vs_deep(quick: bool, rounds: int) -> None:
+    """iVPT (``method="ivpt"``: the gate) against VPT-deep alone, on ViT-B/16 and the default backbone: the two
+    models interleaved round by round in one process, each ratio the median of the per-round ratios."""
+    setups, rounds = ([QUICK_SETUP], 2) if quick else (SETUPS, rounds)
+    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                         f"torch {torch.__version__}, timm {__import__('timm').__version__}",
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "rounds": rounds, "setups": []}
+    for backbone, size, batch, p in setups:
+        print(f"== {backbone} @{size}, batch {batch}, prompt length {p}, {rounds} rounds", flush=True)
+        entries = measure(backbone, ["vpt-deep", "ivpt"], p, size, batch, rounds)
+        setup = {"backbone": backbone, "image_size": size, "batch": batch, "prompt_length": p,
+                 "methods": {m: {"train_step_s": statistics.median(e["train"]),
+                                 "inference_s": statistics.median(e["infer"]),
+                                 "saved_activation_bytes": e["saved_bytes"]} for m, e in entries.items()},
+                 "ivpt_vs_vpt_deep": {"train_step": ratio(entries, "ivpt", "vpt-deep", "train"),
+                                      "inference": ratio(entries, "ivpt", "vpt-deep", "infer")}}
+        del entries  # free this setup's models before the next one builds its own
+        report["setups"].append(setup)
+        print(json.dumps(setup["ivpt_vs_vpt_deep"]), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    name = "cost_ivpt_vs_deep_quick.json" if quick else "cost_ivpt_vs_deep.json"
+    atomic_write(RESULTS / name, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
 
 
 def saved_memory(quick: bool) -> None:

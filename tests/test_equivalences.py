@@ -111,8 +111,9 @@ def test_zero_frozen_gamma_changes_nothing(vit, images):
         module.gamma.requires_grad_(False)
     without.load_state_dict(with_ar.state_dict(), strict=False)
     with torch.no_grad():
-        assert torch.equal(with_ar(images), without(images))
-    assert len(with_ar.last_reinforcement) == 3  # AR did run and select, it just added nothing
+        explained = with_ar.forward_explained(images)
+        assert torch.equal(explained.output, without(images))
+    assert len(explained.trace.selected) == 3  # AR did run and select, it just added nothing
 
 
 def test_layers_restricts_cdc_and_ar(vit):

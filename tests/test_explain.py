@@ -17,7 +17,7 @@ from ivpt.engine.config import TrainConfig
 from ivpt.engine.loop import train
 from ivpt.explain import denormalize, epoch_diagnostics, explain, plot_adapter, plot_image
 from ivpt.segmentation import create_segmentation_model
-from conftest import TINY_MINI as TINY, full_attention_saliency, make_folder, record_block_inputs
+from conftest import TINY_MINI as TINY, full_attention_saliency, make_folder, record_ar, record_block_inputs
 
 
 def trained_like(model, gamma=0.4, theta=1.3):
@@ -34,18 +34,37 @@ def trained_like(model, gamma=0.4, theta=1.3):
     return model
 
 
+def record_aggregation_inputs(model):
+    """Each DA module's inputs (Z_i, P_{i+1}) in the last forward, seen from outside the method."""
+    seen = {}
+    for key, da in model.method.aggregation.items():
+        da.register_forward_hook(lambda mod, args, out, i=int(key): seen.__setitem__(i, [a.detach() for a in args]))
+    return seen
+
+
+def plain_alpha(da, z, p):
+    """alpha = sigmoid(n(Z) w_z + n(P) w_p + b) (gate: one per token; channel: per channel), from the spec."""
+    zn, pn = (torch.nn.functional.layer_norm(t, t.shape[-1:], eps=1e-6) for t in (z, p))
+    if da.mode == "gate":
+        return torch.sigmoid(zn @ da.w_z + pn @ da.w_p + da.bias).unsqueeze(-1)
+    return torch.sigmoid(zn * da.w_z + pn * da.w_p + da.bias)
+
+
 @pytest.mark.parametrize("da", ["gate", "static", "channel"])
 def test_explanation_equals_the_models_own_selection_and_tensors(da, images, tmp_path):
     model = trained_like(ivpt.create_model(make_vit(), "ivpt", 7, prompt_length=3, da=da).eval())
     inputs = record_block_inputs(model)
+    chosen = record_ar(model)
+    mixed = record_aggregation_inputs(model)
     e = explain(model, images)
     assert e.grid == (4, 4) and e.method == "ivpt" and len(e.images) == 3
     # the selection shown is the one the forward pass made, and it is the top-K of the shown saliency
-    for record in model.last_reinforcement:
+    assert [c[0] for c in chosen] == [0, 1, 2]
+    for transition, _, _, _, selected in chosen:
         for b in range(3):
-            assert e.images[b].selected[record.transition] == sorted(record.selected[b].tolist())
-            top = np.argsort(-e.images[b].saliency[record.transition].ravel(), kind="stable")[:len(record.selected[b])]
-            assert sorted(top.tolist()) == e.images[b].selected[record.transition]
+            assert e.images[b].selected[transition] == sorted(selected[b].tolist())
+            top = np.argsort(-e.images[b].saliency[transition].ravel(), kind="stable")[:len(selected[b])]
+            assert sorted(top.tolist()) == e.images[b].selected[transition]
     # the saliency is the CLS attention of each block, computed independently from the full matrix
     npt = model.backbone.num_prefix_tokens
     for block in range(len(model.backbone.blocks)):
@@ -57,14 +76,16 @@ def test_explanation_equals_the_models_own_selection_and_tensors(da, images, tmp
         da_module = model.method.aggregation[str(t.transition)]
         if da == "static":
             assert t.da_weight == pytest.approx(1 / (1 + math.exp(-1.3)))
-        else:
-            assert t.da_weight == pytest.approx(da_module.last_alpha.float().mean().item(), abs=1e-6)
-            assert len(t.da_weights) == da_module.last_alpha.numel()
+        else:  # the values DA mixed with in this pass, recomputed from its inputs by the formula
+            with torch.no_grad():
+                alpha = plain_alpha(da_module, *mixed[t.transition])
+            assert t.da_weight == pytest.approx(alpha.mean().item(), abs=1e-6)
+            assert t.da_weights == pytest.approx(alpha.flatten().tolist(), abs=1e-6)
         assert t.da_start == pytest.approx(0.5) and t.ratio > 0
     # the figure outlines exactly those patches, and decodes
     pixels = denormalize(images, (0.5,) * 3, (0.25,) * 3)
     outlined = plot_image(e, 1, pixels[1], tmp_path / "one.png")
-    assert outlined == {r.transition: sorted(r.selected[1].tolist()) for r in model.last_reinforcement}
+    assert outlined == {c[0]: sorted(c[4][1].tolist()) for c in chosen}
     plot_adapter(e, tmp_path / "adapter.png")
     for name in ("one.png", "adapter.png"):
         with Image.open(tmp_path / name) as figure:
@@ -74,8 +95,6 @@ def test_explanation_equals_the_models_own_selection_and_tensors(da, images, tmp
 
 def test_reinforcement_ratio_is_the_relative_change_of_the_selected_patches(images):
     model = trained_like(ivpt.create_model(make_vit(), "ivpt", 7, prompt_length=3, ar_ratio=0.5).eval(), gamma=0.9)
-    from conftest import record_ar
-
     seen = record_ar(model)
     e = explain(model, images)
     for (i, before, after, _, selected), stats in zip(seen, e.transitions):
@@ -93,18 +112,44 @@ def test_prompt_methods_without_da_or_ar_get_attention_maps(images, tmp_path, me
     e = explain(model, images)
     assert sorted(e.images[0].saliency) == [0, 1, 2, 3] and e.images[0].selected == {}
     assert all(t.da_mode is None and t.gamma is None for t in e.transitions)
-    assert model.last_attention == {} or not model.record_attention  # recording ends with explain
     plot_adapter(e, tmp_path / "a.png")
     assert plot_image(e, 0, denormalize(images, (0.5,) * 3, (0.25,) * 3)[0], tmp_path / "i.png") == {}
 
 
-def test_recording_does_not_change_outputs(images):
-    model = trained_like(ivpt.create_model(make_vit(), "ivpt", 7, prompt_length=3).eval())
+def module_attributes(model):
+    """What every module holds as attributes, by identity: a forward that stores anything on the model
+    (a flag, a record such as the former ``last_reinforcement``) adds or rebinds one of them."""
+    return {(name, key): id(value) for name, module in model.named_modules() for key, value in vars(module).items()
+            if key != "training"}
+
+
+@pytest.mark.parametrize("method", ["ivpt", "vpt-deep"])
+def test_explained_forward_is_the_plain_forward_and_leaves_nothing_behind(images, method):
+    """forward_explained's output is model(images) exactly, in eval and in training; neither a plain
+    forward nor an explained one leaves anything on the model (nothing is recorded unasked)."""
+    options = {"prompt_length": 3, **({"da": "gate"} if method == "ivpt" else {})}
+    model = ivpt.create_model(make_vit(), method, 7, **options)
+    if method == "ivpt":
+        trained_like(model)
+    held = module_attributes(model)
     with torch.no_grad():
-        plain = model(images)
-    explain(model, images)
+        plain = model.eval()(images)
+        explained = model.forward_explained(images)
+        assert torch.equal(explained.output, plain)
+        tokens, trace = model.forward_traced(images)
+        reference = model.forward_tokens(images)
+        assert all(torch.equal(getattr(tokens, k), getattr(reference, k)) for k in ("prefix", "prompts", "patches"))
+    assert sorted(trace.saliency) == [0, 1, 2, 3]
+    assert sorted(trace.selected) == ([0, 1, 2] if method == "ivpt" else [])
+    model.train()
+    training = model(images)  # iVPT: DA's deferred rows (its MLP over fewer rows), the traced pass whole blocks
+    assert torch.allclose(training.detach(), plain, atol=1e-6, rtol=1e-5)
+    assert torch.equal(model.forward_explained(images).output.detach(), plain)
+    training.sum().backward()
+    model.forward_explained(images)
+    assert module_attributes(model) == held
     with torch.no_grad():
-        assert torch.equal(model(images), plain)
+        assert torch.equal(model.eval()(images), plain)
 
 
 def test_segmentation_explanation_has_masks(tmp_path):
@@ -114,6 +159,10 @@ def test_segmentation_explanation_has_masks(tmp_path):
     e = explain(model, images)
     assert e.task == "segmentation" and e.images[0].prediction is None
     assert e.images[0].mask.shape == (32, 32) and sorted(e.images[0].saliency) == [0, 1, 2, 3]
+    with torch.no_grad():  # the explained output is the model's own
+        model.eval()
+        assert torch.equal(model.forward_explained(images).output, model(images))
+        assert (model.forward_explained(images).output.argmax(1).numpy() == np.stack([i.mask for i in e.images])).all()
     assert plot_image(e, 0, denormalize(images, (0.5,) * 3, (0.25,) * 3)[0], tmp_path / "s.png").keys() == {0, 1, 2}
     assert len(e.to_dict()["images"][0]["mask_class_fractions"]) >= 1
 

@@ -120,3 +120,46 @@ def test_gradient_checkpointing_saves_as_much_for_ivpt_as_for_vpt_deep():
         saved[(method, checkpointed)] = saved_bytes(model, images)
     assert saved[("ivpt", True)] <= 1.10 * saved[("vpt-deep", True)]
     assert saved[("ivpt", True)] < 0.5 * saved[("ivpt", False)]
+
+
+@pytest.mark.parametrize("options", [{}, {"init_values": 0.1}, {"qk_norm": True}, {"scale_mlp_norm": True}])
+def test_deferred_block_is_the_whole_block_without_the_deferred_rows_mlp(options):
+    """run_block(defer=): the kept rows exactly as when norm2 ran over every row (LayerNorm is per row),
+    the deferred rows' residual state as a copy of those rows only, finished by finish_block."""
+    from timm.models.vision_transformer import Block
+
+    from ivpt.encoder import finish_block, run_block
+
+    torch.manual_seed(0)
+    block = Block(32, 4, qkv_bias=True, **options).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, rows = torch.randn(3, 9, 32), slice(1, 4)
+    with torch.no_grad():
+        kept, _, residual = run_block(block, x, defer=rows)
+        # independently, with timm's own attention module: the attention half, then the MLP half
+        mid = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+        keep = lambda y: torch.cat([y[:, :rows.start], y[:, rows.stop:]], dim=1)  # noqa: E731
+        whole = mid + block.ls2(block.mlp(block.norm2(mid)))
+        assert torch.equal(residual, mid[:, rows])
+        assert torch.equal(kept, keep(mid) + block.ls2(block.mlp(keep(block.norm2(mid)))))
+        assert torch.allclose(kept, keep(block(x)), atol=1e-6, rtol=1e-5)
+        assert torch.allclose(finish_block(block, residual), whole[:, rows], atol=1e-6, rtol=1e-5)
+    # the residual is its own p rows (nothing of it keeps the block's (B, T, d) state alive)
+    assert residual.is_contiguous() and residual.untyped_storage().nbytes() == residual.numel() * 4
+
+
+def test_reinforcement_adds_gamma_r_to_the_selected_patches_exactly():
+    """AR's single fused add gives the spec's E_j + gamma r bit for bit, from an independent mask."""
+    from ivpt.methods.ivpt import AttentiveReinforcement
+
+    torch.manual_seed(0)
+    ar = AttentiveReinforcement("mean", 0.25, 0.37)
+    patches, prompts, saliency = torch.randn(3, 16, 8), torch.randn(3, 5, 8), torch.rand(3, 16)
+    out, selected = ar(patches, saliency, prompts)
+    expected = patches.clone()
+    for b in range(3):
+        for j in saliency[b].topk(4).indices.tolist():
+            expected[b, j] = patches[b, j] + ar.gamma.detach() * prompts[b].mean(dim=0)
+    assert torch.equal(out.detach(), expected)

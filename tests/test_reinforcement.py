@@ -15,7 +15,7 @@ def test_ar_changes_exactly_top_k_patches(ratio, mix):
     inputs = record_block_inputs(model)
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        model(images)
+        trace = model.forward_explained(images).trace
     m = 16
     k = max(1, int(ratio * m + 0.5))
     assert [s[0] for s in seen] == [0, 1, 2]  # every transition of a depth-4 backbone
@@ -28,9 +28,11 @@ def test_ar_changes_exactly_top_k_patches(ratio, mix):
             assert set(selected[img].tolist()) == set(top[img].tolist())
         expected = full_attention_saliency(model.backbone.blocks[i], inputs[i], slice(0, 1), 1 + 3)
         assert torch.allclose(saliency, expected, atol=1e-6)
-    records = model.last_reinforcement
-    assert [r.transition for r in records] == [0, 1, 2]
-    assert records[0].saliency.shape == (4, m) and records[0].selected.shape == (4, k)
+    # the trace returns the same selection, and the saliency of every block
+    assert sorted(trace.selected) == [0, 1, 2] and sorted(trace.saliency) == [0, 1, 2, 3]
+    for i, _, _, saliency, selected in seen:
+        assert torch.equal(trace.selected[i], selected) and torch.equal(trace.saliency[i], saliency)
+    assert trace.saliency[0].shape == (4, m) and trace.selected[0].shape == (4, k)
 
 
 def test_ar_mean_mix_adds_gamma_times_mean_prompt():
@@ -74,9 +76,9 @@ def test_dynamic_image_size_adapts_k():
     vit = make_vit(dynamic_img_size=True)
     model = ivpt.create_model(vit, "ivpt", 7, prompt_length=2, ar_ratio=0.25).eval()
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 48, 64))  # a 6 x 8 grid of patches
-    assert out.shape == (2, 7)
-    assert model.last_reinforcement[0].selected.shape == (2, 12)
+        explained = model.forward_explained(torch.randn(2, 3, 48, 64))  # a 6 x 8 grid of patches
+    assert explained.output.shape == (2, 7)
+    assert explained.trace.selected[0].shape == (2, 12)
 
 
 def test_k_rounds_half_up():
@@ -89,9 +91,10 @@ def test_k_rounds_half_up():
 
 def test_saliency_stays_float32_under_bf16_autocast():
     model = ivpt.create_model(make_vit(), "ivpt", 7, prompt_length=2).eval()
+    seen = record_ar(model)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(2, 3, 32, 32))
-    assert model.last_reinforcement[0].saliency.dtype == torch.float32
+    assert seen[0][3].dtype == torch.float32
 
 
 @pytest.mark.parametrize("options", [{}, {"qk_norm": True}, {"init_values": 0.1}, {"scale_attn_norm": True},

@@ -23,7 +23,8 @@ def test_logits_at_image_size_for_any_size(decoder, method):
         out = model(torch.randn(2, 3, *size))
         assert out.shape == (2, 5, *size)
     if method == "ivpt":  # AR acts unchanged: K follows the number of patches (6 x 8 = 48 -> 12)
-        assert model.encoder.last_reinforcement[0].selected.shape == (2, 12)
+        with torch.no_grad():
+            assert model.forward_explained(torch.randn(2, 3, 48, 64)).trace.selected[0].shape == (2, 12)
 
 
 @pytest.mark.parametrize("patch, stages", [(4, 2), (16, 4)])

@@ -6,8 +6,7 @@ inserted after timm's position embedding, patch dropout and pre-norm, so they ca
 from __future__ import annotations
 
 import dataclasses
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,14 +35,31 @@ class EncoderTokens:
 
 
 @dataclass
-class Reinforcement:
-    """What AR did after one block in the last forward (detached, for inspection and plots)."""
+class EncoderTrace:
+    """What one forward pass computed on the way, for ``ivpt explain`` and the training diagnostics.
 
-    transition: int            # block i -> i+1
-    saliency: torch.Tensor     # (B, m) attention of the saliency queries to each patch
-    selected: torch.Tensor     # (B, K) indices of the reinforced patches
-    # (B,) mean over the selected patches of |gamma r| / |E_j|; only while recording (``record_attention``)
-    ratio: torch.Tensor | None = None
+    Only ``forward_traced`` / ``forward_explained`` return one; a plain forward keeps none of it. All
+    tensors are detached. Transition i sits between block i and block i + 1.
+    """
+
+    # block i -> (B, m) float32: the saliency AR ranks (CLS or prompt queries' attention to each patch,
+    # averaged over heads), for every block, also where AR does not act and for methods without AR
+    saliency: dict[int, torch.Tensor] = field(default_factory=dict)
+    # transition i -> (B, K): the patches AR reinforced after block i
+    selected: dict[int, torch.Tensor] = field(default_factory=dict)
+    # transition i -> (B,): mean over the reinforced patches of |gamma r| / |E_j| (AR's relative change)
+    reinforcement_ratio: dict[int, torch.Tensor] = field(default_factory=dict)
+    # transition i -> DA's mixing weight alpha as this pass computed it: gate (B, p, 1), channel (B, p, d),
+    # static () (sigmoid(theta), the same for every input); none for da="sum" or where DA does not act
+    da_weights: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ExplainedForward:
+    """``model.forward_explained(images)``: the model's output and what its encoder computed on the way."""
+
+    output: torch.Tensor  # logits (classification) or per-pixel logits (segmentation), as ``model(images)``
+    trace: EncoderTrace
 
 
 def query_saliency(q: torch.Tensor, k: torch.Tensor, scale: float, query_rows: slice, key_start: int) -> torch.Tensor:
@@ -63,8 +79,8 @@ def run_block(block: nn.Module, x: torch.Tensor, query_rows: slice | None = None
     query_rows: also return the saliency from the same q and k the attention uses (AR), no hook, no
     second projection, so eager and ``torch.compile`` graphs agree. defer: rows whose MLP half is left
     out; the output then lacks them, and their residual-stream state after the attention half is
-    returned (a view of a tensor the block keeps for backward anyway), for DA to finish them inside
-    its own recomputed function. A test pins this to ``block(x)`` for every block option.
+    returned (a copy of those rows only), for DA to finish them inside its own recomputed function.
+    A test pins this to ``block(x)`` for every block option.
     """
     attn = block.attn
     h = block.norm1(x)
@@ -87,9 +103,15 @@ def run_block(block: nn.Module, x: torch.Tensor, query_rows: slice | None = None
     x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(a))))
     if defer is None:
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), saliency, None
-    normed = block.norm2(x)  # over every row: LayerNorm keeps x for backward, deferred rows included
-    keep = lambda y: torch.cat([y[:, :defer.start], y[:, defer.stop:]], dim=1)  # noqa: E731
-    return keep(x) + block.drop_path2(block.ls2(block.mlp(keep(normed)))), saliency, x[:, defer]
+    # The kept rows need one contiguous copy: rows of a batch-major (B, T, d) tensor are strided across the
+    # batch whatever the token order, and LayerNorm and Linear would copy a strided view themselves. One
+    # split, so backward joins x's gradient in a single cat; LayerNorm is per row, so norm2 over the kept rows
+    # equals norm2 over all rows, then kept (tested). The deferred rows are copied too (p rows), so that
+    # nothing keeps x itself alive: norm2 keeps ``kept``, DA's function keeps the deferred rows.
+    before, deferred, after = x.split([defer.start, defer.stop - defer.start, t - defer.stop], dim=1)
+    kept = torch.cat([before, after], dim=1)
+    out = kept + block.drop_path2(block.ls2(block.mlp(block.norm2(kept))))
+    return out, saliency, deferred.clone(memory_format=torch.contiguous_format)
 
 
 def finish_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -126,11 +148,6 @@ class PromptedViT(nn.Module):
         # how new images are read; set by load_adapter, used by export_onnx
         self.recorded: dict = {}
         self.ar_source = getattr(method.config, "ar_source", "cls")
-        self.last_reinforcement: list[Reinforcement] = []
-        # record_attention: every block's saliency (even where AR does not act, e.g. VPT-deep) goes to
-        # last_attention, and AR's relative change to last_reinforcement; for ivpt.explain and diagnostics
-        self.record_attention = False
-        self.last_attention: dict[int, torch.Tensor] = {}
         self.shape = backbone_shape(backbone)
         check_unowned(backbone)
         method.attach(backbone)  # module methods (LoRA, adapters, SSF, BitFit) hook into timm's modules here
@@ -199,77 +216,117 @@ class PromptedViT(nn.Module):
         return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
 
     def forward_tokens(self, images: torch.Tensor) -> EncoderTokens:
-        vit, method = self.backbone, self.method
+        """The normalised tokens of the last block, split by role (prefix, prompts, patches)."""
+        return self._encode(images, None)
+
+    def forward_traced(self, images: torch.Tensor) -> tuple[EncoderTokens, EncoderTrace]:
+        """``forward_tokens`` and what the pass computed on the way (every block's saliency, AR's selection
+        and relative change, DA's weights), as timm's ``forward_intermediates`` returns intermediates.
+        Outputs equal ``forward_tokens``'s (tested); it runs every block whole and unchecked."""
+        trace = EncoderTrace()
+        return self._encode(images, trace), trace
+
+    def forward_explained(self, images: torch.Tensor) -> ExplainedForward:
+        """``self(images)`` (the logits) together with the encoder's trace (see ``forward_traced``)."""
+        tokens, trace = self.forward_traced(images)
+        return ExplainedForward(self.forward_head(tokens.without_prompts()), trace)
+
+    def _encode(self, images: torch.Tensor, trace: EncoderTrace | None) -> EncoderTokens:
+        vit = self.backbone
         x = self.embed(images)
         npt = vit.num_prefix_tokens
-        prefix, patches = x[:, :npt], x[:, npt:]
-        prompts = method.first_prompts(x.shape[0])
+        prompts = self.method.first_prompts(x.shape[0])
         prompts = x[:, :0] if prompts is None else prompts.to(x.dtype)  # no prompts: an empty slice
-        records, attention = [], {}
-        last = len(vit.blocks) - 1
-        record = self.record_attention
+        tokens = (x[:, :npt], prompts, x[:, npt:])  # (prefix, prompts, patches), never joined between blocks
         for i, block in enumerate(vit.blocks):
-            p = prompts.shape[1]
-            reinforce = i < last and method.needs_saliency(i)
-            # DA at this transition: the prompt rows' MLP half runs inside DA's recomputed function, so
-            # backward keeps no copy of Z_i (docs/method.md); not while recording (explain reads Z_i's mix)
-            defer = (i < last and not record and not vit.grad_checkpointing and torch.is_grad_enabled()
-                     and method.aggregates_block_output(i))
-            if defer:
-                rows = self._saliency_rows(npt, p) if reinforce else None
-                tokens = torch.cat([prefix, prompts, patches], dim=1)
-                rest, saliency, residual = run_block(block, tokens, rows, npt + p, defer=slice(npt, npt + p))
-                prefix, patches = rest[:, :npt], rest[:, npt:]
-                prompts = method.next_prompts_from_residual(i, residual, block, prompts).to(rest.dtype)
-                if reinforce:
-                    patches, selected = method.reinforce(i, patches, saliency, prompts)
-                    records.append(Reinforcement(i, saliency.detach(), selected.detach()))
-                continue
-            # timm's set_grad_checkpointing(): the whole transition (block, saliency, the next prompts, AR)
-            # recomputed in backward, which keeps only its inputs, as for any other method's block
-            checkpointed = vit.grad_checkpointing and torch.is_grad_enabled() and not record
-            step = functools.partial(self._transition, i, block, reinforce=reinforce, saliency=reinforce or record,
-                                     last=i == last)
-            if checkpointed:
-                prefix, prompts, patches, saliency, selected, before = checkpoint(step, prefix, prompts, patches,
-                                                                                 use_reentrant=False)
-                if i < last and (reinforce or method.aggregates_block_output(i)):
-                    # DA's prompts and AR's patches are new tensors: the slices still pointing into the block's
-                    # output would keep all of it alive (its stale prompt rows too) for the next checkpoint
-                    prefix, patches = prefix.clone(), patches if reinforce else patches.clone()
+            # each transition runs in one of three ways, each a separate decision (see the predicates below)
+            if self._defers_prompt_rows(i, trace):
+                tokens = self._deferred_transition(i, block, *tokens)
+            elif self._checkpoints(trace):
+                tokens = checkpoint(self._transition, i, block, *tokens, use_reentrant=False)
+                tokens = self._free_block_output(i, *tokens)
             else:
-                prefix, prompts, patches, saliency, selected, before = step(prefix, prompts, patches)
-            if record:
-                attention[i] = saliency.detach()
-            if reinforce:
-                ratio = _relative_change(before, patches, selected) if record else None
-                records.append(Reinforcement(i, saliency.detach(), selected.detach(), ratio))
-        self.last_reinforcement = records
-        self.last_attention = attention
-        tokens = vit.norm(torch.cat([prefix, prompts, patches], dim=1))
-        p = prompts.shape[1]
-        return EncoderTokens(tokens[:, :npt], tokens[:, npt:npt + p], tokens[:, npt + p:])
+                tokens = self._transition(i, block, *tokens, trace=trace)
+        prefix, prompts, patches = tokens
+        out = vit.norm(torch.cat(tokens, dim=1))
+        return EncoderTokens(*out.split([npt, prompts.shape[1], patches.shape[1]], dim=1))
 
-    def _transition(self, i: int, block: nn.Module, prefix: torch.Tensor, prompts: torch.Tensor, patches: torch.Tensor,
-                    *, reinforce: bool, saliency: bool, last: bool):
+    # -- how a transition runs: one named decision each ----------------------------------------------
+    def _is_last(self, i: int) -> bool:
+        return i == len(self.backbone.blocks) - 1
+
+    def _reinforces(self, i: int) -> bool:
+        """AR acts after block i (the block then also gives its saliency)."""
+        return not self._is_last(i) and self.method.needs_saliency(i)
+
+    def _checkpoints(self, trace: EncoderTrace | None) -> bool:
+        """timm's ``set_grad_checkpointing()``: each whole transition (block, saliency, the next prompts, AR)
+        is recomputed in backward, which keeps only its inputs, as for any other method's block. Not for a
+        traced pass, whose records are made inside the transition."""
+        return self.backbone.grad_checkpointing and torch.is_grad_enabled() and trace is None
+
+    def _defers_prompt_rows(self, i: int, trace: EncoderTrace | None) -> bool:
+        """DA at transition i, while training without checkpointing: the prompt rows' MLP half runs inside
+        DA's own recomputed function, so backward keeps no copy of Z_i (docs/method.md). Not in inference
+        (nothing is kept there, and the whole block is cheaper) and not for a traced pass (it reads Z_i)."""
+        return (not self._is_last(i) and trace is None and torch.is_grad_enabled()
+                and not self.backbone.grad_checkpointing and self.method.aggregates_block_output(i))
+
+    # -- the transitions ------------------------------------------------------------------------------
+    def _transition(self, i: int, block: nn.Module, prefix: torch.Tensor, prompts: torch.Tensor,
+                    patches: torch.Tensor, trace: EncoderTrace | None = None):
         """Block i on [prefix, prompts, patches], then (but after the last block) the prompts for block i + 1
-        and AR on the patches: (prefix, prompts, patches, saliency or None, AR's selection or None, the
-        patches before AR)."""
+        (from Z_i and Q_i, the prompts that entered block i) and AR on the patches; records into ``trace``."""
         npt, p = prefix.shape[1], prompts.shape[1]
+        reinforce = self._reinforces(i)
         tokens = torch.cat([prefix, prompts, patches], dim=1)
-        if saliency:
-            out, attention = block_with_saliency(block, tokens, self._saliency_rows(npt, p), npt + p)
+        if reinforce or trace is not None:
+            out, saliency = block_with_saliency(block, tokens, self._saliency_rows(npt, p), npt + p)
         else:
-            out, attention = block(tokens), None
-        prefix, z, patches = out[:, :npt], out[:, npt:npt + p], out[:, npt + p:]
-        if last:
-            return prefix, z, patches, attention, None, patches
-        following = self.method.next_prompts(i, z, prompts)  # prompts: Q_i, what entered block i
+            out, saliency = block(tokens), None
+        # one split, not three slices: backward joins the three gradients in one cat
+        prefix, z, patches = out.split([npt, p, patches.shape[1]], dim=1)
+        if trace is not None:
+            trace.saliency[i] = saliency.detach()
+        if self._is_last(i):
+            return prefix, z, patches
+        if trace is None:
+            following = self.method.next_prompts(i, z, prompts)
+        else:
+            following, weights = self.method.next_prompts_explained(i, z, prompts)
+            if weights is not None:
+                trace.da_weights[i] = weights.detach()
         prompts = z if following is None else following.to(z.dtype)
-        before, selected = patches, None
         if reinforce:
-            patches, selected = self.method.reinforce(i, patches, attention, prompts)
-        return prefix, prompts, patches, attention, selected, before
+            before = patches
+            patches, selected = self.method.reinforce(i, patches, saliency, prompts)
+            if trace is not None:
+                trace.selected[i] = selected.detach()
+                trace.reinforcement_ratio[i] = _relative_change(before, patches, selected)
+        return prefix, prompts, patches
+
+    def _deferred_transition(self, i: int, block: nn.Module, prefix: torch.Tensor, prompts: torch.Tensor,
+                             patches: torch.Tensor):
+        """``_transition`` for DA while training: block i's MLP half skips the prompt rows, and DA finishes
+        them inside its own function, recomputed in backward (``next_prompts_from_residual``)."""
+        npt, p = prefix.shape[1], prompts.shape[1]
+        reinforce = self._reinforces(i)
+        rows = self._saliency_rows(npt, p) if reinforce else None
+        tokens = torch.cat([prefix, prompts, patches], dim=1)
+        kept, saliency, residual = run_block(block, tokens, rows, npt + p, defer=slice(npt, npt + p))
+        prefix, patches = kept.split([npt, patches.shape[1]], dim=1)
+        prompts = self.method.next_prompts_from_residual(i, residual, block, prompts).to(kept.dtype)
+        if reinforce:
+            patches, _ = self.method.reinforce(i, patches, saliency, prompts)
+        return prefix, prompts, patches
+
+    def _free_block_output(self, i: int, prefix: torch.Tensor, prompts: torch.Tensor, patches: torch.Tensor):
+        """After a checkpointed transition where DA or AR made new prompts or patches: the slices still
+        pointing into the block's output would keep all of it alive (its stale prompt rows too) as the next
+        checkpoint's input, so they are copied out of it (VPT-deep's next input is that output itself)."""
+        if self._is_last(i) or not (self._reinforces(i) or self.method.aggregates_block_output(i)):
+            return prefix, prompts, patches
+        return prefix.clone(), prompts, patches if self._reinforces(i) else patches.clone()
 
     def _saliency_rows(self, num_prefix: int, num_prompts: int) -> slice:
         """The query rows whose attention is the saliency: CLS, or the prompts (``ar_source``)."""

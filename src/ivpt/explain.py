@@ -1,6 +1,7 @@
 """What a prompt-tuned model does on given images: saliency, AR's selection, DA's mixing, AR's size.
 
-``explain(model, images)`` runs one recorded forward pass and returns an ``Explanation``: per image
+``explain(model, images)`` runs one traced forward pass (``model.forward_explained``, which returns what
+the encoder computed on the way; nothing is recorded otherwise) and returns an ``Explanation``: per image
 the prediction and, for every block, the saliency that AR uses (the class token's attention over the
 patch grid, averaged over heads; the prompts' attention for ``ar_source="prompts"``) with the
 patches AR reinforced after it; per transition DA's mixing weight (static: sigmoid(theta);
@@ -11,7 +12,6 @@ DA and no AR), so methods compare side by side. ``plot_image`` and ``plot_adapte
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .encoder import PromptedViT
+from .encoder import EncoderTrace, PromptedViT
 
 
 @dataclass
@@ -83,26 +83,9 @@ def encoder_of(model: nn.Module) -> PromptedViT:
     return encoder
 
 
-@contextlib.contextmanager
-def recording(encoder: PromptedViT):
-    """Within: every forward records each block's saliency and AR's relative change."""
-    from .methods.ivpt import DynamicAggregation
-
-    previous = encoder.record_attention
-    aggregations = [m for m in encoder.method.modules() if isinstance(m, DynamicAggregation)]
-    encoder.record_attention = True
-    for da in aggregations:  # DA keeps its mixing weights of the pass (last_alpha) only while recording
-        da.record = True
-    try:
-        yield encoder
-    finally:
-        encoder.record_attention = previous
-        for da in aggregations:
-            da.record = False
-
-
-def transition_stats(encoder: PromptedViT, ratios: dict[int, float] | None = None) -> list[TransitionStats]:
-    """DA's weight and AR's gamma from the method's own tensors (after a forward, DA's last values)."""
+def transition_stats(encoder: PromptedViT, trace: EncoderTrace) -> list[TransitionStats]:
+    """DA's weight and AR's gamma from the method's own tensors; gate/channel DA's values and AR's relative
+    change from a traced pass (``trace``)."""
     method = encoder.method
     aggregation = getattr(method, "aggregation", {})
     reinforcement = getattr(method, "reinforcement", {})
@@ -118,41 +101,41 @@ def transition_stats(encoder: PromptedViT, ratios: dict[int, float] | None = Non
                 row.da_start = 1 / (1 + math.exp(-bias_init))
             elif da.mode in ("gate", "channel"):
                 row.da_start = 1 / (1 + math.exp(-bias_init))
-                if da.last_alpha is not None:
-                    values = da.last_alpha.float().flatten().cpu()
+                if i in trace.da_weights:
+                    values = trace.da_weights[i].float().flatten().cpu()
                     row.da_weight = float(values.mean().item())
                     row.da_weights = [round(float(v), 6) for v in values.tolist()]
         if str(i) in reinforcement:
             row.gamma = float(reinforcement[str(i)].gamma.detach().item())
-            if ratios and i in ratios:
-                row.ratio = ratios[i]
+            if i in trace.reinforcement_ratio:
+                row.ratio = float(trace.reinforcement_ratio[i].float().mean())
         stats.append(row)
     return stats
 
 
 @torch.no_grad()
 def explain(model: nn.Module, images: torch.Tensor, class_names: list[str] | None = None) -> Explanation:
-    """One recorded forward pass over normalised ``images`` (B, 3, H, W); the model is put in eval mode."""
+    """One traced forward pass over normalised ``images`` (B, 3, H, W), in eval mode (the model's mode is
+    restored after)."""
     encoder = encoder_of(model)
     was_training = model.training
     model.eval()
     try:
-        with recording(encoder):
-            output = model(images)
+        result = model.forward_explained(images)
     finally:
         model.train(was_training)
+    output, trace = result.output, result.trace
     ph, pw = encoder.backbone.patch_embed.patch_size
     grid = (images.shape[-2] // ph, images.shape[-1] // pw)
     segmentation = getattr(model, "task", "classification") == "segmentation"
     names = class_names or getattr(model, "class_names", None)
     if not segmentation:
         scores, index = output.float().softmax(-1).max(-1)
-    records = {r.transition: r for r in encoder.last_reinforcement}
     explained = []
     for b in range(images.shape[0]):
-        saliency = {i: s[b].float().reshape(grid).cpu().numpy() for i, s in encoder.last_attention.items()}
-        selected = {i: sorted(r.selected[b].tolist()) for i, r in records.items()}
-        ratio = {i: float(r.ratio[b]) for i, r in records.items() if r.ratio is not None}
+        saliency = {i: s[b].float().reshape(grid).cpu().numpy() for i, s in trace.saliency.items()}
+        selected = {i: sorted(s[b].tolist()) for i, s in trace.selected.items()}
+        ratio = {i: float(r[b]) for i, r in trace.reinforcement_ratio.items()}
         if segmentation:
             explained.append(ImageExplanation(None, None, saliency, selected, ratio,
                                               mask=output[b].argmax(0).cpu().numpy()))
@@ -160,11 +143,10 @@ def explain(model: nn.Module, images: torch.Tensor, class_names: list[str] | Non
             label = int(index[b])
             explained.append(ImageExplanation(names[label] if names else str(label), float(scores[b]),
                                               saliency, selected, ratio))
-    mean_ratio = {i: float(r.ratio.float().mean()) for i, r in records.items() if r.ratio is not None}
     options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(encoder.method.config).items()}
     return Explanation(encoder.method.name, options, "segmentation" if segmentation else "classification", grid,
                        tuple(images.shape[-2:]), list(names) if names else None, explained,
-                       transition_stats(encoder, mean_ratio))
+                       transition_stats(encoder, trace))
 
 
 def epoch_diagnostics(encoder: PromptedViT, images: torch.Tensor) -> dict[str, float]:
@@ -172,13 +154,12 @@ def epoch_diagnostics(encoder: PromptedViT, images: torch.Tensor) -> dict[str, f
     was_training = encoder.training
     encoder.eval()
     try:
-        with torch.no_grad(), recording(encoder):
-            encoder.forward_tokens(images)
+        with torch.no_grad():
+            _, trace = encoder.forward_traced(images)
     finally:
         encoder.train(was_training)
-    ratios = {r.transition: float(r.ratio.float().mean()) for r in encoder.last_reinforcement if r.ratio is not None}
     out = {}
-    for row in transition_stats(encoder, ratios):
+    for row in transition_stats(encoder, trace):
         for key, value in (("da_weight", row.da_weight), ("ar_gamma", row.gamma), ("ar_ratio", row.ratio)):
             if value is not None:
                 out[f"{key}_{row.transition}"] = round(value, 6)

@@ -49,13 +49,20 @@ class TuningMethod(nn.Module):
         """Q_{i+1} from Z_i (the prompt outputs of block i) and Q_i (the prompts that entered it), i = 0..N-2."""
         return None
 
+    def next_prompts_explained(self, i: int, z: torch.Tensor,
+                               q: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``next_prompts`` and the weights with which it mixed Z_i in (None: no such weights), for a traced
+        pass (``PromptedViT.forward_traced``); the prompts are the very ones ``next_prompts`` gives."""
+        return self.next_prompts(i, z, q), None
+
     def aggregates_block_output(self, i: int) -> bool:
         """Whether Q_{i+1} is a function of Z_i that ``next_prompts_from_residual`` can compute itself."""
         return False
 
     def next_prompts_from_residual(self, i: int, residual: torch.Tensor, block: nn.Module,
                                    q: torch.Tensor) -> torch.Tensor:
-        """Q_{i+1} from the prompt rows' state after block i's attention half (their MLP half not yet run)."""
+        """Q_{i+1} from the prompt rows' state after block i's attention half (their MLP half not yet run,
+        ``ivpt.encoder.finish_block`` runs it), for the encoder's deferred transitions while training."""
         raise NotImplementedError
 
     def needs_saliency(self, i: int) -> bool:

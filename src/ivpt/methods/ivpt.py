@@ -157,23 +157,28 @@ class DynamicAggregation(nn.Module):
             self.bias = nn.Parameter(torch.full((width,) if mode == "channel" else (), float(bias_init)))
         elif mode == "static":
             self.theta = nn.Parameter(torch.tensor(float(bias_init)))
-        self.last_alpha: torch.Tensor | None = None  # for inspection only (while recording: see ivpt.explain)
-        self.record = False
+
+    def _parameters_as(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w_z, w_p, bias) in z's dtype; zeros where the mode has none (static: bias is theta)."""
+        if self.mode in ("gate", "channel"):
+            return self.w_z.to(z.dtype), self.w_p.to(z.dtype), self.bias.to(z.dtype)
+        none = z.new_zeros(())
+        return none, none, (self.theta.to(z.dtype) if self.mode == "static" else none)
 
     def forward(self, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        mode = self.mode
-        if mode in ("gate", "channel"):
-            w_z, w_p, bias = self.w_z.to(z.dtype), self.w_p.to(z.dtype), self.bias.to(z.dtype)
-        else:
-            none = z.new_zeros(())
-            w_z, w_p, bias = none, none, (self.theta.to(z.dtype) if mode == "static" else none)
+        return FusedAggregation.apply(z, p.to(z.dtype), *self._parameters_as(z), self.mode, self.space)
+
+    @torch.no_grad()
+    def weights(self, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
+        """alpha, the weight of n(Z) in ``forward(z, p)`` (None for ``sum``, which has none)."""
+        if self.mode == "sum":
+            return None
+        w_z, w_p, bias = self._parameters_as(z)
+        if self.mode == "static":
+            return torch.sigmoid(bias)
         p = p.to(z.dtype)
-        if self.record and mode != "sum":
-            with torch.no_grad():
-                zn, pn = (standardize(z), standardize(p)) if self.space == "standardized" else (z, p)
-                self.last_alpha = (torch.sigmoid(bias) if mode == "static"
-                                   else _mix_weights(mode, zn, pn, w_z, w_p, bias)).detach()
-        return FusedAggregation.apply(z, p, w_z, w_p, bias, mode, self.space)
+        zn, pn = (standardize(z), standardize(p)) if self.space == "standardized" else (z, p)
+        return _mix_weights(self.mode, zn, pn, w_z, w_p, bias)
 
 
 class AttentiveReinforcement(nn.Module):
@@ -198,7 +203,9 @@ class AttentiveReinforcement(nn.Module):
         else:
             scores = standardize(patches) @ standardize(prompts).transpose(1, 2) / math.sqrt(patches.shape[-1])
             reinforcement = scores.softmax(dim=-1) @ prompts
-        return patches + self.gamma * mask * reinforcement, selected
+        # patches + mask * (gamma r) in one pass over the patches; the same numbers as gamma * mask * r
+        # (mask is 0 or 1), one (B, m, d) tensor instead of two
+        return torch.addcmul(patches, mask, self.gamma * reinforcement), selected
 
 
 class IVPT(_PromptBank):
@@ -225,15 +232,21 @@ class IVPT(_PromptBank):
 
     def next_prompts(self, i, z, q=None):
         learned = self.learned(i + 1, z.shape[0])
-        gate = self.aggregation[str(i)] if str(i) in self.aggregation else None
-        return learned if gate is None else gate(z, learned)
+        return self.aggregation[str(i)](z, learned) if self.aggregates_block_output(i) else learned
+
+    def next_prompts_explained(self, i, z, q=None):
+        learned = self.learned(i + 1, z.shape[0])  # one draw of prompt dropout for both
+        if not self.aggregates_block_output(i):
+            return learned, None
+        aggregate = self.aggregation[str(i)]
+        return aggregate(z, learned), aggregate.weights(z, learned)
 
     def aggregates_block_output(self, i):
         return str(i) in self.aggregation
 
     def next_prompts_from_residual(self, i, residual, block, q=None):
         """DA on Z_i = the MLP half of block i on ``residual``, recomputed in backward: autograd keeps only
-        ``residual`` (a view of what block i's norm2 keeps anyway) and P_{i+1}, no copy of Z_i."""
+        ``residual`` (the p prompt rows after block i's attention half) and P_{i+1}, no copy of Z_i."""
         from ..encoder import finish_block
 
         learned = self.learned(i + 1, residual.shape[0])

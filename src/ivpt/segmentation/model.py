@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapter_format import write_adapter
-from ..encoder import PromptedViT
+from ..encoder import EncoderTokens, ExplainedForward, PromptedViT
 from ..factory import count_parameters, create_model
 from ..options import check_choice, check_int
 from .decoders import DECODERS, make_decoder
@@ -60,15 +60,20 @@ class SegmentationModel(nn.Module):
         tensors.update({f"decoder.{n}": t for n, t in self.decoder.state_dict(keep_vars=True).items()})
         return tensors
 
-    def patch_grid(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, d, h, w) patch features of the last block after the final norm."""
-        tokens = self.encoder.forward_tokens(images).patches
+    def patch_grid(self, images: torch.Tensor, tokens: EncoderTokens | None = None) -> torch.Tensor:
+        """(B, d, h, w) patch features of the last block after the final norm (``tokens``: already encoded)."""
+        patches = (tokens if tokens is not None else self.encoder.forward_tokens(images)).patches
         ph, pw = self.encoder.backbone.patch_embed.patch_size
         h, w = images.shape[-2] // ph, images.shape[-1] // pw
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+        return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], h, w)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.patch_grid(images), images.shape[-2:])
+
+    def forward_explained(self, images: torch.Tensor) -> ExplainedForward:
+        """``self(images)`` (per-pixel logits) with the encoder's trace (``PromptedViT.forward_traced``)."""
+        tokens, trace = self.encoder.forward_traced(images)
+        return ExplainedForward(self.decoder(self.patch_grid(images, tokens), images.shape[-2:]), trace)
 
     def adapter_config(self) -> dict:
         config = self.encoder.adapter_config()
