@@ -84,3 +84,96 @@ def test_pool_prompts_survives_save_and_load(tmp_path, images):
     assert loaded.pool_prompts and loaded.method.config.pool_prompts
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
+
+
+# -- VFPT ---------------------------------------------------------------------------------------------
+def fourier_reference(x, dims):
+    """The VFPT code's FNetBlock: torch.fft over the hidden axis, then the sequence axis; the real part."""
+    if dims == "hidden":
+        return torch.fft.fft(x, dim=-1).real
+    if dims == "sequence":
+        return torch.fft.fft(x, dim=-2).real
+    return torch.fft.fft(torch.fft.fft(x, dim=-1), dim=-2).real
+
+
+def reference_vfpt(vit, prompts, images, share, dims="all", location="prepend", first_layer=True):
+    """VFPT written from the paper's definition with torch.fft: VPT-deep whose first floor(p * share) prompts of
+    every block (block 0 only if first_layer) enter as the real part of their DFT."""
+    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+    b, npt, p = x.shape[0], vit.num_prefix_tokens, prompts.shape[1]
+    k = int(p * share)
+    for i, block in enumerate(vit.blocks):
+        q = prompts[i].expand(b, -1, -1)
+        if k and (i or first_layer):
+            f = fourier_reference(q[:, :k], dims)
+            q = torch.cat([f, q[:, k:]] if location == "prepend" else [q[:, k:], f], dim=1)
+        x = block(torch.cat([x[:, :npt], q, x[:, npt + (p if i else 0):]], dim=1))
+    x = vit.norm(x)
+    return vit.forward_head(torch.cat([x[:, :npt], x[:, npt + p:]], dim=1))
+
+
+@pytest.mark.parametrize("options", [
+    {"fourier_share": 0.5},
+    {"fourier_share": 1.0},
+    {"fourier_share": 0.4, "fourier_dims": "sequence", "fourier_location": "append"},
+    {"fourier_share": 0.6, "fourier_dims": "hidden", "fourier_first_layer": False},
+])
+@pytest.mark.parametrize("overrides", [{}, {"reg_tokens": 2}])
+def test_vfpt_matches_an_independent_fft_forward(options, overrides, images):
+    vit = make_vit(**overrides)
+    model = randomize(ivpt.create_model(clone(vit), "vfpt", 7, prompt_length=5, **options)).eval()
+    with torch.no_grad():
+        expected = reference_vfpt(model.backbone, model.method.prompts, images, options["fourier_share"],
+                                  options.get("fourier_dims", "all"), options.get("fourier_location", "prepend"),
+                                  options.get("fourier_first_layer", True))
+        assert torch.allclose(model(images), expected, atol=1e-4)
+        deep = ivpt.create_model(clone(vit), "vpt-deep", 7, prompt_length=5).eval()
+        deep.load_state_dict(model.state_dict())
+        assert not torch.allclose(deep(images), expected, atol=1e-3)  # the transform changes the logits
+
+
+def test_vfpt_without_fourier_share_is_vpt_deep_exactly(images):
+    vit = make_vit()
+    vfpt = randomize(ivpt.create_model(clone(vit), "vfpt", 7, prompt_length=4, fourier_share=0.0)).eval()
+    deep = ivpt.create_model(clone(vit), "vpt-deep", 7, prompt_length=4).eval()
+    deep.load_state_dict(vfpt.state_dict())
+    with torch.no_grad():
+        assert torch.equal(vfpt(images), deep(images))
+    vfpt.train(), deep.train()
+    vfpt(images).sum().backward(), deep(images).sum().backward()
+    assert torch.equal(vfpt.method.prompts.grad, deep.method.prompts.grad)
+
+
+def test_vfpt_trains_its_prompts_and_round_trips(tmp_path, images):
+    vit = make_vit()
+    model = ivpt.create_model(clone(vit), "vfpt", 7, prompt_length=4, prompt_dropout=0.1)
+    assert set(model.tuned_parameters()) == {"method.prompts", "backbone.head.weight", "backbone.head.bias"}
+    model.train()
+    model(images).sum().backward()
+    assert model.method.prompts.grad.abs().sum(dim=(1, 2)).gt(0).all()  # every block's prompts learn
+    randomize(model)
+    model.eval().save_adapter(tmp_path / "a")
+    assert "vfpt" in (tmp_path / "a" / "adapter_config.json").read_text()
+    loaded = ivpt.load_adapter(tmp_path / "a", backbone=clone(vit)).eval()
+    assert loaded.method.config == model.method.config
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+
+
+def test_vfpt_options_are_checked():
+    with pytest.raises(ivpt.OptionError, match=r"fourier_share.*floor\(0.5\) = 0 Fourier prompts"):
+        ivpt.create_model(make_vit(), "vfpt", 7, prompt_length=1, fourier_share=0.5)
+    with pytest.raises(ivpt.OptionError, match="'fourier_dims': got 'both'"):
+        ivpt.create_model(make_vit(), "vfpt", 7, fourier_dims="both")
+    with pytest.raises(ivpt.OptionError, match="'fourier_location': got 'random'"):
+        ivpt.create_model(make_vit(), "vfpt", 7, fourier_location="random")
+    with pytest.raises(ivpt.OptionError, match=r"'fourier_share': got 1.5"):
+        ivpt.create_model(make_vit(), "vfpt", 7, fourier_share=1.5)
+
+
+def test_vfpt_vit_b16_parameter_count_from_ivpt_params(capsys):
+    from ivpt.cli import main
+
+    assert main(["params", "--backbone", "vit_base_patch16_224", "--method", "vfpt", "--prompt-length", "10"]) == 0
+    out = capsys.readouterr().out
+    assert f"{12 * 10 * 768:,}" in out or str(12 * 10 * 768) in out  # N p d, as VPT-deep: the DFT has no parameters
