@@ -177,3 +177,89 @@ def test_vfpt_vit_b16_parameter_count_from_ivpt_params(capsys):
     assert main(["params", "--backbone", "vit_base_patch16_224", "--method", "vfpt", "--prompt-length", "10"]) == 0
     out = capsys.readouterr().out
     assert f"{12 * 10 * 768:,}" in out or str(12 * 10 * 768) in out  # N p d, as VPT-deep: the DFT has no parameters
+
+
+# -- self-supervised backbones: checkpoint conversion and recipes ------------------------------------------
+def moco_v3_checkpoint(path, vit, linear_probe: bool):
+    """A checkpoint laid out as facebookresearch/moco-v3 writes it, random tensors in it."""
+    encoder = {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
+    if linear_probe:  # main_lincls.py: the ViT under DDP's module., its head the ImageNet classifier
+        state = {f"module.{k}": v for k, v in encoder.items()}
+        state.update({"module.head.weight": torch.randn(1000, 32), "module.head.bias": torch.zeros(1000)})
+    else:  # main_moco.py: base and momentum encoders (each with its projector as head) and the predictor
+        state = {}
+        for name in ("base_encoder", "momentum_encoder"):
+            state.update({f"module.{name}.{k}": v + (name == "momentum_encoder") for k, v in encoder.items()})
+            state[f"module.{name}.head.0.weight"] = torch.randn(64, 32)
+        state["module.predictor.0.weight"] = torch.randn(64, 64)
+    torch.save({"epoch": 300, "arch": "vit_base", "state_dict": state,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}}, path)
+
+
+@pytest.mark.parametrize("linear_probe", [False, True])
+def test_moco_v3_checkpoint_converts_to_timm_names(tmp_path, linear_probe, images):
+    from ivpt.cli import main
+
+    source = make_vit(seed=3)
+    moco_v3_checkpoint(tmp_path / "vit-b-300ep.pth.tar", source, linear_probe)
+    out = tmp_path / "moco.safetensors"
+    assert main(["convert-weights", "moco-v3", str(tmp_path / "vit-b-300ep.pth.tar"), str(out)]) == 0
+    model = ivpt.create_model(make_vit(seed=9), "vpt-deep", 7, prompt_length=2, weights=str(out))
+    loaded = model.backbone.state_dict()
+    for name, tensor in source.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(loaded[name], tensor), name  # the base encoder, never the momentum one
+
+
+def test_mae_checkpoint_converts_for_average_pooling(tmp_path, images):
+    from ivpt.convert import convert_weights
+
+    source = make_vit(seed=4)  # class-token pooling: its final norm is the pretrained `norm`, as MAE's checkpoint
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    torch.save({"model": {**state, "mask_token": torch.zeros(1, 1, 32)}}, tmp_path / "mae_pretrain_vit_base.pth")
+    vpt_file = convert_weights("mae", tmp_path / "mae_pretrain_vit_base.pth", tmp_path / "vpt.safetensors")
+    gate_file = convert_weights("mae", tmp_path / "mae_pretrain_vit_base.pth", tmp_path / "gate.safetensors",
+                                norm_after_pool=True)
+    vpt_reading = ivpt.create_model(make_vit(**AVG), "vpt-deep", 7, prompt_length=2, weights=str(vpt_file),
+                                    pool_prompts=True)
+    gate_reading = ivpt.create_model(make_vit(**AVG), "gatevpt", 7, prompt_length=2, weights=str(gate_file),
+                                     pool_prompts=True)
+    assert torch.equal(vpt_reading.backbone.fc_norm.weight, torch.ones(32))  # VPT's fresh fc_norm
+    assert torch.equal(vpt_reading.backbone.fc_norm.bias, torch.zeros(32))
+    assert torch.equal(gate_reading.backbone.fc_norm.weight, source.norm.weight)  # GateVPT: the checkpoint's norm
+    assert torch.equal(gate_reading.backbone.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+
+
+def test_conversion_refuses_what_it_cannot_read(tmp_path):
+    from ivpt.backbone import BackboneError
+    from ivpt.convert import convert_weights
+
+    torch.save({"model": {"encoder.layer.0.weight": torch.zeros(2)}}, tmp_path / "other.pth")
+    with pytest.raises(BackboneError, match="does not look like a MoCo v3 ViT checkpoint: no 'patch_embed"):
+        convert_weights("moco-v3", tmp_path / "other.pth", tmp_path / "o.safetensors")
+    with pytest.raises(BackboneError, match="expected a .safetensors"):
+        convert_weights("mae", tmp_path / "other.pth", tmp_path / "o.pth")
+    with pytest.raises(BackboneError, match="MAE checkpoints only"):
+        convert_weights("moco-v3", tmp_path / "other.pth", tmp_path / "o.safetensors", norm_after_pool=True)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        convert_weights("mae", tmp_path / "missing.pth", tmp_path / "o.safetensors")
+
+
+@pytest.mark.parametrize("layer,overrides,expected", [
+    ("configs/backbones/mae-vitb16.yaml", ["method=vpt-deep", "method_options.pool_prompts=true"],
+     {"backbone": "vit_base_patch16_224.mae", "backbone_options": {"global_pool": "avg"}}),
+    ("configs/backbones/mocov3-vitb16.yaml", ["method=gatevpt"], {"backbone": "vit_base_patch16_224"}),
+    ("configs/protocols/vfpt.yaml", [], {"method": "vfpt", "batch_size": 64}),
+])
+def test_family_recipes_layer_over_a_task_recipe(layer, overrides, expected):
+    from pathlib import Path
+
+    from ivpt.engine.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config([root / "configs/vtab/dtd.yaml", root / layer], overrides)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert cfg.method_options["prompt_length"] == 10 and cfg.data["task"] == "dtd"  # the task's own settings kept
+    with torch.device("meta"):  # the architecture the recipe asks for, with its options, builds (no weights)
+        ivpt.create_model(cfg.backbone.split(".")[0], cfg.method, 47, timm_kwargs={
+            k: v for k, v in cfg.backbone_options.items() if k != "pretrained_cfg_overlay"}, **cfg.method_options)
