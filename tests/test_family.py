@@ -160,6 +160,12 @@ def test_vfpt_trains_its_prompts_and_round_trips(tmp_path, images):
         assert torch.equal(loaded(images), model(images))
 
 
+def test_vfpt_model_card_is_tagged_as_prompt_tuning():
+    from ivpt.card import model_card
+
+    assert "visual-prompt-tuning" in model_card({"method": "vfpt", "backbone": {"name": "vit_base_patch16_224"}})
+
+
 def test_vfpt_options_are_checked():
     with pytest.raises(ivpt.OptionError, match=r"fourier_share.*floor\(0.5\) = 0 Fourier prompts"):
         ivpt.create_model(make_vit(), "vfpt", 7, prompt_length=1, fourier_share=0.5)
