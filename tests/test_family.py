@@ -68,6 +68,8 @@ def test_pool_prompts_refused_where_there_is_no_average(images):
         ivpt.create_model(make_vit(), "vpt-deep", 7, pool_prompts=True)
     with pytest.raises(ivpt.OptionError, match=r"pool_prompts.*map \(attention pooling\)"):
         ivpt.create_model(make_vit(class_token=False, global_pool="map"), "vpt-shallow", 7, pool_prompts=True)
+    with pytest.raises(ivpt.OptionError, match="pool_prompts.*includes its prefix tokens"):
+        ivpt.create_model(make_vit(**AVG, pool_include_prefix=True), "vpt-deep", 7, pool_prompts=True)
     with pytest.raises(ivpt.OptionError, match="pool_prompts.*segmentation"):
         ivpt.create_model(make_vit(**AVG), "vpt-deep", 7, pool_prompts=True, pooling=False)
     with pytest.raises(ivpt.OptionError, match="unknown option 'pool_prompts' for method 'lora'"):

@@ -44,6 +44,10 @@ def check_prompt_pooling(vit: VisionTransformer) -> None:
     """``pool_prompts`` means timm's average pooling over prompts and patches; refuse every other pooling."""
     pooling = "map (attention pooling)" if vit.attn_pool is not None else repr(vit.global_pool)
     if vit.attn_pool is None and vit.global_pool == "avg":
+        if getattr(vit, "pool_include_prefix", False):  # VPT's code leaves the class token out of the average
+            raise OptionError("option 'pool_prompts': this backbone's average includes its prefix tokens "
+                              "(pool_include_prefix); VPT's code averages prompts and patches only. Build it "
+                              "without pool_include_prefix, or leave pool_prompts off")
         return
     raise OptionError(
         f"option 'pool_prompts': this backbone pools by {pooling}, not by the average over its tokens, so there is "
