@@ -22,6 +22,7 @@ def perturb_tuned(model):
     ("linear", {}), ("full", {}), ("vpt-shallow", {"prompt_length": 3}), ("vpt-deep", {"prompt_length": 3}),
     ("ivpt", {"prompt_length": 3, "da": "channel", "ar_mix": "attn", "layers": [0, 2]}),
     ("ivpt-static", {"prompt_length": 3}), ("gatevpt", {"prompt_length": 3, "gate_init": 1.0}),
+    ("vfpt", {"prompt_length": 3, "fourier_share": 0.7, "fourier_location": "append"}),
 ])
 def test_round_trip_gives_identical_outputs(tmp_path, method, options):
     vit = make_vit()

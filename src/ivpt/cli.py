@@ -612,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(sub)
     _add_export(sub)
     _add_params(sub)
+    _add_convert(sub)
     _add_tune(sub)
     _add_quickstart(sub)
     _add_pretrain(sub)
@@ -754,6 +755,30 @@ def _add_params(sub) -> None:
     p.add_argument("--options", help="method options as JSON: iVPT's switches for ivpt and its presets, or the named method's own, e.g. '{\"lora_rank\": 4}'")
     p.add_argument("--output", type=_user_path, help="JSON file to write the table to")
     p.set_defaults(func=cmd_params)
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert-weights", help="a MoCo v3 or MAE checkpoint in its authors' format, as a timm "
+                       ".safetensors file", description="MoCo v3 (the pretraining vit-b-300ep.pth.tar or the "
+                       "linear-probe linear-vit-b-300ep.pth.tar that VPT loads): the base encoder under timm's names, "
+                       "for vit_base_patch16_224. MAE (mae_pretrain_vit_base.pth): the encoder for "
+                       "vit_base_patch16_224.mae with backbone_options {global_pool: avg}, fc_norm as VPT's code "
+                       "leaves it (weight 1, bias 0), or with --norm-after-pool the checkpoint's norm there, as "
+                       "GateVPT's code applies it. Pass the output as the recipe's weights.")
+    p.add_argument("format", choices=("moco-v3", "mae"), help="the checkpoint's format")  # = convert.FORMATS
+    p.add_argument("checkpoint", type=_user_path, help="the downloaded checkpoint file")
+    p.add_argument("output", type=_user_path, metavar="OUT.safetensors", help="file to write")
+    p.add_argument("--norm-after-pool", action="store_true", help="MAE: the pretrained final norm after the "
+                   "pooling (GateVPT's reading) instead of a fresh one (VPT's)")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert_weights
+
+    out = convert_weights(args.format, args.checkpoint, args.output, norm_after_pool=args.norm_after_pool)
+    print(f"wrote {out}")
+    return 0
 
 
 def _add_tune(sub) -> None:

@@ -19,6 +19,7 @@ from .adapter_format import write_adapter
 from .backbone import (OWNER_ATTRIBUTE, backbone_shape, backbone_signature, check_unowned, frozen_weights_digest,
                        weights_fingerprint)
 from .methods.base import TuningMethod
+from .options import OptionError
 
 
 @dataclass
@@ -32,6 +33,25 @@ class EncoderTokens:
     def without_prompts(self) -> torch.Tensor:
         """timm's token layout (prefix + patches), so timm's pooling and heads apply unchanged."""
         return torch.cat([self.prefix, self.patches], dim=1)
+
+    def with_prompts(self) -> torch.Tensor:
+        """Every token, prompts after the prefix: timm's average pooling then averages prompts and patches."""
+        return torch.cat([self.prefix, self.prompts, self.patches], dim=1)
+
+
+def check_prompt_pooling(vit: VisionTransformer) -> None:
+    """``pool_prompts`` means timm's average pooling over prompts and patches; refuse every other pooling."""
+    pooling = "map (attention pooling)" if vit.attn_pool is not None else repr(vit.global_pool)
+    if vit.attn_pool is None and vit.global_pool == "avg":
+        if getattr(vit, "pool_include_prefix", False):  # VPT's code leaves the class token out of the average
+            raise OptionError("option 'pool_prompts': this backbone's average includes its prefix tokens "
+                              "(pool_include_prefix); VPT's code averages prompts and patches only. Build it "
+                              "without pool_include_prefix, or leave pool_prompts off")
+        return
+    raise OptionError(
+        f"option 'pool_prompts': this backbone pools by {pooling}, not by the average over its tokens, so there is "
+        "no average for the prompts to join. Build it with backbone_options {global_pool: avg} (timm then applies "
+        "its fc_norm after the pooling, as VPT's MAE code does), or leave pool_prompts off")
 
 
 @dataclass
@@ -149,6 +169,10 @@ class PromptedViT(nn.Module):
         self.recorded: dict = {}
         self.ar_source = getattr(method.config, "ar_source", "cls")
         self.shape = backbone_shape(backbone)
+        # VPT's VIT_POOL_TYPE "original": the prompt outputs join the average pooling (docs/method.md)
+        self.pool_prompts = bool(getattr(method.config, "pool_prompts", False))
+        if self.pool_prompts:
+            check_prompt_pooling(backbone)
         check_unowned(backbone)
         method.attach(backbone)  # module methods (LoRA, adapters, SSF, BitFit) hook into timm's modules here
         backbone.__dict__[OWNER_ATTRIBUTE] = method.name
@@ -337,11 +361,14 @@ class PromptedViT(nn.Module):
         return slice(num_prefix, num_prefix + num_prompts)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised tokens in timm's layout (prefix + patches; prompts dropped)."""
-        return self.forward_tokens(images).without_prompts()
+        """Normalised tokens in timm's layout (prefix + patches; prompts dropped), or with ``pool_prompts``
+        every token, prompts after the prefix, for timm's average pooling to include them."""
+        tokens = self.forward_tokens(images)
+        return tokens.with_prompts() if self.pool_prompts else tokens.without_prompts()
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """timm's pooling (CLS, or mean of the patch tokens only), fc_norm and head."""
+        """timm's pooling (CLS, or the mean of the tokens after the prefix: the patches, and with
+        ``pool_prompts`` the prompts too), fc_norm and head."""
         return self.backbone.forward_head(features, pre_logits=pre_logits)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,9 @@ def create_model(backbone: str | nn.Module, method: str, num_classes: int, *, pr
     cls = method_class(method)
     config = config_from_options(cls.config_class, method, options)  # before any heavy work
     check_int("num_classes", num_classes, low=1)
+    if not pooling and getattr(config, "pool_prompts", False):
+        raise OptionError("option 'pool_prompts': a dense (segmentation) encoder has no pooling for the prompts to "
+                          "join; leave pool_prompts off")
     if class_names is not None and len(class_names) != num_classes:
         raise OptionError(f"option 'class_names': {len(class_names)} names given for num_classes={num_classes}")
     vit = build_backbone(backbone, num_classes, pretrained=pretrained, weights=weights, **(timm_kwargs or {}))

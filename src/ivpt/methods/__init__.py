@@ -11,10 +11,11 @@ from .linear import FullFineTune, LinearProbe
 from .lora import LoRA
 from .modules import AttachError, ModuleMethod
 from .ssf import SSF
+from .vfpt import VFPT, VFPTConfig
 from .vpt import GateVPT, VPTConfig, VPTDeep, VPTShallow
 
 METHODS: dict[str, type[TuningMethod]] = {
-    cls.name: cls for cls in (LinearProbe, FullFineTune, VPTShallow, VPTDeep, GateVPT, IVPT, IVPTStatic,
+    cls.name: cls for cls in (LinearProbe, FullFineTune, VPTShallow, VPTDeep, GateVPT, VFPT, IVPT, IVPTStatic,
                               LoRA, Adapter, AdaptFormer, SSF, BitFit)
 }
 
@@ -26,4 +27,4 @@ def prompt_options(method: str, prompt_length: int) -> dict:
     return {"prompt_length": prompt_length} if "prompt_length" in fields else {}
 
 
-__all__ = ["METHODS", "AttachError", "BackboneShape", "ModuleMethod", "TuningMethod", "IVPTConfig", "VPTConfig", "prompt_options"]
+__all__ = ["METHODS", "AttachError", "BackboneShape", "ModuleMethod", "TuningMethod", "IVPTConfig", "VFPTConfig", "VPTConfig", "prompt_options"]

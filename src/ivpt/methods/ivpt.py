@@ -44,6 +44,7 @@ class IVPTConfig:
     ar_ratio: float = 0.25
     ar_gamma_init: float = 0.0
     layers: tuple[int, ...] | None = None  # transitions i (block i -> i+1) where CDC/DA and AR act
+    pool_prompts: bool = False  # as VPTConfig's: the prompt outputs averaged with the patches
 
     def __post_init__(self):
         check_int("prompt_length", self.prompt_length, low=1)
@@ -57,6 +58,7 @@ class IVPTConfig:
         check_choice("ar_mix", self.ar_mix, AR_MIXES)
         check_float("ar_ratio", self.ar_ratio, 0.0, 1.0, low_open=True)
         check_float("ar_gamma_init", self.ar_gamma_init)
+        check_bool("pool_prompts", self.pool_prompts)
         if self.layers is not None:
             if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
                 raise OptionError(f"option 'layers': got {self.layers!r}, expected a list of transition indices or None")

@@ -14,10 +14,13 @@ from .base import BackboneShape, TuningMethod, make_prompts
 class VPTConfig:
     prompt_length: int = 10
     prompt_dropout: float = 0.0
+    # average the prompt outputs with the patch tokens (VPT's VIT_POOL_TYPE "original" on MAE; docs/method.md)
+    pool_prompts: bool = False
 
     def __post_init__(self):
         check_int("prompt_length", self.prompt_length, low=1)  # 0: a linear probe under another name
         check_float("prompt_dropout", self.prompt_dropout, 0.0, 1.0, high_open=True)
+        check_bool("pool_prompts", self.pool_prompts)
 
 
 class _PromptBank(TuningMethod):
@@ -75,12 +78,14 @@ class GateVPTConfig:
     # GateVPT's learnable attention temperature: one scalar per block dividing its attention logits
     # (the code's TEMP_LEARN), starting at 1 and clamped to [0.01, 10] as the code clamps it
     learn_temperature: bool = False
+    pool_prompts: bool = False  # as VPTConfig's
 
     def __post_init__(self):
         check_int("prompt_length", self.prompt_length, low=1)
         check_float("prompt_dropout", self.prompt_dropout, 0.0, 1.0, high_open=True)
         check_float("gate_init", self.gate_init)
         check_bool("learn_temperature", self.learn_temperature)
+        check_bool("pool_prompts", self.pool_prompts)
 
 
 class GateVPT(_PromptBank):
