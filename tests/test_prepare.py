@@ -276,7 +276,7 @@ def test_data_check_on_a_hand_made_vtab_folder(vtab_files, tmp_path, capsys):
     assert f"FAIL kitti [train800] {root / 'kitti' / 'images/train800/000011.jpg'}" in captured.err
     (root / "kitti").rename(root / "cifar100")  # another codebase's spelling: ivpt reads its own names
     assert main(["data", "check", str(root), "--workers", "1"]) == 1
-    assert "not a VTAB-1k task name" in capsys.readouterr().err
+    assert "rename it to cifar" in capsys.readouterr().err
 
 
 def ade20k_layout(root: Path, counts: dict[str, int], bad_label: bool = False) -> Path:
@@ -365,3 +365,13 @@ def test_the_fgvc_loader_keeps_train_ids_for_a_split_missing_a_class(tmp_path):
         (base / f"{name}.json").write_text(json.dumps(items))
     labels = [label for _, label in fgvc(tmp_path, "CUB_200_2011", "test").items]
     assert labels == list(range(1, 200))
+
+
+def test_unknown_names_are_bad_input_and_nothing_is_written(tmp_path, capsys):
+    assert main(["data", "prepare", "vtab-1k", "--out", str(tmp_path / "v"), "--tasks", "dtd,imagenet"]) == 2
+    assert "unknown VTAB-1k task 'imagenet'" in capsys.readouterr().err
+    assert main(["data", "prepare", "vtab-1k", "--out", str(tmp_path / "v"), "--tasks", "cifar100", "cifar"]) == 2
+    assert "cifar is asked for twice" in capsys.readouterr().err
+    assert main(["data", "prepare", "fgvc", "--dataset", "birds", "--from", "x.tgz", "--out", str(tmp_path / "f")]) == 2
+    assert "unknown FGVC dataset 'birds'" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists() and not (tmp_path / "f").exists()

@@ -836,15 +836,17 @@ def _prepared_reports(out: Path) -> list:
 
 def cmd_data_prepare(args) -> int:
     from .data.datasets import DataError
-    from .data.prepare import prepare_fgvc, prepare_vtab
+    from .data.prepare import fgvc_dataset_name, prepare_fgvc, prepare_vtab, vtab_task_names
 
     expect = dict(args.expect or [])
+    # names first: an unknown one is bad input (exit 2); what the data holds is a file problem (exit 1)
+    tasks = vtab_task_names(_task_list(args.tasks)) if args.benchmark == "vtab-1k" else None
+    dataset = fgvc_dataset_name(args.dataset) if args.benchmark == "fgvc" else None
     try:
         if args.benchmark == "vtab-1k":
-            prepare_vtab(args.source, args.out, _task_list(args.tasks), args.workers, expect,
-                         _task_list(args.allow_duplicates) or ())
+            prepare_vtab(args.source, args.out, tasks, args.workers, expect, _task_list(args.allow_duplicates) or ())
         else:
-            prepare_fgvc(args.dataset, args.source, args.splits, args.out, args.workers, expect)
+            prepare_fgvc(dataset, args.source, args.splits, args.out, args.workers, expect)
     except DataError as err:
         _print_reports(_prepared_reports(Path(args.out)))
         print(f"ivpt: {err}", file=sys.stderr)
@@ -855,16 +857,25 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from .data.check import check_folder, default_workers
+    from .data.check import check_folder, default_workers, read_manifest
 
-    reports = check_folder(args.folder, dict(args.expect or []), args.workers or default_workers(),
-                           _task_list(args.allow_duplicates) or ())
+    from .data.datasets import DataError
+
+    try:
+        reports = check_folder(args.folder, dict(args.expect or []), args.workers or default_workers(),
+                               _task_list(args.allow_duplicates) or ())
+    except DataError as err:  # no folder, or nothing in it that ivpt knows: a file problem
+        print(f"ivpt: {err}", file=sys.stderr)
+        return 1
     _print_reports(reports)
     problems = [p for r in reports for p in r.problems]
     for problem in problems:
         print(f"FAIL {problem}", file=sys.stderr)
     if problems:
         print(f"ivpt data check: {len(problems)} problem(s) in {args.folder}", file=sys.stderr)
+    manifest = read_manifest(Path(args.folder)) or {}
+    if manifest.get("missing"):
+        print(f"note: not prepared in this folder: {', '.join(manifest['missing'])}", file=sys.stderr)
     return 1 if problems else 0
 
 

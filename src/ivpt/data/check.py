@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,26 @@ FGVC_SPLIT_SIZES = {
 }
 ADE20K_SIZES = {"training": 20210, "validation": 2000}
 ADE20K = "ADEChallengeData2016"
+# other codebases' spellings of the VTAB-1k task folders -> ivpt's (after lower-casing, '-' -> '_' and
+# dropping a 'processed_vtab_' / 'vtab_' prefix)
+VTAB_SPELLINGS = {
+    "cifar100": "cifar", "cifar_100": "cifar", "caltech": "caltech101", "caltech_101": "caltech101",
+    "dtd_47": "dtd", "flowers102": "oxford_flowers102", "oxford_flowers_102": "oxford_flowers102",
+    "flowers": "oxford_flowers102", "pets": "oxford_iiit_pet", "oxford_pet": "oxford_iiit_pet",
+    "oxford_iiit_pets": "oxford_iiit_pet", "svhncropped": "svhn", "svhn_cropped": "svhn", "sun": "sun397",
+    "pcam": "patch_camelyon", "camelyon": "patch_camelyon", "resisc": "resisc45", "retinopathy": "diabetic_retinopathy",
+    "diabetic_retinopathy_detection": "diabetic_retinopathy", "clevr_distance": "clevr_dist",
+    "dmlab_frames": "dmlab", "kitti_dist": "kitti", "kitti_distance": "kitti", "dsprites_location": "dsprites_loc",
+    "dsprites_orientation": "dsprites_ori", "smallnorb_azimuth": "smallnorb_azi", "smallnorb_elevation": "smallnorb_ele",
+}
+
+
+def vtab_task_for(name: str) -> str | None:
+    """ivpt's name of a VTAB-1k task folder spelt as another codebase spells it (None: not a task)."""
+    key = re.sub(r"^(processed_vtab_|vtab_1k_|vtab_)", "", name.lower().replace("-", "_"))
+    return key if key in VTAB_TASKS else VTAB_SPELLINGS.get(key)
+
+
 MAX_LISTED = 5  # problems of one kind named one by one per task; the rest are counted
 
 
@@ -76,6 +97,7 @@ class TaskReport:
     formats: list[str] = field(default_factory=list)
     list_sha256: dict[str, str] = field(default_factory=dict)
     duplicates: int = 0  # test images whose bytes also occur in train800val200 (VTAB-1k)
+    image_bytes: int = 0  # on disk, every image once
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -89,7 +111,8 @@ class TaskReport:
     def record(self) -> dict:
         """The task's entry of the manifest."""
         return {"kind": self.kind, "counts": self.counts, "classes": self.classes, "formats": self.formats,
-                "lossless": self.lossless, "list_sha256": self.list_sha256, "duplicates_with_train": self.duplicates}
+                "lossless": self.lossless, "list_sha256": self.list_sha256, "duplicates_with_train": self.duplicates,
+                "image_bytes": self.image_bytes}
 
     def fail(self, split: str, file, message: str) -> None:
         self.problems.append(Problem(self.task, split, str(file), message))
@@ -102,6 +125,7 @@ class ImageFacts:
     format: str | None = None
     size: tuple[int, int] | None = None
     histogram: np.ndarray | None = None  # label maps: how many pixels hold each value 0..255
+    nbytes: int = 0
     error: str | None = None
 
 
@@ -116,7 +140,7 @@ def inspect_image(path: str, labels: bool = False) -> ImageFacts:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            facts = ImageFacts(hashlib.sha256(data).hexdigest(), img.format, img.size)
+            facts = ImageFacts(hashlib.sha256(data).hexdigest(), img.format, img.size, nbytes=len(data))
             if labels:
                 if img.mode not in ("L", "P"):
                     return ImageFacts(error=f"a label map must be single-channel 8-bit (mode L or P), found {img.mode}")
@@ -170,6 +194,7 @@ def _check_decodes(report: TaskReport, where: dict[str, tuple[str, Path]], facts
     bad = [(split, str(path), f.error) for (split, path), f in zip(where.values(), facts) if f.error]
     _report_capped(report, bad, "unreadable images")
     report.formats = sorted({f.format for f in facts if f.format})
+    report.image_bytes += sum(f.nbytes for f in facts)
 
 
 # -- VTAB-1k -------------------------------------------------------------------------------------
@@ -179,7 +204,9 @@ def check_vtab_task(folder: Path, task: str, expect: Mapping | None = None, work
     folder = Path(folder)
     report = TaskReport("vtab-1k", task)
     if task not in VTAB_TASKS:
-        report.fail("-", folder, f"not a VTAB-1k task name; ivpt reads these: {', '.join(VTAB_TASKS)}")
+        known = vtab_task_for(task)
+        report.fail("-", folder, f"rename it to {known}: ivpt reads VTAB-1k tasks by its own names" if known else
+                    f"not a VTAB-1k task name; ivpt reads these: {', '.join(VTAB_TASKS)}")
         return report
     num_classes = VTAB_TASKS[task][0]
     report.classes = num_classes

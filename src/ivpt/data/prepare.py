@@ -17,7 +17,6 @@ import gzip
 import json
 import lzma
 import os
-import re
 import shutil
 import sys
 import tarfile
@@ -31,7 +30,7 @@ from typing import Iterable, Mapping
 
 from ..progress import progress
 from .check import (MANIFEST, TASK_RECORD, TaskReport, check_fgvc_dataset, check_fgvc_splits, check_vtab_task,
-                    default_workers, read_manifest)
+                    default_workers, read_manifest, vtab_task_for)
 from .datasets import DataError, visible_files
 from .fgvc import FGVC_DATASETS, FGVC_SPLITS
 from .paths import absolute_path
@@ -42,18 +41,6 @@ DEFAULT_FGVC_SPLITS = "hf-hub:XiN0919/FGVC"  # json.zip: VPT's split files, re-h
 PARTIAL = ".partial"
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
-# other codebases' spellings of the VTAB-1k task folders -> ivpt's (after lower-casing, '-' -> '_' and
-# dropping a 'processed_vtab_' / 'vtab_' prefix)
-VTAB_SPELLINGS = {
-    "cifar100": "cifar", "cifar_100": "cifar", "caltech": "caltech101", "caltech_101": "caltech101",
-    "dtd_47": "dtd", "flowers102": "oxford_flowers102", "oxford_flowers_102": "oxford_flowers102",
-    "flowers": "oxford_flowers102", "pets": "oxford_iiit_pet", "oxford_pet": "oxford_iiit_pet",
-    "oxford_iiit_pets": "oxford_iiit_pet", "svhncropped": "svhn", "svhn_cropped": "svhn", "sun": "sun397",
-    "pcam": "patch_camelyon", "camelyon": "patch_camelyon", "resisc": "resisc45", "retinopathy": "diabetic_retinopathy",
-    "diabetic_retinopathy_detection": "diabetic_retinopathy", "clevr_distance": "clevr_dist",
-    "dmlab_frames": "dmlab", "kitti_dist": "kitti", "kitti_distance": "kitti", "dsprites_location": "dsprites_loc",
-    "dsprites_orientation": "dsprites_ori", "smallnorb_azimuth": "smallnorb_azi", "smallnorb_elevation": "smallnorb_ele",
-}
 FGVC_SPELLINGS = {
     "cub": "CUB_200_2011", "cub200": "CUB_200_2011", "cub_200_2011": "CUB_200_2011", "nabirds": "nabirds",
     "oxfordflower": "OxfordFlower", "oxfordflowers": "OxfordFlower", "flowers": "OxfordFlower",
@@ -63,10 +50,13 @@ FGVC_SPELLINGS = {
 }
 
 
-def vtab_task_for(name: str) -> str | None:
-    """ivpt's name of a VTAB-1k task folder spelt as another codebase spells it (None: not a task)."""
-    key = re.sub(r"^(processed_vtab_|vtab_1k_|vtab_)", "", name.lower().replace("-", "_"))
-    return key if key in VTAB_TASKS else VTAB_SPELLINGS.get(key)
+def fgvc_dataset_name(dataset: str) -> str:
+    """ivpt's name of an FGVC dataset as asked for, refusing an unknown one."""
+    name = fgvc_dataset_for(dataset)
+    if name is None:
+        raise DataError(f"unknown FGVC dataset {dataset!r}; expected one of {', '.join(FGVC_DATASETS)} "
+                        f"(or {', '.join(sorted(FGVC_SPELLINGS))})")
+    return name
 
 
 def fgvc_dataset_for(name: str) -> str | None:
@@ -343,7 +333,7 @@ def prepare_vtab(source: str = DEFAULT_VTAB_SOURCE, out="data/vtab-1k", tasks: I
     Raises DataError naming every task that failed verification or that the source lacks, after the
     others are in place and the manifest is written.
     """
-    wanted = _vtab_task_names(tasks)
+    wanted = vtab_task_names(tasks)
     workers = workers or default_workers()
     out = _claim_output(out, "vtab-1k")
     for task in wanted:
@@ -370,7 +360,8 @@ def prepare_vtab(source: str = DEFAULT_VTAB_SOURCE, out="data/vtab-1k", tasks: I
     return manifest
 
 
-def _vtab_task_names(tasks) -> list[str]:
+def vtab_task_names(tasks: Iterable[str] | None) -> list[str]:
+    """ivpt's names of the tasks asked for (any known spelling; None: all 19), refusing unknown or repeated ones."""
     if tasks is None:
         return list(VTAB_TASKS)
     names = [vtab_task_for(t) or t for t in tasks]
@@ -460,10 +451,7 @@ def prepare_fgvc(dataset: str, sources: str | Iterable[str], splits: str = DEFAU
                  workers: int | None = None, expect: Mapping | None = None) -> dict:
     """One FGVC dataset from its original archive(s) and VPT's split files, laid out as VPT reads it
     (``out/<dataset>/{train,val,test}.json`` and its image folder) and verified. Returns the manifest."""
-    name = fgvc_dataset_for(dataset)
-    if name is None:
-        raise DataError(f"unknown FGVC dataset {dataset!r}; expected one of {', '.join(FGVC_DATASETS)} "
-                        f"(or {', '.join(sorted(FGVC_SPELLINGS))})")
+    name = fgvc_dataset_name(dataset)
     workers = workers or default_workers()
     out = _claim_output(out, "fgvc")
     _refuse_foreign(out, name)
