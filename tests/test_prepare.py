@@ -375,3 +375,11 @@ def test_unknown_names_are_bad_input_and_nothing_is_written(tmp_path, capsys):
     assert main(["data", "prepare", "fgvc", "--dataset", "birds", "--from", "x.tgz", "--out", str(tmp_path / "f")]) == 2
     assert "unknown FGVC dataset 'birds'" in capsys.readouterr().err
     assert not (tmp_path / "v").exists() and not (tmp_path / "f").exists()
+
+
+def test_a_second_preparation_into_the_same_folder_is_refused(vtab_files, tmp_path):
+    from ivpt.engine.runlock import RunLock, RunLockedError
+
+    with RunLock(tmp_path / "out"):  # another process preparing into it
+        with pytest.raises(RunLockedError, match="in use by another ivpt process"):
+            prepare_vtab(str(tmp_path / "none.zip"), tmp_path / "out", ["kitti"], workers=1)

@@ -31,7 +31,7 @@ from typing import Iterable, Mapping
 from ..progress import progress
 from .check import (MANIFEST, TASK_RECORD, TaskReport, check_fgvc_dataset, check_fgvc_splits, check_vtab_task,
                     default_workers, read_manifest, vtab_task_for)
-from .datasets import DataError, visible_files
+from .datasets import IMAGE_SUFFIXES, DataError, visible_files
 from .fgvc import FGVC_DATASETS, FGVC_SPLITS
 from .paths import absolute_path
 from .vtab import VTAB_SPLITS, VTAB_TASKS
@@ -39,6 +39,7 @@ from .vtab import VTAB_SPLITS, VTAB_TASKS
 DEFAULT_VTAB_SOURCE = "hf-hub:XiN0919/VTAB-1k"  # vtab-1k.zip, linked from V-PETL Bench
 DEFAULT_FGVC_SPLITS = "hf-hub:XiN0919/FGVC"  # json.zip: VPT's split files, re-hosted
 PARTIAL = ".partial"
+DATA_SUFFIXES = (".txt", ".json") + IMAGE_SUFFIXES  # files that make a folder a data folder, not one of archives
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 FGVC_SPELLINGS = {
@@ -219,8 +220,8 @@ def open_archives(path: Path) -> list[Archive]:
         return [ZipArchive(path) if path.name.lower().endswith(".zip") else TarArchive(path)]
     files = visible_files(path)
     archives = [p for p in files if is_archive(p)]
-    if archives and all(is_archive(p) or p.suffix.lower() in (".md", ".gitattributes") or p.name == ".gitattributes"
-                        for p in files):
+    data = [p for p in files if p.suffix.lower() in DATA_SUFFIXES and not is_archive(p)]
+    if archives and not data:  # e.g. a Hub snapshot: vtab-1k.zip beside a README
         return [a for p in archives for a in open_archives(p)]
     return [FolderArchive(path)]
 
@@ -242,13 +243,19 @@ def prepared_tasks(out: Path) -> dict[str, dict]:
     return records
 
 
-def _claim_output(out: Path, kind: str) -> Path:
+@contextmanager
+def claimed(out, kind: str):
+    """The output folder, held by this process alone (a second preparation into it fails at once, naming
+    this one), and refused when it holds another benchmark's data."""
+    from ..engine.runlock import RunLock
+
     out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(out)
-    if manifest and manifest.get("kind") != kind:
-        raise DataError(f"{out} holds {manifest.get('kind')} data ({MANIFEST}); prepare {kind} into another folder")
-    return out
+    with RunLock(out):
+        manifest = read_manifest(out)
+        if manifest and manifest.get("kind") != kind:
+            raise DataError(f"{out} holds {manifest.get('kind')} data ({MANIFEST}); prepare {kind} into another "
+                            "folder")
+        yield out
 
 
 def _staging(out: Path, task: str) -> Path:
@@ -334,28 +341,26 @@ def prepare_vtab(source: str = DEFAULT_VTAB_SOURCE, out="data/vtab-1k", tasks: I
     others are in place and the manifest is written.
     """
     wanted = vtab_task_names(tasks)
-    workers = workers or default_workers()
-    out = _claim_output(out, "vtab-1k")
-    for task in wanted:
-        _refuse_foreign(out, task)
-    done = set(prepared_tasks(out))
-    todo = [t for t in wanted if t not in done]
-    if done & set(wanted):
-        _say(f"already prepared in {out}, kept: {', '.join(t for t in wanted if t in done)}")
-    failed: dict[str, str] = {}
-    lacking: list[str] = []
-    if todo:
-        fetched = fetch(source)
-        archives = open_archives(fetched.path)
-        found = locate_vtab_tasks(archives)
-        lacking = [t for t in todo if t not in found]
-        for archive in archives:
-            here = [t for t in todo if t in found and found[t][0] is archive]
-            if here:
-                failed.update(_vtab_from_archive(archive, here, found, fetched, out, workers, expect,
-                                                 set(allow_duplicates)))
-    incomplete = {**failed, **{t: f"not in {source}" for t in lacking}}
-    manifest = write_manifest(out, "vtab-1k", VTAB_TASKS, incomplete)
+    with claimed(out, "vtab-1k") as out:
+        for task in wanted:
+            _refuse_foreign(out, task)
+        done = set(prepared_tasks(out))
+        todo = [t for t in wanted if t not in done]
+        if done & set(wanted):
+            _say(f"already prepared in {out}, kept: {', '.join(t for t in wanted if t in done)}")
+        failed, lacking = {}, []
+        if todo:
+            fetched = fetch(source)
+            archives = open_archives(fetched.path)
+            found = locate_vtab_tasks(archives)
+            lacking = [t for t in todo if t not in found]
+            for archive in archives:
+                here = [t for t in todo if t in found and found[t][0] is archive]
+                if here:
+                    failed.update(_vtab_from_archive(archive, here, found, fetched, out, workers or default_workers(),
+                                                     expect, set(allow_duplicates)))
+        incomplete = {**failed, **{t: f"not in {source}" for t in lacking}}
+        manifest = write_manifest(out, "vtab-1k", VTAB_TASKS, incomplete)
     _raise_incomplete(source, wanted, failed, lacking, out)
     return manifest
 
@@ -452,12 +457,17 @@ def prepare_fgvc(dataset: str, sources: str | Iterable[str], splits: str = DEFAU
     """One FGVC dataset from its original archive(s) and VPT's split files, laid out as VPT reads it
     (``out/<dataset>/{train,val,test}.json`` and its image folder) and verified. Returns the manifest."""
     name = fgvc_dataset_name(dataset)
-    workers = workers or default_workers()
-    out = _claim_output(out, "fgvc")
-    _refuse_foreign(out, name)
-    if name in prepared_tasks(out):
-        _say(f"{name}: already prepared in {out}, kept")
+    with claimed(out, "fgvc") as out:
+        _refuse_foreign(out, name)
+        if name in prepared_tasks(out):
+            _say(f"{name}: already prepared in {out}, kept")
+        else:
+            _prepare_fgvc_dataset(name, [sources] if isinstance(sources, str) else list(sources), splits, out,
+                                  workers or default_workers(), expect)
         return write_manifest(out, "fgvc", FGVC_DATASETS)
+
+
+def _prepare_fgvc_dataset(name: str, sources: list[str], splits: str, out: Path, workers: int, expect) -> None:
     staging = _staging(out, name)
     split_source = fetch(splits)
     archive, folder = locate_split_files(open_archives(split_source.path), name)
@@ -469,15 +479,15 @@ def prepare_fgvc(dataset: str, sources: str | Iterable[str], splits: str = DEFAU
     splits_only, _ = check_fgvc_splits(staging, name, expect)
     if not splits_only.ok:  # before extracting any image: split files that disagree are not worth the wait
         _fail_fgvc(out, name, splits_only, staging)
-    fetched = [fetch(s) for s in ([sources] if isinstance(sources, str) else list(sources))]
+    fetched = [fetch(s) for s in sources]
     _extract_fgvc_images(fetched, keys, staging / FGVC_DATASETS[name][1], name)
     report = check_fgvc_dataset(staging, name, expect, workers)
     if not report.ok:
         _fail_fgvc(out, name, report, staging)
-    _put_in_place(staging, out, report, " + ".join(f.source for f in fetched), None,
+    revisions = [f.revision for f in fetched if f.revision]
+    _put_in_place(staging, out, report, " + ".join(f.source for f in fetched), " + ".join(revisions) or None,
                   {"splits": split_source.source, "splits_revision": split_source.revision})
     _say(f"{name}: verified ({_counts_text(report)}; {'/'.join(report.formats)}) -> {out / name}")
-    return write_manifest(out, "fgvc", FGVC_DATASETS)
 
 
 def _fail_fgvc(out: Path, name: str, report: TaskReport, staging: Path) -> None:
