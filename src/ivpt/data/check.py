@@ -433,13 +433,22 @@ def check_folder(root, expect: Mapping | None = None, workers: int = 1,
     folders = sorted({f for s in markers for f in find_task_folders(root, s + suffix)})
     reports = []
     for folder in folders:
-        if kind == "vtab-1k":
-            report = check_vtab_task(folder, folder.name, expect, workers, folder.name in set(allow_duplicates))
+        if kind == "vtab-1k":  # duplicates let through at preparation stay let through
+            allowed = folder.name in set(allow_duplicates) or _task_record(folder).get("duplicates_allowed", False)
+            report = check_vtab_task(folder, folder.name, expect, workers, allowed)
         else:
             report = check_fgvc_dataset(folder, folder.name, expect, workers)
         _check_against_record(report, folder, read_manifest(root))
         reports.append(report)
     return reports
+
+
+def _task_record(folder: Path) -> dict:
+    path = folder / TASK_RECORD
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON ({err}); delete the task folder and prepare it again") from None
 
 
 def _check_against_record(report: TaskReport, folder: Path, manifest: dict | None) -> None:

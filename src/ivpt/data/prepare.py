@@ -396,7 +396,7 @@ def _vtab_from_archive(archive: Archive, tasks: list[str], found: dict, fetched:
             report = check_vtab_task(staged[task], task, expect, workers, task in allow_duplicates)
             if report.ok:
                 _put_in_place(staged[task], out, report, fetched.source, fetched.revision,
-                              {"folder_in_source": found[task][1]})
+                              {"folder_in_source": found[task][1], "duplicates_allowed": task in allow_duplicates})
                 _say(f"{task}: verified ({_counts_text(report)}; {'/'.join(report.formats)}) -> {out / task}")
             else:
                 failed[task] = "; ".join(map(str, report.problems))
