@@ -434,7 +434,7 @@ def check_folder(root, expect: Mapping | None = None, workers: int = 1,
     reports = []
     for folder in folders:
         if kind == "vtab-1k":  # duplicates let through at preparation stay let through
-            allowed = folder.name in set(allow_duplicates) or _task_record(folder).get("duplicates_allowed", False)
+            allowed = folder.name in set(allow_duplicates) or task_record(folder).get("duplicates_allowed", False)
             report = check_vtab_task(folder, folder.name, expect, workers, allowed)
         else:
             report = check_fgvc_dataset(folder, folder.name, expect, workers)
@@ -443,7 +443,8 @@ def check_folder(root, expect: Mapping | None = None, workers: int = 1,
     return reports
 
 
-def _task_record(folder: Path) -> dict:
+def task_record(folder: Path) -> dict:
+    """What ivpt data prepare recorded in a task folder it verified ({} for one made by hand)."""
     path = folder / TASK_RECORD
     try:
         return json.loads(path.read_text()) if path.is_file() else {}

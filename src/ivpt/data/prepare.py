@@ -30,7 +30,7 @@ from typing import Iterable, Mapping
 
 from ..progress import progress
 from .check import (MANIFEST, TASK_RECORD, TaskReport, check_fgvc_dataset, check_fgvc_splits, check_vtab_task,
-                    default_workers, read_manifest, vtab_task_for)
+                    default_workers, read_manifest, task_record, vtab_task_for)
 from .datasets import IMAGE_SUFFIXES, DataError, visible_files
 from .fgvc import FGVC_DATASETS, FGVC_SPLITS
 from .paths import absolute_path
@@ -237,10 +237,7 @@ def safe_destination(base: Path, relative: str) -> Path:
 # -- the output folder ---------------------------------------------------------------------------
 def prepared_tasks(out: Path) -> dict[str, dict]:
     """Task folders of ``out`` that ivpt prepared and verified: name -> record."""
-    records = {}
-    for path in sorted(Path(out).glob(f"*/{TASK_RECORD}")):
-        records[path.parent.name] = json.loads(path.read_text())
-    return records
+    return {path.parent.name: task_record(path.parent) for path in sorted(Path(out).glob(f"*/{TASK_RECORD}"))}
 
 
 @contextmanager
