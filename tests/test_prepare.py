@@ -337,9 +337,9 @@ def json_zip(path: Path, splits: dict) -> Path:
 
 def test_fgvc_prepared_from_its_archive_and_the_split_files(flowers, tmp_path):
     archive, splits = flowers
-    manifest = prepare_fgvc("flowers", [str(archive)], str(json_zip(tmp_path / "json.zip", splits)), tmp_path / "fgvc",
-                            workers=1)
-    record = manifest["tasks"]["OxfordFlower"]
+    assert main(["data", "prepare", "fgvc", "--dataset", "flowers", "--from", str(archive), "--splits",
+                 str(json_zip(tmp_path / "json.zip", splits)), "--out", str(tmp_path / "fgvc"), "--workers", "1"]) == 0
+    record = json.loads((tmp_path / "fgvc" / "ivpt-data.json").read_text())["tasks"]["OxfordFlower"]
     assert record["counts"] == FGVC_SPLIT_SIZES["OxfordFlower"] and record["classes"] == 102
     assert (tmp_path / "fgvc" / "OxfordFlower" / "jpg" / "image_00001.jpg").is_file()  # Flowers: images at the root
     test = fgvc(tmp_path / "fgvc", "OxfordFlower", "test")
