@@ -4,7 +4,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from ivpt.data.check import (ADE20K_SIZES, FGVC_SPLIT_SIZES, VTAB_TEST_SIZES, VT
                              check_vtab_task)
 from ivpt.data.datasets import DataError
 from ivpt.data.prepare import prepare_fgvc, prepare_vtab, vtab_task_for
-from ivpt.data.vtab import VTAB_TASKS, read_list_file
+from ivpt.data.vtab import VTAB_TASKS
 
 TASKS = ("dtd", "kitti")  # 47 and 4 classes; the smallest test splits (1,880 and 711)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
