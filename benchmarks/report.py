@@ -417,6 +417,15 @@ def onnx_table(report: dict) -> str:
     return "\n".join(out).rstrip()
 
 
+def prepare_table(report: dict) -> str:
+    rows = [[str(r["workers"]), f"{r['images']:,}", f"{r['prepare_s']:.1f}", f"{r['prepare_images_per_s']:,.0f}",
+             f"{r['check_s']:.1f}", f"{r['check_images_per_s']:,.0f}"] for r in report["runs"]]
+    head = (f"{report['machine']}, Python {report['python']}, {report['date']}; `{report['command']}`; "
+            f"{report['tasks']} tasks at their real split sizes, {report['image_px']} px JPEGs")
+    return head + "\n\n" + table(["workers", "images", "prepare (s)", "prepare (images/s)", "check (s)",
+                                    "check (images/s)"], rows)
+
+
 RENDERERS = {  # block name -> (results file, renderer)
     "accuracy": ("accuracy", accuracy_tables),
     "accuracy_progress": ("accuracy_progress", accuracy_progress_tables),
@@ -439,6 +448,7 @@ RENDERERS = {  # block name -> (results file, renderer)
     "linear_probe_cache": ("linear_probe_cache", linear_probe_cache_table),
     "tuner": ("tuner", tuner_table),
     "onnx": ("onnx", onnx_table),
+    "prepare": ("prepare", prepare_table),
 }
 
 

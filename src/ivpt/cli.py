@@ -1,4 +1,4 @@
-"""The ``ivpt`` command: train, eval, predict, explain, params, tune, quickstart, pretrain."""
+"""The ``ivpt`` command: train, eval, predict, explain, params, tune, quickstart, pretrain, data."""
 from __future__ import annotations
 
 import argparse
@@ -616,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(sub)
     _add_quickstart(sub)
     _add_pretrain(sub)
+    _add_data(sub)
     return parser
 
 
@@ -822,6 +823,137 @@ def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", add_help=False, help="pretrain the default backbone on CIFAR-10 "
                        "(arguments: see ivpt pretrain --help)")
     p.set_defaults(func=None)
+
+
+# -- data ----------------------------------------------------------------------------------------
+def _expected_count(text: str) -> tuple[tuple[str, str], int]:
+    """--expect TASK:SPLIT=N, e.g. kitti:test=500: the size a deliberately smaller split is checked against."""
+    where, _, count = text.partition("=")
+    task, _, split = where.partition(":")
+    if not (task and split and count.isdigit()):
+        raise argparse.ArgumentTypeError(f"--expect {text!r}: expected TASK:SPLIT=N, e.g. kitti:test=500")
+    return (task, split), int(count)
+
+
+def _task_list(values: list[str] | None) -> list[str] | None:
+    return None if not values else [t.strip() for v in values for t in v.split(",") if t.strip()]
+
+
+def _print_reports(reports, out=None) -> None:
+    from .data.check import report_rows
+
+    rows, columns = report_rows(reports)
+    if rows:
+        print_table(rows, columns)
+    lossy = [r.task for r in reports if r.formats and not r.lossless]
+    if lossy:
+        print(f"note: {', '.join(lossy)}: JPEG images (lossy). Published VTAB-1k numbers differ between JPEG and "
+              "lossless copies (about 10 points reported on CIFAR-100); see docs/reproduce.md", file=sys.stderr)
+
+
+def _prepared_reports(out: Path) -> list:
+    from .data.check import TaskReport
+    from .data.prepare import prepared_tasks
+
+    return [TaskReport(r["kind"], task, r["counts"], r["classes"], r["formats"]) for task, r in
+            prepared_tasks(out).items()]
+
+
+def cmd_data_prepare(args) -> int:
+    from .data.datasets import DataError
+    from .data.prepare import fgvc_dataset_name, prepare_fgvc, prepare_vtab, vtab_task_names
+
+    expect = dict(args.expect or [])
+    # names first: an unknown one is bad input (exit 2); what the data holds is a file problem (exit 1)
+    tasks = vtab_task_names(_task_list(args.tasks)) if args.benchmark == "vtab-1k" else None
+    dataset = fgvc_dataset_name(args.dataset) if args.benchmark == "fgvc" else None
+    try:
+        if args.benchmark == "vtab-1k":
+            prepare_vtab(args.source, args.out, tasks, args.workers, expect, _task_list(args.allow_duplicates) or ())
+        else:
+            prepare_fgvc(dataset, args.source, args.splits, args.out, args.workers, expect)
+    except DataError as err:
+        _print_reports(_prepared_reports(Path(args.out)))
+        print(f"ivpt: {err}", file=sys.stderr)
+        return 1
+    _print_reports(_prepared_reports(Path(args.out)))
+    print(f"manifest: {Path(args.out) / 'ivpt-data.json'}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from .data.check import check_folder, default_workers, read_manifest
+
+    from .data.datasets import DataError
+
+    try:
+        reports = check_folder(args.folder, dict(args.expect or []), args.workers or default_workers(),
+                               _task_list(args.allow_duplicates) or ())
+    except DataError as err:  # no folder, or nothing in it that ivpt knows: a file problem
+        print(f"ivpt: {err}", file=sys.stderr)
+        return 1
+    _print_reports(reports)
+    problems = [p for r in reports for p in r.problems]
+    for problem in problems:
+        print(f"FAIL {problem}", file=sys.stderr)
+    if problems:
+        print(f"ivpt data check: {len(problems)} problem(s) in {args.folder}", file=sys.stderr)
+    manifest = read_manifest(Path(args.folder)) or {}
+    if manifest.get("missing"):
+        print(f"note: not prepared in this folder: {', '.join(manifest['missing'])}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _data_flags(p) -> None:
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="processes decoding images (default: the CPUs available, at most 8)")
+    p.add_argument("--expect", type=_expected_count, action="append", metavar="TASK:SPLIT=N",
+                   help="a split deliberately of another size than the published one (checked against N); "
+                        "may be given several times")
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="prepare and verify VTAB-1k, FGVC and ADE20K folders",
+                       description="Prepare VTAB-1k and FGVC from a Hub dataset repository, an archive or a folder, "
+                                   "verifying every file before it counts; or check a folder (prepared or made by "
+                                   "hand). See docs/reproduce.md.")
+    data = p.add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="download or unpack, verify and lay out a benchmark's data")
+    which = prep.add_subparsers(dest="benchmark", required=True)
+    vtab = which.add_parser("vtab-1k", help="the 19 VTAB-1k tasks in the processed layout",
+                            description="Each task is extracted to DIR/.partial, verified (split sizes, classes, "
+                                        "every image decoded, no test image with a train800val200 twin), then "
+                                        "renamed into place; a rerun prepares only the missing tasks. "
+                                        "DIR/ivpt-data.json is written last.")
+    vtab.add_argument("--from", dest="source", type=_user_path, default="hf-hub:XiN0919/VTAB-1k",
+                      metavar="SOURCE", help="hf-hub:OWNER/NAME[@REVISION] (a dataset repository), an archive (.zip, "
+                                             ".tar, .tar.gz) or a folder (default: %(default)s)")
+    vtab.add_argument("--out", type=_user_path, required=True, metavar="DIR")
+    vtab.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to prepare (default: all 19), separated "
+                                                                  "by spaces or commas")
+    vtab.add_argument("--allow-duplicates", nargs="+", metavar="TASK",
+                      help="tasks whose test images may share bytes with train800val200 (recorded, not refused)")
+    _data_flags(vtab)
+    vtab.set_defaults(func=cmd_data_prepare)
+    fgvc = which.add_parser("fgvc", help="one FGVC dataset from its original archive and VPT's split files")
+    fgvc.add_argument("--dataset", required=True, help="CUB_200_2011, nabirds, OxfordFlower, StanfordDogs or "
+                                                       "StanfordCars (or cub, flowers, dogs, cars)")
+    fgvc.add_argument("--from", dest="source", nargs="+", type=_user_path, required=True, metavar="ARCHIVE",
+                      help="the dataset's original archive(s) or folder (Stanford Cars: both archives)")
+    fgvc.add_argument("--splits", type=_user_path, default="hf-hub:XiN0919/FGVC", metavar="SPLITS",
+                      help="VPT's split files: hf-hub:OWNER/NAME[@REVISION], an archive or a folder holding "
+                           "train.json, val.json and test.json (default: %(default)s)")
+    fgvc.add_argument("--out", type=_user_path, required=True, metavar="DIR")
+    _data_flags(fgvc)
+    fgvc.set_defaults(func=cmd_data_prepare)
+    check = data.add_parser("check", help="re-verify a data folder: VTAB-1k, FGVC or ADE20K, prepared or by hand",
+                            description="Prints a table per task and exits 1 on any problem, naming the task, "
+                                        "split, file and what was expected.")
+    check.add_argument("folder", type=_user_path, metavar="DIR")
+    check.add_argument("--allow-duplicates", nargs="+", metavar="TASK",
+                       help="VTAB-1k tasks whose test images may share bytes with train800val200")
+    _data_flags(check)
+    check.set_defaults(func=cmd_data_check)
 
 
 def main(argv: list[str] | None = None) -> int:
