@@ -426,7 +426,7 @@ def overview(result: dict, family: Family) -> list[str]:
               ([e["published_mean_of_groups"]] if family.groups else []) + [e["published_mean"]]
         cells = [cell(o) if p is None or o is None else f"{cell(o)} ({cell(p)}, {signed(o - p)})" for o, p in zip(ours, pub)]
         lines.append(f"| {method} | {e['finished']}/{e['task_count']} | " + " | ".join(cells) +
-                     f" | {e['tuned_without_head_mean'] or '-'} | {cell(e['gpu_hours'], 3)} |")
+                     f" | {'-' if e['tuned_without_head_mean'] is None else e['tuned_without_head_mean']} | {cell(e['gpu_hours'], 3)} |")
     lines.append("")
     lines.append("Means in a cell: ours (published, difference); a mean is shown once every task in it is finished. "
                  "Published group means of methods other than full, VPT-shallow and VPT-deep are computed from their "
@@ -568,15 +568,15 @@ def estimate(jobs: list[Job], pruner: str = "sha", tflops: float = ASSUMED_TFLOP
 
 def plan_text(result: dict, jobs: list[Job]) -> str:
     """The dry run as printed: per method, then the total, and the assumption behind the hours."""
-    lines = [f"{'method':<12} {'tasks':>5} {'runs':>6} {'epochs':>8} {'GFLOPs/img':>11} {'GPU-h':>8}  backbone"]
+    lines = [f"{'method':<12} {'tasks':>5} {'runs':>6} {'epochs':>8} {'GFLOPs/img':>12} {'GPU-h':>8}  backbone"]
     for method in dict.fromkeys(r["method"] for r in result["jobs"]):
         rows = [r for r in result["jobs"] if r["method"] == method]
         backbone = next(j.cfg.backbone for j in jobs if j.method == method)
         gflops = sorted({r["train_gflops_per_image"] for r in rows})
-        shown = f"{gflops[0]:g}" if len(gflops) == 1 else f"{gflops[0]:g}-{gflops[-1]:g}"
+        shown = f"{gflops[0]:.1f}" if gflops[-1] - gflops[0] < 0.05 else f"{gflops[0]:.1f}-{gflops[-1]:.1f}"
         lines.append(f"{method:<12} {len(rows):>5} {sum(r['runs'] for r in rows):>6} {sum(r['epochs'] for r in rows):>8} "
-                     f"{shown:>11} {sum(r['gpu_hours'] for r in rows):>8.1f}  {backbone}")
-    lines.append(f"{'total':<12} {len(result['jobs']):>5} {result['runs']:>6} {result['epochs']:>8} {'':>11} "
+                     f"{shown:>12} {sum(r['gpu_hours'] for r in rows):>8.1f}  {backbone}")
+    lines.append(f"{'total':<12} {len(result['jobs']):>5} {result['runs']:>6} {result['epochs']:>8} {'':>12} "
                  f"{result['gpu_hours']:>8.1f}  ({result['left_gpu_hours']:.1f} left: finished pairs are not trained again)")
     lines.append(f"GFLOPs/img: one training step (forward + backward) per image, measured with "
                  f"torch.utils.flop_counter on the architecture with the method attached (prompt lengths vary by task). "
