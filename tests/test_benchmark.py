@@ -208,3 +208,57 @@ def test_the_cli_names_every_benchmark():
     from ivpt import cli
 
     assert cli.BENCHMARKS == tuple(benchmark.FAMILIES) and cli.ASSUMED_TFLOPS == benchmark.ASSUMED_TFLOPS
+
+
+def test_the_shipped_reference_agrees_with_itself():
+    """Each published mean is the mean of its published per-task figures to within their rounding (the papers
+    averaged unrounded figures; each is rounded to 0.1, so a mean moves by at most 0.05): a transcription slip
+    in published.json would show here."""
+    reference = benchmark.published_reference()
+    assert set(reference["sources"]) == {"vpt", "v-petl-bench"}
+    for name, family in (("vtab-1k", benchmark.FAMILIES["vtab-1k"]), ("fgvc", benchmark.FAMILIES["fgvc"])):
+        methods = reference["benchmarks"][name]["methods"]
+        assert set(methods) == {"full", "linear", "vpt-shallow", "vpt-deep", "adapter", "adaptformer", "lora", "ssf", "bitfit"}
+        for method, entry in methods.items():
+            assert set(entry["tasks"]) == set(family.tasks) and entry["source"] in reference["sources"]
+            assert statistics.fmean(entry["tasks"].values()) == pytest.approx(entry["mean"], abs=0.05), (name, method)
+            for group, published in entry.get("groups", {}).items():
+                tasks = [t for t, g in family.tasks.items() if g == group]
+                assert statistics.fmean(entry["tasks"][t] for t in tasks) == pytest.approx(published, abs=0.05)
+
+
+def test_means_of_a_whole_benchmark_beside_the_published_ones(tmp_path):
+    """Every VTAB-1k task finished (rows as task_row writes them, at the published figures plus one point):
+    group means, their mean and the 19-task mean, each one point above the published one."""
+    reference = benchmark.published_reference()["benchmarks"]["vtab-1k"]["methods"]
+    family = benchmark.FAMILIES["vtab-1k"]
+    for method in ("vpt-deep", "lora"):
+        rows = [{"method": method, "task": t, "group": g, "status": "finished", "published": reference[method]["tasks"][t],
+                 "test_mean": reference[method]["tasks"][t] + 1, "gpu_hours": 0.5, "tuned_without_head": 10}
+                for t, g in family.tasks.items()]
+        means = benchmark.aggregate(rows, family, reference)
+        assert means["mean"] == pytest.approx(statistics.fmean(r["test_mean"] for r in rows))
+        assert means["published_mean"] == reference[method]["mean"] and means["gpu_hours"] == 9.5
+        for group in family.groups:
+            assert means["groups"][group] == pytest.approx(
+                statistics.fmean(r["test_mean"] for r in rows if r["group"] == group))
+        assert means["mean_of_groups"] == pytest.approx(statistics.fmean(means["groups"].values()))
+        computed = means["published_computed"]
+        if method == "vpt-deep":  # the VPT paper publishes its group means: those, not ours recomputed
+            assert means["published_groups"] == reference[method]["groups"] and computed == []
+            assert means["published_mean_of_groups"] == reference[method]["mean_of_groups"]
+        else:
+            assert computed == [*family.groups, "mean of groups"]
+            assert means["groups"]["natural"] - means["published_groups"]["natural"] == pytest.approx(1)
+        del rows[0]["test_mean"]  # one task unfinished: no mean that covers it
+        rows[0]["status"] = "unfinished"
+        partial = benchmark.aggregate(rows, family, reference)
+        assert partial["mean"] is partial["mean_of_groups"] is None and "natural" in partial["groups"]
+        assert partial["groups"]["natural"] is None and partial["groups"]["structured"] == means["groups"]["structured"]
+
+
+def test_an_ablation_needs_its_source_method(tmp_path):
+    jobs = benchmark.plan("suite", [], ["cdc-static"], ["dtd10"], [], tmp_path)
+    assert jobs[0].reuse_from == "ivpt" and jobs[0].cfg.method_options == {"prompt_length": 10, "da": "static", "ar": False}
+    with pytest.raises(ValueError, match=r"cdc-static on dtd10 trains at the lr and wd ivpt chose .* add ivpt to --methods"):
+        benchmark.run(jobs, log=lambda s: None)

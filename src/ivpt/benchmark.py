@@ -413,24 +413,33 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mean_columns(family: Family) -> list[str]:
+    plain = {"vtab-1k": "19-task mean", "fgvc": "5-dataset mean"}.get(family.name, f"{len(family.tasks)}-task mean")
+    return [*family.groups, *(["mean of groups"] if family.groups else []), plain]
+
+
+def mean_cells(entry: dict, family: Family) -> list[str]:
+    """A method's means, each as ``ours (published, difference)`` where a published one exists."""
+    ours = [entry["groups"].get(g) for g in family.groups] + [entry["mean_of_groups"]] * bool(family.groups) + [entry["mean"]]
+    published = ([entry["published_groups"].get(g) for g in family.groups]
+                 + [entry["published_mean_of_groups"]] * bool(family.groups) + [entry["published_mean"]])
+    return [cell(o) if o is None or p is None else f"{cell(o)} ({cell(p)}, {signed(o - p)})" for o, p in zip(ours, published)]
+
+
 def overview(result: dict, family: Family) -> list[str]:
-    """One line per method: group means, mean of groups and plain mean, ours then published and difference."""
-    columns = [*family.groups, *(["mean of groups"] if family.groups else []),
-               "19-task mean" if family.name == "vtab-1k" else f"{len(family.tasks)}-task mean" if family.name == "suite"
-               else "5-dataset mean"]
+    """One line per method: tasks finished, group means, mean of groups and plain mean, tuned parameters, hours."""
+    columns = mean_columns(family)
     lines = ["| method | finished | " + " | ".join(columns) + " | tuned (w/o head) | hours |",
              "|---|---|" + "---|" * len(columns) + "---|---|"]
     for method, e in result["methods"].items():
-        ours = [e["groups"].get(g) for g in family.groups] + ([e["mean_of_groups"]] if family.groups else []) + [e["mean"]]
-        pub = [e["published_groups"].get(g) for g in family.groups] + \
-              ([e["published_mean_of_groups"]] if family.groups else []) + [e["published_mean"]]
-        cells = [cell(o) if p is None or o is None else f"{cell(o)} ({cell(p)}, {signed(o - p)})" for o, p in zip(ours, pub)]
-        lines.append(f"| {method} | {e['finished']}/{e['task_count']} | " + " | ".join(cells) +
-                     f" | {'-' if e['tuned_without_head_mean'] is None else e['tuned_without_head_mean']} | {cell(e['gpu_hours'], 3)} |")
-    lines.append("")
-    lines.append("Means in a cell: ours (published, difference); a mean is shown once every task in it is finished. "
-                 "Published group means of methods other than full, VPT-shallow and VPT-deep are computed from their "
-                 "published per-task figures.")
+        tuned = "-" if e["tuned_without_head_mean"] is None else e["tuned_without_head_mean"]
+        lines.append(f"| {method} | {e['finished']}/{e['task_count']} | " + " | ".join(mean_cells(e, family))
+                     + f" | {tuned} | {cell(e['gpu_hours'], 3)} |")
+    lines += ["", "A mean is shown once every task in it is finished."]
+    if result["sources"]:
+        lines[-1] += (" Means with a published figure read: ours (published, difference). Published group means of "
+                      "methods other than full, VPT-shallow and VPT-deep are computed from their published per-task "
+                      "figures.")
     return lines
 
 
