@@ -262,3 +262,11 @@ def test_an_ablation_needs_its_source_method(tmp_path):
     assert jobs[0].reuse_from == "ivpt" and jobs[0].cfg.method_options == {"prompt_length": 10, "da": "static", "ar": False}
     with pytest.raises(ValueError, match=r"cdc-static on dtd10 trains at the lr and wd ivpt chose .* add ivpt to --methods"):
         benchmark.run(jobs, log=lambda s: None)
+
+
+def test_a_missing_task_is_said_before_anything_trains(finished):
+    root, out = finished
+    jobs = benchmark.plan("vtab-1k", [], ["vpt-shallow"], ["kitti", "eurosat"], overrides(root), out)
+    with pytest.raises(ValueError, match=r"VTAB-1k task folder not found: .*eurosat"):
+        benchmark.run(jobs, log=lambda s: None)
+    assert not (out / "vpt-shallow").exists()  # kitti, first in line, was not started

@@ -263,15 +263,33 @@ def reused_choice(job: Job) -> dict:
             "source_val_top1": chosen.get("val_top1")}
 
 
+def check_data(job: Job) -> None:
+    """A task's list files read through its loader (no image opened): a missing task folder or split is said
+    before any (method, task) trains, not hours later when its turn comes."""
+    from .data import fgvc, vtab_1k
+    from .data.fgvc import FGVC_SPLITS
+    from .data.vtab import VTAB_SPLITS
+
+    data = job.cfg.data
+    if data.get("kind") == "vtab":
+        for split in VTAB_SPLITS:
+            vtab_1k(data["root"], data["task"], split)
+    elif data.get("kind") == "fgvc":
+        for split in FGVC_SPLITS:
+            fgvc(data["root"], data["dataset"], split)
+
+
 def run(jobs: list[Job], *, storage: str | None = None, workers: int = 1, devices: list[str] | None = None,
         pruner: str = "sha", heartbeat: float = 30.0, log=print) -> dict[tuple[str, str], dict]:
-    """Tune every job not finished yet; returns the summaries by (method, task). Inputs of every job are
-    checked first, so a missing task folder is said before hours of training, not after."""
+    """Tune every job not finished yet; returns the summaries by (method, task). Every job's inputs and list
+    files are checked first, so a missing task folder is said before hours of training, not after."""
     from .engine.config import as_started, check_inputs
     from .engine.study import tune
 
     for job in jobs:
         check_inputs(as_started(job.cfg))
+    for job in {(j.cfg.data.get("root"), j.task): j for j in jobs}.values():  # each task once
+        check_data(job)
     jobs = sorted(jobs, key=lambda j: j.method not in REUSE_CHOICE.values())  # whose choice others reuse first
     done = {}
     for number, job in enumerate(jobs, start=1):
