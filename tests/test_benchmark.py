@@ -270,3 +270,5 @@ def test_a_missing_task_is_said_before_anything_trains(finished):
     with pytest.raises(ValueError, match=r"VTAB-1k task folder not found: .*eurosat"):
         benchmark.run(jobs, log=lambda s: None)
     assert not (out / "vpt-shallow").exists()  # kitti, first in line, was not started
+    fresh = out.parent / "fresh"
+    assert main(command(root, fresh, tasks=["kitti", "eurosat"])) == 2 and not fresh.exists()  # no table either

@@ -279,17 +279,23 @@ def check_data(job: Job) -> None:
             fgvc(data["root"], data["dataset"], split)
 
 
-def run(jobs: list[Job], *, storage: str | None = None, workers: int = 1, devices: list[str] | None = None,
-        pruner: str = "sha", heartbeat: float = 30.0, log=print) -> dict[tuple[str, str], dict]:
-    """Tune every job not finished yet; returns the summaries by (method, task). Every job's inputs and list
-    files are checked first, so a missing task folder is said before hours of training, not after."""
+def check_jobs(jobs: list[Job]) -> None:
+    """Every job's input files (recipe paths, weights) and every task's list files, before anything trains."""
     from .engine.config import as_started, check_inputs
-    from .engine.study import tune
 
     for job in jobs:
         check_inputs(as_started(job.cfg))
     for job in {(j.cfg.data.get("root"), j.task): j for j in jobs}.values():  # each task once
         check_data(job)
+
+
+def run(jobs: list[Job], *, storage: str | None = None, workers: int = 1, devices: list[str] | None = None,
+        pruner: str = "sha", heartbeat: float = 30.0, log=print) -> dict[tuple[str, str], dict]:
+    """Tune every job not finished yet; returns the summaries by (method, task). Every job's inputs and list
+    files are checked first, so a missing task folder is said before hours of training, not after."""
+    from .engine.study import tune
+
+    check_jobs(jobs)
     jobs = sorted(jobs, key=lambda j: j.method not in REUSE_CHOICE.values())  # whose choice others reuse first
     done = {}
     for number, job in enumerate(jobs, start=1):

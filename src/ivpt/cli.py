@@ -588,6 +588,8 @@ def cmd_benchmark(args) -> int:
         print(benchmark.plan_text(benchmark.estimate(jobs, args.pruner, args.tflops), jobs))
         return 0
     out = Path(args.output)
+    if not args.table_only:
+        benchmark.check_jobs(jobs)  # bad input said before anything (the table included) is written
     try:
         if not args.table_only:
             benchmark.run(jobs, storage=args.storage, workers=args.workers, pruner=args.pruner, heartbeat=args.heartbeat,
