@@ -9,7 +9,6 @@ machines sharing one ``--storage`` and one output folder finish it together); ``
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import warnings
