@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-SUBCOMMANDS = ["train", "eval", "predict", "explain", "params", "tune", "quickstart"]
+SUBCOMMANDS = ["train", "eval", "predict", "explain", "params", "tune", "benchmark", "quickstart"]
 
 PROBE = """
 import sys

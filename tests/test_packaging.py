@@ -58,3 +58,26 @@ def test_method_protocols_layer_over_every_benchmark_recipe(tmp_path):
     bad.write_text("epochz: 3\n")
     with pytest.raises(ConfigError, match=r"'epochz' in .*bad\.yaml"):
         load_config([protocol, bad])
+
+
+def test_the_wheel_ships_the_recipes_and_the_published_figures(tmp_path):
+    """ivpt benchmark runs from an installed ivpt: every recipe of configs/ (a link to src/ivpt/configs) and the
+    reference table are package data of the built wheel."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    assert (ROOT / "configs").resolve() == (ROOT / "src" / "ivpt" / "configs").resolve()
+    source = tmp_path / "source"
+    (source / "src").mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "src" / "ivpt", source / "src" / "ivpt", ignore=shutil.ignore_patterns("__pycache__"))
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                           "-q", "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = set(zipfile.ZipFile(next((tmp_path / "dist").glob("ivpt-*.whl"))).namelist())
+    recipes = {f"ivpt/configs/{p.relative_to(ROOT / 'configs').as_posix()}" for p in (ROOT / "configs").rglob("*.yaml")}
+    assert len(recipes) >= 31 and recipes <= names
+    assert "ivpt/reference/published.json" in names

@@ -523,6 +523,19 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def _warn_grid_edge(cfg, summary: dict, where: str = "") -> None:
+    """One line when the choice is the largest or smallest lr or wd of the grid (a choice given, none)."""
+    import warnings
+
+    from .engine.protocol import VPT_LRS, VPT_WDS, grid_edge_warning
+
+    if not summary.get("grid"):  # the grid was not searched here (a reused choice)
+        return
+    line = grid_edge_warning(summary["chosen"], cfg.protocol.get("lrs", VPT_LRS), cfg.protocol.get("wds", VPT_WDS))
+    if line:
+        warnings.warn(where + line)
+
+
 def cmd_tune(args) -> int:
     import dataclasses
 
@@ -548,6 +561,7 @@ def cmd_tune(args) -> int:
         for task in tasks:
             task_cfg = dataclasses.replace(cfg, data={**cfg.data, "task": task})
             summaries[task] = tune(task_cfg, out / task, **options)
+            _warn_grid_edge(task_cfg, summaries[task], f"{task}: ")
         means = summarize({t: s["test_mean"] for t, s in summaries.items()})
         merged = {"method": cfg.method, "tasks": summaries, **means}
         atomic_write(out / "suite_summary.json", lambda tmp: tmp.write_text(json.dumps(merged, indent=2)))
@@ -559,8 +573,32 @@ def cmd_tune(args) -> int:
               f"plain mean {means['plain_mean']:.4f}")
         return 0
     summary = tune(cfg, out, **options)
+    _warn_grid_edge(cfg, summary)
     print(json.dumps({"chosen": summary["chosen"], "test_mean": round(summary["test_mean"], 4),
                       "test_std": round(summary["test_std"], 4), "summary": str(out / "summary.json")}))
+    return 0
+
+
+# -- benchmark -----------------------------------------------------------------------------------
+def cmd_benchmark(args) -> int:
+    from . import benchmark
+
+    jobs = benchmark.plan(args.benchmark, args.recipes, args.methods, args.tasks, list(args.set or []), args.output)
+    if args.dry_run:
+        print(benchmark.plan_text(benchmark.estimate(jobs, args.pruner, args.tflops), jobs))
+        return 0
+    out = Path(args.output)
+    if not args.table_only:
+        benchmark.check_jobs(jobs)  # bad input said before anything (the table included) is written
+    try:
+        if not args.table_only:
+            benchmark.run(jobs, storage=args.storage, workers=args.workers, pruner=args.pruner, heartbeat=args.heartbeat,
+                          devices=args.devices.split(",") if args.devices else None)
+    finally:  # what is finished so far, also when a run failed or was interrupted
+        result = benchmark.table(jobs, args.benchmark)
+        benchmark.write_table(result, out)
+    print("\n".join(benchmark.overview(result, benchmark.FAMILIES[args.benchmark])))
+    print(f"table: {out / 'table.md'} (and .csv, .json, .png)")
     return 0
 
 
@@ -614,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(sub)
     _add_convert(sub)
     _add_tune(sub)
+    _add_benchmark(sub)
     _add_quickstart(sub)
     _add_pretrain(sub)
     _add_data(sub)
@@ -806,6 +845,51 @@ def _add_tune(sub) -> None:
                    help="worker heartbeat; a trial silent for twice this is retried (default 30)")
     p.add_argument("--tasks", help="with a suite recipe: 'all' or a comma-separated list of offline-suite tasks")
     p.set_defaults(func=cmd_tune)
+
+
+BENCHMARKS = ("vtab-1k", "fgvc", "suite")  # = ivpt.benchmark.FAMILIES, named here so that --help imports no torch
+ASSUMED_TFLOPS = 30.0                       # = ivpt.benchmark.ASSUMED_TFLOPS
+
+
+def _add_benchmark(sub) -> None:
+    p = sub.add_parser("benchmark", help="the protocol on every (method, task) of VTAB-1k, FGVC or the offline suite, "
+                       "and the table beside the published figures",
+                       description="Runs ivpt tune's protocol (grid on train -> val, seeds on train+val -> test) for "
+                                   "every method and task into OUTPUT/<method>/<task>/ (resumable: a finished pair "
+                                   "whose summary.json matches its config is not touched), then writes "
+                                   "OUTPUT/table.{md,csv,json,png}: test mean and std over seeds per task, group "
+                                   "means, the mean of groups and the plain mean, the chosen lr and wd (marked on a "
+                                   "grid edge), tuned parameters, GPU-hours logged, and the published figure beside "
+                                   "each of ours with the difference. The recipes and the published figures ship "
+                                   "with ivpt. Machines sharing --storage and the output folder share the work.")
+    p.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark")
+    p.add_argument("recipes", nargs="*", metavar="RECIPE",
+                   help="recipe layers, in order (a later one's fields replace an earlier one's): YAML files, packaged "
+                        "names (suite/protocol, protocols/vtab-petl) or the benchmark's name for its per-task recipes "
+                        "(default: vtab-1k -> configs/vtab/<task>.yaml, fgvc -> configs/fgvc/<dataset>.yaml, suite -> "
+                        "configs/suite/protocol.yaml)")
+    p.add_argument("--methods", nargs="+", required=True, metavar="M",
+                   help="methods (ivpt's names; also iVPT's ablations cdc-static, cdc-da, ar-only, at iVPT's choice); "
+                        "lora, adapter, adaptformer, ssf and bitfit train under configs/protocols/<benchmark>-petl.yaml")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="a subset of the benchmark's tasks (default: all)")
+    p.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE",
+                   help="override recipe fields for every task and method, e.g. weights=ViT-B_16.npz data.root=DIR")
+    p.add_argument("--output", type=_user_path, required=True, help="benchmark folder: <method>/<task>/ and table.*")
+    p.add_argument("--storage", metavar="URL", help="one Optuna storage for every study, shared by every machine "
+                   "(default: SQLite in each task's folder)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="worker processes to start here (default 1)")
+    p.add_argument("--devices", metavar="0,1,...", help="GPU ids: worker k uses device k mod len")
+    p.add_argument("--pruner", choices=("none", "sha", "asha", "hyperband"), default="sha",
+                   help="the grid stage's pruner, as ivpt tune (default sha)")
+    p.add_argument("--heartbeat", type=_positive_float, default=30.0, metavar="SECONDS",
+                   help="worker heartbeat, as ivpt tune (default 30)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan: runs, epochs and GPU-hours estimated "
+                   "from FLOPs measured on the architecture (random weights, nothing downloaded); train nothing")
+    p.add_argument("--tflops", type=_positive_float, default=ASSUMED_TFLOPS,
+                   help="--dry-run: sustained TFLOP/s of one GPU assumed for the hours (default %(default)g)")
+    p.add_argument("--table-only", action="store_true",
+                   help="train nothing: write the table of what is finished so far")
+    p.set_defaults(func=cmd_benchmark)
 
 
 def _add_quickstart(sub) -> None:

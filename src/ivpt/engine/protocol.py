@@ -67,3 +67,29 @@ def choose(grid_results: list[dict]) -> dict:
 
     best = max(grid_results, key=lambda r: (round(score(r), 6), -r["config"]["lr"], r["config"]["weight_decay"]))
     return {"lr": best["config"]["lr"], "weight_decay": best["config"]["weight_decay"], "val_top1": score(best)}
+
+
+def grid_edges(chosen: dict, lrs: list[float], wds: list[float]) -> list[str]:
+    """The chosen values that lie on the edge of their grid (its largest or smallest value), as
+    ``"lr 0.01 is the largest of [0.01, 0.003]"``: the optimum may lie outside the grid, so a wider grid
+    could choose differently. A grid of one value has no edge worth naming (nothing was searched), nor has a
+    weight decay of 0 (nothing lies below it)."""
+    edges = []
+    for name, value, grid in (("lr", chosen.get("lr"), lrs), ("wd", chosen.get("weight_decay"), wds)):
+        values = sorted({float(v) for v in grid})
+        if value is None or len(values) < 2 or float(value) not in (values[0], values[-1]):
+            continue
+        if float(value) == values[0] == 0.0:
+            continue
+        side = "largest" if float(value) == values[-1] else "smallest"
+        edges.append(f"{name} {float(value):g} is the {side} of [{', '.join(f'{v:g}' for v in grid)}]")
+    return edges
+
+
+def grid_edge_warning(chosen: dict, lrs: list[float], wds: list[float]) -> str | None:
+    """One line for ``ivpt tune`` to warn with, or None when the choice lies inside its grid."""
+    edges = grid_edges(chosen, lrs, wds)
+    if not edges:
+        return None
+    return (f"the choice is on the edge of its grid ({'; '.join(edges)}): the best value may lie outside it; "
+            "widen protocol.lrs / protocol.wds to check")
