@@ -225,15 +225,12 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     train_loader: DataLoader
+    steps_per_epoch: int          # the loader's length while it starts at step 0 (a resumed epoch starts later)
     eval_loader: DataLoader | None
     diagnostic_images: torch.Tensor | None
     net: nn.Module | None = None         # what the training step runs (DDP, compiled)
     eval_model: nn.Module | None = None  # what evaluation runs (compiled)
     writer: Any = None                   # TensorBoard, where installed
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.train_loader.batch_sampler)
 
     def lr_at(self, epoch: int, step: int) -> float:
         per_epoch = self.steps_per_epoch
@@ -318,7 +315,8 @@ def _prepare(cfg: TrainConfig, out: Path, device, ctx: Dist, quiet: bool, progre
     if diagnostic_images is not None:
         diagnostic_images = diagnostic_images.to(device)  # once, not every epoch
     return Run(cfg, out, device, ctx, quiet, progress, precision, task, model, data, train_set, eval_set, features,
-               base_lr, tuned, optimizer, scaler, train_loader, eval_loader, diagnostic_images)
+               base_lr, tuned, optimizer, scaler, train_loader, len(train_loader.batch_sampler), eval_loader,
+               diagnostic_images)
 
 
 def _eval_loader(cfg: TrainConfig, task: Task, dataset, ctx: Dist, device) -> DataLoader:
