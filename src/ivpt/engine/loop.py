@@ -314,9 +314,11 @@ def _prepare(cfg: TrainConfig, out: Path, device, ctx: Dist, quiet: bool, progre
         diagnostic_images = task.diagnostic_batch(model, eval_set if eval_set is not None else train_set)
     if diagnostic_images is not None:
         diagnostic_images = diagnostic_images.to(device)  # once, not every epoch
-    return Run(cfg, out, device, ctx, quiet, progress, precision, task, model, data, train_set, eval_set, features,
-               base_lr, tuned, optimizer, scaler, train_loader, len(train_loader.batch_sampler), eval_loader,
-               diagnostic_images)
+    return Run(cfg=cfg, out=out, device=device, ctx=ctx, quiet=quiet, progress=progress, precision=precision,
+               task=task, model=model, data=data, train_set=train_set, eval_set=eval_set, features=features,
+               base_lr=base_lr, tuned=tuned, optimizer=optimizer, scaler=scaler, train_loader=train_loader,
+               steps_per_epoch=len(train_loader.batch_sampler), eval_loader=eval_loader,
+               diagnostic_images=diagnostic_images)
 
 
 def _eval_loader(cfg: TrainConfig, task: Task, dataset, ctx: Dist, device) -> DataLoader:
