@@ -445,7 +445,7 @@ def test_photos_are_read_upright_as_viewers_show_them_and_benchmarks_keep_the_st
 
 
 def test_a_folder_with_photos_in_a_format_ivpt_cannot_read_is_refused_and_predict_reports_them(tmp_path):
-    from ivpt import cli
+    from ivpt.api import image_files, read_images
     from ivpt.data.datasets import UNREADABLE_IMAGE_SUFFIXES
 
     assert ".heic" in UNREADABLE_IMAGE_SUFFIXES
@@ -455,9 +455,9 @@ def test_a_folder_with_photos_in_a_format_ivpt_cannot_read_is_refused_and_predic
     with pytest.raises(DataError, match=r"class folder .*dog holds 1 image\(s\) in a format ivpt cannot read "
                                         r"\(IMG_0001\.HEIC\): convert them to JPEG or PNG"):
         image_folder(tmp_path / "data")
-    files = cli._image_files([str(tmp_path / "data")])
+    files = image_files([str(tmp_path / "data")])
     assert [f.name for f in files] == ["a.png", "IMG_0001.HEIC", "b.png"]
-    readable, skipped = cli._read_images(files, strict=False, transform=None)
+    readable, skipped = read_images(files, strict=False, transform=None)
     assert len(readable) == 2 and [Path(s["image"]).name for s in skipped] == ["IMG_0001.HEIC"]
     assert ".HEIC is not a format ivpt reads: convert it to JPEG or PNG" in skipped[0]["error"]
 

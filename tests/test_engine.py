@@ -353,3 +353,24 @@ def test_config_coerces_numeric_strings_and_checks_protocol_and_device():
         TrainConfig(device="gpu").validate()
     with pytest.warns(UserWarning, match="warmup_epochs 5 is not below epochs 1: using 0"):
         assert TrainConfig(epochs=1, warmup_epochs=5).validate().warmup_epochs == 0  # short runs work
+
+
+def test_validate_returns_a_new_config_and_leaves_the_given_one_as_it_was():
+    given = TrainConfig(lr="1e-3", epochs=2, warmup_epochs=2, data={"root": "photos"})
+    with pytest.warns(UserWarning, match="using 1 warm-up"):
+        checked = given.validate()
+    assert (checked.lr, checked.warmup_epochs, checked.data) == (0.001, 1, {"root": "photos", "kind": "folder"})
+    assert (given.lr, given.warmup_epochs, given.data) == ("1e-3", 2, {"root": "photos"})
+
+
+def test_the_fields_that_do_not_change_a_result_are_marked_on_the_fields():
+    import dataclasses
+
+    from ivpt.engine.config import CHANGES_RESULT, CHOICES, NOT_RESULT_FIELDS
+
+    marked = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get(CHANGES_RESULT) is False}
+    assert set(NOT_RESULT_FIELDS) == marked == {"output", "device", "workers", "eval_every", "threads", "compile",
+                                                "cache", "paths_as_typed"}
+    assert CHOICES["optimizer"] == ("sgd", "adamw")  # read from the field's Literal type
+    with pytest.raises(ConfigError, match="'optimizer': got 'adam', expected one of 'sgd', 'adamw'"):
+        TrainConfig(optimizer="adam").validate()

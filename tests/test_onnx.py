@@ -153,7 +153,7 @@ def test_a_folder_adapters_reading_travels_in_the_file(folder_adapter, tmp_path)
 def test_segmentation_masks_agree(tmp_path):
     from PIL import Image
 
-    from ivpt.cli import _predict_masks
+    from ivpt.api import predict_masks
     from ivpt.deploy import OnnxModel
     from ivpt.segmentation import create_segmentation_model
 
@@ -165,12 +165,12 @@ def test_segmentation_masks_agree(tmp_path):
     config = {**model.adapter_config(), "data": {"kind": "camvid"}, "segmentation": {"base_size": [60, 40]}}
     ivpt.deploy.export_onnx(model, tmp_path / "seg.onnx", config)
     files = sorted(images.iterdir())
-    assert _predict_masks(model, config, files, tmp_path / "torch") == 0
+    assert predict_masks(model, config, files, tmp_path / "torch") == []
     onnx = OnnxModel(tmp_path / "seg.onnx")
     shapes, run = [], onnx.session.run
     onnx.session = type("Recorder", (), {"run": lambda self, names, feed: shapes.append(
         next(iter(feed.values())).shape) or run(names, feed)})()
-    assert _predict_masks(onnx, onnx.predict_config(), files, tmp_path / "onnx") == 0
+    assert predict_masks(onnx, onnx.predict_config(), files, tmp_path / "onnx") == []
     assert shapes and all(s[2:] == (40, 48) for s in shapes)
     for f in files:
         a = np.asarray(Image.open(tmp_path / "torch" / f"{f.stem}_mask.png"))

@@ -52,3 +52,12 @@ def test_vit_b16_counts_match_spec(vit_b_counts):
     assert vit_b_counts["ivpt-sum"]["da"] == 0
     assert vit_b_counts["ivpt-noar"]["ar"] == 0
     assert vit_b_counts["ivpt-layers"]["da"] == 3 * (2 * d + 1) and vit_b_counts["ivpt-layers"]["ar"] == 3
+
+
+def test_counts_report_the_components_each_method_names():
+    with torch.device("meta"):
+        lora = ivpt.count_parameters(ivpt.create_model("vit_base_patch16_224", "lora", 100))
+        deep = ivpt.count_parameters(ivpt.create_model("vit_base_patch16_224", "vpt-deep", 100, prompt_length=10))
+    shared = {"total", "tuned", "backbone", "head", "tuned_without_head"}
+    assert set(lora) - shared == {"lora"} and set(deep) - shared == {"prompts"}  # no other method's names
+    assert lora["lora"] == lora["tuned_without_head"] and deep["prompts"] == deep["tuned_without_head"]

@@ -9,6 +9,7 @@ The same checkpoints, resume, lock, preemption and results.json as ``ivpt train`
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,7 @@ def evaluate_adapter(adapter: str, split: str, data, weights, batch_size: int, d
 
         multiscale = list(multiscale or MS_SCALES)
         impl.multiscale = tuple(multiscale)
-    batch = batch_size if kind == "classification" else 1
+    batch = impl.eval_batch(batch_size)
     dataset = split_of(task, split)
     try:
         dataset = input_cache(dataset, "auto", device)  # decoded once (ivpt.data.cache); the same numbers
@@ -201,3 +202,157 @@ def _named(dataset, skipped: dict) -> dict:
     if items is not None and getattr(dataset, "root", None) is not None:
         return {"image": str(Path(dataset.root) / items[skipped["index"]][0]), **skipped}
     return skipped
+
+
+# -- the protocol over the offline suite -------------------------------------------------------------
+def tune_suite(config: TrainConfig, tasks: list[str], output, **options) -> dict[str, Any]:
+    """VPT's protocol (``ivpt.engine.study.tune``) on each offline-suite task of ``tasks``, one folder each
+    under ``output``; the per-task summaries and the suite means, also written to suite_summary.json.
+    ``options``: the study's (storage, workers, pruner, heartbeat, devices)."""
+    from .data.suite import summarize
+    from .engine.checkpoint import atomic_write
+    from .engine.study import tune
+
+    out = Path(output)
+    summaries = {task: tune(dataclasses.replace(config, data={**config.data, "task": task}), out / task, **options)
+                 for task in tasks}
+    means = summarize({t: s["test_mean"] for t, s in summaries.items()})
+    merged = {"method": config.method, "tasks": summaries, **means}
+    atomic_write(out / "suite_summary.json", lambda tmp: tmp.write_text(json.dumps(merged, indent=2)))
+    return merged
+
+
+# -- predictions on image files ----------------------------------------------------------------------
+def image_files(items: list[str]) -> list[Path]:
+    """The image files named, folders expanded (formats ivpt cannot read are listed too, so that they are
+    reported as skipped)."""
+    from .data.datasets import IMAGE_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES, visible_files
+
+    files = []
+    for item in map(Path, items):
+        if item.is_dir():
+            files += [f for f in visible_files(item) if f.suffix.lower() in IMAGE_SUFFIXES + UNREADABLE_IMAGE_SUFFIXES]
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"no image or folder at {item}")
+    if not files:
+        raise FileNotFoundError(f"no images found in {', '.join(items)}")
+    return files
+
+
+def read_images(files: list[Path], strict: bool, transform=None, upright: bool = True):
+    """(file, image) for every readable file; unreadable ones warned about and returned apart, or raised."""
+    from .data.datasets import DataError, open_rgb
+
+    readable, skipped = [], []
+    for f in files:
+        try:
+            image = open_rgb(f, upright)
+            readable.append((f, transform(image) if transform else image))
+        except DataError as err:
+            if strict:
+                raise
+            print(f"warning: skipped: {err}", file=sys.stderr, flush=True)
+            skipped.append({"image": str(f), "error": str(err)})
+    return readable, skipped
+
+
+def readable_batches(files: list[Path], batch_size: int, strict: bool, transform, upright: bool, skipped: list):
+    """(files, image batch) per ``batch_size`` of readable images, read as the adapter's run read its own
+    (``upright``: turned by their EXIF orientation); unreadable ones go to ``skipped`` (or raise, if strict)."""
+    import torch
+
+    for start in range(0, len(files), batch_size):
+        readable, unreadable = read_images(files[start:start + batch_size], strict, transform, upright)
+        skipped += unreadable
+        if readable:
+            yield [f for f, _ in readable], torch.stack([x for _, x in readable])
+
+
+def predict_labels(model, files: list[Path], preprocess: dict, class_names: list[str], top_k: int, *,
+                   batch_size: int = 64, strict: bool = False, device=None, precision: str = "fp32"):
+    """(predictions, skipped): the ``top_k`` labels with scores per readable image, read through the adapter's
+    ``preprocess`` description (``ivpt.deploy.preprocess_of``); ``model`` a loaded adapter or an OnnxModel."""
+    import torch
+
+    from .deploy import transform_of
+    from .engine.loop import autocast_for
+
+    device = device or torch.device("cpu")
+    transform, k = transform_of(preprocess), min(top_k, len(class_names))
+    predictions, skipped = [], []
+    with torch.no_grad():
+        for chunk, batch in readable_batches(files, batch_size, strict, transform, preprocess["exif_orientation"],
+                                             skipped):
+            with autocast_for(precision, device):
+                logits = model(batch.to(device))
+            scores, index = logits.float().softmax(-1).topk(k, dim=-1)
+            for f, s, i in zip(chunk, scores.tolist(), index.tolist()):
+                predictions.append({"image": str(f), "top_k": [{"label": class_names[j], "score": round(p, 5)}
+                                                              for p, j in zip(s, i)]})
+    return predictions, skipped
+
+
+def predict_masks(model, config: dict, files: list[Path], out, *, strict: bool = False, device=None,
+                  precision: str = "fp32", on_mask=None) -> list[dict]:
+    """Segmentation: a colour-coded mask and an overlay PNG per image in ``out``, plus the class legend
+    (legend.json); returns the unreadable images skipped (also in skipped.json). ``on_mask(image, mask_path)``
+    is called as each mask is written."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .engine.checkpoint import atomic_write
+    from .palette import palette
+
+    out = Path(out)
+    _refuse_repeated_stems(files, out)
+    colours = np.array(palette(model.num_classes), dtype=np.uint8)
+    out.mkdir(parents=True, exist_ok=True)
+    readable, skipped = read_images(files, strict)
+    for f, image in readable:
+        labels = mask_of(model, config, image, device or torch.device("cpu"), precision)
+        mask = Image.fromarray(colours[labels])
+        mask.save(out / f"{f.stem}_mask.png")
+        Image.blend(image, mask, 0.5).save(out / f"{f.stem}_overlay.png")
+        if on_mask is not None:
+            on_mask(f, out / f"{f.stem}_mask.png")
+    names = model.class_names or [str(i) for i in range(model.num_classes)]
+    legend = json.dumps({n: list(map(int, c)) for n, c in zip(names, colours)}, indent=2)
+    atomic_write(out / "legend.json", lambda tmp: tmp.write_text(legend))
+    if skipped:
+        atomic_write(out / "skipped.json", lambda tmp: tmp.write_text(json.dumps(skipped, indent=2)))
+    return skipped
+
+
+def _refuse_repeated_stems(files: list[Path], out: Path) -> None:
+    """Masks are named by the image's stem: two alike would overwrite each other."""
+    stems: dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems:
+            raise ValueError(f"{stems[f.stem]} and {f} would both write {out / (f.stem + '_mask.png')}; predict them "
+                             "in separate runs (other --output folders) or rename one (nothing was written)")
+        stems[f.stem] = f
+
+
+def mask_of(model, config: dict, image, device, precision: str = "fp32"):
+    """(H, W) class indices for a PIL image at its own size: rescaled as the adapter's training and evaluation
+    rescaled, slid over in crop-size windows."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from .data.segmentation import SegEvalTransform
+    from .engine.loop import autocast_for
+    from .engine.segdata import base_size
+    from .segmentation import slide_inference
+
+    crop = int(config["crop_size"])
+    base = base_size(config.get("segmentation") or {}, (config.get("data") or {}).get("kind"), crop)
+    transform = SegEvalTransform(base, tuple(config["mean"]), tuple(config["std"]), model.patch_size)
+    x, _ = transform(image, np.zeros((image.size[1], image.size[0]), dtype=np.uint8))
+    with torch.no_grad(), autocast_for(precision, device):
+        logits = slide_inference(model, x[None].to(device)).float()
+    return F.interpolate(logits, size=(image.size[1], image.size[0]), mode="bilinear",
+                         align_corners=False).argmax(1)[0].cpu().numpy()

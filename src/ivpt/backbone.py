@@ -10,6 +10,7 @@ import hashlib
 import pickle
 import re
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,16 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 
 class BackboneError(ValueError):
     """The backbone is unknown, unsupported, or its weights cannot be used."""
+
+
+@dataclass(frozen=True)
+class BackboneOrigin:
+    """How a model's backbone was built, as its adapter records it so that it can be rebuilt alike."""
+
+    weights_source: str = "module"  # pretrained | file | none | module (a built timm model was passed in)
+    weights_file: str | None = None  # the absolute path, for weights_source "file"
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model's extra arguments
+    pooling_modules: bool = True  # timm's pooling modules kept (a dense encoder drops them)
 
 
 def check_supported(vit: nn.Module) -> VisionTransformer:

@@ -89,31 +89,10 @@ def cmd_eval(args) -> int:
     return _skipped_exit(skipped)
 
 
-def _read_images(files: list[Path], strict: bool, transform=None, upright: bool = True):
-    """(file, image) for every readable file; unreadable ones warned about and returned apart, or raised."""
-    from .data.datasets import DataError, open_rgb
-
-    readable, skipped = [], []
-    for f in files:
-        try:
-            image = open_rgb(f, upright)
-            readable.append((f, transform(image) if transform else image))
-        except DataError as err:
-            if strict:
-                raise
-            print(f"warning: skipped: {err}", file=sys.stderr, flush=True)
-            skipped.append({"image": str(f), "error": str(err)})
-    return readable, skipped
-
-
 # -- predict -------------------------------------------------------------------------------------
 def cmd_predict(args) -> int:
-    import torch
-
+    from .api import image_files, inference_device, predict_labels, predict_masks
     from .engine.checkpoint import atomic_write
-    from .engine.loop import autocast_for
-
-    from .api import inference_device
 
     device, precision = inference_device(args.device, args.precision, "--precision")
     precision = precision.used
@@ -140,24 +119,14 @@ def cmd_predict(args) -> int:
         preprocess = None if config.get("task") == "segmentation" else _preprocess(config, model)
     if args.output and config.get("task") != "segmentation":  # a JSON file; segmentation writes a folder of masks
         _refuse_overwriting_inputs(args.output, adapter, config, args.weights, "--output")
-    files = _image_files(images)
+    files = image_files(images)
     if config.get("task") == "segmentation":
-        return _predict_masks(model, config, files, Path(args.output or "predictions"), args.strict, device,
-                              precision)
-    from .deploy import transform_of
-
-    transform = transform_of(preprocess)
+        skipped = predict_masks(model, config, files, Path(args.output or "predictions"), strict=args.strict,
+                                device=device, precision=precision, on_mask=lambda f, mask: print(f"{f}\t{mask}"))
+        return _skipped_exit(skipped)
     names = model.class_names or [str(i) for i in range(config["num_classes"])]
-    k = min(args.top_k, len(names))
-    predictions, skipped = [], []
-    with torch.no_grad():
-        for chunk, batch in _readable_batches(files, args, transform, preprocess["exif_orientation"], skipped):
-            with autocast_for(precision, device):
-                logits = model(batch.to(device))
-            scores, index = logits.float().softmax(-1).topk(k, dim=-1)
-            for f, s, i in zip(chunk, scores.tolist(), index.tolist()):
-                predictions.append({"image": str(f), "top_k": [{"label": names[j], "score": round(p, 5)}
-                                                              for p, j in zip(s, i)]})
+    predictions, skipped = predict_labels(model, files, preprocess, names, args.top_k, batch_size=args.batch_size,
+                                          strict=args.strict, device=device, precision=precision)
     for p in predictions:
         print(p["image"] + "\t" + "  ".join(f"{t['label']} {t['score']:.3f}" for t in p["top_k"]))
     if args.output:
@@ -169,38 +138,10 @@ def cmd_predict(args) -> int:
     return _skipped_exit(skipped)
 
 
-def _readable_batches(files: list[Path], args, transform, upright: bool, skipped: list):
-    """(files, image batch) per --batch-size of readable images, read as the adapter's run read its own
-    (``upright``: turned by their EXIF orientation); unreadable ones go to ``skipped`` (or raise, with --strict)."""
-    import torch
-
-    for start in range(0, len(files), args.batch_size):
-        readable, unreadable = _read_images(files[start:start + args.batch_size], args.strict, transform, upright)
-        skipped += unreadable
-        if readable:
-            yield [f for f, _ in readable], torch.stack([x for _, x in readable])
-
-
 def _skipped_exit(skipped: list) -> int:
     if skipped:
         print(f"ivpt: {len(skipped)} unreadable image(s) skipped (--strict stops at the first)", file=sys.stderr)
     return EXIT_SKIPPED if skipped else 0
-
-
-def _image_files(items: list[str]) -> list[Path]:
-    from .data.datasets import IMAGE_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES, visible_files
-
-    files = []
-    for item in map(Path, items):
-        if item.is_dir():  # formats it cannot read are listed too, so that they are reported as skipped
-            files += [f for f in visible_files(item) if f.suffix.lower() in IMAGE_SUFFIXES + UNREADABLE_IMAGE_SUFFIXES]
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"no image or folder at {item}")
-    if not files:
-        raise FileNotFoundError(f"no images found in {', '.join(items)}")
-    return files
 
 
 def _preprocess(config: dict, model) -> dict:
@@ -214,13 +155,15 @@ def _preprocess(config: dict, model) -> dict:
 def cmd_explain(args) -> int:
     import torch
 
+    from .api import image_files, readable_batches
     from .engine.checkpoint import atomic_write
-    from .explain import _pyplot, denormalize, explain, plot_adapter, plot_image
+    from .explain import denormalize, explain, plot_adapter, plot_image
+    from .extras import require
 
-    _pyplot()  # matplotlib missing: say so before any work
+    require("matplotlib", "ivpt explain's figures")  # missing: said before any work
     model, config = _load_for_inference(args.adapter, args.weights)
     model.eval()
-    files = _image_files(args.images)
+    files = image_files(args.images)
     if config.get("task") == "segmentation":  # one centre window at the training crop size
         from .engine.data import adapter_reads_upright
 
@@ -236,7 +179,8 @@ def cmd_explain(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     title = f"{config['method']} on {(config.get('backbone') or {}).get('name') or 'its backbone'}"
     records, last, batches, skipped = [], None, [], []
-    for chunk, batch in _readable_batches(files, args, transform, preprocess["exif_orientation"], skipped):
+    for chunk, batch in readable_batches(files, args.batch_size, args.strict, transform,
+                                         preprocess["exif_orientation"], skipped):
         batches.append(batch)
         last = explain(model, batch)
         pixels = denormalize(batch, config["mean"], config["std"])
@@ -255,53 +199,6 @@ def cmd_explain(args) -> int:
                    adapter_figure=str(out / "adapter.png"), images=records, skipped=skipped)
     atomic_write(out / "explain.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     print(f"figures and explain.json in {out}/")
-    return _skipped_exit(skipped)
-
-
-def _predict_masks(model, config: dict, files: list[Path], out: Path, strict: bool = False, device=None,
-                   precision: str = "fp32") -> int:
-    """Segmentation: a colour-coded mask and an overlay PNG per image, plus class legend JSON."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
-
-    from .data.segmentation import SegEvalTransform
-    from .engine.checkpoint import atomic_write
-    from .engine.loop import autocast_for
-    from .engine.segdata import base_size
-    from .palette import palette
-    from .segmentation import slide_inference
-
-    stems: dict[str, Path] = {}
-    for f in files:  # masks are named by the image's stem: two alike would overwrite each other
-        if f.stem in stems:
-            raise ValueError(f"{stems[f.stem]} and {f} would both write {out / (f.stem + '_mask.png')}; predict them "
-                             "in separate runs (other --output folders) or rename one (nothing was written)")
-        stems[f.stem] = f
-    opts = config.get("segmentation") or {}
-    crop = int(config["crop_size"])
-    base = base_size(opts, (config.get("data") or {}).get("kind"), crop)  # as its training and eval rescaled
-    transform = SegEvalTransform(base, tuple(config["mean"]), tuple(config["std"]), model.patch_size)
-    colours = np.array(palette(model.num_classes), dtype=np.uint8)
-    out.mkdir(parents=True, exist_ok=True)
-    readable, skipped = _read_images(files, strict)
-    for f, image in readable:
-        x, _ = transform(image, np.zeros((image.size[1], image.size[0]), dtype=np.uint8))
-        device = device or torch.device("cpu")
-        with torch.no_grad(), autocast_for(precision, device):
-            logits = slide_inference(model, x[None].to(device)).float()
-        labels = F.interpolate(logits, size=(image.size[1], image.size[0]), mode="bilinear",
-                               align_corners=False).argmax(1)[0].cpu().numpy()
-        mask = Image.fromarray(colours[labels])
-        mask.save(out / f"{f.stem}_mask.png")
-        Image.blend(image, mask, 0.5).save(out / f"{f.stem}_overlay.png")
-        print(f"{f}\t{out / (f.stem + '_mask.png')}")
-    names = model.class_names or [str(i) for i in range(model.num_classes)]
-    legend = json.dumps({n: list(map(int, c)) for n, c in zip(names, colours)}, indent=2)
-    atomic_write(out / "legend.json", lambda tmp: tmp.write_text(legend))
-    if skipped:
-        atomic_write(out / "skipped.json", lambda tmp: tmp.write_text(json.dumps(skipped, indent=2)))
     return _skipped_exit(skipped)
 
 
@@ -476,9 +373,10 @@ def cmd_params(args) -> int:
     print(f"{args.backbone}, {args.num_classes} classes" + (f", prompt length {prompt_length}" if prompted else ""))
     print("tuned: every trained tensor, head included; tuned_%: the tuned tensors without the head, as a "
           "percentage of the backbone's own parameters")
-    extra = sorted({k for r in rows for k in r} - {"method", "tuned", "tuned_%", "head", "prompts", "da", "ar",
-                                                   "backbone", "total", "tuned_without_head"})
-    print_table(rows, ["method", "tuned", "tuned_%", "head", "prompts", "da", "ar", *extra, "backbone"])
+    # each method's own components (parameter_groups), in the order the methods name them
+    shared = {"method", "tuned", "tuned_%", "head", "backbone", "total", "tuned_without_head"}
+    groups = list(dict.fromkeys(k for r in rows for k in r if k not in shared))
+    print_table(rows, ["method", "tuned", "tuned_%", "head", *groups, "backbone"])
     if args.output:
         from .engine.checkpoint import atomic_write
 
@@ -537,10 +435,8 @@ def _warn_grid_edge(cfg, summary: dict, where: str = "") -> None:
 
 
 def cmd_tune(args) -> int:
-    import dataclasses
-
-    from .data.suite import SUITE_TASKS, summarize
-    from .engine.checkpoint import atomic_write
+    from .api import tune_suite
+    from .data.suite import SUITE_TASKS
     from .engine.config import load_config
     from .engine.study import tune
 
@@ -557,20 +453,15 @@ def cmd_tune(args) -> int:
             raise ValueError(f"--tasks: unknown suite task {unknown[0]!r}; expected {', '.join(SUITE_TASKS)} or all")
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"--tasks {args.tasks}: a task is listed twice; list each once")
-        summaries = {}
-        for task in tasks:
-            task_cfg = dataclasses.replace(cfg, data={**cfg.data, "task": task})
-            summaries[task] = tune(task_cfg, out / task, **options)
-            _warn_grid_edge(task_cfg, summaries[task], f"{task}: ")
-        means = summarize({t: s["test_mean"] for t, s in summaries.items()})
-        merged = {"method": cfg.method, "tasks": summaries, **means}
-        atomic_write(out / "suite_summary.json", lambda tmp: tmp.write_text(json.dumps(merged, indent=2)))
+        merged = tune_suite(cfg, tasks, out, **options)
+        for task, summary in merged["tasks"].items():
+            _warn_grid_edge(cfg, summary, f"{task}: ")
         rows = [{"task": t, "group": SUITE_TASKS[t][0], "test_mean": round(s["test_mean"], 4),
                  "test_std": round(s["test_std"], 4), "lr": s["chosen"]["lr"], "wd": s["chosen"]["weight_decay"]}
-                for t, s in summaries.items()]
+                for t, s in merged["tasks"].items()]
         print_table(rows, ["task", "group", "test_mean", "test_std", "lr", "wd"])
-        print(f"test top-1 (fractions): mean of group means {means['mean_of_group_means']:.4f}, "
-              f"plain mean {means['plain_mean']:.4f}")
+        print(f"test top-1 (fractions): mean of group means {merged['mean_of_group_means']:.4f}, "
+              f"plain mean {merged['plain_mean']:.4f}")
         return 0
     summary = tune(cfg, out, **options)
     _warn_grid_edge(cfg, summary)

@@ -15,11 +15,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ._version import __version__
-from .adapter_format import write_adapter
-from .backbone import (OWNER_ATTRIBUTE, backbone_shape, backbone_signature, check_unowned, frozen_weights_digest,
+from .backbone import (OWNER_ATTRIBUTE, BackboneOrigin, backbone_shape, backbone_signature, check_unowned, frozen_weights_digest,
                        weights_fingerprint)
 from .methods.base import TuningMethod
 from .options import OptionError
+from .tuned import AdapterMixin
 
 
 @dataclass
@@ -154,14 +154,18 @@ def _relative_change(before: torch.Tensor, after: torch.Tensor, selected: torch.
     return ((new - old).norm(dim=-1) / old.norm(dim=-1).clamp_min(1e-12)).mean(dim=1)
 
 
-class PromptedViT(nn.Module):
-    """A timm VisionTransformer plus one tuning method; ``forward(images)`` gives logits."""
+class PromptedViT(AdapterMixin, nn.Module):
+    """A timm VisionTransformer plus one tuning method; ``forward(images)`` gives logits.
+
+    origin: how the backbone was built (weights, timm arguments), recorded in adapters; ``create_model``
+    gives it, a model built by hand around a timm module records ``weights_source: module``."""
 
     def __init__(self, backbone: VisionTransformer, method: TuningMethod, *, backbone_name: str | None = None,
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, origin: BackboneOrigin | None = None):
         super().__init__()
         self.backbone = backbone
         self.method = method
+        self.origin = origin or BackboneOrigin()
         self.backbone_name = backbone_name
         self.class_names = list(class_names) if class_names is not None else None
         # what the adapter this model was loaded from records about its data (the data spec), which decides
@@ -214,7 +218,7 @@ class PromptedViT(nn.Module):
         """Take the method's hooks out of the backbone and free it for another model (this one is then unusable)."""
         from .methods.modules import strip_hooks
 
-        strip_hooks(self.backbone, getattr(self.method, "hook_ids", set()))
+        strip_hooks(self.backbone, self.method.hook_ids)
         self.backbone.__dict__.pop(OWNER_ATTRIBUTE, None)
 
     def frozen_weights_sha256(self) -> str | None:
@@ -389,7 +393,7 @@ class PromptedViT(nn.Module):
 
         state = self.method.merged_state(self.backbone)
         merged = copy.deepcopy(self.backbone)
-        strip_hooks(merged, getattr(self.method, "hook_ids", set()))
+        strip_hooks(merged, self.method.hook_ids)
         del merged.__dict__[OWNER_ATTRIBUTE]  # a plain timm model, free to build a new ivpt model on
         merged.load_state_dict(state)
         merged.requires_grad_(False)
@@ -412,9 +416,9 @@ class PromptedViT(nn.Module):
             "class_names": self.class_names,
             "backbone": {
                 "name": self.backbone_name,
-                "timm_kwargs": getattr(self, "timm_kwargs", {}),
-                "weights_source": getattr(self, "weights_source", "module"),  # pretrained | file | none | module
-                "weights_file": getattr(self, "weights_file", None),
+                "timm_kwargs": self.origin.timm_kwargs,
+                "weights_source": self.origin.weights_source,
+                "weights_file": self.origin.weights_file,
                 "signature": backbone_signature(vit),
                 "weights_fingerprint": None if self.method.tunes_backbone else weights_fingerprint(vit),
                 "frozen_weights_sha256": None if self.method.tunes_backbone else self.frozen_weights_sha256(),
@@ -425,21 +429,3 @@ class PromptedViT(nn.Module):
             "std": list(pcfg.get("std", (0.229, 0.224, 0.225))),
             "interpolation": pcfg.get("interpolation", "bicubic"),
         }
-
-    def save_adapter(self, directory, **extra) -> None:
-        """The tuned tensors and the config (plus ``extra``, e.g. metrics), committed in one atomic step."""
-        write_adapter(directory, self.adapter_tensors(), {**self.adapter_config(), **extra})
-
-    def export_onnx(self, path, *, opset: int | None = None) -> dict:
-        """This model as an ONNX file that onnxruntime runs without PyTorch or ivpt (see ``ivpt.deploy``);
-        returns the metadata written into it (class names, preprocessing, method, adapter digest)."""
-        from .deploy import OPSET, export_onnx
-
-        return export_onnx(self, path, opset=opset or OPSET)
-
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, dry_run=None,
-                    token: str | None = None) -> str:
-        """Publish this adapter with its model card to the Hub repo ``repo_id`` (see ``ivpt.hub``)."""
-        from .hub import push_model
-
-        return push_model(self, repo_id, private=private, dry_run=dry_run, token=token)

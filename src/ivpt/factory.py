@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from .backbone import backbone_name, backbone_shape, build_backbone
+from .backbone import BackboneOrigin, backbone_name, backbone_shape, build_backbone
 from .backbones import is_shipped
 from .data.paths import absolute_path
 from .encoder import PromptedViT
@@ -47,38 +47,35 @@ def create_model(backbone: str | nn.Module, method: str, num_classes: int, *, pr
         # unused tensors would count as tuned, be stored in adapters, and stop DDP at its second step
         vit.attn_pool, vit.fc_norm = None, nn.Identity()
     tuner = cls(config, backbone_shape(vit))
-    model = PromptedViT(vit, tuner, backbone_name=backbone if isinstance(backbone, str) else backbone_name(vit),
-                        class_names=class_names)
-    model.timm_kwargs = dict(timm_kwargs or {})
-    model.pooling_modules = pooling  # a segmentation adapter records it, to be rebuilt alike
     # where the backbone weights came from, so an adapter can be reloaded onto the same ones
+    origin = BackboneOrigin(*weights_origin(backbone, weights, pretrained), timm_kwargs=dict(timm_kwargs or {}),
+                            pooling_modules=pooling)
+    return PromptedViT(vit, tuner, backbone_name=backbone if isinstance(backbone, str) else backbone_name(vit),
+                       class_names=class_names, origin=origin)
+
+
+def weights_origin(backbone: str | nn.Module, weights, pretrained: bool) -> tuple[str, str | None]:
+    """(weights_source, weights_file) of a backbone built by ``build_backbone`` from these arguments."""
     if weights is not None:
-        model.weights_source, model.weights_file = "file", absolute_path(weights)
-    elif not isinstance(backbone, str):
-        model.weights_source, model.weights_file = "module", None
-    else:
-        shipped = is_shipped(backbone)
-        model.weights_source, model.weights_file = ("pretrained" if pretrained or shipped else "none"), None
-    return model
+        return "file", absolute_path(weights)
+    if not isinstance(backbone, str):
+        return "module", None
+    return ("pretrained" if pretrained or is_shipped(backbone) else "none"), None
 
 
 def count_parameters(model: PromptedViT) -> dict[str, int]:
-    """Parameter counts: total, tuned, frozen backbone, head, and each method component."""
+    """Parameter counts: total, tuned, frozen backbone, head, and each component the method names in
+    ``parameter_groups`` (iVPT: prompts, da, ar; LoRA: lora; ...)."""
     def size(params) -> int:
         return sum(p.numel() for p in params)
 
-    groups = model.method.parameter_groups()
     head = size(model.head.parameters())
-    total = size(model.parameters())
     counts = {
-        "total": total,
+        "total": size(model.parameters()),
         "tuned": size(model.tuned_parameters().values()),
         "backbone": size(model.backbone.parameters()) - head,
         "head": head,
-        "prompts": size(groups.get("prompts", [])),
-        "da": size(groups.get("da", [])),
-        "ar": size(groups.get("ar", [])),
-        **{name: size(params) for name, params in groups.items() if name not in ("prompts", "da", "ar")},
+        **{name: size(params) for name, params in model.method.parameter_groups().items()},
     }
     counts["tuned_without_head"] = counts["tuned"] - head
     return counts

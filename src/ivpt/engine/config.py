@@ -4,10 +4,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -18,9 +20,21 @@ class ConfigError(ValueError):
     """A recipe or override names an unknown field or gives it a value it does not accept."""
 
 
+CHANGES_RESULT = "changes_result"  # field metadata key: False where a field changes where or how, not what
+
+
+def run_setting(default=dataclasses.MISSING, **kwargs):
+    """A field that does not change a run's result (where it is written, how it is fed, what it records):
+    a resumed run may change it, and the study leaves it out of its key."""
+    return field(default=default, metadata={CHANGES_RESULT: False}, **kwargs)
+
+
 @dataclass
 class TrainConfig:
-    task: str = "classification"     # classification | segmentation
+    """One run's recipe. The choice fields' allowed values are their ``Literal`` types (checked by
+    ``validate``); ``run_setting`` marks the fields that do not change the result."""
+
+    task: Literal["classification", "segmentation"] = "classification"
     # what to tune
     backbone: str = "vit_mini_patch4_32.ivpt_cifar10"
     weights: str | None = None
@@ -32,12 +46,13 @@ class TrainConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     # data: {"kind": suite|vtab|fgvc|folder|cifar10, ...}; see ivpt.engine.data
     data: dict[str, Any] = field(default_factory=lambda: {"kind": "suite", "task": "clevr-count"})
-    train_split: str = "train"       # train | trainval
-    eval_split: str = "val"          # val | test | none: evaluated every eval_every epochs and after the last
-    eval_every: int = 1              # 0: only after the last epoch (segmentation evaluation is costly)
-    test_split: str | None = None     # evaluated once at the end (e.g. test), if given
+    train_split: Literal["train", "trainval"] = "train"
+    # evaluated every eval_every epochs and after the last
+    eval_split: Literal["val", "test", "none"] = "val"
+    eval_every: int = run_setting(1)  # 0: only after the last epoch (segmentation evaluation is costly)
+    test_split: Literal["val", "test"] | None = None  # evaluated once at the end (e.g. test), if given
     # optimisation (VPT: SGD momentum 0.9, cosine, warm-up)
-    optimizer: str = "sgd"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1                  # base learning rate, scaled by batch_size / 256 when lr_scaling
     lr_scaling: bool = True
     weight_decay: float = 1e-4
@@ -48,128 +63,196 @@ class TrainConfig:
     accumulation: int = 1
     label_smoothing: float = 0.0
     grad_clip: float | None = None
-    schedule: str = "cosine"         # cosine | poly (power 0.9, as segmentation recipes use)
+    schedule: Literal["cosine", "poly"] = "cosine"  # poly: power 0.9, as segmentation recipes use
     # segmentation only: decoder (linear|naive|pup), crop_size, decoder_channels, base_size, ratio_range
     segmentation: dict[str, Any] = field(default_factory=dict)
-    precision: str = "fp32"          # auto | fp32 | bf16 | fp16 (fp16 on CUDA only); auto: see engine/hardware.py
+    # auto | fp32 | bf16 | fp16 (fp16 on CUDA only); auto: see engine/hardware.py
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     seed: int = 42
-    device: str = "auto"
-    workers: int | str = "auto"      # loader processes; auto: none on CPU or for cached splits, else a core share
-    cache: str = "auto"              # auto: decode deterministic splits once (ivpt.data.cache); off; device
-    threads: int | None = None       # torch CPU threads of this process (None: a share of the cores, see docs)
+    device: str = run_setting("auto")
+    # loader processes; auto: none on CPU or for cached splits, else a core share
+    workers: int | Literal["auto"] = run_setting("auto")
+    # auto: decode deterministic splits once (ivpt.data.cache); off; device
+    cache: Literal["auto", "off", "device"] = run_setting("auto")
+    threads: int | None = run_setting(None)  # torch CPU threads of this process (None: a share of the cores)
     checkpoint_every_steps: int = 0  # also checkpoint inside epochs (a SIGKILL then loses at most this many steps)
     # torch.compile the model: true, a mode (default, reduce-overhead, max-autotune...) or {mode: ..., backend: ...}
-    compile: bool | str | dict = False
-    output: str = "runs/default"
+    compile: bool | str | dict = run_setting(False)
+    output: str = run_setting("runs/default")
     # used by `ivpt tune` only: the lr x wd grid and the seeds of the final runs (VPT's protocol)
     protocol: dict[str, Any] = field(default_factory=dict)
     # set by ivpt when a run starts: the path fields as typed (the resolved ones are recorded), for the model card
-    paths_as_typed: dict[str, str] = field(default_factory=dict)
+    paths_as_typed: dict[str, str] = run_setting(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
-        import torch  # here, not at import: `ivpt train --help` lists the fields without loading torch
-
-        from ..backbones import DEFAULT_BACKBONE, is_shipped
-        from ..data.datasets import DataError
-        from .data import check_data_spec
-
-        # YAML 1.1 reads 1e-3 (no dot) as a string: accept numeric strings for number fields
-        for name in ("lr", "weight_decay", "momentum", "label_smoothing", "grad_clip"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    setattr(self, name, float(value))
-                except ValueError:
-                    pass  # reported below, naming the field
-        checks = [
-            lambda: check_choice("task", self.task, ("classification", "segmentation")),
-            lambda: check_choice("schedule", self.schedule, ("cosine", "poly")),
-            lambda: check_choice("train_split", self.train_split, ("train", "trainval")),
-            lambda: check_choice("eval_split", self.eval_split, ("val", "test", "none")),
-            lambda: self.test_split is None or check_choice("test_split", self.test_split, ("val", "test")),
-            lambda: check_choice("optimizer", self.optimizer, ("sgd", "adamw")),
-            lambda: check_float("lr", self.lr, 0.0, None, low_open=True),
-            lambda: check_bool("lr_scaling", self.lr_scaling),
-            lambda: check_float("weight_decay", self.weight_decay, 0.0),
-            lambda: check_float("momentum", self.momentum, 0.0, 1.0, high_open=True),
-            lambda: check_int("epochs", self.epochs, low=1),
-            lambda: check_int("warmup_epochs", self.warmup_epochs, low=0),
-            lambda: check_int("eval_every", self.eval_every, low=0),
-            lambda: check_int("batch_size", self.batch_size, low=1),
-            lambda: check_int("accumulation", self.accumulation, low=1),
-            lambda: check_float("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True),
-            lambda: self.grad_clip is None or check_float("grad_clip", self.grad_clip, 0.0, None, low_open=True),
-            lambda: check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16")),
-            lambda: self.threads is None or check_int("threads", self.threads, low=1),
-            lambda: check_int("checkpoint_every_steps", self.checkpoint_every_steps, low=0),
-            lambda: check_compile(self.compile),
-            lambda: check_int("seed", self.seed, low=0),
-            lambda: self.workers == "auto" or check_int("workers", self.workers, low=0),
-            lambda: check_choice("cache", self.cache, ("auto", "off", "device")),
-        ]
-        for check in checks:
-            try:
-                check()
-            except OptionError as err:
-                raise ConfigError(str(err).replace("option ", "config field ", 1)) from None
-        if self.warmup_epochs and self.warmup_epochs >= self.epochs:  # short runs work: the warm-up shrinks
-            warnings.warn(f"warmup_epochs {self.warmup_epochs} is not below epochs {self.epochs}: using "
-                          f"{self.epochs - 1} warm-up epoch(s)", stacklevel=2)
-            self.warmup_epochs = self.epochs - 1
-        for name, value, optional in (("output", self.output, False), ("weights", self.weights, True)):
-            if not (isinstance(value, (str, os.PathLike)) and str(value)) and not (optional and value is None):
-                raise ConfigError(f"config field {name!r}: got {value!r}, expected a path"
-                                  + (" or null" if optional else "") + " (quote it in YAML if it reads as a number)")
-        if self.pretrained is not None and not isinstance(self.pretrained, bool):
-            raise ConfigError(f"config field 'pretrained': got {self.pretrained!r}, expected true, false or null")
-        if self.pretrained is None and not self.weights and self.method != "full" and not is_shipped(self.backbone):
-            raise ConfigError(
-                f"config field 'backbone': {self.backbone!r} gets no pretrained weights, and prompt tuning a "
-                "randomly initialised ViT is meaningless. Pass weights=FILE (.safetensors, .pth/.bin state dict or "
-                "Google .npz), pretrained=true (timm's hub), or a shipped backbone such as "
-                f"{DEFAULT_BACKBONE!r}; set pretrained=false to train on random weights on purpose")
-        try:
-            self.data = check_data_spec(self.data)
-        except DataError as err:
-            raise ConfigError(f"config field 'data': {err}") from None
-        if not (self.device in ("auto", "cpu", "mps") or self.device == "cuda" or
-                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
-            raise ConfigError(f"config field 'device': got {self.device!r}, expected auto, cpu, cuda, cuda:N or mps")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"config field 'device': {self.device!r} asked for, but no CUDA device is available")
-        for key, values in self.protocol.items():
-            numbers = key != "seeds"
-            if not isinstance(values, list) or not values or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and (numbers or isinstance(v, int))
-                    for v in values):
-                kind = "integers" if key == "seeds" else "numbers"
-                raise ConfigError(f"config field 'protocol.{key}': expected a non-empty list of {kind}, got {values!r}")
-            if len({float(v) for v in values}) != len(values):  # a repeat would collapse into one run, unsaid
-                raise ConfigError(f"config field 'protocol.{key}': {values!r} repeats a value; list each once")
-        if self.batch_size % self.accumulation:
-            raise ConfigError(f"config field 'accumulation': {self.accumulation} must divide batch_size ({self.batch_size})")
-        if not isinstance(self.protocol, dict) or set(self.protocol) - {"lrs", "wds", "seeds"}:
-            raise ConfigError("config field 'protocol': expected a mapping with lrs, wds and seeds lists")
-        if not isinstance(self.segmentation, dict) or set(self.segmentation) - {
-                "decoder", "crop_size", "decoder_channels", "base_size", "ratio_range"}:
-            raise ConfigError("config field 'segmentation': expected a mapping with decoder, crop_size, "
-                              "decoder_channels, base_size, ratio_range")
-        check_segmentation_options(self.segmentation)
-        if not isinstance(self.backbone_options, dict):
-            raise ConfigError("config field 'backbone_options': expected a mapping of timm.create_model arguments")
-        if not isinstance(self.method_options, dict):
-            raise ConfigError("config field 'method_options': expected a mapping of option names to values")
-        from ..factory import method_class
-        from ..options import config_from_options
-
-        try:  # method and its options checked now, before any data or weights are loaded
-            config_from_options(method_class(self.method).config_class, self.method, self.method_options)
-        except OptionError as err:
-            raise ConfigError(f"config field 'method'/'method_options': {err}") from None
-        return self
+        """This config checked field by field (a ConfigError names the first wrong one), returned normalised
+        as a new config: numbers given as text read as numbers, the warm-up shortened to fit, the data spec
+        spelt out. ``self`` is left as it was."""
+        cfg = dataclasses.replace(self, **_numbers_from_text(self))
+        _check_values(cfg)
+        cfg = dataclasses.replace(cfg, warmup_epochs=_warmup_that_fits(cfg))
+        _check_paths(cfg)
+        _check_weights_source(cfg)
+        cfg = dataclasses.replace(cfg, data=_checked_data(cfg.data))
+        for check in (_check_device, _check_protocol, _check_mappings, _check_method):
+            check(cfg)
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# the fields that do not change a run's result: where it is written, how it is fed and what it records
+NOT_RESULT_FIELDS = tuple(name for name, f in FIELDS.items() if not f.metadata.get(CHANGES_RESULT, True))
+
+
+def _literal_values(hint) -> tuple | None:
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    literal = [m for m in members if typing.get_origin(m) is Literal]
+    return typing.get_args(literal[0]) if literal else None
+
+
+# field -> the values it accepts, read from its Literal type (the one place they are written)
+CHOICES = {name: values for name, hint in typing.get_type_hints(TrainConfig).items()
+           if (values := _literal_values(hint)) is not None}
+
+
+def _numbers_from_text(cfg: TrainConfig) -> dict[str, float]:
+    """YAML 1.1 reads 1e-3 (no dot) as a string: numeric strings of number fields, as numbers (the rest is
+    reported by the checks, naming the field)."""
+    numbers = {}
+    for name in ("lr", "weight_decay", "momentum", "label_smoothing", "grad_clip"):
+        value = getattr(cfg, name)
+        if isinstance(value, str):
+            try:
+                numbers[name] = float(value)
+            except ValueError:
+                pass
+    return numbers
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """The fields that stand alone: choices, ranges and types (the first wrong one named)."""
+    try:
+        for name, values in CHOICES.items():
+            value = getattr(cfg, name)
+            if name == "workers":  # a number of processes, or "auto"
+                if value != "auto":
+                    check_int("workers", value, low=0)
+            elif not (name == "test_split" and value is None):
+                check_choice(name, value, values)
+        check_float("lr", cfg.lr, 0.0, None, low_open=True)
+        check_bool("lr_scaling", cfg.lr_scaling)
+        check_float("weight_decay", cfg.weight_decay, 0.0)
+        check_float("momentum", cfg.momentum, 0.0, 1.0, high_open=True)
+        check_int("epochs", cfg.epochs, low=1)
+        check_int("warmup_epochs", cfg.warmup_epochs, low=0)
+        check_int("eval_every", cfg.eval_every, low=0)
+        check_int("batch_size", cfg.batch_size, low=1)
+        check_int("accumulation", cfg.accumulation, low=1)
+        check_float("label_smoothing", cfg.label_smoothing, 0.0, 1.0, high_open=True)
+        if cfg.grad_clip is not None:
+            check_float("grad_clip", cfg.grad_clip, 0.0, None, low_open=True)
+        if cfg.threads is not None:
+            check_int("threads", cfg.threads, low=1)
+        check_int("checkpoint_every_steps", cfg.checkpoint_every_steps, low=0)
+        check_compile(cfg.compile)
+        check_int("seed", cfg.seed, low=0)
+    except OptionError as err:
+        raise ConfigError(str(err).replace("option ", "config field ", 1)) from None
+    if cfg.batch_size % cfg.accumulation:
+        raise ConfigError(f"config field 'accumulation': {cfg.accumulation} must divide batch_size ({cfg.batch_size})")
+
+
+def _check_paths(cfg: TrainConfig) -> None:
+    for name, value, optional in (("output", cfg.output, False), ("weights", cfg.weights, True)):
+        if not (isinstance(value, (str, os.PathLike)) and str(value)) and not (optional and value is None):
+            raise ConfigError(f"config field {name!r}: got {value!r}, expected a path"
+                              + (" or null" if optional else "") + " (quote it in YAML if it reads as a number)")
+
+
+def _check_weights_source(cfg: TrainConfig) -> None:
+    """Prompt tuning needs pretrained weights: refuse a run that would get none, unless asked on purpose."""
+    from ..backbones import DEFAULT_BACKBONE, is_shipped
+
+    if cfg.pretrained is not None and not isinstance(cfg.pretrained, bool):
+        raise ConfigError(f"config field 'pretrained': got {cfg.pretrained!r}, expected true, false or null")
+    if cfg.pretrained is None and not cfg.weights and cfg.method != "full" and not is_shipped(cfg.backbone):
+        raise ConfigError(
+            f"config field 'backbone': {cfg.backbone!r} gets no pretrained weights, and prompt tuning a "
+            "randomly initialised ViT is meaningless. Pass weights=FILE (.safetensors, .pth/.bin state dict or "
+            "Google .npz), pretrained=true (timm's hub), or a shipped backbone such as "
+            f"{DEFAULT_BACKBONE!r}; set pretrained=false to train on random weights on purpose")
+
+
+def _checked_data(spec) -> dict[str, Any]:
+    from ..data.datasets import DataError
+    from .data import check_data_spec
+
+    try:
+        return check_data_spec(spec)
+    except DataError as err:
+        raise ConfigError(f"config field 'data': {err}") from None
+
+
+def _check_device(cfg: TrainConfig) -> None:
+    import torch  # here, not at import: `ivpt train --help` lists the fields without loading torch
+
+    device = cfg.device
+    if not (device in ("auto", "cpu", "mps", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"config field 'device': got {device!r}, expected auto, cpu, cuda, cuda:N or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config field 'device': {device!r} asked for, but no CUDA device is available")
+
+
+def _check_protocol(cfg: TrainConfig) -> None:
+    """``protocol``: lrs, wds (numbers) and seeds (integers), each a non-empty list without repeats."""
+    if not isinstance(cfg.protocol, dict):
+        raise ConfigError("config field 'protocol': expected a mapping with lrs, wds and seeds lists")
+    for key, values in cfg.protocol.items():
+        numbers = key != "seeds"
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and (numbers or isinstance(v, int))
+                for v in values):
+            kind = "numbers" if numbers else "integers"
+            raise ConfigError(f"config field 'protocol.{key}': expected a non-empty list of {kind}, got {values!r}")
+        if len({float(v) for v in values}) != len(values):  # a repeat would collapse into one run, unsaid
+            raise ConfigError(f"config field 'protocol.{key}': {values!r} repeats a value; list each once")
+    if set(cfg.protocol) - {"lrs", "wds", "seeds"}:
+        raise ConfigError("config field 'protocol': expected a mapping with lrs, wds and seeds lists")
+
+
+def _check_mappings(cfg: TrainConfig) -> None:
+    if not isinstance(cfg.segmentation, dict) or set(cfg.segmentation) - {
+            "decoder", "crop_size", "decoder_channels", "base_size", "ratio_range"}:
+        raise ConfigError("config field 'segmentation': expected a mapping with decoder, crop_size, "
+                          "decoder_channels, base_size, ratio_range")
+    check_segmentation_options(cfg.segmentation)
+    if not isinstance(cfg.backbone_options, dict):
+        raise ConfigError("config field 'backbone_options': expected a mapping of timm.create_model arguments")
+    if not isinstance(cfg.method_options, dict):
+        raise ConfigError("config field 'method_options': expected a mapping of option names to values")
+
+
+def _check_method(cfg: TrainConfig) -> None:
+    """The method and its options, checked before any data or weights are loaded."""
+    from ..factory import method_class
+    from ..options import config_from_options
+
+    try:
+        config_from_options(method_class(cfg.method).config_class, cfg.method, cfg.method_options)
+    except OptionError as err:
+        raise ConfigError(f"config field 'method'/'method_options': {err}") from None
+
+
+def _warmup_that_fits(cfg: TrainConfig) -> int:
+    """Short runs work: a warm-up as long as the run shrinks to one epoch less, said in a warning."""
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
+        warnings.warn(f"warmup_epochs {cfg.warmup_epochs} is not below epochs {cfg.epochs}: using "
+                      f"{cfg.epochs - 1} warm-up epoch(s)", stacklevel=3)
+        return cfg.epochs - 1
+    return cfg.warmup_epochs
 
 
 def check_segmentation_options(opts: dict[str, Any]) -> None:
@@ -217,9 +300,7 @@ def check_compile(value) -> dict[str, str] | None:
     raise OptionError(f"option 'compile': got {value!r}, expected false, true, one of {', '.join(COMPILE_MODES)}, "
                       "or {mode: ..., backend: ...}")
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-# the fields that do not change a run's result: where it is written, how it is fed and what it records
-NOT_RESULT_FIELDS = ("output", "device", "workers", "eval_every", "threads", "compile", "cache", "paths_as_typed")
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, but a mapping that repeats a key is refused (PyYAML keeps the last one silently)."""
 
@@ -369,3 +450,34 @@ def load_config(path: str | Path | list | tuple | None = None, overrides: list[s
     if "data" in raw and isinstance(raw["data"], dict) and not {"kind", "root"} & set(raw["data"]):
         raw["data"] = {**base.data, **raw["data"]}  # e.g. {task: dtd10}: a task of the default suite
     return TrainConfig(**raw).validate()
+
+
+def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The fields that change a run's result in which a saved run's config differs from ``cfg``."""
+    saved = result_fields(saved)
+    return [k for k, v in result_fields(cfg.to_dict()).items() if saved.get(k) != v]
+
+
+def result_fields(config: dict) -> dict:
+    """The config fields that change a run's result (not where it is written or how it is fed), as a run
+    records them today."""
+    from ..data.paths import absolute_path
+    from .data import is_folder_spec
+
+    normal = json.loads(json.dumps(config))  # tuples and lists compare alike
+    data = normal.get("data") if isinstance(normal.get("data"), dict) else {}
+    for holder, key in ((normal, "weights"), (data, "root"), (data, "path")):
+        if isinstance(holder.get(key), str) and holder[key]:  # runs before 2026-12-06 recorded paths as typed
+            holder[key] = absolute_path(holder[key])
+    if is_folder_spec(data):
+        data.setdefault("holdout_rule", 1)  # runs before 2026-12-06 record none: they drew by rule 1
+    return {k: v for k, v in normal.items() if k not in NOT_RESULT_FIELDS}
+
+
+def resume_hint(saved: dict, diff: list[str]) -> str:
+    """What to set so that a run from before the holdout fix resumes with the splits it was drawn with."""
+    data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    if "data" in diff and "root" in data and "holdout_rule" not in data:
+        return ("; it was started before 2026-12-06, when held-out splits were drawn by holdout rule 1: add "
+                "--set data.holdout_rule=1 to continue it with those splits")
+    return ""

@@ -53,6 +53,20 @@ class HeadOnly(nn.Module):
         return super().train(mode)
 
 
+class FeatureCache:
+    """The linear probe's features: each deterministic split through the frozen backbone once (kept under
+    ``$IVPT_CACHE/features``), and the model's own head to train on them (``head``)."""
+
+    def __init__(self, model: nn.Module, device, precision: str, autocast):
+        self.model, self.device, self.precision, self.autocast = model, device, precision, autocast
+        self.digest = backbone_digest(model)  # every frozen tensor: a changed backbone never reads stale features
+        self.head = HeadOnly(model)
+
+    def of(self, dataset) -> FeatureSet:
+        """The split's pooled features and labels (read from the cache, or computed and cached)."""
+        return features_of(self.model, dataset, self.device, self.autocast, self.precision, self.digest)
+
+
 def _identity(dataset) -> str | None:
     """What a split's pixels are, as a digest (None: not a deterministic split)."""
     if isinstance(dataset, TensorImages):

@@ -47,7 +47,7 @@ def _done(run: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _check_finals(finals, choice: dict) -> None:
+def check_finals(finals, choice: dict) -> None:
     """A finished final run is reused only if it trained at the chosen lr and weight decay."""
     for run, _ in finals:
         done = _done(run)

@@ -34,7 +34,7 @@ from ..extras import require
 from .checkpoint import atomic_write
 from ..card import as_typed
 from .config import NOT_RESULT_FIELDS, ConfigError, TrainConfig, as_started, check_inputs
-from .protocol import VPT_LRS, VPT_SEEDS, VPT_WDS, _check_finals, choose, final_jobs, grid_jobs
+from .protocol import VPT_LRS, VPT_SEEDS, VPT_WDS, check_finals, choose, final_jobs, grid_jobs
 from .runlock import RunLockedError
 
 PRUNERS = ("none", "sha", "asha", "hyperband")
@@ -443,7 +443,7 @@ def tune_study(cfg: TrainConfig, out: Path, *, storage: str | None = None, prune
         choice, pruned, recorded = dict(chosen), 0, {}
     seeds = [int(s) for s in cfg.protocol.get("seeds", VPT_SEEDS)]
     finals = {(seed,): job for seed, job in zip(seeds, final_jobs(cfg, out, choice["lr"], choice["weight_decay"]))}
-    _check_finals(list(finals.values()), choice)
+    check_finals(list(finals.values()), choice)
     import optuna
 
     run_stage(f"final-{key}-lr{choice['lr']:g}-wd{choice['weight_decay']:g}", store, {"seed": seeds}, finals,

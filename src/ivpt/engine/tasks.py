@@ -1,10 +1,10 @@
-"""What differs between classification and segmentation runs: model, data, loss and metrics.
+"""What differs between classification and segmentation runs: model, data, loss, metrics and records.
 
-The training loop (``loop.py``) is shared; a task supplies these pieces.
+The training loop (``loop.py``) is shared and never asks which task it runs; a task supplies these pieces.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from ..progress import progress as tqdm_or_lines
 from ..backbone import input_config
 from ..data.cache import to_device
 from ..factory import count_parameters, create_model
-from .data import TaskData, build_task_data
+from .data import TaskData, build_task_data, recorded_data_spec, split_record
 
 
 def backbone_for(cfg) -> str:
@@ -23,8 +23,30 @@ def backbone_for(cfg) -> str:
     return cfg.backbone.split(".", 1)[0] if cfg.pretrained is False and is_shipped(cfg.backbone) else cfg.backbone
 
 
+class Task(Protocol):
+    """What a task supplies to the training loop, ``ivpt eval`` and the adapter it writes."""
+
+    name: str                    # classification | segmentation: recorded in results and adapters
+    primary: str                 # the metric a run reports and the protocol selects by
+    train_accuracy: str          # the training log's accuracy column
+    caches_probe_features: bool  # whether a linear probe may train on features computed once
+
+    def build(self, cfg) -> tuple[torch.nn.Module, TaskData]: ...
+    def per_sample_loss(self, logits, target, cfg) -> torch.Tensor: ...
+    def hits(self, logits, target) -> tuple[float, float]: ...
+    def parameters(self, model) -> dict[str, int]: ...
+    def eval_batch(self, requested: int) -> int: ...
+    def diagnostic_batch(self, model, dataset, count: int = 32) -> torch.Tensor | None: ...
+    def adapter_record(self, cfg, model, data: TaskData) -> dict[str, Any]: ...
+    def evaluate(self, model, loader, num_classes, device, ctx, autocast, desc="eval",
+                 progress=True) -> dict[str, Any]: ...
+
+
 class ClassificationTask:
     name, primary = "classification", "top1"
+    train_accuracy = "train_top1"  # the training log's accuracy column
+    # the linear probe may train its head on pooled features computed once (ivpt.engine.features)
+    caches_probe_features = True
 
     def build(self, cfg) -> tuple[torch.nn.Module, TaskData]:
         # the data needs the backbone's input size and normalisation, the head needs the data's classes
@@ -43,6 +65,25 @@ class ClassificationTask:
 
     def parameters(self, model) -> dict[str, int]:
         return count_parameters(model)
+
+    def eval_batch(self, requested: int) -> int:
+        return requested
+
+    def diagnostic_batch(self, model, dataset, count: int = 32) -> torch.Tensor | None:
+        """A fixed batch for the per-epoch diagnostics of the methods that log some (None: nothing to log)."""
+        if not model.method.logs_diagnostics:
+            return None
+        images = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+        return to_device(images, dataset, torch.device("cpu"))  # normalised, as the model sees it
+
+    def adapter_record(self, cfg, model, data: TaskData) -> dict[str, Any]:
+        """What the adapter records beside the model: the data spec with its image reading spelt out, and a
+        folder's splits (ivpt eval refuses a folder changed since, see ivpt.engine.data)."""
+        record = {"data": recorded_data_spec(cfg.data, input_config(model.backbone))}
+        splits = split_record(data)
+        if splits:
+            record["data_splits"] = splits
+        return record
 
     @torch.no_grad()
     def evaluate(self, model, loader, num_classes, device, ctx, autocast, desc="eval", progress=True) -> dict[str, Any]:
@@ -75,6 +116,8 @@ class ClassificationTask:
 
 class SegmentationTask:
     name, primary = "segmentation", "mIoU"
+    train_accuracy = "train_pixel_accuracy"
+    caches_probe_features = False
     # None: single scale (mIoU-SS); a tuple of scales: their flipped and unflipped copies averaged (mIoU-MS)
     multiscale: tuple[float, ...] | None = None
 
@@ -107,6 +150,15 @@ class SegmentationTask:
 
         return count_segmentation_parameters(model)
 
+    def eval_batch(self, requested: int) -> int:
+        return 1  # label maps keep their own sizes: one image per evaluation batch
+
+    def diagnostic_batch(self, model, dataset, count: int = 32) -> None:
+        return None  # images differ in size; ivpt explain covers segmentation adapters
+
+    def adapter_record(self, cfg, model, data: TaskData) -> dict[str, Any]:
+        return {"data": recorded_data_spec(cfg.data), "segmentation": cfg.segmentation}
+
     @torch.no_grad()
     def evaluate(self, model, loader, num_classes, device, ctx, autocast, desc="eval", progress=True) -> dict[str, Any]:
         """mIoU, per-class IoU and pixel accuracy at each label map's own size (single or multi-scale)."""
@@ -132,4 +184,4 @@ class SegmentationTask:
         return matrix.compute()
 
 
-TASKS = {"classification": ClassificationTask, "segmentation": SegmentationTask}
+TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "segmentation": SegmentationTask}

@@ -36,6 +36,12 @@ class TuningMethod(nn.Module):
         super().__init__()
         self.config = config
         self.shape = shape
+        self._handles: list = []  # the forward hooks ``attach`` put on the backbone's modules
+
+    @property
+    def hook_ids(self) -> set[int]:
+        """The ids of this method's hooks on the backbone, to take them off again (``strip_hooks``)."""
+        return {h.id for h in self._handles}
 
     @property
     def num_prompts(self) -> int:
@@ -74,8 +80,15 @@ class TuningMethod(nn.Module):
         raise NotImplementedError
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The method's own tuned tensors by component, for counting and optimiser groups."""
+        """The method's own tuned tensors by component, for counting and optimiser groups: every component
+        the method has, each under its own name (``count_parameters`` reports exactly these)."""
         return {}
+
+    @property
+    def logs_diagnostics(self) -> bool:
+        """Whether training logs this method's learned per-transition quantities every epoch (DA's weight,
+        AR's gamma and relative change: ``ivpt.explain.epoch_diagnostics``)."""
+        return False
 
     # -- methods that act inside the backbone (ivpt.methods.modules) ----------------------------
     def attach(self, vit: nn.Module) -> None:

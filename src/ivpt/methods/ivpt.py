@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..options import OptionError, check_bool, check_choice, check_float, check_int
 from .base import BackboneShape
-from .vpt import _PromptBank
+from .vpt import PromptBank
 
 DA_MODES = ("gate", "channel", "static", "sum")
 DA_SPACES = ("standardized", "raw")
@@ -210,7 +210,7 @@ class AttentiveReinforcement(nn.Module):
         return torch.addcmul(patches, mask, self.gamma * reinforcement), selected
 
 
-class IVPT(_PromptBank):
+class IVPT(PromptBank):
     name = "ivpt"
     config_class = IVPTConfig
 
@@ -262,6 +262,10 @@ class IVPT(_PromptBank):
 
     def reinforce(self, i, patches, saliency, prompts):
         return self.reinforcement[str(i)](patches, saliency, prompts)
+
+    @property
+    def logs_diagnostics(self) -> bool:
+        return bool(len(self.aggregation) or len(self.reinforcement))
 
     def parameter_groups(self):
         return {

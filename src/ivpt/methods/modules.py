@@ -48,7 +48,6 @@ class ModuleMethod(TuningMethod):
 
     def __init__(self, config, shape):
         super().__init__(config, shape)
-        self._handles: list = []
         self._attached = False
 
     def attach(self, vit: nn.Module) -> None:
@@ -64,10 +63,6 @@ class ModuleMethod(TuningMethod):
         """Add ``fn(module, args, output) -> output`` after ``module``; a bound method of an owned module,
         so that ``copy.deepcopy`` of the whole model copies the hook onto the copied tensors."""
         self._handles.append(module.register_forward_hook(fn))
-
-    @property
-    def hook_ids(self) -> set[int]:
-        return {h.id for h in self._handles}
 
 
 def blocks_of(vit: nn.Module, method: str) -> list[nn.Module]:

@@ -23,7 +23,9 @@ class VPTConfig:
         check_bool("pool_prompts", self.pool_prompts)
 
 
-class _PromptBank(TuningMethod):
+class PromptBank(TuningMethod):
+    """The methods that learn prompts P_i for the first ``prompt_layers`` blocks (VPT, GateVPT, iVPT)."""
+
     config_class = VPTConfig
 
     def __init__(self, config, shape: BackboneShape, prompt_layers: int = 1):
@@ -47,7 +49,7 @@ class _PromptBank(TuningMethod):
         return {"prompts": [self.prompts]}
 
 
-class VPTShallow(_PromptBank):
+class VPTShallow(PromptBank):
     """Q_0 = P_0; the prompt outputs are carried on: Q_{i+1} = Z_i."""
 
     name = "vpt-shallow"
@@ -56,7 +58,7 @@ class VPTShallow(_PromptBank):
         return z
 
 
-class VPTDeep(_PromptBank):
+class VPTDeep(PromptBank):
     """Q_i = P_i for every block; Z_i is thrown away."""
 
     name = "vpt-deep"
@@ -88,7 +90,7 @@ class GateVPTConfig:
         check_bool("pool_prompts", self.pool_prompts)
 
 
-class GateVPT(_PromptBank):
+class GateVPT(PromptBank):
     """GateVPT (Yoo et al., ICML 2023): shallow prompts carried through the blocks, one learned scalar
     gate per block mixing its input and output prompt states: Q_{i+1} = g_i Z_i + (1 - g_i) Q_i,
     g_i = sigmoid(logit_i). Gates fully open (g = 1) give VPT-shallow exactly.
@@ -108,10 +110,6 @@ class GateVPT(_PromptBank):
         # in the block's own SDPA, and AR-style saliency readers see the same attention
         self._handles = [block.attn.q_norm.register_forward_hook(temperature.divide)
                          for block, temperature in zip(vit.blocks, self.temperatures)]
-
-    @property
-    def hook_ids(self) -> set[int]:
-        return {h.id for h in getattr(self, "_handles", [])}
 
     def next_prompts(self, i, z, q=None):
         gate = torch.sigmoid(self.gate_logits[i]).to(z.dtype)

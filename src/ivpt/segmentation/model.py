@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter_format import write_adapter
 from ..encoder import EncoderTokens, ExplainedForward, PromptedViT
 from ..factory import count_parameters, create_model
 from ..options import check_choice, check_int
+from ..tuned import AdapterMixin
 from .decoders import DECODERS, make_decoder
 
 
-class SegmentationModel(nn.Module):
+class SegmentationModel(AdapterMixin, nn.Module):
     task = "segmentation"
 
     def __init__(self, encoder: PromptedViT, decoder: str, num_classes: int, crop_size: int,
@@ -77,18 +77,11 @@ class SegmentationModel(nn.Module):
 
     def adapter_config(self) -> dict:
         config = self.encoder.adapter_config()
-        # an encoder built by hand (not by create_model) keeps timm's pooling modules
-        config.update(task="segmentation", pooling_modules=getattr(self.encoder, "pooling_modules", True),
+        config.update(task="segmentation", pooling_modules=self.encoder.origin.pooling_modules,
                       num_classes=self.num_classes, class_names=self.class_names,
                       decoder=self.decoder_kind, decoder_channels=self.channels, decoder_stages=self.decoder_stages,
                       crop_size=self.crop_size, ignore_index=self.ignore_index)
         return config
-
-    def save_adapter(self, directory, **extra) -> None:
-        write_adapter(directory, self.adapter_tensors(), {**self.adapter_config(), **extra})
-
-    push_to_hub = PromptedViT.push_to_hub  # the same: save into a temporary folder, push with the card
-    export_onnx = PromptedViT.export_onnx  # the same: ivpt.deploy tells the two apart by the config's task
 
 
 def create_segmentation_model(backbone, method: str, num_classes: int, *, decoder: str = "pup",
