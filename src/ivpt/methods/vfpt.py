@@ -11,7 +11,7 @@ import torch
 
 from ..options import OptionError, check_bool, check_choice, check_float, check_int
 from .base import BackboneShape
-from .vpt import _PromptBank
+from .vpt import PromptBank
 
 FOURIER_DIMS = ("all", "sequence", "hidden")
 FOURIER_LOCATIONS = ("prepend", "append")
@@ -55,7 +55,7 @@ def dft_matrices(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cos(angle).float(), torch.sin(angle).float()
 
 
-class VFPT(_PromptBank):
+class VFPT(PromptBank):
     """Q_i = [Re(F_k P_i[:k] F_d) | P_i[k:]] (or the Fourier prompts appended), F the DFT matrices."""
 
     name = "vfpt"
