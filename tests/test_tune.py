@@ -116,36 +116,48 @@ def test_a_dead_attempt_does_not_count_twice_at_the_rungs(pruner):
     (it replays the run's log): the next point is judged as if the point had reported once."""
     import optuna
 
-    from ivpt.engine.study import _pruner
+    from ivpt.engine.study import GridHalving
 
-    def next_point_pruned(make_pruner, died: bool) -> bool:
-        # a fixed name: hyperband puts a trial in a bracket by a hash of the study name and trial number
-        study = optuna.create_study(study_name="rungs", direction="maximize", pruner=make_pruner())
+    lrs = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
 
-        def reach_rung(value):
+    def next_point_pruned(pruner_of_study, died: bool) -> bool:
+        study = optuna.create_study(direction="maximize", pruner=pruner_of_study)
+
+        def reach_rung(lr, value):  # a trial of point lr at epoch 1, the first rung of every bracket here
+            study.enqueue_trial({"lr": lr})
             trial = study.ask()
+            trial.suggest_categorical("lr", lrs)  # the queued lr
             trial.report(value, 1)
             return trial, trial.should_prune()
 
-        for value in (0.8, 0.7, 0.6, 0.5):
-            trial, _ = reach_rung(value)
+        for lr, value in zip(lrs[:4], (0.8, 0.7, 0.6, 0.5)):
+            trial, _ = reach_rung(lr, value)
             study.tell(trial, value)
-        # a failed attempt either way, so that both cases number their trials alike (hyperband's brackets);
-        # died: point P passed rung 1, then its worker died (failed, and P queued anew); else one that
-        # failed before reporting anything
-        trial = study.ask()
-        if died:
-            trial.report(0.9, 1)
-            trial.should_prune()  # where the pruner records the rung it reached
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        reach_rung(0.9)  # P's live trial (its retry, if it died) at rung 1
-        return reach_rung(0.85)[1]
+        if died:  # point 0.5 passed rung 1, then its worker died (failed, and the point queued anew)
+            trial, _ = reach_rung(0.5, 0.9)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        reach_rung(0.5, 0.9)  # the point's live trial (its retry, if it died) at rung 1
+        return reach_rung(0.6, 0.85)[1]
 
-    ours = lambda: _pruner(pruner, 9)  # noqa: E731
-    assert next_point_pruned(ours, died=True) == next_point_pruned(ours, died=False)
-    if pruner == "asha":  # the scenario matters: Optuna's own pruner counts P twice and prunes the next point
-        plain = lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)  # noqa: E731
+    ours = GridHalving.named(pruner, 9)
+    if pruner == "hyperband":  # the scenario needs every point in the bracket that judges at epoch 1
+        ours.shares = [1, 0, 0]
+    assert next_point_pruned(ours, died=True) == next_point_pruned(ours, died=False) is False
+    if pruner == "asha":  # the scenario matters: Optuna's own pruner counts the point twice and prunes the next one
+        plain = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
         assert next_point_pruned(plain, died=True) and not next_point_pruned(plain, died=False)
+
+
+def test_hyperband_keeps_a_point_in_its_bracket_and_prunes_only_at_that_brackets_rungs():
+    from ivpt.engine.study import GridHalving
+
+    pruner = GridHalving.named("hyperband", 27)
+    assert pruner.shares == [27, 12, 6, 4] and [pruner.rungs(b) for b in range(4)] == [[1, 3, 9], [3, 9], [9], []]
+    points = [{"lr": lr, "wd": wd} for lr in (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
+              for wd in (0.01, 0.001, 0.0001, 0.0)]
+    brackets = [pruner.bracket(p) for p in points]
+    assert brackets == [pruner.bracket(dict(p)) for p in points] and len(set(brackets)) > 1
+    assert brackets.count(0) > brackets.count(2)  # the early-judging bracket gets the most points
 
 
 def test_a_study_pruned_one_way_is_not_finished_another_way(recipe, tmp_path):
@@ -181,8 +193,8 @@ def test_two_workers_train_every_point_exactly_once(recipe, tmp_path):
 
 
 def test_a_point_enqueued_twice_is_trained_and_counted_once(recipe, tmp_path):
-    """Two workers that see the same points missing both enqueue them (the race CI once hit): one copy
-    of each point completes, the other steps aside, and the choice is the full grid's."""
+    """Two workers that see the same points missing both enqueue them (the race CI once hit): each run is
+    trained once (the second trial reads the first one's result back), and the grid counts each point once."""
     import optuna
 
     from ivpt.engine.study import open_storage, study_key
@@ -193,14 +205,13 @@ def test_a_point_enqueued_twice_is_trained_and_counted_once(recipe, tmp_path):
     study = optuna.create_study(study_name=f"grid-{study_key(recipe)}", storage=storage, direction="maximize")
     for lr in recipe.protocol["lrs"]:  # what two racing workers leave in the queue
         for _ in range(2):
-            study.enqueue_trial({"lr": lr, "wd": 0.0})
+            study.enqueue_trial({"lr": lr, "wd": 0.0}, user_attrs={"point": {"lr": lr, "wd": 0.0}})
     summary = tune(recipe, out, pruner="none")
-    trials = study.get_trials(deepcopy=False)
-    complete = [t.params["lr"] for t in trials if t.state.name == "COMPLETE"]
-    assert sorted(complete) == sorted(recipe.protocol["lrs"])
-    stepped_aside = [t for t in trials if t.state.name == "FAIL"]
-    assert stepped_aside and all(t.user_attrs["duplicate_of"] < t.number for t in stepped_aside)
-    assert len(summary["grid"]) == len(recipe.protocol["lrs"])
+    complete = [t.params["lr"] for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    assert set(complete) == set(recipe.protocol["lrs"])  # a copy left queued once its point is done is never run
+    for run in (out / "grid").iterdir():
+        assert [e["epoch"] for e in json.loads((run / "results.json").read_text())["log"]] == [1, 2]
+    assert sorted(g["lr"] for g in summary["grid"]) == sorted(recipe.protocol["lrs"])
 
 
 def tune_without_hanging(*args, **kwargs):
@@ -262,23 +273,32 @@ def test_a_trial_popped_by_a_worker_killed_before_its_first_heartbeat_is_retried
 def test_a_live_trial_of_another_machine_is_left_to_its_heartbeat(tmp_path):
     """Two machines on one PostgreSQL study need not share a filesystem: a running trial whose run folder
     is not here (so no lock is held on it here) but whose heartbeat is fresh is alive, never failed."""
+    import threading
+
     import optuna
 
-    from ivpt.engine.study import _fail_orphans, open_storage
+    from ivpt.engine.study import StudySettings, _fail_orphans
 
-    study = optuna.create_study(study_name="s", storage=open_storage(None, tmp_path, 0.5), direction="maximize")
-    study.enqueue_trial({"lr": 0.03})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna's note that heartbeats belong to optimize()
-        trial = study.ask()
+    settings = StudySettings(heartbeat=0.5)
+    study = optuna.create_study(study_name="s", storage=settings.open(tmp_path), direction="maximize")
     elsewhere = tmp_path / "on-the-other-machine" / "lr0.03"
-    trial.set_user_attr("run", str(elsewhere))
-    storage = study._storage
-    storage.record_heartbeat(trial._trial_id)
-    time.sleep(1.1)  # older than the grace below
-    storage.record_heartbeat(trial._trial_id)
-    _fail_orphans(study, 1.0, {trial.number: time.monotonic() - 2.0})  # seen running for longer than the grace
-    assert study.get_trials(deepcopy=False)[0].state.name == "RUNNING"
+    checked = threading.Event()
+
+    def other_machines_objective(trial):  # runs inside Optuna's heartbeat thread, as a worker's trial does
+        trial.set_user_attr("run", str(elsewhere))
+        checked.wait(30)
+        return 0.5
+
+    worker = threading.Thread(target=study.optimize, args=(other_machines_objective,), kwargs={"n_trials": 1})
+    worker.start()
+    try:
+        while not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            time.sleep(0.05)
+        _fail_orphans(study, settings, {0: time.monotonic() - 2.0})  # seen running for longer than the grace
+        assert study.get_trials(deepcopy=False)[0].state.name == "RUNNING"
+    finally:
+        checked.set()
+        worker.join()
     assert not elsewhere.parent.exists()  # nor does a worker make folders for another machine's runs
 
 
@@ -290,8 +310,9 @@ def test_a_popped_trial_stamped_by_another_clock_is_judged_by_how_long_this_work
 
     import optuna
 
-    from ivpt.engine.study import _fail_orphans, open_storage
+    from ivpt.engine.study import StudySettings, _fail_orphans, open_storage
 
+    settings = StudySettings(heartbeat=0.5)
     study = optuna.create_study(study_name="s", storage=open_storage(None, tmp_path, 0.5), direction="maximize")
     study.enqueue_trial({"lr": 0.03})
     with warnings.catch_warnings():
@@ -303,12 +324,12 @@ def test_a_popped_trial_stamped_by_another_clock_is_judged_by_how_long_this_work
     here = optuna.load_study(study_name="s", storage=open_storage(None, tmp_path, 0.5))
     assert here.get_trials(deepcopy=False)[0].datetime_start.year == 2026
     seen: dict[int, float] = {}
-    _fail_orphans(here, 1.0, seen)
+    _fail_orphans(here, settings, seen)
     assert here.get_trials(deepcopy=False)[0].state.name == "RUNNING" and list(seen) == [0]
     time.sleep(1.1)
-    _fail_orphans(here, 1.0, seen)
+    _fail_orphans(here, settings, seen)
     assert here.get_trials(deepcopy=False)[0].state.name == "FAIL" and seen == {0: seen[0]}
-    _fail_orphans(here, 1.0, seen)
+    _fail_orphans(here, settings, seen)
     assert seen == {}  # no longer running: forgotten
 
 
@@ -329,10 +350,11 @@ def test_a_live_trial_failed_by_another_worker_is_finished_by_its_retry(recipe, 
 
         def late_heartbeat(entry):  # epoch 1 done: the trial is failed under this worker
             other = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
-            running = [t for s in optuna.get_all_study_summaries(other)
-                       for t in optuna.load_study(study_name=s.study_name, storage=other).trials
-                       if t.state.name == "RUNNING"]
-            other.set_trial_state_values(running[0]._trial_id, optuna.trial.TrialState.FAIL)
+            running = [(study, t.number) for s in optuna.get_all_study_summaries(other)
+                       for study in [optuna.load_study(study_name=s.study_name, storage=other)]
+                       for t in study.trials if t.state.name == "RUNNING"]
+            study, number = running[0]
+            study.tell(number, state=optuna.trial.TrialState.FAIL)
             on_epoch(entry)
         return real_train(cfg, on_epoch=late_heartbeat, **kwargs)
 
