@@ -109,16 +109,32 @@ def open_storage(url: str | None, out: Path, heartbeat: float):
             from optuna.storages.journal import JournalFileBackend
 
             return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
-        # No failed_trial_callback (RetryFailedTrialCallback): its retry copies the dead trial's
-        # attributes and run_stage queues every missing point anyway, dead workers' included.
-        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
-            warnings.simplefilter("ignore")
-            return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, int(heartbeat)),
-                                              grace_period=max(2, int(2 * heartbeat)))
+        return _rdb_storage(url, heartbeat)
     except Exception as err:  # sqlalchemy's and optuna's errors alike: name the field
         raise ConfigError(f"--storage {url!r}: cannot open it as an Optuna storage ({type(err).__name__}: {err}); "
                           "expected e.g. sqlite:///PATH, postgresql+psycopg://USER@HOST/DB (pip install "
                           "'ivpt[postgres]') or journal:PATH") from None
+
+
+def _rdb_storage(url: str, heartbeat: float, tries: int = 3):
+    """Optuna's RDBStorage with heartbeats; no failed_trial_callback (RetryFailedTrialCallback): its retry
+    copies the dead trial's attributes, and run_stage queues every missing point anyway.
+
+    Workers started at once on a new PostgreSQL database race to create Optuna's tables, and all but
+    one fail on a unique constraint; the tables exist when they look again.
+    """
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(tries):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
+                warnings.simplefilter("ignore")
+                return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, int(heartbeat)),
+                                                  grace_period=max(2, int(2 * heartbeat)))
+        except (IntegrityError, ProgrammingError):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5 + attempt)
 
 
 def rung_epochs(epochs: int) -> list[int]:
