@@ -1,26 +1,22 @@
 """VPT's protocol on Optuna: one study per stage, any number of workers and machines, pruning, retries.
 
 The grid stage (lr x wd on train -> val) is an Optuna study whose trials are the recipe's grid
-points, each queued with ``enqueue_trial``; the final stage (one run per seed on train+val -> test,
-at the chosen lr and wd) is another. Studies live in ``--storage`` (default: SQLite in the output
-folder; any RDB URL such as PostgreSQL, or ``journal:PATH`` for Optuna's journal file on a shared
-filesystem), so every process that runs the same command joins the same studies.
+points; the final stage (one run per seed on train+val -> test at the chosen lr and wd) is another.
+Studies live in ``--storage`` (default: SQLite in the output folder; any RDB URL such as PostgreSQL,
+or ``journal:PATH`` on a shared filesystem), so every process that runs the same command joins them.
 
-The study is a work list, not a guard: each trial trains one run folder with
-``train(..., resume=True)``, and the run folder's lock (ivpt.engine.runlock) and its results.json
-already make that idempotent. A finished run is read back, never trained again; an interrupted one
-resumes from its checkpoint; two trials of one point (two workers that queued it at once) train it
-once, the second waiting on the lock and reading the first's result. So the study only has to know
-which points are finished, which are queued or running, and which to queue again after a worker
-died (its heartbeat went stale, or, on a journal file, its run's lock is free).
+The study is a work list, not a guard: a trial trains one run folder with ``train(resume=True)``,
+and the run's lock (ivpt.engine.runlock) and results.json already make that idempotent (a finished
+run is read back, an interrupted one resumes, a point queued twice is trained by the trial that
+holds its run's lock while the other steps aside). The study only
+knows which points are finished, which are queued or running, and queues again those whose worker
+died (a stale heartbeat or, on a journal file, a free run lock).
 
-Pruners: ``sha`` (default) is synchronous successive halving on the grid: every point trains to the
-first rung (r epochs, r = epochs / 9), the best third goes on to 3r, ..., and the last survivors
-train to the end; between rungs a run waits at its checkpoint and resumes from it, so a survivor
-equals an unpruned run of its config (same schedule). A rung is a stage of its own, so workers
-anywhere share it. ``asha`` is asynchronous successive halving (a point is judged against the points
-that reached its rung before it: no waiting, but with few points and few workers most go on) and
-``hyperband`` Hyperband's brackets of it (:class:`GridHalving`). ``none`` trains the full grid.
+Pruners: ``sha`` (default) is synchronous successive halving: every point trains to the first rung
+(r epochs, r = epochs / 9), the best third goes on to 3r, ..., the survivors to the end; a run waits
+at its checkpoint between rungs, so a survivor equals an unpruned run of its config. Each rung is a
+stage of its own, shared by workers anywhere. ``asha`` and ``hyperband`` judge points as they run
+(:class:`GridHalving`); ``none`` trains the full grid.
 """
 from __future__ import annotations
 
@@ -264,7 +260,8 @@ class _RungReached(Exception):
 
 
 class _NotQueued(Exception):
-    """A trial Optuna made afresh because another worker took the last queued point first."""
+    """A trial with no point of its own: Optuna made it afresh because another worker took the last
+    queued point first, or its point's run is held by another worker's trial (both queued it)."""
 
 
 class _Objective:
@@ -294,21 +291,20 @@ class _Objective:
         point = tuple(trial.suggest_categorical(name, stage.space[name]) for name in stage.names)  # the queued values
         run, cfg = stage.jobs[point]
         trial.set_user_attr("run", str(run))  # from here on the run's lock (or its heartbeat) tells whether it lives
-        on_epoch = self.reporter(trial, run, cfg)
-        while True:
-            done = _done(run)
-            if done is not None:  # finished earlier (by anyone): never trained again, if it is this run
-                _check_same_run(run, done, cfg)
-                if stage.stop_at is not None:
-                    entry = next(e for e in done["log"] if e["epoch"] == stage.stop_at)
-                    return _rung_value(entry, cfg.eval_split, stage.stop_at, run)
-                return done[stage.split][done.get("primary_metric", "top1")]
+        if _done(run) is None:  # else finished earlier (by anyone): read back, never trained again
             try:
-                train(cfg, resume=True, quiet=True, on_epoch=on_epoch)
+                train(cfg, resume=True, quiet=True, on_epoch=self.reporter(trial, run, cfg))
             except _RungReached as reached:
                 return reached.value
-            except RunLockedError:  # another trial of this point trains the run: wait for its result
-                time.sleep(2)
+            except RunLockedError:  # another worker trains this point (both queued it): leave it to that trial
+                time.sleep(2)  # (a run held by something else than a trial is not tried again at once)
+                raise _NotQueued(f"{run} is being trained by another worker") from None
+        done = _done(run)
+        _check_same_run(run, done, cfg)
+        if stage.stop_at is not None:
+            entry = next(e for e in done["log"] if e["epoch"] == stage.stop_at)
+            return _rung_value(entry, cfg.eval_split, stage.stop_at, run)
+        return done[stage.split][done.get("primary_metric", "top1")]
 
     def reporter(self, trial: optuna.Trial, run: Path, cfg: TrainConfig):
         """The run's on_epoch (called for every epoch, also while a resumed run replays its log)."""
