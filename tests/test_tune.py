@@ -269,7 +269,7 @@ def test_a_dead_workers_trial_on_a_journal_file_is_retried(recipe, tmp_path):
     journal = tmp_path / "journal.log"
     study = optuna.create_study(study_name=f"grid-{study_key(one)}", direction="maximize",
                                 storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
-    study.enqueue_trial({"lr": 0.03, "wd": 0.0})
+    study.enqueue_trial({"lr": 0.03, "wd": 0.0}, user_attrs={"point": {"lr": 0.03, "wd": 0.0}})  # as ivpt queues it
     dead = study.ask()  # popped by a worker that then died: running forever, its run never started
     dead.set_user_attr("run", str(tmp_path / "tune" / "grid" / "lr0.03_wd0"))
     time.sleep(1.1)
@@ -291,7 +291,7 @@ def test_a_trial_popped_by_a_worker_killed_before_its_first_heartbeat_is_retried
     out.mkdir()
     study = optuna.create_study(study_name=f"grid-{study_key(one)}", storage=open_storage(None, out, 0.5),
                                 direction="maximize")
-    study.enqueue_trial({"lr": 0.03, "wd": 0.0})
+    study.enqueue_trial({"lr": 0.03, "wd": 0.0}, user_attrs={"point": {"lr": 0.03, "wd": 0.0}})  # as ivpt queues it
     study.ask()  # popped; no heartbeat was ever recorded for it
     time.sleep(1.1)
 
