@@ -1,10 +1,14 @@
 """ivpt tune on Optuna: the full grid's choice, workers sharing one study, a killed worker, pruning, bad input."""
 import dataclasses
+import functools
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -16,29 +20,44 @@ from safetensors.torch import save_file
 from ivpt.engine.config import ConfigError, TrainConfig
 from ivpt.engine.loop import train
 from ivpt.engine.protocol import choose, final_jobs, grid_jobs
+from ivpt.engine.runlock import LOCK_NAME
 from ivpt.engine.study import tune
 
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
-@pytest.fixture
-def recipe(tmp_path, monkeypatch):
-    monkeypatch.setenv("IVPT_CACHE", str(tmp_path / "cache"))
+def _recipe(folder, patch) -> TrainConfig:
+    patch.setenv("IVPT_CACHE", str(folder / "cache"))
     import timm
 
     torch.manual_seed(0)
-    save_file(timm.create_model("vit_mini_patch4_32", **TINY).state_dict(), str(tmp_path / "b.safetensors"))
-    return TrainConfig(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(tmp_path / "b.safetensors"),
+    save_file(timm.create_model("vit_mini_patch4_32", **TINY).state_dict(), str(folder / "b.safetensors"))
+    return TrainConfig(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(folder / "b.safetensors"),
                        method="vpt-deep", method_options={"prompt_length": 1},
                        data={"kind": "suite", "task": "clevr-dist"}, epochs=2, warmup_epochs=0, batch_size=200,
                        optimizer="adamw", lr_scaling=False,
                        protocol={"lrs": [0.3, 0.03, 0.003, 0.0003], "wds": [0.0], "seeds": [1, 2]},
-                       output=str(tmp_path / "tune")).validate()
+                       output=str(folder / "tune")).validate()
 
 
-def test_full_grid_gives_the_plain_protocols_choice_and_scores(recipe, tmp_path):
+@pytest.fixture
+def recipe(tmp_path, monkeypatch):
+    return _recipe(tmp_path, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def full_grid(tmp_path_factory):
+    """The test recipe tuned once with --pruner none by one worker nobody stops: the reference of every
+    other way to tune it (the weights are seeded, so every test's recipe trains alike). Its output folder
+    and summary."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("full-grid")
+        return folder / "tune", tune(_recipe(folder, patch), folder / "tune", pruner="none")
+
+
+def test_full_grid_gives_the_plain_protocols_choice_and_scores(recipe, tmp_path, full_grid):
     """--pruner none: every grid point to the end; the choice and the test scores of running the protocol by hand."""
-    summary = tune(recipe, tmp_path / "tune", pruner="none")
+    _, summary = full_grid
     by_hand = [train(dataclasses.replace(cfg, output=str(tmp_path / "hand" / run.name)), quiet=True)
                for run, cfg in grid_jobs(recipe, tmp_path / "hand-grid")]
     choice = choose(by_hand)
@@ -53,16 +72,16 @@ def _without_times(log):
     return [{k: v for k, v in entry.items() if k != "seconds"} for entry in log]
 
 
-def test_successive_halving_goes_rung_by_rung_and_survivors_equal_unpruned_runs(recipe, tmp_path):
+def test_successive_halving_goes_rung_by_rung_and_survivors_equal_unpruned_runs(recipe, tmp_path, full_grid):
     """sha: every point to the rung (epoch 1 of 2), the best third (here one) on from its checkpoint to the end.
 
     The survivor is the point the full grid's epoch-1 val ranks first (ties: smaller lr, larger wd), its
     run equals the unpruned run of its config, the others stop at the rung; two workers do the same.
     """
-    full = tune(recipe, tmp_path / "full", pruner="none")
+    full_out, full = full_grid
     sha = tune(recipe, tmp_path / "sha", pruner="sha")
-    jobs = {run.name: cfg for run, cfg in grid_jobs(recipe, tmp_path / "full")}
-    logs = {name: json.loads((tmp_path / "full" / "grid" / name / "results.json").read_text())["log"] for name in jobs}
+    jobs = {run.name: cfg for run, cfg in grid_jobs(recipe, full_out)}
+    logs = {name: json.loads((full_out / "grid" / name / "results.json").read_text())["log"] for name in jobs}
     first = max(jobs, key=lambda n: (round(logs[n][0]["val_top1"], 6), -jobs[n].lr, jobs[n].weight_decay))
     assert [(g["lr"], g["weight_decay"]) for g in sha["grid"]] == [(jobs[first].lr, jobs[first].weight_decay)]
     survivor = json.loads((tmp_path / "sha" / "grid" / first / "results.json").read_text())
@@ -83,8 +102,8 @@ def test_successive_halving_goes_rung_by_rung_and_survivors_equal_unpruned_runs(
     assert (two["epochs_trained"], two["chosen"], two["test_top1"]) == (sha["epochs_trained"], sha["chosen"], sha["test_top1"])
 
 
-def test_asynchronous_halving_prunes_and_survivors_equal_unpruned_runs(recipe, tmp_path):
-    full = tune(recipe, tmp_path / "full", pruner="none")
+def test_asynchronous_halving_prunes_and_survivors_equal_unpruned_runs(recipe, tmp_path, full_grid):
+    _, full = full_grid
     asha = tune(recipe, tmp_path / "asha", pruner="asha")
     assert asha["pruned"] >= 1 and asha["epochs_trained"] < full["epochs_trained"]
     survivors = {(g["lr"], g["weight_decay"]): g["val_top1"] for g in asha["grid"]}
@@ -116,36 +135,48 @@ def test_a_dead_attempt_does_not_count_twice_at_the_rungs(pruner):
     (it replays the run's log): the next point is judged as if the point had reported once."""
     import optuna
 
-    from ivpt.engine.study import _pruner
+    from ivpt.engine.study import GridHalving
 
-    def next_point_pruned(make_pruner, died: bool) -> bool:
-        # a fixed name: hyperband puts a trial in a bracket by a hash of the study name and trial number
-        study = optuna.create_study(study_name="rungs", direction="maximize", pruner=make_pruner())
+    lrs = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
 
-        def reach_rung(value):
+    def next_point_pruned(pruner_of_study, died: bool) -> bool:
+        study = optuna.create_study(direction="maximize", pruner=pruner_of_study)
+
+        def reach_rung(lr, value):  # a trial of point lr at epoch 1, the first rung of every bracket here
+            study.enqueue_trial({"lr": lr})
             trial = study.ask()
+            trial.suggest_categorical("lr", lrs)  # the queued lr
             trial.report(value, 1)
             return trial, trial.should_prune()
 
-        for value in (0.8, 0.7, 0.6, 0.5):
-            trial, _ = reach_rung(value)
+        for lr, value in zip(lrs[:4], (0.8, 0.7, 0.6, 0.5)):
+            trial, _ = reach_rung(lr, value)
             study.tell(trial, value)
-        # a failed attempt either way, so that both cases number their trials alike (hyperband's brackets);
-        # died: point P passed rung 1, then its worker died (failed, and P queued anew); else one that
-        # failed before reporting anything
-        trial = study.ask()
-        if died:
-            trial.report(0.9, 1)
-            trial.should_prune()  # where the pruner records the rung it reached
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        reach_rung(0.9)  # P's live trial (its retry, if it died) at rung 1
-        return reach_rung(0.85)[1]
+        if died:  # point 0.5 passed rung 1, then its worker died (failed, and the point queued anew)
+            trial, _ = reach_rung(0.5, 0.9)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        reach_rung(0.5, 0.9)  # the point's live trial (its retry, if it died) at rung 1
+        return reach_rung(0.6, 0.85)[1]
 
-    ours = lambda: _pruner(pruner, 9)  # noqa: E731
-    assert next_point_pruned(ours, died=True) == next_point_pruned(ours, died=False)
-    if pruner == "asha":  # the scenario matters: Optuna's own pruner counts P twice and prunes the next point
-        plain = lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)  # noqa: E731
+    ours = GridHalving.named(pruner, 9)
+    if pruner == "hyperband":  # the scenario needs every point in the bracket that judges at epoch 1
+        ours.shares = [1, 0, 0]
+    assert next_point_pruned(ours, died=True) == next_point_pruned(ours, died=False) is False
+    if pruner == "asha":  # the scenario matters: Optuna's own pruner counts the point twice and prunes the next one
+        plain = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
         assert next_point_pruned(plain, died=True) and not next_point_pruned(plain, died=False)
+
+
+def test_hyperband_keeps_a_point_in_its_bracket_and_prunes_only_at_that_brackets_rungs():
+    from ivpt.engine.study import GridHalving
+
+    pruner = GridHalving.named("hyperband", 27)
+    assert pruner.shares == [27, 12, 6, 4] and [pruner.rungs(b) for b in range(4)] == [[1, 3, 9], [3, 9], [9], []]
+    points = [{"lr": lr, "wd": wd} for lr in (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
+              for wd in (0.01, 0.001, 0.0001, 0.0)]
+    brackets = [pruner.bracket(p) for p in points]
+    assert brackets == [pruner.bracket(dict(p)) for p in points] and len(set(brackets)) > 1
+    assert brackets.count(0) > brackets.count(2)  # the early-judging bracket gets the most points
 
 
 def test_a_study_pruned_one_way_is_not_finished_another_way(recipe, tmp_path):
@@ -165,24 +196,9 @@ def test_workers_of_one_study_share_its_heartbeat(recipe, tmp_path):
     assert tune(one, tmp_path / "t", pruner="none", heartbeat=5)["chosen"]["lr"] == 0.03  # the same one goes on
 
 
-def test_two_workers_train_every_point_exactly_once(recipe, tmp_path):
-    import optuna
-
-    summary = tune(recipe, tmp_path / "tune", pruner="none", workers=2)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
-    grid = next(s for s in optuna.get_all_study_summaries(storage) if s.study_name.startswith("grid-"))
-    trials = optuna.load_study(study_name=grid.study_name, storage=storage).trials
-    complete = [t.params["lr"] for t in trials if t.state.name == "COMPLETE"]
-    assert sorted(complete) == sorted(recipe.protocol["lrs"])  # each point once, none twice
-    for run in (tmp_path / "tune" / "grid").iterdir():
-        log = json.loads((run / "results.json").read_text())["log"]
-        assert [e["epoch"] for e in log] == [1, 2]  # trained once, start to end
-    assert len(summary["test_top1"]) == 2
-
-
 def test_a_point_enqueued_twice_is_trained_and_counted_once(recipe, tmp_path):
-    """Two workers that see the same points missing both enqueue them (the race CI once hit): one copy
-    of each point completes, the other steps aside, and the choice is the full grid's."""
+    """Two workers that see the same points missing both enqueue them (the race CI once hit): each run is
+    trained once (the second trial reads the first one's result back), and the grid counts each point once."""
     import optuna
 
     from ivpt.engine.study import open_storage, study_key
@@ -193,14 +209,39 @@ def test_a_point_enqueued_twice_is_trained_and_counted_once(recipe, tmp_path):
     study = optuna.create_study(study_name=f"grid-{study_key(recipe)}", storage=storage, direction="maximize")
     for lr in recipe.protocol["lrs"]:  # what two racing workers leave in the queue
         for _ in range(2):
-            study.enqueue_trial({"lr": lr, "wd": 0.0})
+            study.enqueue_trial({"lr": lr, "wd": 0.0}, user_attrs={"point": {"lr": lr, "wd": 0.0}})
     summary = tune(recipe, out, pruner="none")
-    trials = study.get_trials(deepcopy=False)
-    complete = [t.params["lr"] for t in trials if t.state.name == "COMPLETE"]
-    assert sorted(complete) == sorted(recipe.protocol["lrs"])
-    stepped_aside = [t for t in trials if t.state.name == "FAIL"]
-    assert stepped_aside and all(t.user_attrs["duplicate_of"] < t.number for t in stepped_aside)
-    assert len(summary["grid"]) == len(recipe.protocol["lrs"])
+    complete = [t.params["lr"] for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    assert set(complete) == set(recipe.protocol["lrs"])  # a copy left queued once its point is done is never run
+    for run in (out / "grid").iterdir():
+        assert [e["epoch"] for e in json.loads((run / "results.json").read_text())["log"]] == [1, 2]
+    assert sorted(g["lr"] for g in summary["grid"]) == sorted(recipe.protocol["lrs"])
+
+
+def test_a_study_left_by_an_earlier_ivpt_resumes(recipe, tmp_path):
+    """Output folders tuned before the study moved to Optuna's public API keep their studies (same names
+    and keys): a finished point is read back, never trained again, and a point still waiting in Optuna's
+    queue (queued without the point as a user attribute) is trained once."""
+    import optuna
+
+    from ivpt.engine.study import open_storage, study_key
+
+    two = dataclasses.replace(recipe, protocol={**recipe.protocol, "lrs": [0.3, 0.03], "seeds": [1]})
+    out = tmp_path / "tune"
+    (done_run, done_cfg), (queued_run, _) = grid_jobs(two, out)
+    finished = train(done_cfg, quiet=True)  # what the earlier ivpt trained for its first trial
+    before = (done_run / "results.json").read_text()
+    study = optuna.create_study(study_name=f"grid-{study_key(two)}", storage=open_storage(None, out, 30.0),
+                                direction="maximize")
+    space = {"lr": optuna.distributions.CategoricalDistribution([0.3, 0.03]),
+             "wd": optuna.distributions.CategoricalDistribution([0.0])}
+    study.add_trial(optuna.trial.create_trial(params={"lr": 0.3, "wd": 0.0}, distributions=space,
+                                              value=finished["val"]["top1"], user_attrs={"run": str(done_run)}))
+    study.enqueue_trial({"lr": 0.03, "wd": 0.0})  # the earlier ivpt's queue entry
+    summary = tune(two, out, pruner="none")
+    assert (done_run / "results.json").read_text() == before  # read back, not trained again
+    assert [e["epoch"] for e in json.loads((queued_run / "results.json").read_text())["log"]] == [1, 2]
+    assert sorted(g["lr"] for g in summary["grid"]) == [0.03, 0.3]
 
 
 def tune_without_hanging(*args, **kwargs):
@@ -228,7 +269,7 @@ def test_a_dead_workers_trial_on_a_journal_file_is_retried(recipe, tmp_path):
     journal = tmp_path / "journal.log"
     study = optuna.create_study(study_name=f"grid-{study_key(one)}", direction="maximize",
                                 storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
-    study.enqueue_trial({"lr": 0.03, "wd": 0.0})
+    study.enqueue_trial({"lr": 0.03, "wd": 0.0}, user_attrs={"point": {"lr": 0.03, "wd": 0.0}})  # as ivpt queues it
     dead = study.ask()  # popped by a worker that then died: running forever, its run never started
     dead.set_user_attr("run", str(tmp_path / "tune" / "grid" / "lr0.03_wd0"))
     time.sleep(1.1)
@@ -250,7 +291,7 @@ def test_a_trial_popped_by_a_worker_killed_before_its_first_heartbeat_is_retried
     out.mkdir()
     study = optuna.create_study(study_name=f"grid-{study_key(one)}", storage=open_storage(None, out, 0.5),
                                 direction="maximize")
-    study.enqueue_trial({"lr": 0.03, "wd": 0.0})
+    study.enqueue_trial({"lr": 0.03, "wd": 0.0}, user_attrs={"point": {"lr": 0.03, "wd": 0.0}})  # as ivpt queues it
     study.ask()  # popped; no heartbeat was ever recorded for it
     time.sleep(1.1)
 
@@ -262,23 +303,32 @@ def test_a_trial_popped_by_a_worker_killed_before_its_first_heartbeat_is_retried
 def test_a_live_trial_of_another_machine_is_left_to_its_heartbeat(tmp_path):
     """Two machines on one PostgreSQL study need not share a filesystem: a running trial whose run folder
     is not here (so no lock is held on it here) but whose heartbeat is fresh is alive, never failed."""
+    import threading
+
     import optuna
 
-    from ivpt.engine.study import _fail_orphans, open_storage
+    from ivpt.engine.study import StudySettings, _fail_orphans
 
-    study = optuna.create_study(study_name="s", storage=open_storage(None, tmp_path, 0.5), direction="maximize")
-    study.enqueue_trial({"lr": 0.03})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna's note that heartbeats belong to optimize()
-        trial = study.ask()
+    settings = StudySettings(heartbeat=0.5)
+    study = optuna.create_study(study_name="s", storage=settings.open(tmp_path), direction="maximize")
     elsewhere = tmp_path / "on-the-other-machine" / "lr0.03"
-    trial.set_user_attr("run", str(elsewhere))
-    storage = study._storage
-    storage.record_heartbeat(trial._trial_id)
-    time.sleep(1.1)  # older than the grace below
-    storage.record_heartbeat(trial._trial_id)
-    _fail_orphans(study, 1.0, {trial.number: time.monotonic() - 2.0})  # seen running for longer than the grace
-    assert study.get_trials(deepcopy=False)[0].state.name == "RUNNING"
+    checked = threading.Event()
+
+    def other_machines_objective(trial):  # runs inside Optuna's heartbeat thread, as a worker's trial does
+        trial.set_user_attr("run", str(elsewhere))
+        checked.wait(30)
+        return 0.5
+
+    worker = threading.Thread(target=study.optimize, args=(other_machines_objective,), kwargs={"n_trials": 1})
+    worker.start()
+    try:
+        while not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            time.sleep(0.05)
+        _fail_orphans(study, settings, {0: time.monotonic() - 2.0})  # seen running for longer than the grace
+        assert study.get_trials(deepcopy=False)[0].state.name == "RUNNING"
+    finally:
+        checked.set()
+        worker.join()
     assert not elsewhere.parent.exists()  # nor does a worker make folders for another machine's runs
 
 
@@ -290,8 +340,9 @@ def test_a_popped_trial_stamped_by_another_clock_is_judged_by_how_long_this_work
 
     import optuna
 
-    from ivpt.engine.study import _fail_orphans, open_storage
+    from ivpt.engine.study import StudySettings, _fail_orphans, open_storage
 
+    settings = StudySettings(heartbeat=0.5)
     study = optuna.create_study(study_name="s", storage=open_storage(None, tmp_path, 0.5), direction="maximize")
     study.enqueue_trial({"lr": 0.03})
     with warnings.catch_warnings():
@@ -303,12 +354,12 @@ def test_a_popped_trial_stamped_by_another_clock_is_judged_by_how_long_this_work
     here = optuna.load_study(study_name="s", storage=open_storage(None, tmp_path, 0.5))
     assert here.get_trials(deepcopy=False)[0].datetime_start.year == 2026
     seen: dict[int, float] = {}
-    _fail_orphans(here, 1.0, seen)
+    _fail_orphans(here, settings, seen)
     assert here.get_trials(deepcopy=False)[0].state.name == "RUNNING" and list(seen) == [0]
     time.sleep(1.1)
-    _fail_orphans(here, 1.0, seen)
+    _fail_orphans(here, settings, seen)
     assert here.get_trials(deepcopy=False)[0].state.name == "FAIL" and seen == {0: seen[0]}
-    _fail_orphans(here, 1.0, seen)
+    _fail_orphans(here, settings, seen)
     assert seen == {}  # no longer running: forgotten
 
 
@@ -329,10 +380,11 @@ def test_a_live_trial_failed_by_another_worker_is_finished_by_its_retry(recipe, 
 
         def late_heartbeat(entry):  # epoch 1 done: the trial is failed under this worker
             other = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
-            running = [t for s in optuna.get_all_study_summaries(other)
-                       for t in optuna.load_study(study_name=s.study_name, storage=other).trials
-                       if t.state.name == "RUNNING"]
-            other.set_trial_state_values(running[0]._trial_id, optuna.trial.TrialState.FAIL)
+            running = [(study, t.number) for s in optuna.get_all_study_summaries(other)
+                       for study in [optuna.load_study(study_name=s.study_name, storage=other)]
+                       for t in study.trials if t.state.name == "RUNNING"]
+            study, number = running[0]
+            study.tell(number, state=optuna.trial.TrialState.FAIL)
             on_epoch(entry)
         return real_train(cfg, on_epoch=late_heartbeat, **kwargs)
 
@@ -354,28 +406,99 @@ def test_a_storage_shared_by_two_outputs_is_refused_unless_the_seed_differs(reci
     assert other_seed["chosen"]["lr"] == 0.03
 
 
-def test_a_killed_worker_loses_nothing(recipe, tmp_path):
-    """SIGKILL in the middle of a grid run; the same command again finishes the study with the same result."""
+POSTGRES_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]))
+
+
+def _postgres_tool(name: str) -> str | None:
+    return shutil.which(name) or next((f"{d}/{name}" for d in reversed(POSTGRES_BIN) if os.path.exists(f"{d}/{name}")), None)
+
+
+@pytest.fixture(scope="module")
+def postgresql():
+    """A PostgreSQL server of its own, started as a user would (initdb, pg_ctl on a Unix socket, createdb):
+    its SQLAlchemy URL. As root (initdb refuses root) the server runs as the system user 'postgres' that
+    Debian's package creates, like Debian's own clusters."""
+    tools = {name: _postgres_tool(name) for name in ("initdb", "pg_ctl", "createdb")}
+    if None in tools.values():
+        pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl/createdb; Debian: apt-get install postgresql)")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is not installed: pip install 'ivpt[postgres]'")
+    as_user = []
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root, and PostgreSQL's initdb refuses root; no 'postgres' user to run it as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    home = tempfile.mkdtemp(prefix="ivpt-pg-")  # short: a Unix socket's path has at most 107 characters
+    if as_user:
+        os.chown(home, owner.pw_uid, owner.pw_gid)
+    run = functools.partial(subprocess.run, check=True, capture_output=True, timeout=60)
+    data = f"{home}/data"
+    run([*as_user, tools["initdb"], "-D", data, "-U", "ivpt", "--auth=trust", "--no-sync"])
+    run([*as_user, tools["pg_ctl"], "-D", data, "-l", f"{home}/server.log", "-w", "start",
+         "-o", f"-k {home} -c listen_addresses='' -c fsync=off"])
+    try:
+        run([*as_user, tools["createdb"], "-h", home, "-U", "ivpt", "ivpt"])
+        yield f"postgresql+psycopg://ivpt@/ivpt?host={home}"
+    finally:
+        run([*as_user, tools["pg_ctl"], "-D", data, "-m", "immediate", "stop"])
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _storage_url(kind: str, folder, request) -> str:
+    if kind == "postgresql":
+        return request.getfixturevalue("postgresql")
+    return f"sqlite:///{folder / 'shared.db'}" if kind == "sqlite" else f"journal:{folder / 'shared.journal'}"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
+def test_two_workers_on_one_storage_one_killed_train_every_point_once(kind, recipe, tmp_path, full_grid, request):
+    """Two `ivpt tune` processes (two machines' worth) on one study; one is SIGKILLed in the middle of a grid
+    run. The other notices (a stale heartbeat; on a journal file the run's free lock), resumes that run
+    from its checkpoint and finishes the protocol: every grid run trained once, start to end, and the
+    choice and test scores of an uninterrupted run."""
+    storage = _storage_url(kind, tmp_path, request)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict()))))
-    reference = tune(recipe, tmp_path / "reference", pruner="none")
-    command = [sys.executable, "-m", "ivpt.cli", "tune", str(path), "--output", str(tmp_path / "killed"),
-               "--pruner", "none", "--heartbeat", "1"]
+    command = [sys.executable, "-m", "ivpt.cli", "tune", str(path), "--output", str(tmp_path / "shared"),
+               "--storage", storage, "--pruner", "none", "--heartbeat", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # a grid run with a checkpoint but no result: killed in the middle of it
-        runs = list((tmp_path / "killed" / "grid").glob("*/checkpoint.json")) if (tmp_path / "killed").exists() else []
-        if any(not (r.parent / "results.json").exists() for r in runs):
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the tuning finished before it could be killed mid-run"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
-    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
-    assert summary["chosen"] == reference["chosen"] and summary["test_top1"] == reference["test_top1"]
+    doomed, survivor = (subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         start_new_session=True) for _ in range(2))
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not _mid_run(tmp_path / "shared" / "grid", doomed.pid):
+            assert doomed.poll() is None, doomed.stderr.read().decode()[-2000:]
+            time.sleep(0.1)
+        assert doomed.poll() is None, "the tuning finished before it could be killed mid-run"
+        os.killpg(doomed.pid, signal.SIGKILL)
+        doomed.wait()
+        _, err = survivor.communicate(timeout=300)
+        assert survivor.returncode == 0, err.decode()[-2000:]
+    finally:
+        for proc in (doomed, survivor):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    for run in (tmp_path / "shared" / "grid").iterdir():
+        log = json.loads((run / "results.json").read_text())["log"]
+        assert [e["epoch"] for e in log] == [1, 2]  # each epoch once: the killed run resumed, not restarted
+    summary = json.loads((tmp_path / "shared" / "summary.json").read_text())
+    assert (summary["chosen"], summary["test_top1"]) == (full_grid[1]["chosen"], full_grid[1]["test_top1"])
+
+
+def _mid_run(grid, pid: int) -> bool:
+    """Whether process ``pid`` holds a grid run that has a checkpoint and no result yet."""
+    for lock in grid.glob(f"*/{LOCK_NAME}") if grid.exists() else ():
+        run = lock.parent
+        try:
+            holder = json.loads(lock.read_text() or "{}").get("pid")
+        except ValueError:  # being written
+            continue
+        if holder == pid and (run / "checkpoint.json").exists() and not (run / "results.json").exists():
+            return True
+    return False
 
 
 def test_bad_storage_and_devices_are_named(recipe, tmp_path):

@@ -1,49 +1,83 @@
 """VPT's protocol on Optuna: one study per stage, any number of workers and machines, pruning, retries.
 
 The grid stage (lr x wd on train -> val) is an Optuna study whose trials are the recipe's grid
-points, each enqueued with fixed values; the final stage (one run per seed on train+val -> test, at
-the chosen lr and wd) is another.
-Studies live in ``--storage`` (default: SQLite in the output folder; any RDB URL such as
-PostgreSQL, or ``journal:PATH`` for Optuna's journal file on a shared filesystem), so every process
-that runs the same command joins the same studies. Each trial trains one run folder with
-``train(..., resume=True)``: a finished run is never trained again (its results.json is read), an
-interrupted one resumes from its own checkpoint. Workers send heartbeats; a trial whose worker died
-(SIGKILL, a lost node) is marked failed after the grace period and retried by whoever runs next.
-Pruners: ``sha`` (default) is synchronous successive halving on the grid: every point trains to the
-first rung (r epochs, r = epochs / 9), the best third goes on to 3r, ..., and the last survivors train
-to the end; between rungs a run waits at its checkpoint and resumes from it, so a survivor equals an
-unpruned run of its config (same schedule). A rung is a stage of its own, so workers anywhere share
-it. ``asha`` is Optuna's asynchronous successive halving (a point is judged against the points that
-reached its rung before it: no waiting, but with few points and few workers most go on) and
-``hyperband`` Optuna's Hyperband. ``none`` trains the full grid: the same choice as before.
+points; the final stage (one run per seed on train+val -> test at the chosen lr and wd) is another.
+Studies live in ``--storage`` (default: SQLite in the output folder; any RDB URL such as PostgreSQL,
+or ``journal:PATH`` on a shared filesystem), so every process that runs the same command joins them.
+
+The study is a work list, not a guard: a trial trains one run folder with ``train(resume=True)``,
+and the run's lock (ivpt.engine.runlock) and results.json already make that idempotent (a finished
+run is read back, an interrupted one resumes, a point queued twice is trained by the trial that
+holds its run's lock while the other steps aside). The study only
+knows which points are finished, which are queued or running, and queues again those whose worker
+died (a stale heartbeat or, on a journal file, a free run lock).
+
+Pruners: ``sha`` (default) is synchronous successive halving: every point trains to the first rung
+(r epochs, r = epochs / 9), the best third goes on to 3r, ..., the survivors to the end; a run waits
+at its checkpoint between rungs, so a survivor equals an unpruned run of its config. Each rung is a
+stage of its own, shared by workers anywhere. ``asha`` and ``hyperband`` judge points as they run
+(:class:`GridHalving`); ``none`` trains the full grid.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
+import math
 import os
 import statistics
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
-from ..extras import require
-from .checkpoint import atomic_write
+import optuna
+from optuna.trial import TrialState
+
 from ..card import as_typed
+from .checkpoint import atomic_write
 from .config import NOT_RESULT_FIELDS, ConfigError, TrainConfig, as_started, check_inputs
 from .protocol import VPT_LRS, VPT_SEEDS, VPT_WDS, check_finals, choose, final_jobs, grid_jobs
-from .runlock import RunLockedError
+from .runlock import RunLock, RunLockedError
 
 PRUNERS = ("none", "sha", "asha", "hyperband")
 ETA = 3  # successive halving's reduction factor: the best third of a rung goes on
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def _done(run: Path) -> dict | None:
-    path = run / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+@dataclasses.dataclass(frozen=True)
+class StudySettings:
+    """How ``ivpt tune`` runs its studies: the same for every stage, every worker and every machine.
+
+    storage: an Optuna storage URL (``sqlite:///PATH``, ``postgresql+psycopg://USER@HOST/DB``, any
+    SQLAlchemy URL) or ``journal:PATH``; None keeps SQLite in the output folder. pruner: one of
+    ``PRUNERS``. heartbeat: seconds between a worker's heartbeats; a trial silent for twice that is
+    taken as dead. device: the ``--devices`` entry a worker process is pinned to (None: as started).
+    """
+    storage: str | None = None
+    pruner: str = "sha"
+    heartbeat: float = 30.0
+    device: str | None = None
+
+    def __post_init__(self):
+        if self.pruner not in PRUNERS:
+            raise ConfigError(f"--pruner {self.pruner!r}: expected one of {', '.join(PRUNERS)}")
+        if not self.heartbeat > 0:
+            raise ConfigError(f"--heartbeat {self.heartbeat:g}: expected a positive number of seconds")
+
+    @property
+    def heartbeats(self) -> bool:
+        """Whether the storage keeps heartbeats (an RDB does; Optuna's journal file does not)."""
+        return not (self.storage or "").startswith("journal:")
+
+    @property
+    def grace(self) -> float:
+        """How long a running trial may go unheard of before it is taken as dead."""
+        return 2 * self.heartbeat
+
+    def open(self, out: Path):
+        return open_storage(self.storage, out, self.heartbeat)
 
 
 def study_key(cfg: TrainConfig) -> str:
@@ -61,7 +95,7 @@ def study_key(cfg: TrainConfig) -> str:
 
 
 def open_storage(url: str | None, out: Path, heartbeat: float):
-    optuna = require("optuna", "ivpt tune")
+    """The Optuna storage behind ``--storage`` (None: ``study.db`` in ``out``), or a ConfigError naming it."""
     url = url or f"sqlite:///{(out / 'study.db').resolve()}"
     for prefix in ("sqlite:///", "journal:"):  # a file path inside the URL: ~ as everywhere else
         if url.startswith(prefix + "~"):
@@ -71,16 +105,32 @@ def open_storage(url: str | None, out: Path, heartbeat: float):
             from optuna.storages.journal import JournalFileBackend
 
             return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
-        # No retry callback: Optuna's copies the dead trial's attributes (its run, its rung values) into
-        # the retry, which then counts twice at the pruner's rungs and, named a run before its worker
-        # started, could never be told dead; run_stage queues the failed point anew as a clean trial.
-        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
-            warnings.simplefilter("ignore")
-            return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, int(heartbeat)),
-                                              grace_period=max(2, int(2 * heartbeat)))
+        return _rdb_storage(url, heartbeat)
     except Exception as err:  # sqlalchemy's and optuna's errors alike: name the field
         raise ConfigError(f"--storage {url!r}: cannot open it as an Optuna storage ({type(err).__name__}: {err}); "
-                          "expected e.g. sqlite:///PATH, postgresql://USER@HOST/DB or journal:PATH") from None
+                          "expected e.g. sqlite:///PATH, postgresql+psycopg://USER@HOST/DB (pip install "
+                          "'ivpt[postgres]') or journal:PATH") from None
+
+
+def _rdb_storage(url: str, heartbeat: float, tries: int = 3):
+    """Optuna's RDBStorage with heartbeats; no failed_trial_callback (RetryFailedTrialCallback): its retry
+    copies the dead trial's attributes, and run_stage queues every missing point anyway.
+
+    Workers started at once on a new PostgreSQL database race to create Optuna's tables, and all but
+    one fail on a unique constraint; the tables exist when they look again.
+    """
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(tries):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
+                warnings.simplefilter("ignore")
+                return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, int(heartbeat)),
+                                                  grace_period=max(2, int(2 * heartbeat)))
+        except (IntegrityError, ProgrammingError):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5 + attempt)
 
 
 def rung_epochs(epochs: int) -> list[int]:
@@ -92,21 +142,6 @@ def rung_epochs(epochs: int) -> list[int]:
     return rungs
 
 
-def _pruner(name: str, epochs: int):
-    """The Optuna pruner of the grid stage's trials (synchronous ``sha`` prunes between stages: none here)."""
-    import optuna
-
-    if name not in PRUNERS:
-        raise ConfigError(f"--pruner {name!r}: expected one of {', '.join(PRUNERS)}")
-    if name in ("none", "sha"):
-        return optuna.pruners.NopPruner()
-    if name in ("asha", "hyperband") and epochs < 2:
-        raise ConfigError(f"--pruner {name}: epochs {epochs} leaves no rung to prune at; use --pruner none")
-    if name == "asha":  # the same rungs as sha; a point goes on if it is in the best third of those already there
-        return _live_pruner(optuna.pruners.SuccessiveHalvingPruner)(min_resource=rung_epochs(epochs)[0], reduction_factor=ETA)
-    return _live_pruner(optuna.pruners.HyperbandPruner)(min_resource=1, max_resource=epochs, reduction_factor=ETA)
-
-
 def pruner_rungs(name: str, epochs: int) -> list[int]:
     """The epochs at which a pruner judges a grid point (so val must be scored there)."""
     if name in ("sha", "asha"):
@@ -116,46 +151,104 @@ def pruner_rungs(name: str, epochs: int) -> list[int]:
     return []
 
 
-class _LiveTrialsStorage:
-    """A view of an Optuna storage without its failed trials, for the pruners.
+class GridHalving(optuna.pruners.BasePruner):
+    """Asynchronous successive halving over grid points (``asha``), or Hyperband's brackets of it.
 
-    Optuna's pruners rank a trial against every trial's rung values, failed ones included; a dead
-    worker's failed attempt keeps its values and the point's new trial reports them again (it replays
-    the run's log), so the point would count twice at every rung it had passed.
+    At each of its rungs a point goes on if its val is among the best third (at least the best one)
+    of the points that have reached that rung, each point counted once and failed trials left out:
+    a dead worker's attempt and its point's retry (which replays the run's log) report the same
+    values, and Optuna's own pruners, which count every trial, would count the point twice. Judged
+    from the reported values alone, so nothing is kept between calls.
+    ``brackets`` > 1 is Hyperband: bracket b starts judging at ``first_rung * ETA**b`` epochs, and a
+    point's bracket, drawn from its parameters, stays the same for its retries; brackets that start
+    later get fewer points (n ETA^s / (s + 1) of them for s = brackets - 1 - b, as in Hyperband).
     """
 
-    def __init__(self, storage):
-        self._storage = storage
+    def __init__(self, first_rung: int, epochs: int, brackets: int = 1):
+        self.first_rung, self.epochs, self.brackets = first_rung, epochs, brackets
+        self.shares = [math.ceil(brackets * ETA ** s / (s + 1)) for s in reversed(range(brackets))]
 
-    def __getattr__(self, name):
-        return getattr(self._storage, name)
+    @classmethod
+    def named(cls, name: str, epochs: int) -> "GridHalving | None":
+        """The pruner of ``--pruner name`` for the grid stage (None where no trial is judged as it runs)."""
+        if name in ("none", "sha"):  # sha judges between stages
+            return None
+        if epochs < 2:
+            raise ConfigError(f"--pruner {name}: epochs {epochs} leaves no rung to prune at; use --pruner none")
+        if name == "asha":  # the same rungs as sha
+            return cls(rung_epochs(epochs)[0], epochs)
+        return cls(1, epochs, brackets=math.floor(math.log(epochs, ETA) + 1e-9) + 1)
 
-    def get_all_trials(self, study_id, deepcopy=True, states=None):
-        import optuna
+    def bracket(self, params: dict) -> int:
+        draw = zlib.crc32(json.dumps(params, sort_keys=True).encode()) % sum(self.shares)
+        for bracket, share in enumerate(self.shares):
+            draw -= share
+            if draw < 0:
+                return bracket
+        raise AssertionError("unreachable: the draw is below the shares' sum")
 
-        return [t for t in self._storage.get_all_trials(study_id, deepcopy=deepcopy, states=states)
-                if t.state != optuna.trial.TrialState.FAIL]
+    def rungs(self, bracket: int) -> list[int]:
+        rung, rungs = self.first_rung * ETA ** bracket, []
+        while rung < self.epochs:
+            rungs.append(rung)
+            rung *= ETA
+        return rungs
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        epoch, bracket = trial.last_step, self.bracket(trial.params)
+        if epoch not in self.rungs(bracket):
+            return False
+        reached = {json.dumps(t.params, sort_keys=True): t.intermediate_values[epoch]
+                   for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, *FINISHED))
+                   if epoch in t.intermediate_values and self.bracket(t.params) == bracket}
+        value = reached[json.dumps(trial.params, sort_keys=True)] = trial.intermediate_values[epoch]
+        best = sorted(reached.values(), reverse=True)[:max(1, len(reached) // ETA)]
+        return value < best[-1]
 
 
-def _without_failed_trials(study):
-    import optuna
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One study: its grid points, each trained in its own run folder, and what a trial returns.
 
-    return optuna.Study(study.study_name, _LiveTrialsStorage(study._storage), sampler=study.sampler,
-                        pruner=study.pruner)
+    space: parameter -> values (Optuna's categorical choices); jobs: point (the values in the order
+    of sorted(space)) -> (run folder, config); split: the score a finished run returns; stop_at:
+    train only to that epoch (a rung of synchronous successive halving) and return its val score;
+    pruner: judges trials as they run; pruner_name: recorded, so that a study is finished as it began.
+    """
+    name: str
+    space: dict[str, list]
+    jobs: dict[tuple, tuple[Path, TrainConfig]]
+    split: str = "val"
+    stop_at: int | None = None
+    pruner: optuna.pruners.BasePruner | None = None
+    pruner_name: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.space)
+
+    def point(self, trial) -> tuple | None:
+        """A trial's grid point: its parameters, or, while queued, the point it was queued with."""
+        params = trial.params or trial.user_attrs.get("point") or {}
+        return tuple(params[n] for n in self.names) if set(params) == set(self.names) else None
 
 
-def _live_pruner(base):
-    class Live(base):
-        def prune(self, study, trial):
-            return super().prune(_without_failed_trials(study), trial)
-
-    Live.__name__ = Live.__qualname__ = f"Live{base.__name__}"
-    return Live
+def _done(run: Path) -> dict | None:
+    path = run / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _entry_value(entry: dict, split: str) -> float | None:
     """An epoch's primary score on ``split`` (top-1 or mIoU) in a run's log entry."""
     return next((v for k, v in entry.items() if k.startswith(f"{split}_") and k != f"{split}_loss"), None)
+
+
+def _rung_value(entry: dict, split: str, epoch: int, run: Path) -> float:
+    value = _entry_value(entry, split)
+    if value is None:
+        raise ConfigError(f"{run}: no {split} score at epoch {epoch}, a rung of successive halving; "
+                          "set eval_every to 1 (or a divisor of every rung) or use --pruner none")
+    return value
 
 
 class _RungReached(Exception):
@@ -166,72 +259,69 @@ class _RungReached(Exception):
         self.value = value
 
 
-def _objective(jobs: dict, space: dict[str, list], split: str, report: bool, stop_at: int | None = None):
-    """One trial = one run folder, trained (or resumed, or read back) by this worker.
+class _NotQueued(Exception):
+    """A trial with no point of its own: Optuna made it afresh because another worker took the last
+    queued point first, or its point's run is held by another worker's trial (both queued it)."""
 
-    stop_at: train only to that epoch (a rung of synchronous successive halving) and return its val
-    score; the run stays at its checkpoint, from which the next rung resumes it.
+
+class _Objective:
+    """Optuna's objective for one stage: a trial is one grid point, whose run is trained, resumed or read back.
+
+    Keeps the number of the trial it runs and what that trial raised, so that run_stage can tell the
+    run's own errors from Optuna refusing a trial another worker failed meanwhile.
     """
-    import optuna
 
-    from .loop import train
+    def __init__(self, stage: Stage):
+        self.stage, self.number, self.raised = stage, None, None
 
-    names = sorted(space)
-
-    def objective(trial):
-        objective.current, objective.failed = trial.number, None
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.number, self.raised = trial.number, None
         try:
-            return run_trial(trial)
-        except BaseException as err:  # kept: run_stage tells this worker's errors from Optuna's own
-            objective.failed = err
+            return self.run(trial)
+        except BaseException as err:
+            self.raised = err
             raise
 
-    def run_trial(trial):
-        if not trial._fixed_params:  # Optuna's queued values (no public accessor on a live Trial)
-            raise _NotQueued("no queued point left for this trial")
-        point = tuple(trial.suggest_categorical(name, space[name]) for name in names)  # the queued values
-        twin = _taken_by(trial, point, names)
-        if twin is not None:
-            trial.set_user_attr("duplicate_of", twin)
-            raise _NotQueued(f"point {point} is trial {twin}'s (enqueued twice by racing workers)")
-        run, cfg = jobs[point]
-        trial.set_user_attr("run", str(run))
+    def run(self, trial: optuna.Trial) -> float:
+        from .loop import train
 
-        def on_epoch(entry):  # val after every epoch: the pruner's rungs
-            value = _entry_value(entry, cfg.eval_split)
-            if report or stop_at:  # kept in the study: a pruned run's epochs count even when its folder is gone
+        if "point" not in trial.user_attrs:
+            raise _NotQueued("no queued point left for this trial")
+        stage = self.stage
+        point = tuple(trial.suggest_categorical(name, stage.space[name]) for name in stage.names)  # the queued values
+        run, cfg = stage.jobs[point]
+        trial.set_user_attr("run", str(run))  # from here on the run's lock (or its heartbeat) tells whether it lives
+        if _done(run) is None:  # else finished earlier (by anyone): read back, never trained again
+            try:
+                train(cfg, resume=True, quiet=True, on_epoch=self.reporter(trial, run, cfg))
+            except _RungReached as reached:
+                return reached.value
+            except RunLockedError:  # another worker trains this point (both queued it): leave it to that trial
+                time.sleep(2)  # (a run held by something else than a trial is not tried again at once)
+                raise _NotQueued(f"{run} is being trained by another worker") from None
+        done = _done(run)
+        _check_same_run(run, done, cfg)
+        if stage.stop_at is not None:
+            entry = next(e for e in done["log"] if e["epoch"] == stage.stop_at)
+            return _rung_value(entry, cfg.eval_split, stage.stop_at, run)
+        return done[stage.split][done.get("primary_metric", "top1")]
+
+    def reporter(self, trial: optuna.Trial, run: Path, cfg: TrainConfig):
+        """The run's on_epoch (called for every epoch, also while a resumed run replays its log)."""
+        stop_at, judged = self.stage.stop_at, self.stage.pruner is not None
+
+        def on_epoch(entry: dict) -> None:
+            if judged or stop_at:  # kept in the study: a pruned run's epochs count even when its folder is gone
                 trial.set_user_attr("epochs", entry["epoch"])
-            if stop_at is not None and entry["epoch"] >= stop_at:  # also while a resumed run replays its log
+            if stop_at is not None and entry["epoch"] >= stop_at:
                 raise _RungReached(_rung_value(entry, cfg.eval_split, stop_at, run))
-            if report and value is not None:
+            value = _entry_value(entry, cfg.eval_split)
+            if judged and value is not None:
                 trial.report(value, entry["epoch"])
                 # the last epoch is trained already: a run that reached it completes, it is not pruned
                 if entry["epoch"] < cfg.epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {entry['epoch']} (val {value:.4f})")
-
-        while True:
-            done = _done(run)
-            if done is not None:  # finished earlier (by anyone): never trained again, if it is this run
-                _check_same_run(run, done, cfg)
-                if stop_at is not None:
-                    return _rung_value(next(e for e in done["log"] if e["epoch"] == stop_at), cfg.eval_split, stop_at, run)
-                return done[split][done.get("primary_metric", "top1")]
-            try:
-                train(cfg, resume=True, quiet=True, on_epoch=on_epoch)
-            except _RungReached as reached:
-                return reached.value
-            except RunLockedError:  # another worker trains this run (a duplicate trial): wait for its result
-                time.sleep(2)
-    objective.current = objective.failed = None
-    return objective
-
-
-def _rung_value(entry: dict, split: str, epoch: int, run: Path) -> float:
-    value = _entry_value(entry, split)
-    if value is None:
-        raise ConfigError(f"{run}: no {split} score at epoch {epoch}, a rung of successive halving; "
-                          "set eval_every to 1 (or a divisor of every rung) or use --pruner none")
-    return value
+        return on_epoch
 
 
 def _check_same_run(run: Path, done: dict, cfg: TrainConfig) -> None:
@@ -246,134 +336,39 @@ def _check_same_run(run: Path, done: dict, cfg: TrainConfig) -> None:
                               + resume_hint(done.get("config") or {}, diff))
 
 
-def _fail_orphans(study, grace: float, seen: dict[int, float]) -> None:
-    """Fail the running trials of dead workers that no heartbeat can tell of.
+def _fail_orphans(study: optuna.Study, settings: StudySettings, seen: dict[int, float]) -> None:
+    """Fail the running trials of dead workers that no heartbeat can tell of (their points are queued anew).
 
     On a storage without heartbeats (Optuna's journal file) a trial is alive while its run folder's
-    lock is held (ivpt.engine.runlock: a kernel lock that dies with its process) or while this worker
-    has seen it running for less than ``grace`` seconds (popped, not yet training). A live trial misjudged
-    in the instant between its training and its report only loses its bookkeeping: its retry finds the
-    run's results.json.
+    lock is held (a kernel lock that dies with its process) or while this worker has seen it running
+    for less than the grace (popped, not yet training). A live trial misjudged in the instant between
+    its training and its report only loses its bookkeeping: its retry finds the run's results.json.
     On an RDB storage heartbeats judge every trial that got as far as naming its run (the objective
     runs inside Optuna's heartbeat thread); one popped by a worker killed before that has no heartbeat
-    that could go stale, and would hold its point, and the stage, forever: it is failed after ``grace``.
+    that could go stale: it is failed after the grace.
     Age is measured on this worker's own monotonic clock from when it first saw the trial running
     (``seen``: trial number -> that moment, kept by the caller across calls), never from the trial's
-    start time: Optuna stamps that in the popping machine's local time, and another machine's clock or
-    time zone would make a trial just popped there look hours old here.
+    start time, which Optuna stamps in the popping machine's local time.
     """
-    import optuna
-
-    from .runlock import RunLock
-
-    # Optuna wraps an RDBStorage in a cache; asking for its heartbeat interval sees through that
-    heartbeats = getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
     now = time.monotonic()
-    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for number in set(seen) - {t.number for t in running}:
         del seen[number]  # finished or failed meanwhile
     for trial in running:
-        if now - seen.setdefault(trial.number, now) < grace:
+        if now - seen.setdefault(trial.number, now) < settings.grace:
             continue
         run = trial.user_attrs.get("run")
         if run is not None:
-            if heartbeats:
+            if settings.heartbeats:
                 continue  # fail_stale_trials judges it by its heartbeat (the run folder may be on another machine)
             try:
                 RunLock(run).acquire().release()
             except RunLockedError:
                 continue  # its worker (or another trial of the same point) trains it now
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)  # run_stage queues it anew
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
 
-def _taken_over(study, number: int | None) -> bool:
-    """Whether this worker's trial was finished by someone else (failed as stale) while it ran."""
-    import optuna
-
-    if number is None:
-        return False
-    return study.get_trials(deepcopy=False)[number].state != optuna.trial.TrialState.RUNNING
-
-
-class _NotQueued(Exception):
-    """A trial that did not come from the stage's queue, or whose point another trial holds (two workers
-    raced for the last point, or enqueued the same missing point at once)."""
-
-
-def _trial_point(trial, names: list[str]) -> tuple:
-    """A trial's grid point: its parameters, or the queued ones while it has not suggested them yet."""
-    fixed = trial.system_attrs.get("fixed_params", {})
-    return tuple(trial.params.get(n, fixed.get(n)) for n in names)
-
-
-def _taken_by(trial, point: tuple, names: list[str]) -> int | None:
-    """The number of another trial that holds ``point``: finished, or running with a smaller number.
-
-    Popping a queued trial is atomic in Optuna's storages, but two workers that see the same point
-    missing both enqueue it. Of two running copies the older one trains and the younger steps aside;
-    whichever looks second sees the other running (or done), so exactly one of them goes on.
-    """
-    import optuna
-
-    states = optuna.trial.TrialState
-    for other in trial.study.get_trials(deepcopy=False, states=(states.RUNNING, states.COMPLETE, states.PRUNED)):
-        if other.number == trial.number or _trial_point(other, names) != point:
-            continue
-        if other.state != states.RUNNING or other.number < trial.number:
-            return other.number
-    return None
-
-
-def run_stage(name: str, storage, space: dict[str, list], jobs: dict, split: str, pruner, workers_here: bool,
-              heartbeat: float, stop_at: int | None = None, pruner_name: str | None = None) -> list:
-    """Work on one stage until every grid point is complete or pruned; returns its finished trials.
-
-    Every point is enqueued once as a trial with fixed parameters; a worker only takes queued trials
-    (Optuna pops each for one worker), so no point is trained twice; a dead worker's trial is failed
-    by its stale heartbeat (or, without heartbeats, by _fail_orphans) and its point queued anew.
-    """
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial: ivpt says why, once (not Optuna beside it)
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-                                pruner=pruner)
-    if pruner_name is not None:  # a stage pruned one way is not finished by another: its pruned points differ
-        _same_setting(study, "pruner", pruner_name)
-    # Every worker judges the others' liveness by its own --heartbeat: one study, one heartbeat
-    _same_setting(study, "heartbeat", float(heartbeat))
-    objective = _objective(jobs, space, split, report=not isinstance(pruner, optuna.pruners.NopPruner), stop_at=stop_at)
-    states = optuna.trial.TrialState
-    names = sorted(space)
-    point = functools.partial(_trial_point, names=names)
-
-    first_seen_running: dict[int, float] = {}
-    while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            optuna.storages.fail_stale_trials(study)  # trials of dead workers: failed (queued anew below)
-        _fail_orphans(study, 2 * heartbeat, first_seen_running)
-        trials = study.get_trials(deepcopy=False)
-        finished = {point(t) for t in trials if t.state in (states.COMPLETE, states.PRUNED)}
-        if set(jobs) <= finished:
-            return [t for t in trials if t.state in (states.COMPLETE, states.PRUNED)]
-        pending = {point(t) for t in trials if t.state in (states.WAITING, states.RUNNING)}
-        for missing in sorted(set(jobs) - finished - pending):
-            study.enqueue_trial(dict(zip(names, missing)))
-        if workers_here and any(t.state == states.WAITING for t in study.get_trials(deepcopy=False)):
-            try:
-                study.optimize(objective, n_trials=1, catch=(_NotQueued,))
-            except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as err:
-                # Optuna's refusal to update or tell a trial another worker failed; not the run's own errors
-                from_optuna = err is not objective.failed or isinstance(err, optuna.exceptions.UpdateFinishedTrialError)
-                if not (from_optuna and _taken_over(study, objective.current)):
-                    raise
-                warnings.warn(f"trial {objective.current} of {name} was failed by another worker while this one "
-                              f"ran it (a late heartbeat?); its retry reads the run back ({err})")
-            continue
-        time.sleep(max(1.0, heartbeat / 2))  # others' trials are running: wait for them (or for their heartbeats)
-
-
-def _same_setting(study, option: str, value) -> None:
+def _same_setting(study: optuna.Study, option: str, value) -> None:
     """A setting every worker of a study must share: recorded by the first, refused when another differs."""
     used = study.user_attrs.get(option)
     if used is None:
@@ -384,8 +379,64 @@ def _same_setting(study, option: str, value) -> None:
                           f"--{option} {shown(used)}; use that, or another --output / --storage")
 
 
-def successive_halving(key: str, storage, space: dict[str, list], grid: dict, epochs: int, workers_here: bool,
-                       heartbeat: float) -> tuple[list, int, dict[str, int]]:
+def _finished(stage: Stage, trials: list) -> dict[tuple, optuna.trial.FrozenTrial]:
+    """Each finished point's trial (a completed one before a pruned one, where a point has two)."""
+    finished = {}
+    for trial in sorted((t for t in trials if t.state in FINISHED), key=lambda t: t.state != TrialState.COMPLETE):
+        finished.setdefault(stage.point(trial), trial)
+    return {point: trial for point, trial in finished.items() if point in stage.jobs}
+
+
+def _train_one(study: optuna.Study, objective: _Objective) -> None:
+    """One queued trial, in Optuna's optimize (which runs the heartbeat thread beside it)."""
+    try:
+        study.optimize(objective, n_trials=1, catch=(_NotQueued,))
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as err:
+        # Optuna refusing to update or tell a trial another worker failed, not the run's own errors
+        from_optuna = err is not objective.raised or isinstance(err, optuna.exceptions.UpdateFinishedTrialError)
+        taken_over = [t for t in study.get_trials(deepcopy=False)
+                      if t.number == objective.number and t.state != TrialState.RUNNING]
+        if not (from_optuna and taken_over):
+            raise
+        warnings.warn(f"trial {objective.number} of {study.study_name} was failed by another worker while this one "
+                      f"ran it (a late heartbeat?); its retry reads the run back ({err})")
+
+
+def run_stage(stage: Stage, storage, settings: StudySettings) -> dict[tuple, optuna.trial.FrozenTrial]:
+    """Work on one stage until every grid point is complete or pruned; returns each point's finished trial.
+
+    Every point missing (never queued, or its trial failed with its worker) is queued; this worker
+    trains queued trials one by one and, once none is left, waits for the others' running ones.
+    """
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial: ivpt says why, once (not Optuna beside it)
+    study = optuna.create_study(study_name=stage.name, storage=storage, direction="maximize", load_if_exists=True,
+                                pruner=stage.pruner)
+    if stage.pruner_name is not None:  # a stage pruned one way is not finished by another: its pruned points differ
+        _same_setting(study, "pruner", stage.pruner_name)
+    # Every worker judges the others' liveness by its own --heartbeat: one study, one heartbeat
+    _same_setting(study, "heartbeat", float(settings.heartbeat))
+    objective, first_seen_running = _Objective(stage), {}
+    while True:
+        with warnings.catch_warnings():  # heartbeats are experimental in Optuna
+            warnings.simplefilter("ignore")
+            optuna.storages.fail_stale_trials(study)  # trials of dead workers: failed (queued anew below)
+        _fail_orphans(study, settings, first_seen_running)
+        trials = study.get_trials(deepcopy=False)
+        finished = _finished(stage, trials)
+        if len(finished) == len(stage.jobs):
+            return finished
+        queued = {stage.point(t) for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)}
+        for point in sorted(set(stage.jobs) - set(finished) - queued):
+            params = dict(zip(stage.names, point))
+            study.enqueue_trial(params, user_attrs={"point": params})
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            _train_one(study, objective)
+        else:
+            time.sleep(min(2.0, settings.heartbeat / 2))  # others' trials are running: look again soon (a rung's barrier)
+
+
+def successive_halving(key: str, storage, settings: StudySettings, grid: dict, space: dict[str, list],
+                       epochs: int) -> tuple[dict, int, dict[str, int]]:
     """Synchronous successive halving on the grid; returns the last stage's trials, the points pruned and
     the epochs each run trained as the study recorded them.
 
@@ -393,71 +444,69 @@ def successive_halving(key: str, storage, space: dict[str, list], grid: dict, ep
     the best third by val (ties as the choice: the smaller lr, then the larger wd) goes on. Once one
     point is left, or the rungs are done, the survivors train to the end in the stage ``sha-KEY-end``.
     """
-    import optuna
-
     survivors, recorded = sorted(grid), {}
     for rung in rung_epochs(epochs):
         if len(survivors) <= 1:
             break
-        trials = run_stage(f"sha-{key}-epoch{rung}", storage, space, {p: grid[p] for p in survivors}, "val",
-                           optuna.pruners.NopPruner(), workers_here, heartbeat, stop_at=rung)
-        value = {(t.params["lr"], t.params["wd"]): t.value for t in trials}
-        for t in trials:
-            run = t.user_attrs.get("run")
-            recorded[run] = max(recorded.get(run, 0), t.user_attrs.get("epochs", 0))
-        ranked = sorted(survivors, key=lambda p: (-round(value[p], 6), p[0], -p[1]))
+        trials = run_stage(Stage(f"sha-{key}-epoch{rung}", space, {p: grid[p] for p in survivors}, stop_at=rung),
+                           storage, settings)
+        for trial in trials.values():
+            run = trial.user_attrs.get("run")
+            recorded[run] = max(recorded.get(run, 0), trial.user_attrs.get("epochs", 0))
+        ranked = sorted(survivors, key=lambda p: (-round(trials[p].value, 6), p[0], -p[1]))
         survivors = sorted(ranked[:max(1, len(ranked) // ETA)])
-    trials = run_stage(f"sha-{key}-end", storage, space, {p: grid[p] for p in survivors}, "val",
-                       optuna.pruners.NopPruner(), workers_here, heartbeat)
+    trials = run_stage(Stage(f"sha-{key}-end", space, {p: grid[p] for p in survivors}), storage, settings)
     return trials, len(grid) - len(survivors), recorded
 
 
-def tune_study(cfg: TrainConfig, out: Path, *, storage: str | None = None, pruner: str = "sha",
-               heartbeat: float = 30.0, workers_here: bool = True, chosen: dict | None = None) -> dict[str, Any]:
+def _grid_stage(cfg: TrainConfig, out: Path, key: str, storage, settings: StudySettings) -> tuple[list, int, dict]:
+    """The grid's finished runs' results, the points pruned and the epochs the study recorded per run."""
+    lrs, wds = cfg.protocol.get("lrs", VPT_LRS), cfg.protocol.get("wds", VPT_WDS)
+    grid = {(float(lr), float(wd)): job for (lr, wd), job in zip([(lr, wd) for lr in lrs for wd in wds],
+                                                                   grid_jobs(cfg, out))}
+    space = {"lr": [float(v) for v in lrs], "wd": [float(v) for v in wds]}  # points in sorted names: (lr, wd)
+    pruner = GridHalving.named(settings.pruner, cfg.epochs)
+    rungs = pruner_rungs(settings.pruner, cfg.epochs)
+    if rungs and (not cfg.eval_every or any(r % cfg.eval_every for r in rungs)):
+        raise ConfigError(f"eval_every {cfg.eval_every}: --pruner {settings.pruner} judges the grid points on val at "
+                          f"epochs {rungs}; set eval_every to 1 or use --pruner none")
+    if settings.pruner == "sha":
+        trials, pruned, recorded = successive_halving(key, storage, settings, grid, space, cfg.epochs)
+    else:
+        trials = run_stage(Stage(f"grid-{key}", space, grid, pruner=pruner, pruner_name=settings.pruner),
+                           storage, settings)
+        pruned = sum(t.state == TrialState.PRUNED for t in trials.values())
+        recorded = {t.user_attrs.get("run"): t.user_attrs.get("epochs", 0) for t in trials.values()}
+    complete = [grid[point][0] for point, t in sorted(trials.items()) if t.state == TrialState.COMPLETE]
+    return _finished_runs(complete, out), pruned, recorded
+
+
+def tune_study(cfg: TrainConfig, out: Path, settings: StudySettings = StudySettings(), *,
+               chosen: dict | None = None) -> dict[str, Any]:
     """The grid stage, the choice and the final stage; the summary ``ivpt tune`` writes."""
     out.mkdir(parents=True, exist_ok=True)
-    store = open_storage(storage, out, heartbeat)
-    key = study_key(cfg)
-    lrs, wds = cfg.protocol.get("lrs", VPT_LRS), cfg.protocol.get("wds", VPT_WDS)
-    grid_results = []
+    storage, key = settings.open(out), study_key(cfg)
     if chosen is None:
-        grid = {(float(lr), float(wd)): job for (lr, wd), job in zip([(lr, wd) for lr in lrs for wd in wds],
-                                                                       grid_jobs(cfg, out))}
-        space = {"lr": [float(v) for v in lrs], "wd": [float(v) for v in wds]}  # params sorted by name: "lr" < "wd"
-        optuna_pruner = _pruner(pruner, cfg.epochs)
-        rungs = pruner_rungs(pruner, cfg.epochs)
-        if rungs and (not cfg.eval_every or any(r % cfg.eval_every for r in rungs)):
-            raise ConfigError(f"eval_every {cfg.eval_every}: --pruner {pruner} judges the grid points on val at "
-                              f"epochs {rungs}; set eval_every to 1 or use --pruner none")
-        if pruner == "sha":
-            trials, pruned, recorded = successive_halving(key, store, space, grid, cfg.epochs, workers_here, heartbeat)
-        else:
-            trials = run_stage(f"grid-{key}", store, space, grid, "val", optuna_pruner, workers_here, heartbeat,
-                               pruner_name=pruner)
-            pruned = sum(t.state.name == "PRUNED" for t in trials)
-            recorded = {t.user_attrs.get("run"): t.user_attrs.get("epochs", 0) for t in trials}
-        grid_results = _finished_runs([grid[(t.params["lr"], t.params["wd"])][0] for t in trials
-                                       if t.state.name == "COMPLETE"], out)
+        grid_results, pruned, recorded = _grid_stage(cfg, out, key, storage, settings)
         choice = choose(grid_results)
     else:
-        choice, pruned, recorded = dict(chosen), 0, {}
+        grid_results, choice, pruned, recorded = [], dict(chosen), 0, {}
     seeds = [int(s) for s in cfg.protocol.get("seeds", VPT_SEEDS)]
     finals = {(seed,): job for seed, job in zip(seeds, final_jobs(cfg, out, choice["lr"], choice["weight_decay"]))}
     check_finals(list(finals.values()), choice)
-    import optuna
-
-    run_stage(f"final-{key}-lr{choice['lr']:g}-wd{choice['weight_decay']:g}", store, {"seed": seeds}, finals,
-              "test", optuna.pruners.NopPruner(), workers_here, heartbeat)
+    run_stage(Stage(f"final-{key}-lr{choice['lr']:g}-wd{choice['weight_decay']:g}", {"seed": seeds}, finals,
+                    split="test"), storage, settings)
     final_results = _finished_runs([run for run, _ in finals.values()], out)
     metric = final_results[0].get("primary_metric", "top1")
     tests = [r["test"][metric] for r in final_results]
+    grid_runs = [run for run, _ in grid_jobs(cfg, out)] if chosen is None else []
     epochs_trained = sum(len((_done(run) or {}).get("log", [])) or _checkpoint_epochs(run) or recorded.get(str(run), 0)
-                         for run, _ in list(grid.values() if chosen is None else []) + list(finals.values()))
+                         for run in grid_runs + [run for run, _ in finals.values()])
     summary = {
         "data": cfg.data, "method": cfg.method, "method_options": cfg.method_options, "metric": metric,
         "grid": [{"lr": r["config"]["lr"], "weight_decay": r["config"]["weight_decay"], "val_top1": r["val"][metric]}
                  for r in grid_results],
-        "pruner": pruner, "pruned": pruned, "epochs_trained": epochs_trained,
+        "pruner": settings.pruner, "pruned": pruned, "epochs_trained": epochs_trained,
         "chosen": choice, "seeds": [r["config"]["seed"] for r in final_results], "test_top1": tests,
         "test_mean": statistics.fmean(tests), "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
         "parameters": final_results[0]["parameters"],
@@ -495,16 +544,24 @@ def visible_device(index: str) -> str:
     return parent[int(index)] if parent else index
 
 
-def worker_main(cfg_dict: dict, out: str, storage: str | None, pruner: str, heartbeat: float, device: str | None,
-                workers: int = 1):
-    """A ``--workers`` process: pinned to one device when given, then the same stages as the main process."""
+def worker_main(cfg_dict: dict, out: str, settings: StudySettings, workers: int = 1):
+    """A ``--workers`` process: pinned to its device when given, then the same stages as the main process."""
     os.environ.setdefault("IVPT_PROCESSES", str(workers))  # the workers here divide the cores
-    if device is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible_device(device)
     cfg = TrainConfig(**cfg_dict)
-    if device is not None:
+    if settings.device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_device(settings.device)
         cfg = dataclasses.replace(cfg, device="cuda:0")
-    tune_study(cfg, Path(out), storage=storage, pruner=pruner, heartbeat=heartbeat)
+    tune_study(cfg, Path(out), settings)
+
+
+def _check_devices(devices: list[str] | None) -> None:
+    if devices:
+        import torch
+
+        available = torch.cuda.device_count()
+        bad = [d for d in devices if not d.isdigit() or int(d) >= available]
+        if bad:
+            raise ValueError(f"--devices: device {bad[0]!r} does not exist here ({available} CUDA device(s))")
 
 
 def tune(cfg: TrainConfig, output: str | Path, *, storage: str | None = None, workers: int = 1,
@@ -515,30 +572,26 @@ def tune(cfg: TrainConfig, output: str | Path, *, storage: str | None = None, wo
     workers: processes started here (each pinned to one of ``devices`` in turn, on a GPU machine);
     processes on other machines join by running the same command with the same ``storage``.
     ``chosen`` ({"lr", "weight_decay"}) skips the grid: e.g. an ablation reusing its method's choice.
+    Returns the summary it writes to ``output/summary.json``.
     """
     cfg = as_started(cfg.validate())  # paths absolute before the study's key and every run are made of them
     check_inputs(cfg)  # a missing data folder said before any trial downloads weights or builds a model
+    settings = StudySettings(storage=storage, pruner=pruner, heartbeat=heartbeat)
     out = Path(output).expanduser()
     if workers < 1:
         raise ValueError(f"--workers {workers}: expected at least 1")
-    if devices:
-        import torch
-
-        available = torch.cuda.device_count()
-        bad = [d for d in devices if not d.isdigit() or int(d) >= available]
-        if bad:
-            raise ValueError(f"--devices: device {bad[0]!r} does not exist here ({available} CUDA device(s))")
+    _check_devices(devices)
     if workers == 1 and not devices:
-        return tune_study(cfg, out, storage=storage, pruner=pruner, heartbeat=heartbeat, chosen=chosen)
+        return tune_study(cfg, out, settings, chosen=chosen)
     if chosen is not None:
         raise ValueError("a given choice (chosen=) runs in one process; drop --workers")
     import multiprocessing as mp
 
     out.mkdir(parents=True, exist_ok=True)
-    open_storage(storage, out, heartbeat)  # a bad --storage fails here, once, not in every worker
+    settings.open(out)  # a bad --storage fails here, once, not in every worker
     context = mp.get_context("spawn")
-    procs = [context.Process(target=worker_main, args=(cfg.to_dict(), str(out), storage, pruner, heartbeat,
-                                                       devices[i % len(devices)] if devices else None, workers))
+    procs = [context.Process(target=worker_main, args=(cfg.to_dict(), str(out), dataclasses.replace(
+                 settings, device=devices[i % len(devices)] if devices else None), workers))
              for i in range(workers)]
     for proc in procs:
         proc.start()
