@@ -61,14 +61,11 @@ def write_json(path: Path | str, report: dict) -> Path:
 
 
 def training_seconds(folder: Path) -> float:
-    """Seconds of training its runs logged under a folder (every grid point and seed run, one line per epoch).
+    """ivpt's own count (``ivpt.engine.study.training_seconds``), imported on use: modules that only read
+    results import this one without torch."""
+    from ivpt.engine.study import training_seconds as logged
 
-    Each run is one process, so these are core-seconds when every process has one thread; an epoch that
-    an interruption cut short and a resumed run trained again counts once."""
-    total = 0.0
-    for path in sorted(folder.rglob("metrics.jsonl")):
-        total += sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if line.strip())
-    return total
+    return logged(folder)
 
 
 def recipe_key(cfg) -> str:

@@ -272,11 +272,13 @@ def record_block_inputs(model):
     return inputs
 
 
-def lay_out_hub_repo(cache, repo: str, files: dict[str, bytes], revision: str, refs: list[str]) -> str:
-    """huggingface_hub's cache format: blobs named by content hash, snapshots/<commit>/ links, refs/<name>."""
+def lay_out_hub_repo(cache, repo: str, files: dict[str, bytes], revision: str, refs: list[str],
+                     repo_type: str = "model") -> str:
+    """huggingface_hub's cache format: blobs named by content hash, snapshots/<commit>/ links, refs/<name>
+    (``revision``: the text the commit hash is made from)."""
     import hashlib
 
-    root = cache / f"models--{repo.replace('/', '--')}"
+    root = cache / f"{repo_type}s--{repo.replace('/', '--')}"
     commit = hashlib.sha1(revision.encode()).hexdigest()
     for name, data in files.items():
         blob = root / "blobs" / hashlib.sha256(data).hexdigest()
@@ -313,16 +315,21 @@ def run_printed_call(said: str):
     return scope["model"]
 
 
-def load_benchmark(name: str):
-    """A script of benchmarks/ as a module, importing its siblings (benchmarks/common.py) as it does when run."""
+def load_script(relative: str):
+    """A script of the repository (``benchmarks/cost.py``, ``tools/pause.py``) as a module, able to import its
+    siblings (benchmarks/common.py) as it does when run."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[1] / "benchmarks"
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    path = Path(__file__).resolve().parents[1] / relative
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_benchmark(name: str):
+    return load_script(f"benchmarks/{name}.py")

@@ -1,18 +1,13 @@
 """benchmarks/gpu_check.py --smoke: the GPU check's own code, on CPU in seconds."""
-import importlib.util
 import json
-from pathlib import Path
+
+from conftest import load_benchmark
 
 from ivpt.methods import METHODS
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_check")
 
 
 def test_smoke_run_writes_every_methods_row(tmp_path):

@@ -1,5 +1,4 @@
 """tools/pause.py: a benchmark's run folder, paused and archived, resumes from the archive in another place."""
-import importlib.util
 import json
 import os
 import shutil
@@ -11,19 +10,13 @@ import time
 from pathlib import Path
 
 import yaml
-from conftest import config, make_folder
+from conftest import config, load_script, make_folder
 
 from ivpt.engine.preemption import EXIT_PREEMPTED
 from ivpt.engine.study import tune
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "pause.py"
-
-
 def load_tool():
-    spec = importlib.util.spec_from_file_location("pause", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/pause.py")
 
 
 def without_times(log):

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import lay_out_hub_repo
+
 from ivpt.cli import main
 from ivpt.data import fgvc
 from ivpt.data.check import (ADE20K_SIZES, FGVC_SPLIT_SIZES, VTAB_TEST_SIZES, VTAB_TRAIN_SIZES, check_folder,
@@ -98,27 +100,13 @@ def only(files: dict, task: str) -> dict:
     return {k: v for k, v in files.items() if k.startswith(f"vtab-1k/{task}/")}
 
 
-def lay_out_hub_dataset(cache: Path, repo: str, files: dict[str, bytes], commit: str) -> None:
-    """huggingface_hub's cache of a dataset repository: blobs by content hash, snapshots/<commit>/ links to
-    them, refs/main naming the commit."""
-    root = cache / f"datasets--{repo.replace('/', '--')}"
-    for name, data in files.items():
-        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = root / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / "main").write_text(commit)
-
-
 # -- VTAB-1k -------------------------------------------------------------------------------------
 def test_default_hub_source_read_offline_from_the_cache(vtab_files, tmp_path):
     """No --from: the default dataset repository's vtab-1k.zip, read from a Hub cache with HF_HUB_OFFLINE=1."""
-    cache, commit = tmp_path / "hub", hashlib.sha1(b"vtab").hexdigest()
+    cache = tmp_path / "hub"
     archive = write_zip(tmp_path / "vtab-1k.zip", vtab_files).read_bytes()
-    lay_out_hub_dataset(cache, "XiN0919/VTAB-1k", {"vtab-1k.zip": archive, "README.md": b"# VTAB-1k\n"}, commit)
+    commit = lay_out_hub_repo(cache, "XiN0919/VTAB-1k", {"vtab-1k.zip": archive, "README.md": b"# VTAB-1k\n"},
+                              "vtab", ["main"], repo_type="dataset")
     env = {**ENV, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "data"
     calls = [["data", "prepare", "vtab-1k", "--out", str(out), "--tasks", "dtd,kitti", "--workers", "1"],

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .data.check import FGVC_SPLIT_SIZES, VTAB_TEST_SIZES
 from .data.fgvc import FGVC_DATASETS
 from .data.suite import SUITE_TASKS
 from .data.vtab import GROUPS, VTAB_TASKS
@@ -49,13 +50,9 @@ class Family:
     groups: tuple[str, ...] = ()
 
 
-VTAB_TEST = {"caltech101": 6085, "cifar": 10000, "clevr_count": 15000, "clevr_dist": 15000,
-             "diabetic_retinopathy": 42670, "dmlab": 22735, "dsprites_loc": 73728, "dsprites_ori": 73728,
-             "dtd": 1880, "eurosat": 5400, "kitti": 711, "oxford_flowers102": 6149, "oxford_iiit_pet": 3669,
-             "patch_camelyon": 32768, "resisc45": 6300, "smallnorb_azi": 12150, "smallnorb_ele": 12150,
-             "sun397": 21750, "svhn": 26032}
-FGVC_SIZES = {"CUB_200_2011": (5394, 600, 5794), "nabirds": (21536, 2393, 24633), "OxfordFlower": (1020, 1020, 6149),
-              "StanfordDogs": (10800, 1200, 8580), "StanfordCars": (7329, 815, 8041)}
+# the split sizes data check verifies (one table: ivpt.data.check)
+VTAB_TEST = VTAB_TEST_SIZES
+FGVC_SIZES = {name: (n["train"], n["val"], n["test"]) for name, n in FGVC_SPLIT_SIZES.items()}
 
 FAMILIES = {
     "vtab-1k": Family("vtab-1k", {t: g for t, (_, g) in VTAB_TASKS.items()}, "task", "vtab", None,
@@ -232,17 +229,10 @@ def finished(job: Job) -> dict | None:
     return summary
 
 
-def training_seconds(folder: Path) -> float:
-    """Seconds of training every run under a tuning folder logged (grid points and seeds, one line per epoch)."""
-    total = 0.0
-    for path in sorted(folder.rglob("metrics.jsonl")):
-        total += sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if line.strip())
-    return total
-
-
 def record_seconds(folder: Path) -> None:
-    """Add the training time the runs logged to summary.json, so that the table needs nothing else."""
+    """Add the training time the runs logged to a summary.json written before tune recorded it itself."""
     from .engine.checkpoint import atomic_write
+    from .engine.study import training_seconds
 
     summary = read_summary(folder)
     if summary is None or "training_seconds" in summary or not any(folder.rglob("metrics.jsonl")):

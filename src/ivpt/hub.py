@@ -36,6 +36,33 @@ def parse_hub_name(source: str) -> tuple[str, str | None]:
     return repo, revision or None
 
 
+def snapshot(repo: str, revision: str | None, *, what: str, error: type[Exception], hint: str, purpose: str,
+             repo_type: str = "model", allow_patterns: list[str] | None = None) -> Path:
+    """The snapshot folder of a Hub repository through huggingface_hub (its cache, token and HF_HUB_OFFLINE),
+    every failure raised as ``error`` naming ``what`` and ending in ``hint`` (the way forward)."""
+    hub = require("huggingface_hub", purpose)
+    from huggingface_hub import errors
+
+    from .reach import hub_unreachable
+
+    kind = "dataset repository" if repo_type == "dataset" else "repository"
+    where = f"{kind} {repo}" + (f" at revision {revision!r}" if revision else "")
+    reason = hub_unreachable()  # no network: the cache at once, not after huggingface_hub's minute of retries
+    try:
+        return Path(hub.snapshot_download(repo, repo_type=repo_type, revision=revision,
+                                          allow_patterns=allow_patterns, local_files_only=bool(reason)))
+    except errors.RevisionNotFoundError:
+        raise error(f"{what}: {kind} {repo} has no revision {revision!r}") from None
+    except errors.RepositoryNotFoundError:
+        raise error(f"{what}: no {kind} {repo} (or no access: log in with huggingface-cli login for a private "
+                    "or gated one)") from None
+    except errors.LocalEntryNotFoundError:
+        raise error(f"{what}: {where} is not in the Hub cache and the Hub cannot be reached"
+                    + (f" ({reason})" if reason else "") + "; " + hint) from None
+    except (OSError, errors.HfHubHTTPError) as err:
+        raise error(f"{what}: could not fetch {where} ({err}); {hint}") from None
+
+
 def pinned_name(source, folder: Path) -> str:
     """``source`` as it can be found again: a Hub name pinned to the commit its snapshot folder is named by
     (a branch such as main moves, and offline it may have come from an older cached snapshot)."""
@@ -49,27 +76,10 @@ def resolve_adapter(source) -> Path:
     """A local adapter folder for ``source``: a path, or a Hub name fetched into (or read from) the Hub cache."""
     if not is_hub_name(source):
         return Path(source).expanduser()
-    hub = require("huggingface_hub", "loading an adapter by Hub name")
-    from huggingface_hub import errors
-
     repo, revision = parse_hub_name(source)
     where = f"{repo}" + (f" at revision {revision!r}" if revision else "")
-    from .reach import hub_unreachable
-
-    reason = hub_unreachable()  # no network: the cache at once, not after huggingface_hub's minute of retries
-    try:
-        folder = Path(hub.snapshot_download(repo, revision=revision, allow_patterns=list(ADAPTER_FILES),
-                                            local_files_only=bool(reason)))
-    except errors.RevisionNotFoundError:
-        raise AdapterError(f"Hub adapter {source}: repository {repo} has no revision {revision!r}") from None
-    except errors.RepositoryNotFoundError:
-        raise AdapterError(f"Hub adapter {source}: no repository {repo} (or no access: log in with "
-                           "huggingface-cli login for a private one)") from None
-    except errors.LocalEntryNotFoundError:
-        raise AdapterError(f"Hub adapter {source}: {where} is not in the Hub cache and the Hub cannot be reached"
-                           + (f" ({reason})" if reason else "") + "; " + OFFLINE_HINT) from None
-    except (OSError, errors.HfHubHTTPError) as err:
-        raise AdapterError(f"Hub adapter {source}: could not fetch {where} ({err}); {OFFLINE_HINT}") from None
+    folder = snapshot(repo, revision, what=f"Hub adapter {source}", error=AdapterError, hint=OFFLINE_HINT,
+                      allow_patterns=list(ADAPTER_FILES), purpose="loading an adapter by Hub name")
     missing = [f for f in (TENSORS_FILE, CONFIG_FILE) if not (folder / f).is_file()]
     if missing:
         raise AdapterError(f"Hub adapter {source}: {where} has no {' and no '.join(missing)}: is it an ivpt adapter?")

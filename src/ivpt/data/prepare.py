@@ -76,7 +76,7 @@ class Fetched:
 def fetch(source: str) -> Fetched:
     """A local path for ``source``: a Hub dataset repository through huggingface_hub (its cache, token and
     HF_HUB_OFFLINE), or a local archive or folder."""
-    from ..hub import is_hub_name, parse_hub_name
+    from ..hub import is_hub_name, parse_hub_name, snapshot
 
     if not is_hub_name(source):
         path = Path(source).expanduser()
@@ -84,32 +84,14 @@ def fetch(source: str) -> Fetched:
             raise DataError(f"{source}: no such file or folder; expected hf-hub:OWNER/NAME[@REVISION], an archive "
                             f"({', '.join(ARCHIVE_SUFFIXES)}) or a folder")
         return Fetched(path, absolute_path(path))
-    from ..extras import require
-    from ..reach import hub_unreachable
-
-    hub = require("huggingface_hub", "downloading data from the Hugging Face Hub")
-    from huggingface_hub import errors
-
     try:
         repo, revision = parse_hub_name(source)
     except ValueError as err:
         raise DataError(str(err)) from None
-    reason = hub_unreachable()  # no network: the cache at once, not after a minute of retries
     hint = ("download it once with network access (or huggingface-cli download --repo-type dataset REPO), then "
             "HF_HUB_OFFLINE=1 reads the cache; or pass a local archive or folder with --from")
-    try:
-        folder = Path(hub.snapshot_download(repo, repo_type="dataset", revision=revision,
-                                            local_files_only=bool(reason)))
-    except errors.RevisionNotFoundError:
-        raise DataError(f"{source}: dataset repository {repo} has no revision {revision!r}") from None
-    except errors.RepositoryNotFoundError:
-        raise DataError(f"{source}: no dataset repository {repo} (or no access: huggingface-cli login for a "
-                        "gated or private one)") from None
-    except errors.LocalEntryNotFoundError:
-        raise DataError(f"{source}: not in the Hub cache and the Hub cannot be reached"
-                        + (f" ({reason})" if reason else "") + f"; {hint}") from None
-    except (OSError, errors.HfHubHTTPError) as err:
-        raise DataError(f"{source}: could not download ({err}); {hint}") from None
+    folder = snapshot(repo, revision, what=source, error=DataError, hint=hint, repo_type="dataset",
+                      purpose="downloading data from the Hugging Face Hub")
     return Fetched(folder, source, folder.name)
 
 

@@ -481,6 +481,17 @@ def _grid_stage(cfg: TrainConfig, out: Path, key: str, storage, settings: StudyS
     return _finished_runs(complete, out), pruned, recorded
 
 
+def training_seconds(folder: Path) -> float:
+    """Seconds of training every run under a tuning folder logged (grid points and seeds, one line per epoch).
+
+    Each run is one process, so these are core-seconds when every process has one thread; an epoch that an
+    interruption cut short and a resumed run trained again counts once."""
+    total = 0.0
+    for path in sorted(Path(folder).rglob("metrics.jsonl")):
+        total += sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if line.strip())
+    return total
+
+
 def tune_study(cfg: TrainConfig, out: Path, settings: StudySettings = StudySettings(), *,
                chosen: dict | None = None) -> dict[str, Any]:
     """The grid stage, the choice and the final stage; the summary ``ivpt tune`` writes."""
@@ -510,6 +521,7 @@ def tune_study(cfg: TrainConfig, out: Path, settings: StudySettings = StudySetti
         "chosen": choice, "seeds": [r["config"]["seed"] for r in final_results], "test_top1": tests,
         "test_mean": statistics.fmean(tests), "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
         "parameters": final_results[0]["parameters"],
+        "training_seconds": round(training_seconds(out), 3), "study_key": key,
     }
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     return summary
