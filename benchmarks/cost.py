@@ -315,9 +315,7 @@ def ivpt_vs_deep(quick: bool, rounds: int) -> None:
     """iVPT (``method="ivpt"``: the gate) against VPT-deep alone, on ViT-B/16 and the default backbone: the two
     models interleaved round by round in one process, each ratio the median of the per-round ratios."""
     setups, rounds = ([QUICK_SETUP], 2) if quick else (SETUPS, rounds)
-    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                         f"torch {torch.__version__}, timm {__import__('timm').__version__}",
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "rounds": rounds, "setups": []}
+    report = {**header(libraries=("torch", "timm")), "rounds": rounds, "setups": []}
     for backbone, size, batch, p in setups:
         print(f"== {backbone} @{size}, batch {batch}, prompt length {p}, {rounds} rounds", flush=True)
         entries = measure(backbone, ["vpt-deep", "ivpt"], p, size, batch, rounds)
@@ -330,9 +328,7 @@ def ivpt_vs_deep(quick: bool, rounds: int) -> None:
         del entries  # free this setup's models before the next one builds its own
         report["setups"].append(setup)
         print(json.dumps(setup["ivpt_vs_vpt_deep"]), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    name = "cost_ivpt_vs_deep_quick.json" if quick else "cost_ivpt_vs_deep.json"
-    atomic_write(RESULTS / name, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    write_json("cost_ivpt_vs_deep_quick.json" if quick else "cost_ivpt_vs_deep.json", report)
 
 
 def saved_memory(quick: bool) -> None:

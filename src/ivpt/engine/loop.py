@@ -17,7 +17,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from ..backbone import input_config
 from ..data.cache import to_device
 from ..progress import progress as tqdm_or_lines
 from .checkpoint import (CheckpointError, atomic_write, checkpoint_meta, has_checkpoint, load_checkpoint,
