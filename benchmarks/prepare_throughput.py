@@ -23,18 +23,16 @@ import sys
 import tempfile
 import time
 import zipfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from common import RESULTS, machine, today, write_json
 from PIL import Image
 
 from ivpt.data.check import VTAB_TEST_SIZES, check_folder
 from ivpt.data.prepare import prepare_vtab
 from ivpt.data.vtab import VTAB_TASKS
-from ivpt.engine.checkpoint import atomic_write
 
-RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_TASKS = ("dtd", "kitti")
 
 
@@ -113,15 +111,14 @@ def main() -> None:
         for count in workers:
             rows.append(measure(work / "vtab-1k.zip", work, tasks, count, images))
             print(json.dumps(rows[-1]), flush=True)
-    report = {"machine": f"{platform.machine()}, {cpus} CPUs", "python": platform.python_version(),
-              "date": datetime.now(timezone.utc).date().isoformat(),
+    report = {"machine": f"{machine(threads=False, libraries=('PIL',))}, {cpus} CPUs", "date": today(),
+              "python": platform.python_version(),
               "command": "python benchmarks/prepare_throughput.py" + (" --quick" if args.quick else ""),
               "tasks": len(tasks), "image_px": size, "runs": rows}
     if args.quick:
         print("--quick: not written to the results (a smoke run)", file=sys.stderr)
         return
-    atomic_write(Path(args.output), lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
-    print(f"wrote {args.output}")
+    print(f"wrote {write_json(Path(args.output), report)}")
 
 
 if __name__ == "__main__":
