@@ -426,6 +426,17 @@ def prepare_table(report: dict) -> str:
                                     "check (images/s)"], rows)
 
 
+def ivpt_vs_deep_table(report: dict) -> str:
+    rows = [[f"{s['backbone']} @{s['image_size']}", str(s["batch"]), str(s["prompt_length"]),
+             f"{s['methods']['vpt-deep']['train_step_s']:.3f}", f"{s['methods']['ivpt']['train_step_s']:.3f}",
+             f"{s['ivpt_vs_vpt_deep']['train_step']:.3f}", f"{s['methods']['vpt-deep']['inference_s']:.3f}",
+             f"{s['methods']['ivpt']['inference_s']:.3f}", f"{s['ivpt_vs_vpt_deep']['inference']:.3f}"]
+            for s in report["setups"]]
+    return f"{report['machine']}, {report['date']}, {report['rounds']} interleaved rounds\n\n" + table(
+        ["setup", "batch", "p", "VPT-deep step (s)", "iVPT step (s)", "step ratio", "VPT-deep infer (s)",
+         "iVPT infer (s)", "inference ratio"], rows)
+
+
 RENDERERS = {  # block name -> (results file, renderer)
     "accuracy": ("accuracy", accuracy_tables),
     "accuracy_progress": ("accuracy_progress", accuracy_progress_tables),
@@ -435,6 +446,7 @@ RENDERERS = {  # block name -> (results file, renderer)
     "defaults": ("ivpt_defaults", defaults_table),
     "segmentation": ("segmentation", segmentation_table),
     "cost": ("cost", cost_tables),
+    "ivpt_vs_deep": ("cost_ivpt_vs_deep", ivpt_vs_deep_table),
     "testbed": ("testbed_probe", testbed_table),
     "mechanism": ("mechanism", mechanism_table),
     "precision_threads": ("precision_threads", precision_threads_table),
