@@ -60,6 +60,7 @@ def test_fused_aggregation_broadcasts_one_prompt_set_over_the_batch(mode, space)
     assert torch.autograd.gradcheck(lambda *a: fused(*a), args, check_undefined_grad=False)
     g = torch.randn_like(z)
     out = fused(*args)
+    assert torch.equal(out, plain(*args, mode, space))  # the formula on the broadcast P, bit for bit
     got = torch.autograd.grad(out, (z, one), g)
     expanded = one.detach().expand(3, -1, -1).requires_grad_()
     reference = plain(z, expanded, w_z, w_p, bias, mode, space)
