@@ -49,6 +49,27 @@ def test_fused_aggregation_passes_gradcheck_and_equals_the_formula(mode, space):
         assert torch.allclose(a, b, atol=1e-12)
 
 
+@pytest.mark.parametrize("space", ["standardized", "raw"])
+@pytest.mark.parametrize("mode", ["gate", "channel", "static", "sum"])
+def test_fused_aggregation_broadcasts_one_prompt_set_over_the_batch(mode, space):
+    """P as (1, p, d), what iVPT passes without prompt dropout: the formula on P expanded over the batch."""
+    z, _, w_z, w_p, bias, p = inputs(mode)
+    one = p.detach().unsqueeze(0).requires_grad_()
+    args = (z, one, w_z, w_p, bias)
+    fused = lambda *a: FusedAggregation.apply(*a, mode, space)  # noqa: E731
+    assert torch.autograd.gradcheck(lambda *a: fused(*a), args, check_undefined_grad=False)
+    g = torch.randn_like(z)
+    out = fused(*args)
+    assert torch.equal(out, plain(*args, mode, space))  # the formula on the broadcast P, bit for bit
+    got = torch.autograd.grad(out, (z, one), g)
+    expanded = one.detach().expand(3, -1, -1).requires_grad_()
+    reference = plain(z, expanded, w_z, w_p, bias, mode, space)
+    expected = torch.autograd.grad(reference, (z, expanded), g)
+    assert torch.allclose(out, reference, atol=1e-12)
+    assert torch.allclose(got[0], expected[0], atol=1e-12)
+    assert torch.allclose(got[1], expected[1].sum(0, keepdim=True), atol=1e-12)
+
+
 def test_gradient_reaches_the_expanded_prompt_parameter():
     z, p_in, w_z, w_p, bias, p = inputs("gate", expanded=True)
     FusedAggregation.apply(z, p_in, w_z, w_p, bias, "gate", "standardized").square().sum().backward()
