@@ -521,3 +521,26 @@ def test_a_finished_run_of_another_recipe_is_not_reused(recipe, tmp_path):
     tune(small, tmp_path / "tune", pruner="none")
     with pytest.raises(CheckpointError, match=r"lr0.03_wd0/results.json is a finished run of another config.*epochs"):
         tune(dataclasses.replace(small, epochs=3), tmp_path / "tune", pruner="none")
+
+
+OPEN_TOGETHER = """
+import sys, time
+from pathlib import Path
+from ivpt.engine.study import open_storage
+folder, url, index, count = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+(folder / f"ready-{index}").touch()
+while len(list(folder.glob("ready-*"))) < count:  # every process imported: open at the same moment
+    time.sleep(0.001)
+open_storage(url, folder, 1.0)
+"""
+
+
+def test_workers_opening_a_new_sqlite_storage_at_once_all_open_it(tmp_path):
+    """Processes started together on a new database race to create Optuna's tables ('table studies already
+    exists' for all but one); each loser looks again and finds them (what two `ivpt tune` started together
+    on one new --storage meet)."""
+    url, count = f"sqlite:///{tmp_path / 'new.db'}", 4
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_TOGETHER, str(tmp_path), url, str(i), str(count)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(count)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-600:] for e in errors if e]

@@ -116,21 +116,30 @@ def _rdb_storage(url: str, heartbeat: float, tries: int = 3):
     """Optuna's RDBStorage with heartbeats; no failed_trial_callback (RetryFailedTrialCallback): its retry
     copies the dead trial's attributes, and run_stage queues every missing point anyway.
 
-    Workers started at once on a new PostgreSQL database race to create Optuna's tables, and all but
-    one fail on a unique constraint; the tables exist when they look again.
+    Workers started at once on a new database race to create Optuna's tables, and all but one fail
+    (a unique constraint on PostgreSQL; 'table ... already exists' or a locked file on SQLite); the
+    tables exist when they look again.
     """
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
-
     for attempt in range(tries):
         try:
             with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
                 warnings.simplefilter("ignore")
                 return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, int(heartbeat)),
                                                   grace_period=max(2, int(2 * heartbeat)))
-        except (IntegrityError, ProgrammingError):
-            if attempt == tries - 1:
+        except Exception as err:
+            if attempt == tries - 1 or not _lost_table_race(err):
                 raise
             time.sleep(0.5 + attempt)
+
+
+def _lost_table_race(err: Exception) -> bool:
+    """Another process created Optuna's tables in the same moment (not a bad URL or a missing driver)."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    if isinstance(err, (IntegrityError, ProgrammingError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, OperationalError) and ("already exists" in text or "database is locked" in text)
 
 
 def rung_epochs(epochs: int) -> list[int]:
