@@ -23,6 +23,9 @@ def perturb_tuned(model):
     ("ivpt", {"prompt_length": 3, "da": "channel", "ar_mix": "attn", "layers": [0, 2]}),
     ("ivpt-static", {"prompt_length": 3}), ("gatevpt", {"prompt_length": 3, "gate_init": 1.0}),
     ("vfpt", {"prompt_length": 3, "fourier_share": 0.7, "fourier_location": "append"}),
+    ("e2vpt", {"prompt_length": 3, "kv_length": 2, "kv_shared": False, "prune": True}),
+    ("e2vpt", {"prompt_length": 3, "kv_length": 2, "pruned_tokens": [1], "pruned_pieces": [[0], [], [1, 2]],
+               "mask_pieces": 4}),
 ])
 def test_round_trip_gives_identical_outputs(tmp_path, method, options):
     vit = make_vit()

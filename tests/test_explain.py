@@ -104,7 +104,7 @@ def test_reinforcement_ratio_is_the_relative_change_of_the_selected_patches(imag
         assert [im.ratio[i] for im in e.images] == pytest.approx(delta.mean(dim=1).tolist(), rel=1e-4)
 
 
-@pytest.mark.parametrize("method", ["vpt-deep", "vpt-shallow", "gatevpt", "vfpt", "lora", "ssf"])
+@pytest.mark.parametrize("method", ["vpt-deep", "vpt-shallow", "gatevpt", "vfpt", "e2vpt", "lora", "ssf"])
 def test_prompt_methods_without_da_or_ar_get_attention_maps(images, tmp_path, method):
     from ivpt.methods import prompt_options
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import ivpt
 from conftest import clone, make_vit, randomize
 
-PROMPT_METHODS = ["vpt-shallow", "vpt-deep", "gatevpt", "ivpt", "ivpt-static", "vfpt"]
+PROMPT_METHODS = ["vpt-shallow", "vpt-deep", "gatevpt", "ivpt", "ivpt-static", "vfpt", "e2vpt"]
 AVG = {"global_pool": "avg"}  # timm: the mean over the tokens after the prefix, then fc_norm (norm = Identity)
 
 

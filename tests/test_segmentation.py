@@ -16,7 +16,7 @@ def seg_model(method="ivpt", decoder="pup", **options):
 
 
 @pytest.mark.parametrize("decoder", ["linear", "naive", "pup"])
-@pytest.mark.parametrize("method", ["linear", "vpt-deep", "ivpt", "vfpt", "lora", "adaptformer"])
+@pytest.mark.parametrize("method", ["linear", "vpt-deep", "ivpt", "vfpt", "e2vpt", "lora", "adaptformer"])
 def test_logits_at_image_size_for_any_size(decoder, method):
     model = seg_model(method, decoder).eval()
     for size in ((32, 32), (48, 64)):

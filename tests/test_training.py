@@ -26,6 +26,7 @@ def train_steps(model, steps=3, opt_cls=torch.optim.AdamW):
     ("ivpt", {"prompt_length": 3, "ar_gamma_init": 0.1}),
     ("ivpt", {"prompt_length": 3, "da": "channel", "ar_mix": "attn", "ar_gamma_init": 0.1}),
     ("ivpt", {"prompt_length": 3, "da": "static"}),
+    ("e2vpt", {"prompt_length": 3, "kv_length": 2, "kv_shared": False, "prune": True}),
 ])
 def test_gradients_reach_tuned_tensors_only(method, options):
     model = ivpt.create_model(make_vit(drop_path_rate=0.2), method, 7, **options)
@@ -39,7 +40,8 @@ def test_gradients_reach_tuned_tensors_only(method, options):
             assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reached {name}"
         else:
             assert param.grad is None, f"{name} is frozen but got a gradient"
-    expected = {"linear": 2, "vpt-shallow": 3, "vpt-deep": 3}.get(method)
+    # E2VPT: head 2, prompts, keys, values, token and piece scales
+    expected = {"linear": 2, "vpt-shallow": 3, "vpt-deep": 3, "e2vpt": 7}.get(method)
     if expected:
         assert len(tuned) == expected
     else:  # prompts + head + every DA and AR tensor of the 3 transitions

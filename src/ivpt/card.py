@@ -69,7 +69,7 @@ def model_card(config: dict[str, Any], protocol: dict[str, Any] | None = None) -
     task = config.get("task", "classification")
     tags = ["ivpt", "timm", "parameter-efficient-fine-tuning", method,
             "image-segmentation" if task == "segmentation" else "image-classification"]
-    if method in ("vpt-shallow", "vpt-deep", "gatevpt", "vfpt", "ivpt", "ivpt-static"):
+    if method in ("vpt-shallow", "vpt-deep", "gatevpt", "vfpt", "e2vpt", "ivpt", "ivpt-static"):
         tags.append("visual-prompt-tuning")
     meta: dict[str, Any] = {"library_name": "ivpt", "tags": tags, "pipeline_tag": tags[4]}
     dataset_name = data.get("task") or data.get("dataset") or data.get("root") or data.get("kind") or "unknown"

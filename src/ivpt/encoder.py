@@ -93,13 +93,16 @@ def query_saliency(q: torch.Tensor, k: torch.Tensor, scale: float, query_rows: s
 
 
 def run_block(block: nn.Module, x: torch.Tensor, query_rows: slice | None = None, key_start: int = 0,
-              defer: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+              defer: slice | None = None, key_values: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``block(x)`` for a timm ``Block`` with timm ``Attention``, run module by module.
 
     query_rows: also return the saliency from the same q and k the attention uses (AR), no hook, no
     second projection, so eager and ``torch.compile`` graphs agree. defer: rows whose MLP half is left
     out; the output then lacks them, and their residual-stream state after the attention half is
     returned (a copy of those rows only), for DA to finish them inside its own recomputed function.
+    key_values: (keys, values), each (B, H, n, d_h), attended to before the tokens' own (E2VPT's key-value
+    prompts): they join the keys after timm's k_norm, as projected keys do, and the saliency's softmax.
     A test pins this to ``block(x)`` for every block option.
     """
     attn = block.attn
@@ -108,6 +111,9 @@ def run_block(block: nn.Module, x: torch.Tensor, query_rows: slice | None = None
     gate = attn.gate(h).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = attn.qkv(h).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    if key_values is not None:
+        k, v = torch.cat([key_values[0].to(k.dtype), k], dim=2), torch.cat([key_values[1].to(v.dtype), v], dim=2)
+        key_start += key_values[0].shape[2]
     saliency = None
     if query_rows is not None:
         # fp32 even under autocast: bf16 would tie many of the ~0.005 weights and make AR's top-K arbitrary
@@ -308,8 +314,11 @@ class PromptedViT(AdapterMixin, nn.Module):
         npt, p = prefix.shape[1], prompts.shape[1]
         reinforce = self._reinforces(i)
         tokens = torch.cat([prefix, prompts, patches], dim=1)
+        key_values = self.method.key_value_prompts(i, tokens.shape[0])
         if reinforce or trace is not None:
-            out, saliency = block_with_saliency(block, tokens, self._saliency_rows(npt, p), npt + p)
+            out, saliency, _ = run_block(block, tokens, self._saliency_rows(npt, p), npt + p, key_values=key_values)
+        elif key_values is not None:
+            out, saliency, _ = run_block(block, tokens, key_values=key_values)
         else:
             out, saliency = block(tokens), None
         # one split, not three slices: backward joins the three gradients in one cat
@@ -341,7 +350,8 @@ class PromptedViT(AdapterMixin, nn.Module):
         reinforce = self._reinforces(i)
         rows = self._saliency_rows(npt, p) if reinforce else None
         tokens = torch.cat([prefix, prompts, patches], dim=1)
-        kept, saliency, residual = run_block(block, tokens, rows, npt + p, defer=slice(npt, npt + p))
+        kept, saliency, residual = run_block(block, tokens, rows, npt + p, defer=slice(npt, npt + p),
+                                             key_values=self.method.key_value_prompts(i, tokens.shape[0]))
         prefix, patches = kept.split([npt, patches.shape[1]], dim=1)
         prompts = self.method.next_prompts_from_residual(i, residual, block, prompts).to(kept.dtype)
         if reinforce:

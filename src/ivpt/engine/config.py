@@ -79,7 +79,8 @@ class TrainConfig:
     # torch.compile the model: true, a mode (default, reduce-overhead, max-autotune...) or {mode: ..., backend: ...}
     compile: bool | str | dict = run_setting(False)
     output: str = run_setting("runs/default")
-    # used by `ivpt tune` only: the lr x wd grid and the seeds of the final runs (VPT's protocol)
+    # used by `ivpt tune` only: the lr x wd grid and the seeds of the final runs (VPT's protocol); for e2vpt with
+    # prune, prune_percents: the pruning levels (default 10, 20, ..., 90, as E2VPT's code)
     protocol: dict[str, Any] = field(default_factory=dict)
     # set by ivpt when a run starts: the path fields as typed (the resolved ones are recorded), for the model card
     paths_as_typed: dict[str, str] = run_setting(default_factory=dict)
@@ -219,8 +220,19 @@ def _check_protocol(cfg: TrainConfig) -> None:
             raise ConfigError(f"config field 'protocol.{key}': expected a non-empty list of {kind}, got {values!r}")
         if len({float(v) for v in values}) != len(values):  # a repeat would collapse into one run, unsaid
             raise ConfigError(f"config field 'protocol.{key}': {values!r} repeats a value; list each once")
-    if set(cfg.protocol) - {"lrs", "wds", "seeds"}:
-        raise ConfigError("config field 'protocol': expected a mapping with lrs, wds and seeds lists")
+    unknown = sorted(set(cfg.protocol) - {"lrs", "wds", "seeds", "prune_percents"})
+    if unknown:
+        raise ConfigError(f"config field 'protocol.{unknown[0]}': unknown; expected a mapping with lrs, wds and seeds "
+                          "lists (and prune_percents for e2vpt with prune)")
+    percents = cfg.protocol.get("prune_percents")
+    if percents is not None:
+        options = cfg.method_options
+        if not (cfg.method == "e2vpt" and (options.get("prune") or options.get("pruned_tokens")
+                                           or any(options.get("pruned_pieces") or []))):  # the stage or its runs
+            raise ConfigError("config field 'protocol.prune_percents': the levels of E2VPT's pruning, which runs for "
+                              "method e2vpt with method_options.prune: true only; drop it or ask for that")
+        if not all(0 < v < 100 for v in percents):
+            raise ConfigError(f"config field 'protocol.prune_percents': {percents!r}; expected percentages in (0, 100)")
 
 
 def _check_mappings(cfg: TrainConfig) -> None:

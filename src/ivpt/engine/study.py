@@ -38,7 +38,9 @@ from optuna.trial import TrialState
 from ..card import as_typed
 from .checkpoint import atomic_write
 from .config import NOT_RESULT_FIELDS, ConfigError, TrainConfig, as_started, check_inputs
+from . import pruning
 from .protocol import VPT_LRS, VPT_SEEDS, VPT_WDS, check_finals, choose, final_jobs, grid_jobs
+from .pruning import prunes
 from .runlock import RunLock, RunLockedError
 
 PRUNERS = ("none", "sha", "asha", "hyperband")
@@ -511,8 +513,12 @@ def tune_study(cfg: TrainConfig, out: Path, settings: StudySettings = StudySetti
         choice = choose(grid_results)
     else:
         grid_results, choice, pruned, recorded = [], dict(chosen), 0, {}
+    final_cfg, pruning, rewinds = cfg, None, []
+    if prunes(cfg):  # E2VPT: score the chosen run's masks, rewind every level, train the seeds at the best one
+        final_cfg, pruning, rewinds = _pruning_stage(cfg, out, key, choice, storage, settings)
     seeds = [int(s) for s in cfg.protocol.get("seeds", VPT_SEEDS)]
-    finals = {(seed,): job for seed, job in zip(seeds, final_jobs(cfg, out, choice["lr"], choice["weight_decay"]))}
+    finals = {(seed,): job for seed, job in zip(seeds, final_jobs(final_cfg, out, choice["lr"],
+                                                                  choice["weight_decay"]))}
     check_finals(list(finals.values()), choice)
     run_stage(Stage(f"final-{key}-lr{choice['lr']:g}-wd{choice['weight_decay']:g}", {"seed": seeds}, finals,
                     split="test"), storage, settings)
@@ -521,7 +527,7 @@ def tune_study(cfg: TrainConfig, out: Path, settings: StudySettings = StudySetti
     tests = [r["test"][metric] for r in final_results]
     grid_runs = [run for run, _ in grid_jobs(cfg, out)] if chosen is None else []
     epochs_trained = sum(len((_done(run) or {}).get("log", [])) or _checkpoint_epochs(run) or recorded.get(str(run), 0)
-                         for run in grid_runs + [run for run, _ in finals.values()])
+                         for run in grid_runs + rewinds + [run for run, _ in finals.values()])
     summary = {
         "data": cfg.data, "method": cfg.method, "method_options": cfg.method_options, "metric": metric,
         "grid": [{"lr": r["config"]["lr"], "weight_decay": r["config"]["weight_decay"], "val_top1": r["val"][metric]}
@@ -532,8 +538,40 @@ def tune_study(cfg: TrainConfig, out: Path, settings: StudySettings = StudySetti
         "parameters": final_results[0]["parameters"],
         "training_seconds": round(training_seconds(out), 3), "study_key": key,
     }
+    if pruning is not None:
+        summary["pruning"] = pruning
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     return summary
+
+
+def _pruning_stage(cfg: TrainConfig, out: Path, key: str, choice: dict, storage,
+                   settings: StudySettings) -> tuple[TrainConfig, dict, list[Path]]:
+    """E2VPT's pruning (ivpt.engine.pruning): the chosen grid run (trained here if the grid was skipped), its
+    masks' importance, one rewind per level as a stage of its own; the final runs' config, what the summary
+    records and the rewinds' folders."""
+    point = (float(choice["lr"]), float(choice["weight_decay"]))
+    chosen_run = {(float(c.lr), float(c.weight_decay)): (run, c) for run, c in grid_jobs(cfg, out)}.get(point)
+    if chosen_run is None:
+        raise ConfigError(f"pruning: the choice lr {point[0]:g}, wd {point[1]:g} is not a point of the recipe's grid, "
+                          "whose run the masks are scored on")
+    run_stage(Stage(f"prune-{key}-lr{point[0]:g}-wd{point[1]:g}", {"lr": [point[0]], "wd": [point[1]]},
+                    {point: chosen_run}), storage, settings)  # finished already unless the grid was skipped
+    scores = pruning.scored(chosen_run[1], chosen_run[0] / "adapter", out / "pruning")
+    jobs = pruning.rewind_jobs(cfg, out, choice, scores)
+    trials = run_stage(Stage(f"rewind-{key}-lr{point[0]:g}-wd{point[1]:g}",
+                             {"pieces": sorted({p for p, _ in jobs}), "tokens": sorted({t for _, t in jobs})}, jobs),
+                       storage, settings)
+    values = {point: trial.value for point, trial in trials.items()}
+    best = pruning.choose_rewind(values)
+    options = jobs[best][1].method_options
+    record = {
+        "scored_run": str(chosen_run[0]), "token_scores": scores["token_scores"], "piece_scores": scores["piece_scores"],
+        "rewinds": [{"tokens": t, "pieces": p, "val_top1": values[(p, t)]} for p, t in sorted(jobs, key=lambda x: x[::-1])],
+        "chosen": {"tokens": best[1], "pieces": best[0], "pruned_tokens": options["pruned_tokens"],
+                   "pruned_pieces": options["pruned_pieces"]},
+    }
+    final_cfg = dataclasses.replace(cfg, method_options=options)
+    return final_cfg, record, [run for run, _ in jobs.values()]
 
 
 def _finished_runs(runs: list[Path], out: Path) -> list[dict]:

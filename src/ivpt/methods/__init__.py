@@ -6,6 +6,7 @@ import dataclasses
 from .base import BackboneShape, TuningMethod
 from .bitfit import BitFit
 from .bottleneck import AdaptFormer, Adapter
+from .e2vpt import E2VPT, E2VPTConfig
 from .ivpt import IVPT, IVPTConfig, IVPTStatic
 from .linear import FullFineTune, LinearProbe
 from .lora import LoRA
@@ -15,10 +16,9 @@ from .vfpt import VFPT, VFPTConfig
 from .vpt import GateVPT, VPTConfig, VPTDeep, VPTShallow
 
 METHODS: dict[str, type[TuningMethod]] = {
-    cls.name: cls for cls in (LinearProbe, FullFineTune, VPTShallow, VPTDeep, GateVPT, VFPT, IVPT, IVPTStatic,
+    cls.name: cls for cls in (LinearProbe, FullFineTune, VPTShallow, VPTDeep, GateVPT, VFPT, E2VPT, IVPT, IVPTStatic,
                               LoRA, Adapter, AdaptFormer, SSF, BitFit)
 }
-
 
 
 def prompt_options(method: str, prompt_length: int) -> dict:
@@ -27,4 +27,4 @@ def prompt_options(method: str, prompt_length: int) -> dict:
     return {"prompt_length": prompt_length} if "prompt_length" in fields else {}
 
 
-__all__ = ["METHODS", "AttachError", "BackboneShape", "ModuleMethod", "TuningMethod", "IVPTConfig", "VFPTConfig", "VPTConfig", "prompt_options"]
+__all__ = ["METHODS", "AttachError", "BackboneShape", "ModuleMethod", "TuningMethod", "E2VPTConfig", "IVPTConfig", "VFPTConfig", "VPTConfig", "prompt_options"]

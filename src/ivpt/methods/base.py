@@ -61,6 +61,11 @@ class TuningMethod(nn.Module):
         pass (``PromptedViT.forward_traced``); the prompts are the very ones ``next_prompts`` gives."""
         return self.next_prompts(i, z, q), None
 
+    def key_value_prompts(self, i: int, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values (batch, heads, n, head_dim) that block i's attention attends to beside the tokens' own,
+        placed before them (E2VPT); they add no query, so the block's output keeps its tokens. None: none."""
+        return None
+
     def aggregates_block_output(self, i: int) -> bool:
         """Whether Q_{i+1} is a function of Z_i that ``next_prompts_from_residual`` can compute itself."""
         return False

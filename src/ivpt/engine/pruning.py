@@ -1,0 +1,137 @@
+"""E2VPT's pruning and rewinding (method ``e2vpt`` with ``prune: true``), as its code runs them
+(ChengHan111/E2VPT: ``src/engine/trainer.py`` ``calculate_importance``, ``determine_mask_sequence``,
+``what_tokens_to_mask``, ``what_tokens_pieces_to_mask``; ``tune_vtab_PruningRewind_CVK.py``).
+
+After the grid's choice, the chosen grid run (trained with learned scales on its input prompts' tokens
+and pieces) is scored: each scale's importance is the gradient of the loss with respect to it, averaged
+over one pass of the train split. The lowest-scored tokens, and per token the lowest-scored pieces, are
+pruned at every level of a fixed schedule; each (token level, piece level) pair is rewound: trained anew
+from the initialisation with those masks fixed, train -> val, at the chosen lr and weight decay. The
+best val decides the masks the seeds are trained with. ``ivpt.engine.study`` runs the rewinds as one
+stage, shared by workers like the grid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+
+PRUNE_PERCENTS = (10, 20, 30, 40, 50, 60, 70, 80, 90)  # CLS_TOKEN_MASK_PERCENT, CLS_TOKEN_PIECE_MASK_PERCENT
+MIN_TOKENS = 1  # MIN_NUMBER_CLS_TOKEN: tokens every level keeps
+MIN_PIECES = 4  # MIN_NUMBER_CLS_TOKEN_PIECE: pieces every level keeps of each token
+
+
+def prunes(cfg: TrainConfig) -> bool:
+    """Whether the protocol runs the pruning stage for this recipe."""
+    return cfg.method == "e2vpt" and bool(cfg.method_options.get("prune"))
+
+
+def mask_counts(total: int, percents=PRUNE_PERCENTS, minimum: int = 0) -> list[int]:
+    """The levels (how many of ``total`` are pruned), as determine_mask_sequence makes them: int(total * pct / 100)
+    per percentage, the first one above total - minimum cut to it and the rest dropped; each level once."""
+    counts = []
+    for percent in percents:
+        count = int(total * percent / 100)
+        if minimum > 0 and count > total - minimum:
+            counts.append(total - minimum)
+            break
+        counts.append(count)
+    return sorted(set(counts))
+
+
+def lowest(scores: list[float], count: int) -> list[int]:
+    """The indices of the ``count`` lowest scores (ties: the lower index, as the code's stable sort)."""
+    return sorted(sorted(range(len(scores)), key=lambda i: scores[i])[:count])
+
+
+def masks_at(token_scores: list[float], piece_scores: list[list[float]], tokens: int, pieces: int) -> dict:
+    """The method options of the rewound model that prunes ``tokens`` tokens and ``pieces`` pieces of every token."""
+    return {"pruned_tokens": lowest(token_scores, tokens),
+            "pruned_pieces": [lowest(row, pieces) for row in piece_scores]}
+
+
+def importance(cfg: TrainConfig, adapter: Path) -> tuple[list[float], list[list[float]]]:
+    """The mean over the train split's batches of d loss / d scale, for the token scales (p) and the piece
+    scales (p x pieces) of the model ``adapter`` holds, trained by ``cfg`` (the chosen grid run).
+
+    In eval mode, as the code scores; the code's pass also steps its optimiser (a side effect of reusing its
+    training step), ivpt scores the trained model as it is.
+    """
+    from ..adapter_format import read_adapter_config, read_adapter_tensors
+    from .data import split_of
+    from .distributed import Dist
+    from .loop import autocast_for, loader_for, resolve_device
+    from .hardware import resolve_precision
+    from .tasks import TASKS
+
+    device = resolve_device(cfg.device)
+    task = TASKS[cfg.task]()
+    torch.manual_seed(cfg.seed)
+    model, data = task.build(cfg)
+    tensors = read_adapter_tensors(adapter, read_adapter_config(adapter))
+    missing = set(model.tuned_parameters()) - set(tensors)
+    if missing:
+        raise ValueError(f"{adapter}: the chosen grid run's adapter lacks {sorted(missing)[0]}; it is not a run of "
+                         "this recipe (remove the run folder to train it again)")
+    model.load_state_dict(tensors, strict=False)
+    model.to(device).eval()
+    scales = [model.method.token_scales, model.method.piece_scales]
+    sums = [torch.zeros_like(s, dtype=torch.float64) for s in scales]
+    loader = loader_for(split_of(data, cfg.train_split), cfg.batch_size, Dist(), cfg.seed, True, 0)
+    batches = 0
+    precision = resolve_precision(cfg.precision, device).used
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with autocast_for(precision, device):
+            logits = model(images).float()
+        loss = task.per_sample_loss(logits, labels, cfg).mean()
+        for total, grad in zip(sums, torch.autograd.grad(loss, scales)):
+            total += grad.double()
+        batches += 1
+    token_scores, piece_scores = (s / max(batches, 1) for s in sums)
+    return token_scores.tolist(), piece_scores.tolist()
+
+
+def scored(cfg: TrainConfig, adapter: Path, folder: Path) -> dict:
+    """``importance`` once per output: the first worker's scores are written and every worker uses them (a GPU's
+    scores may differ in their last bits between two passes; the rewinds must all start from one set)."""
+    path = folder / "importance.json"
+    if not path.is_file():
+        tokens, pieces = importance(cfg, adapter)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".importance.{os.getpid()}.json"
+        tmp.write_text(json.dumps({"scored": str(adapter), "token_scores": tokens, "piece_scores": pieces}, indent=1))
+        try:
+            os.link(tmp, path)  # fails where another worker's scores are there already: theirs are used
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return json.loads(path.read_text())
+
+
+def rewind_jobs(cfg: TrainConfig, out: Path, choice: dict, scores: dict) -> dict[tuple, tuple[Path, TrainConfig]]:
+    """(pieces, tokens) -> (run folder, config) of every rewind: train -> val at the choice, masks fixed."""
+    p = len(scores["token_scores"])
+    pieces_per_token = len(scores["piece_scores"][0])
+    percents = cfg.protocol.get("prune_percents", PRUNE_PERCENTS)
+    jobs = {}
+    for tokens in mask_counts(p, percents, MIN_TOKENS):
+        for pieces in mask_counts(pieces_per_token, percents, MIN_PIECES):
+            run = out / "rewind" / f"tokens{tokens}_pieces{pieces}"
+            options = {**cfg.method_options, "prune": False,
+                       **masks_at(scores["token_scores"], scores["piece_scores"], tokens, pieces)}
+            jobs[(pieces, tokens)] = (run, dataclasses.replace(
+                cfg, lr=choice["lr"], weight_decay=choice["weight_decay"], method_options=options, train_split="train",
+                eval_split="val", test_split=None, output=str(run)))
+    return jobs
+
+
+def choose_rewind(values: dict[tuple, float]) -> tuple:
+    """The (pieces, tokens) with the best val; ties: more tokens pruned (the code's rule), then more pieces."""
+    return max(values, key=lambda point: (round(values[point], 6), point[1], point[0]))
