@@ -32,6 +32,10 @@ SUITE_LR_SCALE = {"full": 0.01, **dict.fromkeys(MODULE_METHODS, 0.1)}
 VARIANTS = {"cdc-static": ("ivpt", {"da": "static", "ar": False}), "cdc-da": ("ivpt", {"da": "gate", "ar": False}),
             "ar-only": ("ivpt", {"cdc": False})}
 REUSE_CHOICE = dict.fromkeys(VARIANTS, "ivpt")
+# prompt methods whose official code trains its own way: their protocol layer per benchmark, and their per-task
+# options in the packaged protocols/<method>-tasks.yaml (every_task, then the task's entry)
+METHOD_PROTOCOLS = {("vfpt", "vtab-1k"): "protocols/vfpt.yaml", ("vfpt", "fgvc"): "protocols/vfpt.yaml",
+                    ("e2vpt", "vtab-1k"): "protocols/e2vpt.yaml", ("e2vpt", "fgvc"): "protocols/e2vpt-fgvc.yaml"}
 # The dry run's assumption: sustained training throughput of one GPU on these fp32 recipes (an H100's fp32
 # peak is about 67 TFLOP/s, an A100's 19.5); a measurement on your GPU replaces it (--tflops).
 ASSUMED_TFLOPS = 30.0
@@ -120,9 +124,19 @@ def task_recipes(family: Family, task: str, recipes: list[str]) -> list[Path]:
     return layers
 
 
-def method_fields(family: Family, name: str, base: TrainConfig, lrs_given: bool) -> tuple[list[Path], dict]:
-    """A method's protocol layer and fields: the module methods' protocol file (VTAB-1k, FGVC) or the suite's
-    lr scale; a variant's switches; prompt methods keep the recipe's prompt length."""
+def official_task_options(method: str, family: Family, task: str) -> dict:
+    """What the official code of ``method`` sets for ``task`` (protocols/<method>-tasks.yaml), or nothing."""
+    if (method, family.name) not in METHOD_PROTOCOLS:
+        return {}
+    table = read_recipe(packaged(f"protocols/{method}-tasks.yaml")) or {}
+    return {**table.get("every_task", {}), **(table.get(family.name) or {}).get(task, {})}
+
+
+def method_fields(family: Family, name: str, base: TrainConfig, lrs_given: bool,
+                  task: str | None = None) -> tuple[list[Path], dict]:
+    """A method's protocol layer and fields: the module methods' protocol file (VTAB-1k, FGVC), a prompt method's
+    own protocol and per-task options where its code publishes them (E2VPT, VFPT), or the suite's lr scale; a
+    variant's switches; prompt methods keep the recipe's prompt length unless their per-task options set one."""
     from .methods import METHODS, prompt_options
 
     method, extra = VARIANTS.get(name, (name, None))
@@ -131,10 +145,13 @@ def method_fields(family: Family, name: str, base: TrainConfig, lrs_given: bool)
     # the recipe's own method keeps all its options; another method keeps only the prompt length, if it has prompts
     own = (dict(base.method_options) if method == base.method
            else prompt_options(method, int(base.method_options.get("prompt_length", 10))))
-    fields: dict[str, Any] = {"method": method, "method_options": {**own, **(extra or {})}}
+    official = official_task_options(method, family, task) if task is not None else {}
+    fields: dict[str, Any] = {"method": method, "method_options": {**own, **official, **(extra or {})}}
     layers = []
     if family.petl_protocol and method in MODULE_METHODS:
         layers.append(packaged(family.petl_protocol))
+    elif (method, family.name) in METHOD_PROTOCOLS:
+        layers.append(packaged(METHOD_PROTOCOLS[method, family.name]))
     elif family.name == "suite" and method in SUITE_LR_SCALE and not lrs_given:
         scale = SUITE_LR_SCALE[method]
         fields["protocol"] = {**base.protocol, "lrs": [float(f"{lr * scale:.3g}") for lr in base.protocol.get("lrs", VPT_LRS)]}
@@ -149,7 +166,7 @@ def job_config(family: Family, task: str, name: str, recipes: list[str], overrid
     layers = task_recipes(family, task, recipes)
     base = load_config(layers)
     lrs_given = any(o.split("=", 1)[0] in ("protocol", "protocol.lrs") for o in overrides)
-    method_layers, fields = method_fields(family, name, base, lrs_given)
+    method_layers, fields = method_fields(family, name, base, lrs_given, task)
     raw: dict[str, Any] = {}
     for path in [*layers, *method_layers]:
         raw.update(read_recipe(path) or {})
@@ -553,6 +570,19 @@ def flops_per_image(cfg: TrainConfig, num_classes: int) -> tuple[int, int]:
     return train, counter.get_total_flops()
 
 
+def rewind_count(cfg: TrainConfig) -> int:
+    """How many rewinds E2VPT's pruning stage trains for this recipe (0 where it does not prune)."""
+    from .engine import pruning
+    from .methods import METHODS
+
+    if not pruning.prunes(cfg):
+        return 0
+    options = METHODS["e2vpt"].config_class(**cfg.method_options)
+    percents = cfg.protocol.get("prune_percents", pruning.PRUNE_PERCENTS)
+    return (len(pruning.mask_counts(options.prompt_length, percents, pruning.MIN_TOKENS))
+            * len(pruning.mask_counts(options.mask_pieces, percents, pruning.MIN_PIECES)))
+
+
 def job_cost(job: Job, pruner: str, flops: tuple[int, int]) -> dict:
     """One (method, task)'s runs, epochs and FLOPs under the protocol (val after every grid epoch, test once)."""
     family = FAMILIES[job.benchmark]
@@ -562,11 +592,14 @@ def job_cost(job: Job, pruner: str, flops: tuple[int, int]) -> dict:
     points = 0 if job.reuse_from else len(lrs) * len(wds)
     grid = grid_epochs(points, job.cfg.epochs, pruner)
     final = len(seeds) * job.cfg.epochs
+    rewinds = rewind_count(job.cfg)
+    rewind = rewinds * job.cfg.epochs + bool(rewinds)  # E2VPT's rewinds (train -> val) and its one scoring pass
     train_flops, eval_flops = flops
-    total = (grid * (train_n * train_flops + val_n * eval_flops) + final * (train_n + val_n) * train_flops
+    total = ((grid + rewind) * (train_n * train_flops + val_n * eval_flops) + final * (train_n + val_n) * train_flops
              + len(seeds) * test_n * eval_flops)
-    return {"method": job.method, "task": job.task, "runs": points + len(seeds), "grid_points": points,
-            "seeds": len(seeds), "epochs": grid + final, "grid_epochs": grid, "final_epochs": final, "flops": total,
+    return {"method": job.method, "task": job.task, "runs": points + rewinds + len(seeds), "grid_points": points,
+            "seeds": len(seeds), "epochs": grid + rewind + final, "grid_epochs": grid, "rewind_epochs": rewind,
+            "final_epochs": final, "flops": total,
             "train_gflops_per_image": round(train_flops / 1e9, 3), "finished": read_summary(job.folder) is not None}
 
 
@@ -602,7 +635,7 @@ def plan_text(result: dict, jobs: list[Job]) -> str:
                  f"{result['gpu_hours']:>8.1f}  ({result['left_gpu_hours']:.1f} left: finished pairs are not trained again)")
     lines.append(f"GFLOPs/img: one training step (forward + backward) per image, measured with "
                  f"torch.utils.flop_counter on the architecture with the method attached (prompt lengths vary by task). "
-                 f"Epochs: grid stage with --pruner {result['pruner']} plus the seeds' runs; val after every grid "
+                 f"Epochs: grid stage with --pruner {result['pruner']} (and E2VPT's rewinds) plus the seeds' runs; val after every grid "
                  f"epoch and test once per seed are counted. GPU-h = FLOPs / {result['assumed_tflops']:g} TFLOP/s, an "
                  f"assumed sustained throughput of one GPU on fp32 recipes (not a measurement; --tflops sets yours); "
                  f"data loading is not counted.")
