@@ -349,7 +349,8 @@ FAMILY = {
     "e2vpt": ("e2vpt", {"kv_length": 5}),  # the official VTAB setting: 10 input prompts, 5 key-value prompts
     # as a rewound model: half the tokens and half the pieces of every token pruned. The pruned values stay in
     # the sequence as zeros (as in the official code), so this saves parameters, not compute
-    "e2vpt-pruned": ("e2vpt", {"kv_length": 5, "pruned_tokens": list(range(5)), "pruned_pieces": [list(range(8))] * 10}),
+    "e2vpt-pruned": ("e2vpt", {"kv_length": 5, "pruned_tokens": list(range(5)),
+                               "pruned_pieces": [list(range(8))] * 10}),
 }
 
 
