@@ -5,6 +5,7 @@
     python benchmarks/cost.py --baselines    # every method against VPT-deep on ViT-B/16, merged vs unmerged
     python benchmarks/cost.py --saved-memory # iVPT's saved activations against VPT-deep's, prompt length 1-200
     python benchmarks/cost.py --ivpt-vs-deep --rounds 20  # only VPT-deep and iVPT, both backbones, interleaved
+    python benchmarks/cost.py --family --rounds 10        # E2VPT and VFPT against VPT-deep and iVPT on ViT-B/16
 
 Timing: every configuration runs in the same process, interleaved round by round (A B C ... A B C),
 and each ratio is the median over rounds of the per-round ratio, so slow phases of a shared machine
@@ -43,11 +44,12 @@ SETUPS = [("vit_base_patch16_224", 224, 8, 10), (ivpt.DEFAULT_BACKBONE, 32, 128,
 QUICK_SETUP = ("vit_mini_patch4_32", 32, 16, 10)
 
 
-def build(backbone: str, method: str, prompt_length: int, img_size: int, num_classes: int = 100):
+def build(backbone: str, method: str, prompt_length: int, img_size: int, num_classes: int = 100, **options):
+    """``options``: the method's own options beside the prompt length (e.g. E2VPT's ``kv_length``)."""
     kwargs = {"timm_kwargs": {"img_size": img_size}}
     # the floor is run on a vpt-deep model with its tuned tensors detached (see floor_step)
     name = "vpt-deep" if method == "floor" else method
-    return ivpt.create_model(backbone, name, num_classes, **prompt_options(name, prompt_length), **kwargs)
+    return ivpt.create_model(backbone, name, num_classes, **prompt_options(name, prompt_length), **options, **kwargs)
 
 
 def floor_forward(model, images):
@@ -108,16 +110,20 @@ def timed(fn, repeats: int = 1) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def measure(backbone, methods, prompt_length, img_size, batch, rounds, num_classes=100):
+def measure(backbone, methods, prompt_length, img_size, batch, rounds, num_classes=100, variants=None):
+    """Build every configuration, then time them interleaved. ``methods``: the configurations' names, each a
+    method with its defaults unless ``variants`` maps it to ``(method, options)`` (e.g. two E2VPT settings)."""
     torch.manual_seed(0)
     images = torch.randn(batch, 3, img_size, img_size)
     labels = torch.randint(0, num_classes, (batch,))
+    variants = variants or {}
     entries = {}
     for m in methods:
-        model = build(backbone, m, prompt_length, img_size, num_classes)
+        method, options = variants.get(m, (m, {}))
+        model = build(backbone, method, prompt_length, img_size, num_classes, **options)
         model.train()
-        entries[m] = {"model": model, "step": make_step(model, m, images, labels), "train": [], "infer": []}
-        entries[m]["saved_bytes"] = saved_bytes(model, m, images, labels)
+        entries[m] = {"model": model, "step": make_step(model, method, images, labels), "train": [], "infer": []}
+        entries[m]["saved_bytes"] = saved_bytes(model, method, images, labels)
         entries[m]["step"]()  # warm-up
         with torch.no_grad():
             model.eval()(images)
@@ -190,6 +196,8 @@ def main() -> None:
                         help="only iVPT's saved activations against VPT-deep's over prompt lengths (no timing)")
     parser.add_argument("--ivpt-vs-deep", action="store_true",
                         help="only VPT-deep and iVPT (train step and inference), on the cost table's two setups")
+    parser.add_argument("--family", action="store_true",
+                        help="only the VPT family on ViT-B/16: VPT-deep, iVPT, VFPT, E2VPT and E2VPT pruned")
     parser.add_argument("--rss-probe", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--scaling-probe", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -206,6 +214,8 @@ def main() -> None:
         return saved_memory(args.quick)
     if args.ivpt_vs_deep:
         return ivpt_vs_deep(args.quick, args.rounds)
+    if args.family:
+        return family(args.quick, args.rounds)
     if args.quick:
         setups = [QUICK_SETUP]
         lengths, sizes, rounds = [1, 10], [32, 48], 2
@@ -329,6 +339,44 @@ def ivpt_vs_deep(quick: bool, rounds: int) -> None:
         report["setups"].append(setup)
         print(json.dumps(setup["ivpt_vs_vpt_deep"]), flush=True)
     write_json("cost_ivpt_vs_deep_quick.json" if quick else "cost_ivpt_vs_deep.json", report)
+
+
+# the VPT family at prompt length 10 on ViT-B/16 (issue 34): name -> (method, options beside the prompt length)
+FAMILY = {
+    "vpt-deep": ("vpt-deep", {}),
+    "ivpt": ("ivpt", {}),
+    "vfpt": ("vfpt", {}),  # fourier_share 0.5: 5 of the 10 prompts per block through the 2-D FFT
+    "e2vpt": ("e2vpt", {"kv_length": 5}),  # the official VTAB setting: 10 input prompts, 5 key-value prompts
+    # as a rewound model: half the tokens and half the pieces of every token pruned. The pruned values stay in
+    # the sequence as zeros (as in the official code), so this saves parameters, not compute
+    "e2vpt-pruned": ("e2vpt", {"kv_length": 5, "pruned_tokens": list(range(5)),
+                               "pruned_pieces": [list(range(8))] * 10}),
+}
+
+
+def family(quick: bool, rounds: int) -> None:
+    """E2VPT and VFPT against VPT-deep and iVPT on ViT-B/16, interleaved round by round in one process: train step
+    and inference (medians of per-round ratios to VPT-deep), bytes saved for backward, and tuned parameters."""
+    (backbone, size, batch, p), rounds = (QUICK_SETUP, 2) if quick else (SETUPS[0], rounds)
+    print(f"== family: {backbone} @{size}, batch {batch}, prompt length {p}, {rounds} rounds", flush=True)
+    entries = measure(backbone, list(FAMILY), p, size, batch, rounds, variants=FAMILY)
+    report = {**header(libraries=("torch", "timm")), "command": "python benchmarks/cost.py " + " ".join(sys.argv[1:]),
+              "backbone": backbone, "image_size": size, "batch": batch, "prompt_length": p, "rounds": rounds,
+              "configurations": {}}
+    for name, (method, options) in FAMILY.items():
+        e, counts = entries[name], ivpt.count_parameters(entries[name]["model"])
+        groups = entries[name]["model"].method.parameter_groups()
+        report["configurations"][name] = {
+            "method": method, "options": options,
+            "tuned_without_head": counts["tuned_without_head"], "parameter_groups": {g: counts[g] for g in groups},
+            "train_step_s": statistics.median(e["train"]), "inference_s": statistics.median(e["infer"]),
+            "train_vs_vpt_deep": ratio(entries, name, "vpt-deep", "train"),
+            "inference_vs_vpt_deep": ratio(entries, name, "vpt-deep", "infer"),
+            "saved_activation_bytes": e["saved_bytes"],
+            "saved_vs_vpt_deep": e["saved_bytes"] / entries["vpt-deep"]["saved_bytes"]}
+        shown = {k: v for k, v in report["configurations"][name].items() if k not in ("method", "options")}
+        print(name, json.dumps(shown, default=float), flush=True)
+    write_json("cost_family_quick.json" if quick else "cost_family.json", report)
 
 
 def saved_memory(quick: bool) -> None:

@@ -437,6 +437,34 @@ def ivpt_vs_deep_table(report: dict) -> str:
          "iVPT infer (s)", "inference ratio"], rows)
 
 
+def compact(value) -> str:
+    """An option's value, short: [0, 1, 2, 3, 4] as 0..4, ten equal rows as 10 x (0..7)."""
+    if not isinstance(value, list):
+        return str(value)
+    if len(value) > 1 and isinstance(value[0], list) and all(v == value[0] for v in value):
+        return f"{len(value)} x ({compact(value[0])})"
+    if len(value) > 2 and all(isinstance(v, int) for v in value) and value == list(range(value[0], value[-1] + 1)):
+        return f"{value[0]}..{value[-1]}"
+    return "[" + ", ".join(compact(v) for v in value) + "]"
+
+
+def family_cost_table(report: dict) -> str:
+    """The VPT family against VPT-deep (benchmarks/cost.py --family)."""
+    rows = []
+    for name, c in report["configurations"].items():
+        options = ", ".join(f"{k} {compact(v)}" for k, v in c["options"].items()) or "defaults"
+        groups = " + ".join(f"{g} {n:,}" for g, n in c["parameter_groups"].items())
+        rows.append([name, options, f"{c['tuned_without_head']:,}", groups, f"{c['train_step_s']:.3f}",
+                     f"{c['train_vs_vpt_deep']:.3f}", f"{c['inference_s']:.3f}", f"{c['inference_vs_vpt_deep']:.3f}",
+                     f"{c['saved_activation_bytes'] / 2 ** 20:.0f}", f"{c['saved_vs_vpt_deep']:.3f}"])
+    head = (f"{report['backbone']} @{report['image_size']}, batch {report['batch']}, prompt length "
+            f"{report['prompt_length']}, {report['rounds']} interleaved rounds, {report['machine']}, {report['date']}; "
+            f"`{report['command']}`")
+    return head + "\n\n" + table(["configuration", "options", "tuned without head", "parameter groups",
+                                   "train step (s)", "/ VPT-deep", "inference (s)", "/ VPT-deep",
+                                   "saved for backward (MiB)", "/ VPT-deep"], rows)
+
+
 RENDERERS = {  # block name -> (results file, renderer)
     "accuracy": ("accuracy", accuracy_tables),
     "accuracy_progress": ("accuracy_progress", accuracy_progress_tables),
@@ -447,6 +475,7 @@ RENDERERS = {  # block name -> (results file, renderer)
     "segmentation": ("segmentation", segmentation_table),
     "cost": ("cost", cost_tables),
     "ivpt_vs_deep": ("cost_ivpt_vs_deep", ivpt_vs_deep_table),
+    "family_cost": ("cost_family", family_cost_table),
     "testbed": ("testbed_probe", testbed_table),
     "mechanism": ("mechanism", mechanism_table),
     "precision_threads": ("precision_threads", precision_threads_table),

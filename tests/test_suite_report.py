@@ -52,3 +52,25 @@ def test_tables_set_ivpt_against_every_method_and_the_time_spent():
     assert "| ivpt-static | yes | static | yes |" in new and "| ivpt | yes | gate | yes |" in new
     old = report.ablation_table(data, report.SWITCHES_5EPOCH)
     assert "| ivpt | yes | static (then the default) | yes |" in old and "ivpt-static" not in old
+
+
+def test_family_cost_table_shows_options_short_and_every_ratio_to_vpt_deep():
+    report = load_script("report")
+    def config(method, options, groups, step, saved):
+        return {"method": method, "options": options, "parameter_groups": groups,
+                "tuned_without_head": sum(groups.values()), "train_step_s": step, "inference_s": step / 2,
+                "train_vs_vpt_deep": step / 4.0, "inference_vs_vpt_deep": step / 4.0,
+                "saved_activation_bytes": saved, "saved_vs_vpt_deep": saved / 2 ** 30}
+    data = {"machine": "x86_64", "date": "2026-12-06", "command": "python benchmarks/cost.py --family --rounds 10",
+            "backbone": "vit_base_patch16_224", "image_size": 224, "batch": 8, "prompt_length": 10, "rounds": 10,
+            "configurations": {
+                "vpt-deep": config("vpt-deep", {}, {"prompts": 92160}, 4.0, 2 ** 30),
+                "e2vpt-pruned": config("e2vpt", {"kv_length": 5, "pruned_tokens": [0, 1, 2, 3, 4],
+                                                 "pruned_pieces": [list(range(8))] * 10},
+                                       {"prompts": 23040, "kv_prompts": 46080}, 4.2, 1.25 * 2 ** 30)}}
+    text = report.family_cost_table(data)
+    assert "10 interleaved rounds" in text and "`python benchmarks/cost.py --family --rounds 10`" in text
+    assert "| vpt-deep | defaults | 92,160 | prompts 92,160 | 4.000 | 1.000 | 2.000 | 1.000 | 1024 | 1.000 |" in text
+    assert ("| e2vpt-pruned | kv_length 5, pruned_tokens 0..4, pruned_pieces 10 x (0..7) | 69,120 | prompts 23,040 + "
+            "kv_prompts 46,080 | 4.200 | 1.050 | 2.100 | 1.050 | 1280 | 1.250 |") in text
+    assert report.compact([0, 2, 5]) == "[0, 2, 5]" and report.compact([[1], [2]]) == "[[1], [2]]"
