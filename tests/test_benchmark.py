@@ -272,3 +272,24 @@ def test_a_missing_task_is_said_before_anything_trains(finished):
     assert not (out / "vpt-shallow").exists()  # kitti, first in line, was not started
     fresh = out.parent / "fresh"
     assert main(command(root, fresh, tasks=["kitti", "eurosat"])) == 2 and not fresh.exists()  # no table either
+
+
+def test_e2vpt_and_vfpt_run_with_their_codes_settings_per_task(tmp_path):
+    """--methods e2vpt / vfpt: each method's own protocol layer and per-task options over every task recipe
+    (E2VPT's command.txt lengths, VFPT's share where the recipe's one prompt would give no Fourier prompt),
+    and the dry run counts E2VPT's rewinds."""
+    tasks = ["caltech101", "oxford_flowers102", "patch_camelyon", "dtd"]
+    jobs = {(j.method, j.task): j for j in benchmark.plan("vtab-1k", [], ["e2vpt", "vfpt"], tasks, [], tmp_path)}
+    options = {task: jobs["e2vpt", task].cfg.method_options for task in tasks}
+    assert options["caltech101"] == {"prompt_length": 32, "kv_length": 5, "prompt_dropout": 0.1, "prune": True}
+    assert (options["oxford_flowers102"]["prompt_length"], options["oxford_flowers102"]["kv_length"]) == (1, 1)
+    assert options["patch_camelyon"]["kv_length"] == 10 and options["dtd"]["prompt_length"] == 10
+    assert {jobs["e2vpt", t].cfg.batch_size for t in tasks} == {64} and jobs["e2vpt", "dtd"].cfg.optimizer == "sgd"
+    assert jobs["vfpt", "oxford_flowers102"].cfg.method_options == {"prompt_length": 1, "fourier_share": 1.0}
+    assert jobs["vfpt", "dtd"].cfg.method_options == {"prompt_length": 10} and jobs["vfpt", "dtd"].cfg.batch_size == 64
+    fgvc = benchmark.plan("fgvc", [], ["e2vpt"], ["CUB_200_2011"], [], tmp_path)[0].cfg
+    assert (fgvc.batch_size, fgvc.method_options["prompt_length"], fgvc.method_options["prune"]) == (128, 5, True)
+    # p = 10: 9 token levels x 8 piece levels, each a 100-epoch rewind, and one scoring pass
+    cost = benchmark.job_cost(jobs["e2vpt", "dtd"], "sha", (1, 1))
+    assert cost["rewind_epochs"] == 9 * 8 * 100 + 1 and cost["runs"] == cost["grid_points"] + 72 + cost["seeds"]
+    assert benchmark.job_cost(jobs["vfpt", "dtd"], "sha", (1, 1))["rewind_epochs"] == 0

@@ -33,7 +33,7 @@ VARIANTS = {"cdc-static": ("ivpt", {"da": "static", "ar": False}), "cdc-da": ("i
             "ar-only": ("ivpt", {"cdc": False})}
 REUSE_CHOICE = dict.fromkeys(VARIANTS, "ivpt")
 # prompt methods whose official code trains its own way: their protocol layer per benchmark, and their per-task
-# options in the packaged protocols/<method>-tasks.yaml (every_task, then the task's entry)
+# options in the packaged reference/task_options.json (every_task, then the task's entry)
 METHOD_PROTOCOLS = {("vfpt", "vtab-1k"): "protocols/vfpt.yaml", ("vfpt", "fgvc"): "protocols/vfpt.yaml",
                     ("e2vpt", "vtab-1k"): "protocols/e2vpt.yaml", ("e2vpt", "fgvc"): "protocols/e2vpt-fgvc.yaml"}
 # The dry run's assumption: sustained training throughput of one GPU on these fp32 recipes (an H100's fp32
@@ -125,11 +125,11 @@ def task_recipes(family: Family, task: str, recipes: list[str]) -> list[Path]:
 
 
 def official_task_options(method: str, family: Family, task: str) -> dict:
-    """What the official code of ``method`` sets for ``task`` (protocols/<method>-tasks.yaml), or nothing."""
+    """What the official code of ``method`` sets for ``task`` (reference/task_options.json), or nothing."""
     if (method, family.name) not in METHOD_PROTOCOLS:
         return {}
-    table = read_recipe(packaged(f"protocols/{method}-tasks.yaml")) or {}
-    return {**table.get("every_task", {}), **(table.get(family.name) or {}).get(task, {})}
+    table = json.loads((resources.files("ivpt") / "reference" / "task_options.json").read_text())[method]
+    return {**table.get("every_task", {}), **table.get(family.name, {}).get(task, {})}
 
 
 def method_fields(family: Family, name: str, base: TrainConfig, lrs_given: bool,
