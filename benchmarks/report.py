@@ -465,6 +465,30 @@ def family_cost_table(report: dict) -> str:
                                    "saved for backward (MiB)", "/ VPT-deep"], rows)
 
 
+def suite_family_table(report: dict) -> str:
+    """E2VPT and VFPT on the suite beside VPT-deep and iVPT (benchmarks/suite_family.py); unfinished pairs shown."""
+    tasks, methods = report["tasks"], report["methods"]
+
+    def cell(r):
+        return "not run yet" if r is None else f"{pct(r['test_mean'])} ± {pct(r['test_std'])}"
+
+    rows = [[name] + [cell(m["tasks"][t]) for t in tasks] + [pct(m["mean"], 2), f"{m['finished']}/{len(tasks)}"]
+            for name, m in methods.items()]
+    text = table(["method"] + tasks + ["mean", "finished"], rows)
+    lines = []
+    for name in ("e2vpt", "vfpt"):
+        against = [f"{t}: {verdict(methods[name]['tasks'][t], methods['vpt-deep']['tasks'][t])}" for t in tasks
+                   if methods[name]["tasks"][t] is not None and methods["vpt-deep"]["tasks"][t] is not None]
+        if against:
+            lines.append(f"- {name} against VPT-deep (test top-1 difference; a tie unless over twice its standard "
+                         f"error): " + "; ".join(against))
+        chosen = [f"{t} {r['lr']:g}/{r['weight_decay']:g}" for t, r in methods[name]["tasks"].items() if r is not None]
+        if chosen:
+            lines.append(f"- {name}'s choice (lr/wd, on val): " + ", ".join(chosen))
+    return (f"Test top-1 (%), mean ± std over 3 seeds, `{report['recipe']}`; the mean only once all "
+            f"{len(tasks)} tasks are in. Collected {report['date']}.\n\n" + text + ("\n\n" + "\n".join(lines) if lines else ""))
+
+
 RENDERERS = {  # block name -> (results file, renderer)
     "accuracy": ("accuracy", accuracy_tables),
     "accuracy_progress": ("accuracy_progress", accuracy_progress_tables),
@@ -476,6 +500,7 @@ RENDERERS = {  # block name -> (results file, renderer)
     "cost": ("cost", cost_tables),
     "ivpt_vs_deep": ("cost_ivpt_vs_deep", ivpt_vs_deep_table),
     "family_cost": ("cost_family", family_cost_table),
+    "suite_family": ("suite_family", suite_family_table),
     "testbed": ("testbed_probe", testbed_table),
     "mechanism": ("mechanism", mechanism_table),
     "precision_threads": ("precision_threads", precision_threads_table),
