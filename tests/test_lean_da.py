@@ -184,3 +184,24 @@ def test_reinforcement_adds_gamma_r_to_the_selected_patches_exactly():
         for j in saliency[b].topk(4).indices.tolist():
             expected[b, j] = patches[b, j] + ar.gamma.detach() * prompts[b].mean(dim=0)
     assert torch.equal(out.detach(), expected)
+
+
+@pytest.mark.parametrize("prompts,deferred", [(2, False), (10, True)])
+def test_prompt_rows_are_deferred_only_where_they_are_a_large_share_of_the_tokens(prompts, deferred, monkeypatch):
+    """17 image tokens: 2 prompts are 0.11 of a block's tokens (whole blocks, faster), 10 are 0.37 (deferred,
+    leaner); DEFER_SHARE is 0.2. Inference and a traced pass never defer."""
+    from ivpt.encoder import DEFER_SHARE, PromptedViT
+
+    assert 2 / 19 < DEFER_SHARE <= 10 / 27
+    calls = []
+    original = PromptedViT._deferred_transition
+    monkeypatch.setattr(PromptedViT, "_deferred_transition", lambda self, i, *a: calls.append(i) or original(self, i, *a))
+    model = ivpt.create_model(make_vit(), "ivpt", 7, prompt_length=prompts).train()
+    images = torch.randn(2, 3, 32, 32)
+    model(images).sum().backward()
+    assert calls == ([0, 1, 2] if deferred else [])
+    calls.clear()
+    with torch.no_grad():
+        model(images)
+    model.forward_traced(images)
+    assert calls == []

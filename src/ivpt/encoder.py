@@ -22,6 +22,12 @@ from .options import OptionError
 from .tuned import AdapterMixin
 
 
+# DA defers its prompt rows' MLP half (recomputed in backward, saving Z_i's copy) where the prompts are at least
+# this share of a block's tokens: the memory saved and the time paid both grow with it, and below it the time
+# weighs more (measured: docs/benchmarks.md, "iVPT (the gate) against VPT-deep" and "Lean DA")
+DEFER_SHARE = 0.2
+
+
 @dataclass
 class EncoderTokens:
     """Normalised output tokens of the last block, split by role."""
@@ -274,7 +280,7 @@ class PromptedViT(AdapterMixin, nn.Module):
         tokens = (x[:, :npt], prompts, x[:, npt:])  # (prefix, prompts, patches), never joined between blocks
         for i, block in enumerate(vit.blocks):
             # each transition runs in one of three ways, each a separate decision (see the predicates below)
-            if self._defers_prompt_rows(i, trace):
+            if self._defers_prompt_rows(i, trace, tokens[1].shape[1], sum(t.shape[1] for t in tokens)):
                 tokens = self._deferred_transition(i, block, *tokens)
             elif self._checkpoints(trace):
                 tokens = checkpoint(self._transition, i, block, *tokens, use_reentrant=False)
@@ -299,12 +305,15 @@ class PromptedViT(AdapterMixin, nn.Module):
         traced pass, whose records are made inside the transition."""
         return self.backbone.grad_checkpointing and torch.is_grad_enabled() and trace is None
 
-    def _defers_prompt_rows(self, i: int, trace: EncoderTrace | None) -> bool:
-        """DA at transition i, while training without checkpointing: the prompt rows' MLP half runs inside
-        DA's own recomputed function, so backward keeps no copy of Z_i (docs/method.md). Not in inference
-        (nothing is kept there, and the whole block is cheaper) and not for a traced pass (it reads Z_i)."""
+    def _defers_prompt_rows(self, i: int, trace: EncoderTrace | None, prompts: int, tokens: int) -> bool:
+        """DA at transition i, while training without checkpointing, where prompts are at least DEFER_SHARE of
+        the block's tokens: the prompt rows' MLP half runs inside DA's own recomputed function, so backward
+        keeps no copy of Z_i (docs/method.md). Below that share the copy is small and the whole block is
+        faster (ViT-B/16, p = 10: 5% of a step, 1.2% more bytes). Not in inference (nothing is kept there)
+        and not for a traced pass (it reads Z_i)."""
         return (not self._is_last(i) and trace is None and torch.is_grad_enabled()
-                and not self.backbone.grad_checkpointing and self.method.aggregates_block_output(i))
+                and not self.backbone.grad_checkpointing and prompts >= DEFER_SHARE * tokens
+                and self.method.aggregates_block_output(i))
 
     # -- the transitions ------------------------------------------------------------------------------
     def _transition(self, i: int, block: nn.Module, prefix: torch.Tensor, prompts: torch.Tensor,
