@@ -265,3 +265,15 @@ def test_prune_percents_only_where_pruning_runs(recipe):
         dataclasses.replace(recipe, protocol={**recipe.protocol, "prune_percents": [50]}).validate()
     with pytest.raises(ConfigError, match=r"protocol.prune_levels': unknown"):
         dataclasses.replace(recipe, protocol={**recipe.protocol, "prune_levels": [50]}).validate()
+
+
+def test_a_single_run_of_a_pruning_recipe_says_it_is_the_first_stage(e2vpt_recipe):
+    import warnings
+
+    from ivpt.engine.pruning import warn_single_run
+
+    with pytest.warns(UserWarning, match="first stage only.*ivpt tune"):
+        warn_single_run(e2vpt_recipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_single_run(dataclasses.replace(e2vpt_recipe, method_options={"prompt_length": 2}, protocol={}))

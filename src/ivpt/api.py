@@ -25,6 +25,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, resume: bool
     (e.g. ``method="vpt-deep"``, ``epochs=5``, ``data={"kind": "folder", "root": "photos/"}``).
     """
     from .engine.loop import train as run
+    from .engine.pruning import warn_single_run
 
     if isinstance(config, TrainConfig):
         cfg = dataclasses.replace(config, **fields)
@@ -32,6 +33,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, resume: bool
         cfg = TrainConfig(**{**config, **fields})
     else:  # a recipe (or none): the fields join it before it is checked, as --set overrides do
         cfg = load_config(config, fields=fields)
+    warn_single_run(cfg)
     return run(cfg, resume=resume, quiet=quiet)
 
 

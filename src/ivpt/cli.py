@@ -21,6 +21,7 @@ def cmd_train(args) -> int:
     from .engine.checkpoint import CheckpointError
     from .engine.config import load_config
     from .engine.loop import train
+    from .engine.pruning import warn_single_run
 
     # --output is a path as typed, never read as YAML (2024 would be a number, '#run' nothing)
     if args.output and any(item.split("=", 1)[0] == "output" for item in args.set or []):
@@ -33,6 +34,7 @@ def cmd_train(args) -> int:
         if moved:
             print(f"--restart: the earlier run's files are now in {moved} (delete that folder once you do not need "
                   "them)", file=sys.stderr)
+    warn_single_run(cfg)
     try:
         results = train(cfg, resume=args.resume)
     except CheckpointError as err:  # a damaged or foreign checkpoint: the way out is to start over

@@ -31,6 +31,17 @@ def prunes(cfg: TrainConfig) -> bool:
     return cfg.method == "e2vpt" and bool(cfg.method_options.get("prune"))
 
 
+def warn_single_run(cfg: TrainConfig) -> None:
+    """``ivpt train`` / ``ivpt.train`` of a recipe that asks for pruning: said once, since one run is the first
+    stage only (the protocol's tune runs the rest)."""
+    if prunes(cfg):
+        import warnings
+
+        warnings.warn("method e2vpt with prune: true: a single run trains the first stage only (the prompts with "
+                      "learned token and piece masks); the scoring, the rewinds and the seeds run in ivpt tune "
+                      "(docs/method.md, E2VPT)", stacklevel=3)
+
+
 def mask_counts(total: int, percents=PRUNE_PERCENTS, minimum: int = 0) -> list[int]:
     """The levels (how many of ``total`` are pruned), as determine_mask_sequence makes them: int(total * pct / 100)
     per percentage, the first one above total - minimum cut to it and the rest dropped; each level once."""
