@@ -210,7 +210,7 @@ def test_mask_levels_are_the_codes():
 def e2vpt_recipe(recipe):
     return dataclasses.replace(
         recipe, method="e2vpt", method_options={"prompt_length": 2, "kv_length": 2, "prune": True, "mask_pieces": 8},
-        protocol={"lrs": [0.3, 0.03], "wds": [0.0], "seeds": [1], "prune_percents": [25, 50]}).validate()
+        protocol={"lrs": [0.3, 0.03], "wds": [0.0], "seeds": [1], "prune_percents": [10, 50]}).validate()
 
 
 @pytest.fixture
@@ -221,7 +221,7 @@ def recipe(tmp_path, monkeypatch):
 
 
 def test_tune_prunes_rewinds_and_trains_the_seeds_at_the_best_level(e2vpt_recipe, tmp_path):
-    from ivpt.engine.config import TrainConfig
+    from ivpt.engine.config import ConfigError, TrainConfig
     from ivpt.engine.study import tune
 
     out = tmp_path / "tune"
@@ -229,16 +229,18 @@ def test_tune_prunes_rewinds_and_trains_the_seeds_at_the_best_level(e2vpt_recipe
     record = summary["pruning"]
     # the scores are the chosen grid run's, recomputed here from its adapter
     chosen_run = out / "grid" / f"lr{summary['chosen']['lr']:g}_wd0"
-    assert record["scored_run"] == str(chosen_run)
+    assert record["scored"] == str(chosen_run / "adapter")
     grid_cfg = TrainConfig(**json.loads((chosen_run / "results.json").read_text())["config"])
     tokens, pieces = pruning.importance(grid_cfg, chosen_run / "adapter")
     assert torch.allclose(torch.tensor(tokens), torch.tensor(record["token_scores"]), rtol=1e-5, atol=1e-12)
     assert torch.allclose(torch.tensor(pieces), torch.tensor(record["piece_scores"]), rtol=1e-5, atol=1e-12)
     assert any(abs(v) > 0 for row in pieces for v in row)
-    # every level rewound (2 tokens: levels 0 and 1; 8 pieces with 4 kept: 2 and 4), each with its masks
-    assert sorted((r["tokens"], r["pieces"]) for r in record["rewinds"]) == [(0, 2), (0, 4), (1, 2), (1, 4)]
+    # every level rewound (2 tokens: levels 0 and 1; 8 pieces with 4 kept: 0 and 4; the level that prunes
+    # nothing is a rewind too), each with its masks
+    assert sorted((r["tokens"], r["pieces"]) for r in record["rewinds"]) == [(0, 0), (0, 4), (1, 0), (1, 4)]
+    rewinds = out / "rewind" / f"lr{summary['chosen']['lr']:g}_wd0"
     for r in record["rewinds"]:
-        done = json.loads((out / "rewind" / f"tokens{r['tokens']}_pieces{r['pieces']}" / "results.json").read_text())
+        done = json.loads((rewinds / f"tokens{r['tokens']}_pieces{r['pieces']}" / "results.json").read_text())
         masks = pruning.masks_at(record["token_scores"], record["piece_scores"], r["tokens"], r["pieces"])
         assert {k: done["config"]["method_options"][k] for k in masks} == masks
         assert done["config"]["lr"] == summary["chosen"]["lr"] and done["val"]["top1"] == r["val_top1"]
@@ -256,6 +258,30 @@ def test_tune_prunes_rewinds_and_trains_the_seeds_at_the_best_level(e2vpt_recipe
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
     assert tune(e2vpt_recipe, out, pruner="none") == summary
     assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamps
+    # the scores of another run are refused, never reused
+    scores = out / "pruning" / f"lr{summary['chosen']['lr']:g}_wd0" / "importance.json"
+    scores.write_text(json.dumps({**json.loads(scores.read_text()), "scored": "elsewhere/adapter"}))
+    with pytest.raises(ConfigError, match="holds the scores of elsewhere/adapter, not of the chosen run"):
+        tune(e2vpt_recipe, out, pruner="none")
+    # seeds finished with other masks are refused, not reused
+    final = out / "final" / "seed1" / "results.json"
+    done = json.loads(final.read_text())
+    done["config"]["method_options"]["pruned_tokens"] = [0] if not record["chosen"]["pruned_tokens"] else []
+    final.write_text(json.dumps(done))
+    scores.unlink()  # scored again: the chosen run's own scores
+    with pytest.raises(ValueError, match="finished run of another config.*method_options"):
+        tune(e2vpt_recipe, out, pruner="none")
+
+
+def test_scoring_in_micro_batches_gives_the_same_scores(e2vpt_recipe, tmp_path):
+    from ivpt.engine.loop import train
+
+    cfg = dataclasses.replace(e2vpt_recipe, output=str(tmp_path / "run"), epochs=1)
+    train(cfg, quiet=True)
+    whole = pruning.importance(cfg, tmp_path / "run" / "adapter")
+    split = pruning.importance(dataclasses.replace(cfg, accumulation=4), tmp_path / "run" / "adapter")
+    for a, b in zip(whole, split):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-9)
 
 
 def test_prune_percents_only_where_pruning_runs(recipe):

@@ -227,10 +227,11 @@ def _check_protocol(cfg: TrainConfig) -> None:
     percents = cfg.protocol.get("prune_percents")
     if percents is not None:
         options = cfg.method_options
-        if not (cfg.method == "e2vpt" and (options.get("prune") or options.get("pruned_tokens")
-                                           or any(options.get("pruned_pieces") or []))):  # the stage or its runs
+        # the stage's recipe, or one of its rewinds or seeds (which carry their masks, empty ones included)
+        if not (cfg.method == "e2vpt" and (options.get("prune") or "pruned_tokens" in options
+                                           or "pruned_pieces" in options)):
             raise ConfigError("config field 'protocol.prune_percents': the levels of E2VPT's pruning, which runs for "
-                              "method e2vpt with method_options.prune: true only; drop it or ask for that")
+                              "method e2vpt with method_options.prune: true (and its rewinds); drop it or ask for that")
         if not all(0 < v < 100 for v in percents):
             raise ConfigError(f"config field 'protocol.prune_percents': {percents!r}; expected percentages in (0, 100)")
 

@@ -48,8 +48,11 @@ def _done(run: Path) -> dict | None:
 
 
 def check_finals(finals, choice: dict) -> None:
-    """A finished final run is reused only if it trained at the chosen lr and weight decay."""
-    for run, _ in finals:
+    """A finished final run is reused only if it trained at the chosen lr and weight decay, with its config
+    otherwise the job's too (E2VPT's seeds: the chosen masks)."""
+    from .config import config_differences
+
+    for run, cfg in finals:
         done = _done(run)
         if done is None:
             continue
@@ -58,6 +61,10 @@ def check_finals(finals, choice: dict) -> None:
             raise ValueError(f"{run} was trained at lr {trained[0]:g}, wd {trained[1]:g}, but the choice is now "
                              f"lr {choice['lr']:g}, wd {choice['weight_decay']:g}: remove that run folder or use "
                              "another output")
+        differences = config_differences(done["config"], cfg)
+        if differences:
+            raise ValueError(f"{run} is a finished run of another config (it differs in {', '.join(differences)}): "
+                             "remove that run folder or use another output")
 
 
 def choose(grid_results: list[dict]) -> dict:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import time
 from pathlib import Path
 
 import torch
@@ -95,35 +95,56 @@ def importance(cfg: TrainConfig, adapter: Path) -> tuple[list[float], list[list[
     sums = [torch.zeros_like(s, dtype=torch.float64) for s in scales]
     loader = loader_for(split_of(data, cfg.train_split), cfg.batch_size, Dist(), cfg.seed, True, 0)
     batches = 0
+    # fp16 has no loss scaling here: small gradients would round to zero and tie, so it scores in fp32
     precision = resolve_precision(cfg.precision, device).used
+    precision = "fp32" if precision == "fp16" else precision
     for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        with autocast_for(precision, device):
-            logits = model(images).float()
-        loss = task.per_sample_loss(logits, labels, cfg).mean()
-        for total, grad in zip(sums, torch.autograd.grad(loss, scales)):
-            total += grad.double()
+        # the batch's mean loss in the training step's micro-batches (``accumulation``), so what trained fits here
+        for x, y in zip(images.chunk(cfg.accumulation), labels.chunk(cfg.accumulation)):
+            x, y = x.to(device), y.to(device)
+            with autocast_for(precision, device):
+                logits = model(x).float()
+            loss = task.per_sample_loss(logits, y, cfg).sum() / len(labels)
+            for total, grad in zip(sums, torch.autograd.grad(loss, scales)):
+                total += grad.double()
         batches += 1
     token_scores, piece_scores = (s / max(batches, 1) for s in sums)
     return token_scores.tolist(), piece_scores.tolist()
 
 
 def scored(cfg: TrainConfig, adapter: Path, folder: Path) -> dict:
-    """``importance`` once per output: the first worker's scores are written and every worker uses them (a GPU's
-    scores may differ in their last bits between two passes; the rewinds must all start from one set)."""
+    """``importance`` once per chosen run: the first worker scores under the folder's lock and every worker
+    reads its file (a GPU's scores may differ in their last bits between two passes; the rewinds must all start
+    from one set). A file that scored another run is refused, never reused."""
+    from .checkpoint import atomic_write
+    from .config import ConfigError
+    from .runlock import RunLock, RunLockedError
+
     path = folder / "importance.json"
-    if not path.is_file():
-        tokens, pieces = importance(cfg, adapter)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".importance.{os.getpid()}.json"
-        tmp.write_text(json.dumps({"scored": str(adapter), "token_scores": tokens, "piece_scores": pieces}, indent=1))
+    while not path.is_file():
         try:
-            os.link(tmp, path)  # fails where another worker's scores are there already: theirs are used
-        except FileExistsError:
-            pass
+            lock = RunLock(folder).acquire()
+        except RunLockedError:  # another worker scores: wait for its file
+            time.sleep(2)
+            continue
+        try:
+            if not path.is_file():
+                tokens, pieces = importance(cfg, adapter)
+                record = {"scored": str(adapter), "token_scores": tokens, "piece_scores": pieces}
+                atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
         finally:
-            tmp.unlink()
-    return json.loads(path.read_text())
+            lock.release()
+    scores = json.loads(path.read_text())
+    if scores.get("scored") != str(adapter):
+        raise ConfigError(f"{path} holds the scores of {scores.get('scored')}, not of the chosen run {adapter}: "
+                          "remove that folder (its rewinds too) or use another output")
+    return scores
+
+
+def stage_folder(out: Path, kind: str, choice: dict) -> Path:
+    """``OUTPUT/pruning/lrL_wdW`` or ``OUTPUT/rewind/lrL_wdW``: a stage per choice, so another choice (another
+    pruner, say) scores and rewinds anew instead of meeting the first choice's runs."""
+    return out / kind / f"lr{choice['lr']:g}_wd{choice['weight_decay']:g}"
 
 
 def rewind_jobs(cfg: TrainConfig, out: Path, choice: dict, scores: dict) -> dict[tuple, tuple[Path, TrainConfig]]:
@@ -134,7 +155,7 @@ def rewind_jobs(cfg: TrainConfig, out: Path, choice: dict, scores: dict) -> dict
     jobs = {}
     for tokens in mask_counts(p, percents, MIN_TOKENS):
         for pieces in mask_counts(pieces_per_token, percents, MIN_PIECES):
-            run = out / "rewind" / f"tokens{tokens}_pieces{pieces}"
+            run = stage_folder(out, "rewind", choice) / f"tokens{tokens}_pieces{pieces}"
             options = {**cfg.method_options, "prune": False,
                        **masks_at(scores["token_scores"], scores["piece_scores"], tokens, pieces)}
             jobs[(pieces, tokens)] = (run, dataclasses.replace(

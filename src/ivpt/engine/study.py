@@ -513,9 +513,9 @@ def tune_study(cfg: TrainConfig, out: Path, settings: StudySettings = StudySetti
         choice = choose(grid_results)
     else:
         grid_results, choice, pruned, recorded = [], dict(chosen), 0, {}
-    final_cfg, pruning, rewinds = cfg, None, []
+    final_cfg, pruning_record, rewinds = cfg, None, []
     if prunes(cfg):  # E2VPT: score the chosen run's masks, rewind every level, train the seeds at the best one
-        final_cfg, pruning, rewinds = _pruning_stage(cfg, out, key, choice, storage, settings)
+        final_cfg, pruning_record, rewinds = _pruning_stage(cfg, out, key, choice, storage, settings)
     seeds = [int(s) for s in cfg.protocol.get("seeds", VPT_SEEDS)]
     finals = {(seed,): job for seed, job in zip(seeds, final_jobs(final_cfg, out, choice["lr"],
                                                                   choice["weight_decay"]))}
@@ -538,8 +538,8 @@ def tune_study(cfg: TrainConfig, out: Path, settings: StudySettings = StudySetti
         "parameters": final_results[0]["parameters"],
         "training_seconds": round(training_seconds(out), 3), "study_key": key,
     }
-    if pruning is not None:
-        summary["pruning"] = pruning
+    if pruning_record is not None:
+        summary["pruning"] = pruning_record
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     return summary
 
@@ -556,7 +556,7 @@ def _pruning_stage(cfg: TrainConfig, out: Path, key: str, choice: dict, storage,
                           "whose run the masks are scored on")
     run_stage(Stage(f"prune-{key}-lr{point[0]:g}-wd{point[1]:g}", {"lr": [point[0]], "wd": [point[1]]},
                     {point: chosen_run}), storage, settings)  # finished already unless the grid was skipped
-    scores = pruning.scored(chosen_run[1], chosen_run[0] / "adapter", out / "pruning")
+    scores = pruning.scored(chosen_run[1], chosen_run[0] / "adapter", pruning.stage_folder(out, "pruning", choice))
     jobs = pruning.rewind_jobs(cfg, out, choice, scores)
     trials = run_stage(Stage(f"rewind-{key}-lr{point[0]:g}-wd{point[1]:g}",
                              {"pieces": sorted({p for p, _ in jobs}), "tokens": sorted({t for _, t in jobs})}, jobs),
@@ -565,7 +565,7 @@ def _pruning_stage(cfg: TrainConfig, out: Path, key: str, choice: dict, storage,
     best = pruning.choose_rewind(values)
     options = jobs[best][1].method_options
     record = {
-        "scored_run": str(chosen_run[0]), "token_scores": scores["token_scores"], "piece_scores": scores["piece_scores"],
+        "scored": scores["scored"], "token_scores": scores["token_scores"], "piece_scores": scores["piece_scores"],
         "rewinds": [{"tokens": t, "pieces": p, "val_top1": values[(p, t)]} for p, t in sorted(jobs, key=lambda x: x[::-1])],
         "chosen": {"tokens": best[1], "pieces": best[0], "pruned_tokens": options["pruned_tokens"],
                    "pruned_pieces": options["pruned_pieces"]},
