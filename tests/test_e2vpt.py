@@ -214,10 +214,10 @@ def e2vpt_recipe(recipe):
 
 
 @pytest.fixture
-def recipe(tmp_path, monkeypatch):
+def recipe(tmp_path):
     from test_tune import _recipe
 
-    return _recipe(tmp_path, monkeypatch)
+    return _recipe(tmp_path)
 
 
 def test_tune_prunes_rewinds_and_trains_the_seeds_at_the_best_level(e2vpt_recipe, tmp_path):

@@ -26,8 +26,9 @@ from ivpt.engine.study import tune
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
-def _recipe(folder, patch) -> TrainConfig:
-    patch.setenv("IVPT_CACHE", str(folder / "cache"))
+def _recipe(folder) -> TrainConfig:
+    """clevr-dist renders once into the session's test cache (conftest's $IVPT_CACHE), which every test here
+    and every worker process it starts reads."""
     import timm
 
     torch.manual_seed(0)
@@ -41,8 +42,8 @@ def _recipe(folder, patch) -> TrainConfig:
 
 
 @pytest.fixture
-def recipe(tmp_path, monkeypatch):
-    return _recipe(tmp_path, monkeypatch)
+def recipe(tmp_path):
+    return _recipe(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +51,8 @@ def full_grid(tmp_path_factory):
     """The test recipe tuned once with --pruner none by one worker nobody stops: the reference of every
     other way to tune it (the weights are seeded, so every test's recipe trains alike). Its output folder
     and summary."""
-    with pytest.MonkeyPatch.context() as patch:
-        folder = tmp_path_factory.mktemp("full-grid")
-        return folder / "tune", tune(_recipe(folder, patch), folder / "tune", pruner="none")
+    folder = tmp_path_factory.mktemp("full-grid")
+    return folder / "tune", tune(_recipe(folder), folder / "tune", pruner="none")
 
 
 def test_full_grid_gives_the_plain_protocols_choice_and_scores(recipe, tmp_path, full_grid):
