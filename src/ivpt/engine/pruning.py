@@ -17,8 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from .config import TrainConfig
 
 PRUNE_PERCENTS = (10, 20, 30, 40, 50, 60, 70, 80, 90)  # CLS_TOKEN_MASK_PERCENT, CLS_TOKEN_PIECE_MASK_PERCENT
@@ -73,6 +71,8 @@ def importance(cfg: TrainConfig, adapter: Path) -> tuple[list[float], list[list[
     In eval mode, as the code scores; the code's pass also steps its optimiser (a side effect of reusing its
     training step), ivpt scores the trained model as it is.
     """
+    import torch
+
     from ..adapter_format import read_adapter_config, read_adapter_tensors
     from .data import split_of
     from .distributed import Dist

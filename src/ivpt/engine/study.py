@@ -36,7 +36,6 @@ import optuna
 from optuna.trial import TrialState
 
 from ..card import as_typed
-from .checkpoint import atomic_write
 from .config import NOT_RESULT_FIELDS, ConfigError, TrainConfig, as_started, check_inputs
 from . import pruning
 from .protocol import VPT_LRS, VPT_SEEDS, VPT_WDS, check_finals, choose, final_jobs, grid_jobs
@@ -540,6 +539,8 @@ def tune_study(cfg: TrainConfig, out: Path, settings: StudySettings = StudySetti
     }
     if pruning_record is not None:
         summary["pruning"] = pruning_record
+    from .checkpoint import atomic_write  # here, not above: opening a study's storage needs no torch
+
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     return summary
 
