@@ -80,12 +80,24 @@ def test_cli_reads_hub_names_too(tmp_path):
 
 
 def test_card_numbers_equal_results_and_follow_each_save(tmp_path):
+    import numpy as np
+    from PIL import Image
+
     from ivpt.engine.config import load_config
     from ivpt.engine.loop import train
 
+    # a small folder (a suite task would train 800 images): val balanced and test not, so that their scores
+    # differ even where the run answers one class
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", (12, 12)), ("val", (4, 4)), ("test", (6, 2))):
+        for label, count in enumerate(counts):
+            for i in range(count):
+                path = tmp_path / "photos" / split / f"class{label}" / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
     fields = dict(backbone=BACKBONE, method="vpt-deep", method_options={"prompt_length": 2},
-                  data={"kind": "suite", "task": "dtd10"}, epochs=1, warmup_epochs=0, batch_size=64, lr=0.01,
-                  optimizer="adamw", lr_scaling=False, precision="fp32", test_split="test",
+                  data={"kind": "folder", "root": str(tmp_path / "photos")}, epochs=1, warmup_epochs=0, batch_size=64,
+                  lr=0.01, optimizer="adamw", lr_scaling=False, precision="fp32", test_split="test",
                   output=str(tmp_path / "run"))
     results = train(load_config(None, fields=fields), quiet=True)
     card = (tmp_path / "run" / "adapter" / "README.md").read_text()
@@ -93,6 +105,7 @@ def test_card_numbers_equal_results_and_follow_each_save(tmp_path):
     assert meta["library_name"] == "ivpt" and "vpt-deep" in meta["tags"]
     values = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert values == {"val top-1": results["val"]["top1"], "test top-1": results["test"]["top1"]}
+    assert results["val"]["top1"] != results["test"]["top1"]  # so a card that swapped them would fail
     assert "| prompts | 2,304 |" in card  # 6 blocks x 2 prompts x 192, counted from the tensor shapes
     assert "epochs: 1" in card and BACKBONE in card
     model = ivpt.load_adapter(tmp_path / "run" / "adapter")
