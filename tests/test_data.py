@@ -367,8 +367,18 @@ def test_procedural_version_2_is_deterministic_balanced_and_at_patch_resolution(
         procedural.render("dsprites-loc", 4, seed=0, version=3)
 
 
+def few_images_per_split(monkeypatch):
+    """Procedural tasks drawn at 64 / 32 / 32 images (every class of the 16-class tasks present) for tests of
+    what does not depend on the counts; test_suite_procedural_task_sizes_and_seed checks the suite's own."""
+    from ivpt.data import suite
+
+    for name, count in (("TRAIN", 64), ("VAL", 32), ("TEST_MAX", 32)):
+        monkeypatch.setattr(suite, name, count)
+
+
 def test_suite_versions_are_cached_apart_and_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("IVPT_CACHE", str(tmp_path))
+    few_images_per_split(monkeypatch)
     v1, v2 = load_task("dsprites-loc", seed=3), load_task("dsprites-loc", seed=3, version=2)
     assert len(v1.classes) == 16 and len(v2.classes) == 8
     assert {p.name for p in tmp_path.iterdir()} == {"suite-dsprites-loc-v1-seed3.npz", "suite-dsprites-loc-v2-seed3.npz"}
@@ -389,6 +399,7 @@ def test_find_shape_knows_where_its_target_is(tmp_path, monkeypatch):
     assert procedural.box_patches([0.2, 0.45, 0.3, 0.6], (8, 8)).tolist() == [25, 26, 33, 34]
     assert procedural.box_patches([0.9, 0.9, 1.0, 1.0], (8, 8)).tolist() == [63]
     monkeypatch.setenv("IVPT_CACHE", str(tmp_path))
+    few_images_per_split(monkeypatch)
     task = load_task("find-shape", seed=0)
     assert task.group == "mechanism" and task.classes == procedural.TARGET_KINDS
     assert task.boxes["test"].shape == (len(task.test), 4) and len(task.boxes["trainval"]) == len(task.trainval)
