@@ -470,7 +470,7 @@ def suite_family_table(report: dict) -> str:
     tasks, methods = report["tasks"], report["methods"]
 
     def cell(r):
-        return "not run yet" if r is None else f"{pct(r['test_mean'])} ± {pct(r['test_std'])}"
+        return "unfinished" if r is None else f"{pct(r['test_mean'])} ± {pct(r['test_std'])}"
 
     rows = [[name] + [cell(m["tasks"][t]) for t in tasks] + [pct(m["mean"], 2), f"{m['finished']}/{len(tasks)}"]
             for name, m in methods.items()]
