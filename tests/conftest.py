@@ -333,3 +333,22 @@ def load_script(relative: str):
 
 def load_benchmark(name: str):
     return load_script(f"benchmarks/{name}.py")
+
+
+def tuning_recipe(folder):
+    """The tuning tests' recipe (test_tune, test_e2vpt): VPT-deep on clevr-dist, a tiny random backbone saved
+    into ``folder``. clevr-dist renders once into the session's test cache (conftest's $IVPT_CACHE), which every test here
+    and every worker process it starts reads."""
+    import timm
+    from safetensors.torch import save_file
+
+    from ivpt.engine.config import TrainConfig
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("vit_mini_patch4_32", **TINY_MINI).state_dict(), str(folder / "b.safetensors"))
+    return TrainConfig(backbone="vit_mini_patch4_32", backbone_options=TINY_MINI, weights=str(folder / "b.safetensors"),
+                       method="vpt-deep", method_options={"prompt_length": 1},
+                       data={"kind": "suite", "task": "clevr-dist"}, epochs=2, warmup_epochs=0, batch_size=200,
+                       optimizer="adamw", lr_scaling=False,
+                       protocol={"lrs": [0.3, 0.03, 0.003, 0.0003], "wds": [0.0], "seeds": [1, 2]},
+                       output=str(folder / "tune")).validate()

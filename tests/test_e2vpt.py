@@ -215,9 +215,9 @@ def e2vpt_recipe(recipe):
 
 @pytest.fixture
 def recipe(tmp_path):
-    from test_tune import _recipe
+    from conftest import tuning_recipe
 
-    return _recipe(tmp_path)
+    return tuning_recipe(tmp_path)
 
 
 def test_tune_prunes_rewinds_and_trains_the_seeds_at_the_best_level(e2vpt_recipe, tmp_path):

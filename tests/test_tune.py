@@ -15,9 +15,9 @@ import warnings
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
-from ivpt.engine.config import ConfigError, TrainConfig
+from conftest import tuning_recipe
+from ivpt.engine.config import ConfigError
 from ivpt.engine.loop import train
 from ivpt.engine.protocol import choose, final_jobs, grid_jobs
 from ivpt.engine.runlock import LOCK_NAME
@@ -26,24 +26,9 @@ from ivpt.engine.study import tune
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
-def _recipe(folder) -> TrainConfig:
-    """clevr-dist renders once into the session's test cache (conftest's $IVPT_CACHE), which every test here
-    and every worker process it starts reads."""
-    import timm
-
-    torch.manual_seed(0)
-    save_file(timm.create_model("vit_mini_patch4_32", **TINY).state_dict(), str(folder / "b.safetensors"))
-    return TrainConfig(backbone="vit_mini_patch4_32", backbone_options=TINY, weights=str(folder / "b.safetensors"),
-                       method="vpt-deep", method_options={"prompt_length": 1},
-                       data={"kind": "suite", "task": "clevr-dist"}, epochs=2, warmup_epochs=0, batch_size=200,
-                       optimizer="adamw", lr_scaling=False,
-                       protocol={"lrs": [0.3, 0.03, 0.003, 0.0003], "wds": [0.0], "seeds": [1, 2]},
-                       output=str(folder / "tune")).validate()
-
-
 @pytest.fixture
 def recipe(tmp_path):
-    return _recipe(tmp_path)
+    return tuning_recipe(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +37,7 @@ def full_grid(tmp_path_factory):
     other way to tune it (the weights are seeded, so every test's recipe trains alike). Its output folder
     and summary."""
     folder = tmp_path_factory.mktemp("full-grid")
-    return folder / "tune", tune(_recipe(folder), folder / "tune", pruner="none")
+    return folder / "tune", tune(tuning_recipe(folder), folder / "tune", pruner="none")
 
 
 def test_full_grid_gives_the_plain_protocols_choice_and_scores(recipe, tmp_path, full_grid):
