@@ -578,9 +578,8 @@ def rewind_count(cfg: TrainConfig) -> int:
     if not pruning.prunes(cfg):
         return 0
     options = METHODS["e2vpt"].config_class(**cfg.method_options)
-    percents = cfg.protocol.get("prune_percents", pruning.PRUNE_PERCENTS)
-    return (len(pruning.mask_counts(options.prompt_length, percents, pruning.MIN_TOKENS))
-            * len(pruning.mask_counts(options.mask_pieces, percents, pruning.MIN_PIECES)))
+    token_levels, piece_levels = pruning.levels(cfg, options.prompt_length, options.mask_pieces)
+    return len(token_levels) * len(piece_levels)
 
 
 def job_cost(job: Job, pruner: str, flops: tuple[int, int]) -> dict:

@@ -324,10 +324,9 @@ class PromptedViT(AdapterMixin, nn.Module):
         reinforce = self._reinforces(i)
         tokens = torch.cat([prefix, prompts, patches], dim=1)
         key_values = self.method.key_value_prompts(i, tokens.shape[0])
-        if reinforce or trace is not None:
-            out, saliency, _ = run_block(block, tokens, self._saliency_rows(npt, p), npt + p, key_values=key_values)
-        elif key_values is not None:
-            out, saliency, _ = run_block(block, tokens, key_values=key_values)
+        if reinforce or trace is not None or key_values is not None:  # module by module: saliency, key-value prompts
+            rows = self._saliency_rows(npt, p) if reinforce or trace is not None else None
+            out, saliency, _ = run_block(block, tokens, rows, npt + p, key_values=key_values)
         else:
             out, saliency = block(tokens), None
         # one split, not three slices: backward joins the three gradients in one cat

@@ -53,6 +53,12 @@ def mask_counts(total: int, percents=PRUNE_PERCENTS, minimum: int = 0) -> list[i
     return sorted(set(counts))
 
 
+def levels(cfg: TrainConfig, prompt_length: int, pieces: int) -> tuple[list[int], list[int]]:
+    """The recipe's token levels and piece levels (``protocol.prune_percents``, the code's minima kept)."""
+    percents = cfg.protocol.get("prune_percents", PRUNE_PERCENTS)
+    return mask_counts(prompt_length, percents, MIN_TOKENS), mask_counts(pieces, percents, MIN_PIECES)
+
+
 def lowest(scores: list[float], count: int) -> list[int]:
     """The indices of the ``count`` lowest scores (ties: the lower index, as the code's stable sort)."""
     return sorted(sorted(range(len(scores)), key=lambda i: scores[i])[:count])
@@ -149,12 +155,10 @@ def stage_folder(out: Path, kind: str, choice: dict) -> Path:
 
 def rewind_jobs(cfg: TrainConfig, out: Path, choice: dict, scores: dict) -> dict[tuple, tuple[Path, TrainConfig]]:
     """(pieces, tokens) -> (run folder, config) of every rewind: train -> val at the choice, masks fixed."""
-    p = len(scores["token_scores"])
-    pieces_per_token = len(scores["piece_scores"][0])
-    percents = cfg.protocol.get("prune_percents", PRUNE_PERCENTS)
+    token_levels, piece_levels = levels(cfg, len(scores["token_scores"]), len(scores["piece_scores"][0]))
     jobs = {}
-    for tokens in mask_counts(p, percents, MIN_TOKENS):
-        for pieces in mask_counts(pieces_per_token, percents, MIN_PIECES):
+    for tokens in token_levels:
+        for pieces in piece_levels:
             run = stage_folder(out, "rewind", choice) / f"tokens{tokens}_pieces{pieces}"
             options = {**cfg.method_options, "prune": False,
                        **masks_at(scores["token_scores"], scores["piece_scores"], tokens, pieces)}

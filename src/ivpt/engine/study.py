@@ -39,7 +39,6 @@ from ..card import as_typed
 from .config import NOT_RESULT_FIELDS, ConfigError, TrainConfig, as_started, check_inputs
 from . import pruning
 from .protocol import VPT_LRS, VPT_SEEDS, VPT_WDS, check_finals, choose, final_jobs, grid_jobs
-from .pruning import prunes
 from .runlock import RunLock, RunLockedError
 
 PRUNERS = ("none", "sha", "asha", "hyperband")
@@ -513,7 +512,7 @@ def tune_study(cfg: TrainConfig, out: Path, settings: StudySettings = StudySetti
     else:
         grid_results, choice, pruned, recorded = [], dict(chosen), 0, {}
     final_cfg, pruning_record, rewinds = cfg, None, []
-    if prunes(cfg):  # E2VPT: score the chosen run's masks, rewind every level, train the seeds at the best one
+    if pruning.prunes(cfg):  # E2VPT: score the chosen run's masks, rewind every level, train the seeds at the best one
         final_cfg, pruning_record, rewinds = _pruning_stage(cfg, out, key, choice, storage, settings)
     seeds = [int(s) for s in cfg.protocol.get("seeds", VPT_SEEDS)]
     finals = {(seed,): job for seed, job in zip(seeds, final_jobs(final_cfg, out, choice["lr"],

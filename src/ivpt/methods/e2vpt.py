@@ -126,9 +126,7 @@ class E2VPT(PromptBank):
         self.piece_scales = nn.Parameter(torch.ones(p, config.mask_pieces)) if config.prune else None
         self.kv_prompts = self.key_prompts = self.value_prompts = None
         if config.kv_length:
-            shared = config.kv_shared
-            names = ("kv_prompts",) if shared else ("key_prompts", "value_prompts")
-            for name in names:
+            for name in ("kv_prompts",) if config.kv_shared else ("key_prompts", "value_prompts"):
                 setattr(self, name, nn.Parameter(self._new_kv(config, shape)))
         self.kv_dropout = nn.Dropout(config.kv_dropout)
 
