@@ -14,7 +14,7 @@ from ivpt import cli
 from ivpt.backbones import pretrain
 from ivpt.engine.checkpoint import checkpoint_meta, load_checkpoint
 from ivpt.engine.loop import train
-from ivpt.engine.preemption import EXIT_PREEMPTED, Preempted, StepCheckpoints
+from ivpt.engine.preemption import EXIT_PREEMPTED, Preempted, StepCheckpoints, StopRequest
 from conftest import adapter_tensors, config, pretrain_args
 
 COMMON = dict(epochs=3, warmup_epochs=1, method_options={"prompt_length": 3, "ar_gamma_init": 0.1, "prompt_dropout": 0.1})
@@ -173,3 +173,37 @@ def test_under_ddp_every_rank_stops_at_the_same_step(setup):
     assert all("after step 2/3 of epoch 1" in text for text in said), said
     assert said[1].startswith("stopped by SIGTERM") and said[0].startswith("stopped by a signal")
     assert checkpoint_meta(tmp_path / "run")["step"] == 2  # written by rank 0
+
+
+def test_a_request_the_block_did_not_answer_goes_to_the_enclosing_stop_request():
+    """A signal that a run finished despite (one during its last evaluation) reaches the tuner's loop around
+    it; one the run answered with Preempted does not; with nothing around it (`ivpt train`) nothing happens."""
+    with StopRequest() as outer:
+        with StopRequest() as inner:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        assert inner.requested and outer.signal == "SIGUSR1"
+    with StopRequest() as outer:
+        with pytest.raises(Preempted):
+            with StopRequest():
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise Preempted("stopped", "")
+        assert not outer.requested
+    with StopRequest() as alone:
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert alone.requested and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # and this process lives on
+
+
+def test_one_stop_delivered_twice_is_one_request_and_each_is_passed_on():
+    """A scheduler's SIGTERM to every process of a job and the parent's passing it on reach a worker
+    within moments: one stop (the second would otherwise end the process uncaught)."""
+    passed = []
+    with StopRequest(then=passed.append) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.signal == "SIGTERM" and passed == [signal.SIGTERM]  # the repeat within the window: not again
+    script = ("import os, signal, time\nfrom ivpt.engine.preemption import SAME_STOP_SECONDS, StopRequest\n"
+              "with StopRequest():\n    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(SAME_STOP_SECONDS + 0.2)\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(5)\n")
+    later = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert later.returncode == -signal.SIGTERM, later.stderr.decode()  # a deliberate second signal ends it at once
+

@@ -19,6 +19,7 @@ import yaml
 from conftest import tuning_recipe
 from ivpt.engine.config import ConfigError
 from ivpt.engine.loop import train
+from ivpt.engine.preemption import EXIT_PREEMPTED, Preempted
 from ivpt.engine.protocol import choose, final_jobs, grid_jobs
 from ivpt.engine.runlock import LOCK_NAME
 from ivpt.engine.study import tune
@@ -484,6 +485,98 @@ def _mid_run(grid, pid: int) -> bool:
         if holder == pid and (run / "checkpoint.json").exists() and not (run / "results.json").exists():
             return True
     return False
+
+
+def test_a_signal_during_a_runs_last_evaluation_starts_no_new_run(recipe, tmp_path, full_grid, monkeypatch):
+    """SIGTERM while a grid run makes its final evaluation: that run finishes (its results are complete), and
+    the tuner then trains no other point but stops with Preempted; the same call again finishes the protocol
+    with an uninterrupted run's choice and scores."""
+    from ivpt.engine import loop
+
+    real, calls = loop._finish, []
+
+    def finish_signalled(run, done):
+        calls.append(run.out)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(run, done)
+
+    monkeypatch.setattr(loop, "_finish", finish_signalled)
+    with pytest.raises(Preempted, match="tuning stopped by SIGTERM between runs"):
+        tune(recipe, tmp_path / "t", pruner="none")
+    assert len(calls) == 1 and [r.parent.name for r in (tmp_path / "t" / "grid").glob("*/results.json")] == \
+        [calls[0].name]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    summary = tune(recipe, tmp_path / "t", pruner="none")
+    assert (summary["chosen"], summary["test_top1"]) == (full_grid[1]["chosen"], full_grid[1]["test_top1"])
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (from /proc; a zombie counts as ended)."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            state, ppid = open(stat).read().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):  # ended meanwhile
+            continue
+        if int(ppid) == pid and state != "Z":
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_tuner_leaves_no_worker_training(signum, recipe, tmp_path, full_grid):
+    """`ivpt tune --workers 2` stopped in the middle of a grid run by a signal to its main process alone (as
+    Kubernetes signals PID 1, or `kill PID`). SIGTERM: passed on, the workers checkpoint and the main process
+    exits 75 once they have stopped. SIGKILL: the workers notice their parent is gone and stop the same way.
+    Either way none trains on, and the same command then finishes: each epoch trained once, and the choice
+    and test scores of an uninterrupted run."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict()))))
+    command = [sys.executable, "-m", "ivpt.cli", "tune", str(path), "--output", str(tmp_path / "t"),
+               "--pruner", "none", "--workers", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    main = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not any(_mid_run(tmp_path / "t" / "grid", pid) for pid in _children(main.pid)):
+            assert main.poll() is None, main.stderr.read().decode()[-2000:]
+            time.sleep(0.1)
+        children = _children(main.pid)  # the two workers and multiprocessing's resource tracker
+        workers = [pid for pid in children if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        assert main.poll() is None and len(workers) == 2, "the tuning finished before it could be stopped mid-run"
+        os.kill(main.pid, signum)
+        _, err = main.communicate(timeout=120)
+        if signum == signal.SIGTERM:
+            assert main.returncode == EXIT_PREEMPTED, err.decode()[-2000:]
+            assert "2 of 2 workers stopped" in err.decode() and "run the same command again" in err.decode()
+            assert all(_ended(pid) for pid in workers)  # it waited for them
+        deadline = time.time() + 60
+        while time.time() < deadline and not all(_ended(pid) for pid in children):
+            time.sleep(0.1)
+        assert all(_ended(pid) for pid in children), "a worker trains on after its parent was stopped"
+        assert not (tmp_path / "t" / "summary.json").exists()  # they stopped, not finished the protocol
+    finally:
+        try:  # whatever is left of its session (start_new_session): nothing, when it passed
+            os.killpg(main.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    rerun = subprocess.run(command, env=env, capture_output=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    for run in (tmp_path / "t" / "grid").iterdir():
+        log = json.loads((run / "results.json").read_text())["log"]
+        assert [e["epoch"] for e in log] == [1, 2]  # each epoch once: the stopped runs resumed, not restarted
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert (summary["chosen"], summary["test_top1"]) == (full_grid[1]["chosen"], full_grid[1]["test_top1"])
 
 
 def test_bad_storage_and_devices_are_named(recipe, tmp_path):

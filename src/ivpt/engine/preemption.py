@@ -6,6 +6,8 @@ into a flag; the training loop checks it after every optimizer step, writes a ch
 exact step and raises ``Preempted``, which ``ivpt`` turns into exit code ``EXIT_PREEMPTED`` (75,
 EX_TEMPFAIL: try again). ``--resume`` then continues from that step. Under torchrun the flag is
 all-reduced every step, so every rank stops at the same step even if only one got the signal.
+``ivpt tune --workers N`` passes a signal on to its workers and exits 75 once they have stopped; a
+worker whose parent died (SIGKILL, out of memory) stops in the same way rather than training on.
 """
 from __future__ import annotations
 
@@ -13,27 +15,38 @@ import base64
 import os
 import signal
 import threading
+import time
+from typing import TYPE_CHECKING, Callable
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch  # imported where used: ivpt.engine.study (which takes a stop request) opens no torch
 
 EXIT_PREEMPTED = 75
+SAME_STOP_SECONDS = 2.0  # signals this close together are one stop, not a second one that forces the end
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 
 
 class Preempted(Exception):
     """The run stopped on a signal after writing a checkpoint; continue it with --resume."""
 
-    def __init__(self, message: str, output: str):
+    def __init__(self, message: str, output: str = ""):
         super().__init__(message)
         self.output = output
 
 
 class StopRequest:
-    """A context in which SIGTERM / SIGUSR1 set ``requested`` instead of ending the process."""
+    """A context in which SIGTERM / SIGUSR1 set ``requested`` instead of ending the process.
 
-    def __init__(self):
+    ``then(signum)``, where given, is called on every signal first: e.g. to pass it on to worker processes.
+    A second signal ends the process as if not caught, unless it comes within SAME_STOP_SECONDS of the first.
+    A request the block did not answer with ``Preempted`` (e.g. one during a run's last evaluation, which
+    finishes the run) goes on to the handler this context replaced: the tuner's loop then starts no new run.
+    """
+
+    def __init__(self, then: Callable[[int], None] | None = None):
         self.signal: str | None = None
+        self.then = then
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     @property
@@ -41,11 +54,16 @@ class StopRequest:
         return self.signal is not None
 
     def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.requested and now - self._first_at < SAME_STOP_SECONDS:
+            return  # one stop delivered twice: by a scheduler to every process of a job, and passed on by its parent
+        if self.then is not None:
+            self.then(signum)
         if self.requested:  # a second signal (e.g. during a long evaluation): act on it as if not caught
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             os.kill(os.getpid(), signum)
             return
-        self.signal = signal.Signals(signum).name
+        self.signal, self._first_at = signal.Signals(signum).name, now
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
@@ -53,15 +71,23 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
+    def __exit__(self, exc_type, exc, tb) -> None:
+        previous = dict(self._previous)
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        unanswered = self.requested and not isinstance(exc, Preempted)
+        handler = previous.get(signal.Signals[self.signal]) if unanswered else None
+        if callable(handler):  # an enclosing StopRequest (not SIG_DFL: a finished run is not then killed)
+            handler(signal.Signals[self.signal], None)
 
     def agreed(self, ctx, device) -> bool:
         """Whether any process was asked to stop (one all-reduce per call under DDP)."""
         if not ctx.active:
             return self.requested
+        import torch
+        import torch.distributed as dist
+
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -73,11 +99,15 @@ def encode_state(state: torch.Tensor) -> str:
 
 
 def decode_state(text: str) -> torch.Tensor:
+    import torch
+
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
 def rng_state() -> dict[str, str]:
     """torch's CPU (and CUDA) generator states, as text."""
+    import torch
+
     state = {"cpu": encode_state(torch.get_rng_state())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = encode_state(torch.cuda.get_rng_state())
@@ -85,6 +115,8 @@ def rng_state() -> dict[str, str]:
 
 
 def set_rng_state(state: dict[str, str]) -> None:
+    import torch
+
     torch.set_rng_state(decode_state(state["cpu"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(decode_state(state["cuda"]))

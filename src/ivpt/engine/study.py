@@ -26,6 +26,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 import warnings
 import zlib
@@ -38,6 +39,7 @@ from optuna.trial import TrialState
 from ..card import as_typed
 from .config import NOT_RESULT_FIELDS, ConfigError, TrainConfig, as_started, check_inputs
 from . import pruning
+from .preemption import EXIT_PREEMPTED, SIGNALS as STOP_SIGNALS, Preempted, StopRequest
 from .protocol import VPT_LRS, VPT_SEEDS, VPT_WDS, check_finals, choose, final_jobs, grid_jobs
 from .runlock import RunLock, RunLockedError
 
@@ -425,23 +427,36 @@ def run_stage(stage: Stage, storage, settings: StudySettings) -> dict[tuple, opt
     # Every worker judges the others' liveness by its own --heartbeat: one study, one heartbeat
     _same_setting(study, "heartbeat", float(settings.heartbeat))
     objective, first_seen_running = _Objective(stage), {}
-    while True:
-        with warnings.catch_warnings():  # heartbeats are experimental in Optuna
-            warnings.simplefilter("ignore")
-            optuna.storages.fail_stale_trials(study)  # trials of dead workers: failed (queued anew below)
-        _fail_orphans(study, settings, first_seen_running)
-        trials = study.get_trials(deepcopy=False)
-        finished = _finished(stage, trials)
-        if len(finished) == len(stage.jobs):
-            return finished
-        queued = {stage.point(t) for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)}
-        for point in sorted(set(stage.jobs) - set(finished) - queued):
-            params = dict(zip(stage.names, point))
-            study.enqueue_trial(params, user_attrs={"point": params})
-        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            _train_one(study, objective)
-        else:
-            time.sleep(min(2.0, settings.heartbeat / 2))  # others' trials are running: look again soon (a rung's barrier)
+    with StopRequest() as stop:  # a signal between runs, or one a run finished despite: no new run is started
+        while not stop.requested:
+            finished = _run_stage_step(study, stage, objective, settings, first_seen_running)
+            if finished is not None:
+                return finished
+    raise Preempted(f"tuning stopped by {stop.signal} between runs; every finished run is kept: run the same "
+                    "command again to continue")
+
+
+def _run_stage_step(study: optuna.Study, stage: Stage, objective: _Objective, settings: StudySettings,
+                    first_seen_running: dict) -> dict | None:
+    """One look at the stage: its finished trials once all are, else (after queuing what is missing) one
+    queued trial trained, or a short wait while the others' trials run."""
+    with warnings.catch_warnings():  # heartbeats are experimental in Optuna
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)  # trials of dead workers: failed (queued anew below)
+    _fail_orphans(study, settings, first_seen_running)
+    trials = study.get_trials(deepcopy=False)
+    finished = _finished(stage, trials)
+    if len(finished) == len(stage.jobs):
+        return finished
+    queued = {stage.point(t) for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)}
+    for point in sorted(set(stage.jobs) - set(finished) - queued):
+        params = dict(zip(stage.names, point))
+        study.enqueue_trial(params, user_attrs={"point": params})
+    if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        _train_one(study, objective)
+    else:
+        time.sleep(min(2.0, settings.heartbeat / 2))  # others' trials are running: look again soon (a rung's barrier)
+    return None
 
 
 def successive_halving(key: str, storage, settings: StudySettings, grid: dict, space: dict[str, list],
@@ -604,13 +619,40 @@ def visible_device(index: str) -> str:
 
 
 def worker_main(cfg_dict: dict, out: str, settings: StudySettings, workers: int = 1):
-    """A ``--workers`` process: pinned to its device when given, then the same stages as the main process."""
+    """A ``--workers`` process: pinned to its device when given, then the same stages as the main process.
+
+    A signal (its own, or passed on by the parent) checkpoints the run it trains and ends the process
+    with EXIT_PREEMPTED; so does the parent's death, which would otherwise leave it training unwatched.
+    """
     os.environ.setdefault("IVPT_PROCESSES", str(workers))  # the workers here divide the cores
+    _stop_with_parent()
     cfg = TrainConfig(**cfg_dict)
     if settings.device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_device(settings.device)
         cfg = dataclasses.replace(cfg, device="cuda:0")
-    tune_study(cfg, Path(out), settings)
+    try:
+        tune_study(cfg, Path(out), settings)
+    except Preempted as stop:
+        print(f"ivpt tuning worker {os.getpid()}: {stop}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+
+
+def _stop_with_parent() -> None:
+    """SIGTERM to this worker once its parent is gone (killed outright, e.g. SIGKILL or out of memory):
+    the run it trains checkpoints and stops instead of training on for a parent nobody waits for."""
+    import multiprocessing
+    import signal
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None or not STOP_SIGNALS:
+        return
+
+    def watch():
+        parent.join()  # returns when the parent ends (its sentinel closes): no polling
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="ivpt-parent-watch", daemon=True).start()
 
 
 def _check_devices(devices: list[str] | None) -> None:
@@ -652,12 +694,34 @@ def tune(cfg: TrainConfig, output: str | Path, *, storage: str | None = None, wo
     procs = [context.Process(target=worker_main, args=(cfg.to_dict(), str(out), dataclasses.replace(
                  settings, device=devices[i % len(devices)] if devices else None), workers))
              for i in range(workers)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join()
-    failed = [p.exitcode for p in procs if p.exitcode]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {workers} tuning workers failed (exit {failed[0]}); run the same "
-                           "command again to finish what is missing")
+    _run_workers(procs, out)
     return json.loads((out / "summary.json").read_text())
+
+
+def _run_workers(procs: list, out: Path) -> None:
+    """Start the workers and wait for them. A SIGTERM / SIGUSR1 to this process is passed on to each worker
+    (which checkpoints and exits), and this one waits for them, then stops with EXIT_PREEMPTED: dying at
+    once would leave them training, orphaned, beside the rerun that a stopped job gets."""
+    def pass_on(signum: int) -> None:
+        for proc in procs:
+            if proc.pid is not None and proc.exitcode is None:
+                os.kill(proc.pid, signum)
+
+    with StopRequest(then=pass_on) as stopper:
+        for proc in procs:
+            if not stopper.requested:  # none started after a stop
+                proc.start()
+        for proc in procs:
+            if proc.pid is not None:
+                proc.join()
+    codes = [p.exitcode for p in procs if p.pid is not None]
+    failed = [code for code in codes if code]
+    # EXIT_PREEMPTED: checkpointed and stopped; killed by the signal itself: stopped outside a training run
+    stopped = [code for code in failed if code == EXIT_PREEMPTED or -code in STOP_SIGNALS]
+    if stopper.requested or (failed and len(stopped) == len(failed)):
+        cause = stopper.signal or "a signal"
+        raise Preempted(f"tuning stopped by {cause}: {len(stopped)} of {len(procs)} workers stopped (exit codes "
+                        f"{codes}), their runs checkpointed; run the same command again to continue", str(out))
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(procs)} tuning workers failed (exit {failed[0]}); run the same "
+                           "command again to finish what is missing")
