@@ -7,7 +7,7 @@
     # on the next machine, in the repository's root, then the same benchmark command as before:
     mkdir -p benchmarks/state && tar -xzf suite-protocol.tar.gz -C benchmarks/state
 
-The shards (benchmarks/tuner.py, benchmarks/accuracy.py) get SIGTERM: each run writes a checkpoint at its
+The shards (benchmarks/tuner.py, benchmarks/accuracy.py, `ivpt benchmark suite`) get SIGTERM: each run writes a checkpoint at its
 next step boundary and stops (ivpt's preemption). Then the whole run folder (the Optuna studies, every
 run's results, logs, adapter and checkpoint, tensors included) is written to ``<folder>.tar.gz`` next to
 it, without the run locks. Run state is never committed (benchmarks/state/ is ignored); the summaries the
@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARDS = ("benchmarks/tuner.py", "benchmarks/accuracy.py")
+# the shard scripts, and `ivpt benchmark suite` (whose main process passes the signal on to its --workers)
+SHARDS = ("benchmarks/tuner.py", "benchmarks/accuracy.py", "ivpt benchmark suite")
 LEFT_OUT = (".ivpt.lock", "tuner_wall.lock")  # kernel locks of live processes: meaningless elsewhere
 
 
