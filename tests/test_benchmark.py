@@ -293,3 +293,34 @@ def test_e2vpt_and_vfpt_run_with_their_codes_settings_per_task(tmp_path):
     cost = benchmark.job_cost(jobs["e2vpt", "dtd"], "sha", (1, 1))
     assert cost["rewind_epochs"] == 9 * 8 * 100 + 1 and cost["runs"] == cost["grid_points"] + 72 + cost["seeds"]
     assert benchmark.job_cost(jobs["vfpt", "dtd"], "sha", (1, 1))["rewind_epochs"] == 0
+
+
+@pytest.mark.parametrize("when", ["as a pair finishes", "before a pair starts"])
+def test_a_signal_lets_no_further_pair_start(finished, tmp_path, monkeypatch, when):
+    """SIGTERM just after a pair's tuning finished (so no run of it could answer it): the benchmark starts no
+    next pair and exits 75. SIGTERM just before a pair's tuning: the tuner takes the stop over and trains
+    nothing. Either way the same command then finishes what is missing."""
+    import os
+    import signal
+
+    from ivpt.engine import study
+
+    root, _ = finished
+    out, real, calls = tmp_path / "out", study.tune, []
+
+    def tune_signalled(cfg, folder, **options):
+        calls.append(folder)
+        if when == "before a pair starts":
+            os.kill(os.getpid(), signal.SIGTERM)
+        summary = real(cfg, folder, **options)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return summary
+
+    monkeypatch.setattr(study, "tune", tune_signalled)
+    assert main(command(root, out)) == 75
+    assert len(calls) == 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    trained = sorted(p.parent.parent.name for p in out.rglob("results.json"))
+    assert trained == ([] if when == "before a pair starts" else ["final", "grid", "grid"])  # one pair: 2 lrs, 1 seed
+    monkeypatch.setattr(study, "tune", real)
+    assert main(command(root, out)) == 0
+    assert len(list(out.rglob("summary.json"))) == len(METHODS) * len(TASKS)

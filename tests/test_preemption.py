@@ -191,6 +191,23 @@ def test_a_request_the_block_did_not_answer_goes_to_the_enclosing_stop_request()
     with StopRequest() as alone:
         os.kill(os.getpid(), signal.SIGTERM)
     assert alone.requested and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # and this process lives on
+    called = []
+    previous = signal.signal(signal.SIGUSR1, lambda *a: called.append(a))  # a launcher's own handler
+    try:
+        with StopRequest():
+            os.kill(os.getpid(), signal.SIGUSR1)
+        assert called == []  # only an enclosing StopRequest is given the request, never another handler
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_stop_request_opened_after_a_signal_takes_it_over():
+    """A run started just after a signal (the tuner was reading its storage) stops after its first step."""
+    with StopRequest() as outer:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with StopRequest() as inner:
+            assert inner.signal == "SIGUSR1"
+    assert outer.requested
 
 
 def test_one_stop_delivered_twice_is_one_request_and_each_is_passed_on():
@@ -201,9 +218,10 @@ def test_one_stop_delivered_twice_is_one_request_and_each_is_passed_on():
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
     assert stop.signal == "SIGTERM" and passed == [signal.SIGTERM]  # the repeat within the window: not again
+    # nested as in a tuner (its trial loop around a run): a deliberate second signal still ends it at once
     script = ("import os, signal, time\nfrom ivpt.engine.preemption import SAME_STOP_SECONDS, StopRequest\n"
-              "with StopRequest():\n    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "with StopRequest(), StopRequest():\n    os.kill(os.getpid(), signal.SIGTERM)\n"
               "    time.sleep(SAME_STOP_SECONDS + 0.2)\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(5)\n")
     later = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
-    assert later.returncode == -signal.SIGTERM, later.stderr.decode()  # a deliberate second signal ends it at once
+    assert later.returncode == -signal.SIGTERM, later.stderr.decode()
 

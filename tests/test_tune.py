@@ -511,6 +511,24 @@ def test_a_signal_during_a_runs_last_evaluation_starts_no_new_run(recipe, tmp_pa
     assert (summary["chosen"], summary["test_top1"]) == (full_grid[1]["chosen"], full_grid[1]["test_top1"])
 
 
+def test_a_signal_while_a_worker_starts_reaches_it(recipe, tmp_path, monkeypatch):
+    """SIGTERM while the first worker is being started, before it has a pid to pass the signal to: it gets
+    the signal once started, no other worker starts, and tune stops instead of waiting while that worker
+    trains the whole study."""
+    import multiprocessing.context
+
+    real = multiprocessing.context.SpawnProcess.start
+
+    def start_signalled(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", start_signalled)
+    with pytest.raises(Preempted, match=r"1 of 2 workers stopped"):
+        tune(recipe, tmp_path / "t", workers=2, pruner="none")
+    assert not list((tmp_path / "t").rglob("results.json"))
+
+
 def _children(pid: int) -> list[int]:
     """The live processes whose parent is ``pid`` (from /proc; a zombie counts as ended)."""
     found = []

@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # the shard scripts, and `ivpt benchmark suite` (whose main process passes the signal on to its --workers)
-SHARDS = ("benchmarks/tuner.py", "benchmarks/accuracy.py", "ivpt benchmark suite")
+SHARDS = ("benchmarks/tuner.py", "benchmarks/accuracy.py", r"ivpt(\.cli)? benchmark suite")  # pgrep -f: regexes
 LEFT_OUT = (".ivpt.lock", "tuner_wall.lock")  # kernel locks of live processes: meaningless elsewhere
 
 

@@ -299,29 +299,39 @@ def run(jobs: list[Job], *, storage: str | None = None, workers: int = 1, device
         pruner: str = "sha", heartbeat: float = 30.0, log=print) -> dict[tuple[str, str], dict]:
     """Tune every job not finished yet; returns the summaries by (method, task). Every job's inputs and list
     files are checked first, so a missing task folder is said before hours of training, not after."""
-    from .engine.study import tune
+    from .engine.preemption import Preempted, StopRequest
 
     check_jobs(jobs)
     jobs = sorted(jobs, key=lambda j: j.method not in REUSE_CHOICE.values())  # whose choice others reuse first
+    options = dict(storage=storage, pruner=pruner, heartbeat=heartbeat, workers=workers, devices=devices)
     done = {}
-    for number, job in enumerate(jobs, start=1):
-        summary = finished(job)
-        if summary is None:
-            log(f"[{number}/{len(jobs)}] {job.method} on {job.task}: tuning into {job.folder}")
-            chosen = reused_choice(job) if job.reuse_from else None
-            options = dict(storage=storage, pruner=pruner, heartbeat=heartbeat)
-            if chosen is None:  # a reused choice leaves only the seeds' runs: tune runs those in one process
-                options.update(workers=workers, devices=devices)
-            summary = tune(job.cfg, job.folder, chosen=chosen, **options)
-            edge = None if chosen else grid_edge_warning(summary["chosen"], job.cfg.protocol.get("lrs", VPT_LRS),
-                                                         job.cfg.protocol.get("wds", VPT_WDS))
-            if edge:
-                warnings.warn(f"{job.method} on {job.task}: {edge}")
-        else:
-            log(f"[{number}/{len(jobs)}] {job.method} on {job.task}: finished, not touched")
-        record_seconds(job.folder)
-        done[(job.method, job.task)] = read_summary(job.folder)
+    with StopRequest() as stop:  # a signal that a pair's tuning finished despite: no next pair is started
+        for number, job in enumerate(jobs, start=1):
+            if stop.requested:
+                raise Preempted(f"benchmark stopped by {stop.signal} before {job.method} on {job.task}; every "
+                                "finished pair is kept: run the same command again to continue")
+            done[(job.method, job.task)] = _run_job(job, f"[{number}/{len(jobs)}]", log, options)
     return done
+
+
+def _run_job(job: Job, label: str, log, options: dict) -> dict:
+    """One (method, task): tuned unless finished; its summary."""
+    from .engine.study import tune
+
+    if finished(job) is not None:
+        log(f"{label} {job.method} on {job.task}: finished, not touched")
+    else:
+        log(f"{label} {job.method} on {job.task}: tuning into {job.folder}")
+        chosen = reused_choice(job) if job.reuse_from else None
+        if chosen is not None:  # a reused choice leaves only the seeds' runs: tune runs those in one process
+            options = {k: v for k, v in options.items() if k not in ("workers", "devices")}
+        summary = tune(job.cfg, job.folder, chosen=chosen, **options)
+        edge = None if chosen else grid_edge_warning(summary["chosen"], job.cfg.protocol.get("lrs", VPT_LRS),
+                                                     job.cfg.protocol.get("wds", VPT_WDS))
+        if edge:
+            warnings.warn(f"{job.method} on {job.task}: {edge}")
+    record_seconds(job.folder)
+    return read_summary(job.folder)
 
 
 # -- table ---------------------------------------------------------------------------------------------

@@ -37,10 +37,13 @@ class Preempted(Exception):
 class StopRequest:
     """A context in which SIGTERM / SIGUSR1 set ``requested`` instead of ending the process.
 
-    ``then(signum)``, where given, is called on every signal first: e.g. to pass it on to worker processes.
-    A second signal ends the process as if not caught, unless it comes within SAME_STOP_SECONDS of the first.
-    A request the block did not answer with ``Preempted`` (e.g. one during a run's last evaluation, which
-    finishes the run) goes on to the handler this context replaced: the tuner's loop then starts no new run.
+    Contexts nest (a benchmark around a tuner around its trial loop around a run); a stop belongs to all of
+    them: one opened while an enclosing one holds a request takes it over (a run started just after a
+    signal stops after its first step), and a request a block did not answer with ``Preempted`` (one during
+    a run's last evaluation, which finishes the run) goes back to the enclosing one, so no new run starts.
+    A second signal ends the process as if no StopRequest caught it, unless it comes within
+    SAME_STOP_SECONDS of the first. ``then(signum)``, where given, is called on every signal first: e.g. to
+    pass it on to worker processes.
     """
 
     def __init__(self, then: Callable[[int], None] | None = None):
@@ -60,15 +63,29 @@ class StopRequest:
         if self.then is not None:
             self.then(signum)
         if self.requested:  # a second signal (e.g. during a long evaluation): act on it as if not caught
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.signal(signum, self._uncaught(signum))
             os.kill(os.getpid(), signum)
             return
         self.signal, self._first_at = signal.Signals(signum).name, now
+
+    def _uncaught(self, signum: int):
+        """The handler beneath every enclosing StopRequest (usually SIG_DFL)."""
+        handler = self._previous.get(signum, signal.SIG_DFL)
+        while (outer := _owner(handler)) is not None:
+            handler = outer._previous.get(signum, signal.SIG_DFL)
+        return handler
+
+    def _take(self, other: "StopRequest") -> None:
+        if not self.requested:
+            self.signal, self._first_at = other.signal, other._first_at
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            for outer in filter(None, map(_owner, self._previous.values())):
+                if outer.requested:
+                    self._take(outer)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -76,10 +93,9 @@ class StopRequest:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-        unanswered = self.requested and not isinstance(exc, Preempted)
-        handler = previous.get(signal.Signals[self.signal]) if unanswered else None
-        if callable(handler):  # an enclosing StopRequest (not SIG_DFL: a finished run is not then killed)
-            handler(signal.Signals[self.signal], None)
+        outer = _owner(previous.get(signal.Signals[self.signal])) if self.requested else None
+        if outer is not None and not isinstance(exc, Preempted):  # not SIG_DFL: a finished `ivpt train` lives on
+            outer._take(self)
 
     def agreed(self, ctx, device) -> bool:
         """Whether any process was asked to stop (one all-reduce per call under DDP)."""
@@ -91,6 +107,12 @@ class StopRequest:
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def _owner(handler) -> StopRequest | None:
+    """The StopRequest whose handler ``handler`` is, if any."""
+    owner = getattr(handler, "__self__", None)
+    return owner if isinstance(owner, StopRequest) else None
 
 
 def encode_state(state: torch.Tensor) -> str:

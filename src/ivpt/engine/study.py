@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -429,7 +430,7 @@ def run_stage(stage: Stage, storage, settings: StudySettings) -> dict[tuple, opt
     objective, first_seen_running = _Objective(stage), {}
     with StopRequest() as stop:  # a signal between runs, or one a run finished despite: no new run is started
         while not stop.requested:
-            finished = _run_stage_step(study, stage, objective, settings, first_seen_running)
+            finished = _run_stage_step(study, stage, objective, settings, first_seen_running, stop)
             if finished is not None:
                 return finished
     raise Preempted(f"tuning stopped by {stop.signal} between runs; every finished run is kept: run the same "
@@ -437,7 +438,7 @@ def run_stage(stage: Stage, storage, settings: StudySettings) -> dict[tuple, opt
 
 
 def _run_stage_step(study: optuna.Study, stage: Stage, objective: _Objective, settings: StudySettings,
-                    first_seen_running: dict) -> dict | None:
+                    first_seen_running: dict, stop: StopRequest) -> dict | None:
     """One look at the stage: its finished trials once all are, else (after queuing what is missing) one
     queued trial trained, or a short wait while the others' trials run."""
     with warnings.catch_warnings():  # heartbeats are experimental in Optuna
@@ -452,6 +453,8 @@ def _run_stage_step(study: optuna.Study, stage: Stage, objective: _Objective, se
     for point in sorted(set(stage.jobs) - set(finished) - queued):
         params = dict(zip(stage.names, point))
         study.enqueue_trial(params, user_attrs={"point": params})
+    if stop.requested:  # came while the storage was read: no run is started
+        return None
     if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         _train_one(study, objective)
     else:
@@ -519,6 +522,11 @@ def training_seconds(folder: Path) -> float:
 def tune_study(cfg: TrainConfig, out: Path, settings: StudySettings = StudySettings(), *,
                chosen: dict | None = None) -> dict[str, Any]:
     """The grid stage, the choice and the final stage; the summary ``ivpt tune`` writes."""
+    with StopRequest():  # a signal between stages (the choice, pruning's scores) lets no later stage start
+        return _tune_stages(cfg, out, settings, chosen)
+
+
+def _tune_stages(cfg: TrainConfig, out: Path, settings: StudySettings, chosen: dict | None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     storage, key = settings.open(out), study_key(cfg)
     if chosen is None:
@@ -641,7 +649,6 @@ def _stop_with_parent() -> None:
     """SIGTERM to this worker once its parent is gone (killed outright, e.g. SIGKILL or out of memory):
     the run it trains checkpoints and stops instead of training on for a parent nobody waits for."""
     import multiprocessing
-    import signal
     import threading
 
     parent = multiprocessing.parent_process()
@@ -711,6 +718,8 @@ def _run_workers(procs: list, out: Path) -> None:
         for proc in procs:
             if not stopper.requested:  # none started after a stop
                 proc.start()
+        if stopper.requested:  # again: one that came during a start found no pid to pass it to
+            pass_on(signal.Signals[stopper.signal])
         for proc in procs:
             if proc.pid is not None:
                 proc.join()
@@ -718,10 +727,10 @@ def _run_workers(procs: list, out: Path) -> None:
     failed = [code for code in codes if code]
     # EXIT_PREEMPTED: checkpointed and stopped; killed by the signal itself: stopped outside a training run
     stopped = [code for code in failed if code == EXIT_PREEMPTED or -code in STOP_SIGNALS]
-    if stopper.requested or (failed and len(stopped) == len(failed)):
-        cause = stopper.signal or "a signal"
-        raise Preempted(f"tuning stopped by {cause}: {len(stopped)} of {len(procs)} workers stopped (exit codes "
-                        f"{codes}), their runs checkpointed; run the same command again to continue", str(out))
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(procs)} tuning workers failed (exit {failed[0]}); run the same "
-                           "command again to finish what is missing")
+    if len(stopped) < len(failed):
+        raise RuntimeError(f"{len(failed) - len(stopped)} of {len(procs)} tuning workers failed (exit codes {codes}); "
+                           "run the same command again to finish what is missing")
+    if stopped or (stopper.requested and not (out / "summary.json").is_file()):
+        raise Preempted(f"tuning stopped by {stopper.signal or 'a signal'}: {len(stopped)} of {len(procs)} workers "
+                        f"stopped (exit codes {codes}), their runs checkpointed; run the same command again to "
+                        "continue", str(out))
