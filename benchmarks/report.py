@@ -489,6 +489,23 @@ def suite_family_table(report: dict) -> str:
             f"{len(tasks)} tasks are in. Collected {report['date']}.\n\n" + text + ("\n\n" + "\n".join(lines) if lines else ""))
 
 
+def official_equality_table(report: dict) -> str:
+    """E2VPT and VFPT against their official code (benchmarks/official_equality.py)."""
+    rows = []
+    for method in ("e2vpt", "vfpt"):
+        if method not in report:
+            continue
+        for r in report[method]["rows"]:
+            rows.append([method, r["configuration"], f"{r['max_abs_features']:.1e}", f"{r['max_abs_logits']:.1e}",
+                         f"{min(r['controls_max_abs_logits'].values()):.1e}", "equal" if r["equal"] else "**different**"])
+    sources = "; ".join(f"{report[m]['repository']} at {report[m]['commit'][:7]}" for m in ("e2vpt", "vfpt")
+                        if m in report and report[m].get("commit"))
+    return (f"{report['backbone']}, 4 images, eval, float32; {sources}; tolerance {report['tolerance']:g}; "
+            f"{report['machine']}, {report['date']}\n\n"
+            + table(["method", "configuration", "max abs. difference, features", "logits",
+                     "smallest control", "verdict"], rows))
+
+
 RENDERERS = {  # block name -> (results file, renderer)
     "accuracy": ("accuracy", accuracy_tables),
     "accuracy_progress": ("accuracy_progress", accuracy_progress_tables),
@@ -501,6 +518,7 @@ RENDERERS = {  # block name -> (results file, renderer)
     "ivpt_vs_deep": ("cost_ivpt_vs_deep", ivpt_vs_deep_table),
     "family_cost": ("cost_family", family_cost_table),
     "suite_family": ("suite_family", suite_family_table),
+    "official_equality": ("official_equality", official_equality_table),
     "testbed": ("testbed_probe", testbed_table),
     "mechanism": ("mechanism", mechanism_table),
     "precision_threads": ("precision_threads", precision_threads_table),

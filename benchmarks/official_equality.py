@@ -1,0 +1,235 @@
+"""ivpt's E2VPT and VFPT against their official code: one ViT-B/16's weights and prompts in both, the same
+images, the class token's final features and the logits compared (docs/benchmarks.md, "Against the
+official code").
+
+The official repositories and their dependencies are not ivpt's; put them beside it:
+
+    git clone https://github.com/ChengHan111/E2VPT /path/E2VPT
+    git clone https://github.com/runtsang/VFPT /path/VFPT
+    pip install --target /path/deps --no-deps scipy simplejson termcolor iopath portalocker ml_collections \\
+        absl-py contextlib2 fvcore yacs tabulate
+    PYTHONPATH=/path/deps python benchmarks/official_equality.py --e2vpt /path/E2VPT --vfpt /path/VFPT
+
+Each configuration builds the official model from the official config (``get_cfg()`` defaults, then the
+keys the configuration sets), copies a randomly initialised timm ``vit_base_patch16_224`` and ivpt's
+prompts (and key-value prompts, and masks) into it, and compares in eval mode in float32. Both repositories
+name their package ``src``, so each runs in a process of its own. Writes
+benchmarks/results/official_equality.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TOLERANCE = 1e-4  # float32 through 12 blocks computed in another order (separate q/k/v, torch.fft)
+
+# (name, ivpt method options, the official config's keys); the official keys are those the code reads
+E2VPT_CASES = [
+    ("shared key-value prompts, p = n = 5 (the default)", {"prompt_length": 5, "kv_length": 5},
+     {"NUM_TOKENS_P": 5, "NUM_TOKENS": 5, "MASK_CLS_TOKEN": False}),
+    ("key and value prompts apart, p = n = 10", {"prompt_length": 10, "kv_length": 10, "kv_shared": False},
+     {"NUM_TOKENS_P": 10, "NUM_TOKENS": 10, "SHARE_PARAM_KV": False, "MASK_CLS_TOKEN": False}),
+    ("key-value prompts after the tokens' own (LAYER_BEHIND false)", {"prompt_length": 5, "kv_length": 5},
+     {"NUM_TOKENS_P": 5, "NUM_TOKENS": 5, "MASK_CLS_TOKEN": False, "LAYER_BEHIND": False}),
+    ("learned token and piece masks, random values", {"prompt_length": 10, "kv_length": 5, "prune": True},
+     {"NUM_TOKENS_P": 10, "NUM_TOKENS": 5, "MASK_CLS_TOKEN": True}),
+    ("rewound: tokens 1 and 3 pruned, pieces of tokens 0 and 2", {
+        "prompt_length": 5, "kv_length": 5, "pruned_tokens": [1, 3],
+        "pruned_pieces": [[2, 5], [], list(range(8)), [], [15]]},
+     {"NUM_TOKENS_P": 5, "NUM_TOKENS": 5, "MASK_CLS_TOKEN": True}),
+]
+VFPT_CASES = [
+    ("half of 10 prompts, both axes, prepended (the default)", {"prompt_length": 10},
+     {"NUM_TOKENS": 10}),
+    ("sequence axis only", {"prompt_length": 10, "fourier_dims": "sequence"},
+     {"NUM_TOKENS": 10, "FOURIER_DIMENSION": "sequence"}),
+    ("hidden axis only", {"prompt_length": 10, "fourier_dims": "hidden"},
+     {"NUM_TOKENS": 10, "FOURIER_DIMENSION": "hidden"}),
+    ("Fourier prompts appended", {"prompt_length": 10, "fourier_location": "append"},
+     {"NUM_TOKENS": 10, "FOURIER_LOCATION": "append"}),
+    ("block 0 not transformed", {"prompt_length": 10, "fourier_first_layer": False},
+     {"NUM_TOKENS": 10, "FOURIER_FIRST_LAYER": False}),
+    ("every prompt a Fourier prompt, p = 7", {"prompt_length": 7, "fourier_share": 1.0},
+     {"NUM_TOKENS": 7, "FOURIER_PERCENTAGE": 1.0}),
+    ("share 0.3 of 7 prompts (floor 2.1 = 2)", {"prompt_length": 7, "fourier_share": 0.3},
+     {"NUM_TOKENS": 7, "FOURIER_PERCENTAGE": 0.3}),
+]
+
+
+def copy_backbone(official, vit) -> None:
+    """timm's ViT-B/16 weights into the official (jeonsworld-style) ViT: q, k, v split from timm's qkv."""
+    import torch
+
+    transformer = official.transformer
+    emb, enc, d = transformer.embeddings, transformer.encoder, vit.embed_dim
+    with torch.no_grad():
+        emb.patch_embeddings.weight.copy_(vit.patch_embed.proj.weight)
+        emb.patch_embeddings.bias.copy_(vit.patch_embed.proj.bias)
+        emb.position_embeddings.copy_(vit.pos_embed)
+        emb.cls_token.copy_(vit.cls_token)
+        for layer, block in zip(enc.layer, vit.blocks):
+            for ours, theirs in ((block.norm1, layer.attention_norm), (block.norm2, layer.ffn_norm),
+                                 (block.attn.proj, layer.attn.out), (block.mlp.fc1, layer.ffn.fc1),
+                                 (block.mlp.fc2, layer.ffn.fc2)):
+                theirs.weight.copy_(ours.weight)
+                theirs.bias.copy_(ours.bias)
+            for part, name in enumerate(("query", "key", "value")):
+                getattr(layer.attn, name).weight.copy_(block.attn.qkv.weight[part * d:(part + 1) * d])
+                getattr(layer.attn, name).bias.copy_(block.attn.qkv.bias[part * d:(part + 1) * d])
+        enc.encoder_norm.weight.copy_(vit.norm.weight)
+        enc.encoder_norm.bias.copy_(vit.norm.bias)
+
+
+def copy_prompts(official, prompts) -> None:
+    """ivpt's (N, p, d) prompts: block 0's as the official prompt_embeddings, the others as its deep ones."""
+    official.transformer.prompt_embeddings.copy_(prompts[:1])
+    official.transformer.deep_prompt_embeddings.copy_(prompts[1:])
+
+
+def e2vpt_official(model, keys: dict):
+    """The official E2VPT model with ivpt ``model``'s weights, prompts, key-value prompts and masks."""
+    import torch
+    from src.configs.config import get_cfg
+    from src.models.vit_prompt.vit_prompt_VK import PromptedVisionTransformer_Prompt_VK
+
+    cfg = get_cfg().MODEL.P_VK
+    cfg.defrost()
+    cfg.update(keys)
+    method, config = model.method, model.method.config
+    official = PromptedVisionTransformer_Prompt_VK(cfg, "sup_vitb16_imagenet21k", 224, num_classes=-1).eval()
+    copy_backbone(official, model.backbone)
+    with torch.no_grad():  # a rewound model's prompts: its survivors in place, zeros where pruned
+        copy_prompts(official, torch.stack([method.block_prompts(i) for i in range(len(model.backbone.blocks))]))
+        for i, layer in enumerate(official.transformer.encoder.layer):
+            if config.kv_shared:
+                layer.attn.deep_QKV_embeddings.copy_(method.kv_prompts[i])
+            else:
+                layer.attn.deep_QKV_embeddings_K.copy_(method.key_prompts[i])
+                layer.attn.deep_QKV_embeddings_V.copy_(method.value_prompts[i])
+    transformer = official.transformer
+    if config.prune:
+        with torch.no_grad():
+            transformer.prompt_soft_tokens_mask_cls_token.copy_(method.token_scales)
+            transformer.prompt_soft_tokens_pieces_mask_cls_token.copy_(method.piece_scales)
+    elif cfg.MASK_CLS_TOKEN:  # a rewound model: the code's own masking of the listed tokens and pieces
+        transformer.mask_soft_tokens(set(config.pruned_tokens))
+        transformer.mask_soft_tokens_pieces({t: set(pieces) for t, pieces in enumerate(config.pruned_pieces)})
+    return official
+
+
+def vfpt_official(model, keys: dict):
+    import torch
+    from src.configs.config import get_cfg
+    from src.models.vit_prompt.vit_fourier import PromptedVisionTransformer_Fourier
+
+    cfg = get_cfg().MODEL.PROMPT_FOURIER
+    cfg.defrost()
+    cfg.update({"DEEP": True, **keys})  # every VFPT config sets DEEP (the default is shallow)
+    official = PromptedVisionTransformer_Fourier(cfg, "sup_vitb16_imagenet21k", 224, num_classes=-1).eval()
+    copy_backbone(official, model.backbone)
+    with torch.no_grad():
+        copy_prompts(official, model.method.prompts)
+    return official
+
+
+def negate_prompts(official):
+    """Negate block 6's input prompts in the official model; returns what puts them back."""
+    prompts = official.transformer.deep_prompt_embeddings[5]
+    prompts.neg_()
+    return prompts.neg_
+
+
+def negate_key_values(official):
+    """Negate every block's key-value prompts (keys and values, shared or not); returns what puts them back."""
+    tensors = [getattr(layer.attn, name) for layer in official.transformer.encoder.layer
+               for name in ("deep_QKV_embeddings", "deep_QKV_embeddings_K", "deep_QKV_embeddings_V")
+               if hasattr(layer.attn, name)]
+    for tensor in tensors:
+        tensor.neg_()
+    return lambda: [tensor.neg_() for tensor in tensors]
+
+
+def compare(method: str, cases: list) -> list[dict]:
+    """Run in the process whose sys.path holds the official repository."""
+    import timm
+    import torch
+
+    import ivpt
+
+    build = e2vpt_official if method == "e2vpt" else vfpt_official
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 224, 224)
+    rows = []
+    for number, (name, options, keys) in enumerate(cases):
+        torch.manual_seed(number)
+        model = ivpt.create_model(timm.create_model("vit_base_patch16_224", pretrained=False), method, 10,
+                                  **options).eval()
+        with torch.no_grad():
+            if options.get("prune"):  # scales away from 1, so that applying them is what is compared
+                model.method.token_scales.uniform_(0.2, 1.8)
+                model.method.piece_scales.uniform_(0.2, 1.8)
+            official = build(model, keys)
+            theirs = official(images)  # the class token after the final norm (its head: none)
+            ours = model.forward_head(model.forward_features(images), pre_logits=True)
+            ours_logits, theirs_logits = model.head(ours), model.head(theirs)
+
+            def control(change) -> float:  # a change the comparison must see: the official model's logits moved by
+                undo = change(official)
+                moved = float((model.head(official(images)) - ours_logits).abs().max())
+                undo()
+                return moved
+
+            controls = {"block 6's prompts negated": control(negate_prompts)}
+            if method == "e2vpt":
+                controls["every key-value prompt negated"] = control(negate_key_values)
+        row = {"configuration": name, "ivpt_options": options, "official_keys": keys,
+               "max_abs_features": float((ours - theirs).abs().max()), "feature_scale": float(ours.abs().max()),
+               "max_abs_logits": float((ours_logits - theirs_logits).abs().max()),
+               "logit_scale": float(ours_logits.abs().max()), "controls_max_abs_logits": controls}
+        # equal: within the tolerance, where each control (a change the comparison must see) is 10x beyond it
+        row["equal"] = (max(row["max_abs_features"], row["max_abs_logits"]) <= TOLERANCE
+                        and min(controls.values()) > 10 * TOLERANCE)
+        print(f"{method}: {name}: max |difference| features {row['max_abs_features']:.1e} (of up to "
+              f"{row['feature_scale']:.2f}), logits {row['max_abs_logits']:.1e} (of up to {row['logit_scale']:.2f}; "
+              f"controls {min(controls.values()):.1e} and up): {'equal' if row['equal'] else 'DIFFERENT'}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--e2vpt", type=Path, help="a checkout of ChengHan111/E2VPT")
+    parser.add_argument("--vfpt", type=Path, help="a checkout of runtsang/VFPT")
+    parser.add_argument("--one", choices=["e2vpt", "vfpt"], help=argparse.SUPPRESS)  # the per-repository process
+    args = parser.parse_args()
+    if args.one:
+        print("ROWS " + json.dumps(compare(args.one, E2VPT_CASES if args.one == "e2vpt" else VFPT_CASES)))
+        return
+    from common import header, write_json
+
+    results = {**header(), "tolerance": TOLERANCE, "backbone": "vit_base_patch16_224 (random weights)"}
+    for method, repo in (("e2vpt", args.e2vpt), ("vfpt", args.vfpt)):
+        if repo is None:
+            continue
+        if not (repo / "src" / "models").is_dir():
+            raise SystemExit(f"--{method} {repo}: expected a checkout of the official repository (with src/models)")
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+        path = os.pathsep.join(filter(None, [str(repo.resolve()), os.environ.get("PYTHONPATH")]))
+        run = subprocess.run([sys.executable, __file__, "--one", method], cwd=repo, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": path})
+        rows = next((json.loads(line[5:]) for line in run.stdout.splitlines() if line.startswith("ROWS ")), None)
+        print("\n".join(line for line in run.stdout.splitlines() if not line.startswith("ROWS ")))
+        if rows is None:
+            raise SystemExit(f"{method}: the comparison failed:\n{run.stderr[-3000:]}")
+        results[method] = {"repository": {"e2vpt": "ChengHan111/E2VPT", "vfpt": "runtsang/VFPT"}[method],
+                           "commit": commit.stdout.strip() or None, "rows": rows}
+    write_json(RESULTS / "official_equality.json", results)
+
+
+if __name__ == "__main__":
+    main()
