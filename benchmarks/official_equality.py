@@ -28,7 +28,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 TOLERANCE = 1e-4  # float32 through 12 blocks computed in another order (separate q/k/v, torch.fft)
 
-# (name, ivpt method options, the official config's keys); the official keys are those the code reads
+# (name, ivpt method options, the official config's keys[, "different" where that is the point]); the official
+# keys are those the code reads
 E2VPT_CASES = [
     ("shared key-value prompts, p = n = 5 (the default)", {"prompt_length": 5, "kv_length": 5},
      {"NUM_TOKENS_P": 5, "NUM_TOKENS": 5, "MASK_CLS_TOKEN": False}),
@@ -43,6 +44,7 @@ E2VPT_CASES = [
         "pruned_pieces": [[2, 5], [], list(range(8)), [], [15]]},
      {"NUM_TOKENS_P": 5, "NUM_TOKENS": 5, "MASK_CLS_TOKEN": True}),
 ]
+MAE_POOLED = "MAE ViT-B/16 (average pooling), pool_prompts true"
 VFPT_CASES = [
     ("half of 10 prompts, both axes, prepended (the default)", {"prompt_length": 10},
      {"NUM_TOKENS": 10}),
@@ -58,6 +60,11 @@ VFPT_CASES = [
      {"NUM_TOKENS": 7, "FOURIER_PERCENTAGE": 1.0}),
     ("share 0.3 of 7 prompts (floor 2.1 = 2)", {"prompt_length": 7, "fourier_share": 0.3},
      {"NUM_TOKENS": 7, "FOURIER_PERCENTAGE": 0.3}),
+    # MAE (vit_fourier_mae.py, VIT_POOL_TYPE original): the mean of every token after the class token, prompts
+    # included, then fc_norm; ivpt's pool_prompts. Without it (the second row) ivpt averages the patches only
+    (MAE_POOLED, {"prompt_length": 10, "pool_prompts": True}, {"NUM_TOKENS": 10}),
+    (MAE_POOLED.replace("pool_prompts true", "pool_prompts false"), {"prompt_length": 10, "pool_prompts": False},
+     {"NUM_TOKENS": 10}, "different"),
 ]
 
 
@@ -125,11 +132,25 @@ def e2vpt_official(model, keys: dict):
 def vfpt_official(model, keys: dict):
     import torch
     from src.configs.config import get_cfg
-    from src.models.vit_prompt.vit_fourier import PromptedVisionTransformer_Fourier
 
     cfg = get_cfg().MODEL.PROMPT_FOURIER
     cfg.defrost()
     cfg.update({"DEEP": True, **keys})  # every VFPT config sets DEEP (the default is shallow)
+    if model.backbone.global_pool == "avg":  # the MAE model: timm's names, so timm's state dict loads as it is
+        from src.models.vit_prompt.vit_fourier_mae import vit_base_patch16
+
+        official = vit_base_patch16(cfg)
+        weights = {k: v for k, v in model.backbone.state_dict().items() if not k.startswith("head.")}
+        missing, unexpected = official.load_state_dict(weights, strict=False)
+        assert not unexpected and set(missing) == {"prompt_embeddings", "deep_prompt_embeddings", "head.weight",
+                                                   "head.bias"}, (missing, unexpected)
+        official.eval()  # (its train() returns None)
+        with torch.no_grad():
+            official.prompt_embeddings.copy_(model.method.prompts[:1])
+            official.deep_prompt_embeddings.copy_(model.method.prompts[1:])
+        return official
+    from src.models.vit_prompt.vit_fourier import PromptedVisionTransformer_Fourier
+
     official = PromptedVisionTransformer_Fourier(cfg, "sup_vitb16_imagenet21k", 224, num_classes=-1).eval()
     copy_backbone(official, model.backbone)
     with torch.no_grad():
@@ -137,9 +158,15 @@ def vfpt_official(model, keys: dict):
     return official
 
 
+def features(official, images):
+    """The official model's pooled features: the class token after the final norm (the models built with no
+    head), or on MAE the pooled tokens after fc_norm."""
+    return official.forward_features(images) if hasattr(official, "fc_norm") else official(images)
+
+
 def negate_prompts(official):
     """Negate block 6's input prompts in the official model; returns what puts them back."""
-    prompts = official.transformer.deep_prompt_embeddings[5]
+    prompts = getattr(official, "transformer", official).deep_prompt_embeddings[5]
     prompts.neg_()
     return prompts.neg_
 
@@ -165,22 +192,23 @@ def compare(method: str, cases: list) -> list[dict]:
     torch.manual_seed(0)
     images = torch.randn(4, 3, 224, 224)
     rows = []
-    for number, (name, options, keys) in enumerate(cases):
+    for number, (name, options, keys, *expected) in enumerate(cases):
         torch.manual_seed(number)
-        model = ivpt.create_model(timm.create_model("vit_base_patch16_224", pretrained=False), method, 10,
-                                  **options).eval()
+        backbone = timm.create_model("vit_base_patch16_224", pretrained=False,
+                                     **({"global_pool": "avg"} if name.startswith("MAE") else {}))
+        model = ivpt.create_model(backbone, method, 10, **options).eval()
         with torch.no_grad():
             if options.get("prune"):  # scales away from 1, so that applying them is what is compared
                 model.method.token_scales.uniform_(0.2, 1.8)
                 model.method.piece_scales.uniform_(0.2, 1.8)
             official = build(model, keys)
-            theirs = official(images)  # the class token after the final norm (its head: none)
+            theirs = features(official, images)
             ours = model.forward_head(model.forward_features(images), pre_logits=True)
             ours_logits, theirs_logits = model.head(ours), model.head(theirs)
 
             def control(change) -> float:  # a change the comparison must see: the official model's logits moved by
                 undo = change(official)
-                moved = float((model.head(official(images)) - ours_logits).abs().max())
+                moved = float((model.head(features(official, images)) - ours_logits).abs().max())
                 undo()
                 return moved
 
@@ -188,6 +216,7 @@ def compare(method: str, cases: list) -> list[dict]:
             if method == "e2vpt":
                 controls["every key-value prompt negated"] = control(negate_key_values)
         row = {"configuration": name, "ivpt_options": options, "official_keys": keys,
+               "expected": expected[0] if expected else "equal",
                "max_abs_features": float((ours - theirs).abs().max()), "feature_scale": float(ours.abs().max()),
                "max_abs_logits": float((ours_logits - theirs_logits).abs().max()),
                "logit_scale": float(ours_logits.abs().max()), "controls_max_abs_logits": controls}

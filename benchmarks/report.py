@@ -489,6 +489,11 @@ def suite_family_table(report: dict) -> str:
             f"{len(tasks)} tasks are in. Collected {report['date']}.\n\n" + text + ("\n\n" + "\n".join(lines) if lines else ""))
 
 
+def equality_verdict(row: dict) -> str:
+    found = "equal" if row["equal"] else "different"
+    return found if found == row.get("expected", "equal") else f"{found} (**unexpected**)"
+
+
 def official_equality_table(report: dict) -> str:
     """E2VPT and VFPT against their official code (benchmarks/official_equality.py)."""
     rows = []
@@ -497,7 +502,7 @@ def official_equality_table(report: dict) -> str:
             continue
         for r in report[method]["rows"]:
             rows.append([method, r["configuration"], f"{r['max_abs_features']:.1e}", f"{r['max_abs_logits']:.1e}",
-                         f"{min(r['controls_max_abs_logits'].values()):.1e}", "equal" if r["equal"] else "**different**"])
+                         f"{min(r['controls_max_abs_logits'].values()):.1e}", equality_verdict(r)])
     sources = "; ".join(f"{report[m]['repository']} at {report[m]['commit'][:7]}" for m in ("e2vpt", "vfpt")
                         if m in report and report[m].get("commit"))
     return (f"{report['backbone']}, 4 images, eval, float32; {sources}; tolerance {report['tolerance']:g}; "
