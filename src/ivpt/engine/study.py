@@ -276,6 +276,11 @@ class _NotQueued(Exception):
     queued point first, or its point's run is held by another worker's trial (both queued it)."""
 
 
+class _TakenOver(Exception):
+    """This worker's trial was failed by another worker while its run went on (a late heartbeat): the run is
+    kept, the point's retry reads it back. Raised instead of returning the value, which Optuna cannot record."""
+
+
 class _Objective:
     """Optuna's objective for one stage: a trial is one grid point, whose run is trained, resumed or read back.
 
@@ -289,7 +294,10 @@ class _Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         self.number, self.raised = trial.number, None
         try:
-            return self.run(trial)
+            value = self.run(trial)
+            if _state(trial) != TrialState.RUNNING:
+                raise _TakenOver(f"trial {trial.number} is {_state(trial).name} in the study")
+            return value
         except BaseException as err:
             self.raised = err
             raise
@@ -399,10 +407,15 @@ def _finished(stage: Stage, trials: list) -> dict[tuple, optuna.trial.FrozenTria
     return {point: trial for point, trial in finished.items() if point in stage.jobs}
 
 
+def _state(trial: optuna.Trial) -> TrialState:
+    """The trial's state in the study now (another worker may have failed it)."""
+    return next(t.state for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
 def _train_one(study: optuna.Study, objective: _Objective) -> None:
     """One queued trial, in Optuna's optimize (which runs the heartbeat thread beside it)."""
     try:
-        study.optimize(objective, n_trials=1, catch=(_NotQueued,))
+        study.optimize(objective, n_trials=1, catch=(_NotQueued, _TakenOver))
     except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as err:
         # Optuna refusing to update or tell a trial another worker failed, not the run's own errors
         from_optuna = err is not objective.raised or isinstance(err, optuna.exceptions.UpdateFinishedTrialError)
@@ -410,6 +423,9 @@ def _train_one(study: optuna.Study, objective: _Objective) -> None:
                       if t.number == objective.number and t.state != TrialState.RUNNING]
         if not (from_optuna and taken_over):
             raise
+        refusals = (_NotQueued, _TakenOver, optuna.exceptions.UpdateFinishedTrialError, ValueError)  # Optuna's too
+        if objective.raised is not None and not isinstance(objective.raised, refusals):
+            raise objective.raised from err  # the run's own end (a stop, an error) matters, not Optuna's refusal
         warnings.warn(f"trial {objective.number} of {study.study_name} was failed by another worker while this one "
                       f"ran it (a late heartbeat?); its retry reads the run back ({err})")
 
