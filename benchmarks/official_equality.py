@@ -1,19 +1,22 @@
-"""ivpt's E2VPT and VFPT against their official code: one ViT-B/16's weights and prompts in both, the same
-images, the class token's final features and the logits compared (docs/benchmarks.md, "Against the
-official code").
+"""ivpt's E2VPT, VFPT and GateVPT against their official code: one ViT-B/16's weights and prompts in both,
+the same images, the pooled features and the logits compared (docs/benchmarks.md, "Against the official
+code").
 
 The official repositories and their dependencies are not ivpt's; put them beside it:
 
     git clone https://github.com/ChengHan111/E2VPT /path/E2VPT
     git clone https://github.com/runtsang/VFPT /path/VFPT
+    git clone https://github.com/ryongithub/GatedPromptTuning /path/GatedPromptTuning
     pip install --target /path/deps --no-deps scipy simplejson termcolor iopath portalocker ml_collections \\
         absl-py contextlib2 fvcore yacs tabulate
-    PYTHONPATH=/path/deps python benchmarks/official_equality.py --e2vpt /path/E2VPT --vfpt /path/VFPT
+    pip install --target /path/timm054 --no-deps timm==0.5.4     # GateVPT's code needs it
+    PYTHONPATH=/path/deps python benchmarks/official_equality.py --e2vpt /path/E2VPT --vfpt /path/VFPT \\
+        --gatevpt /path/GatedPromptTuning --old-timm /path/timm054
 
 Each configuration builds the official model from the official config (``get_cfg()`` defaults, then the
 keys the configuration sets), copies a randomly initialised timm ``vit_base_patch16_224`` and ivpt's
-prompts (and key-value prompts, and masks) into it, and compares in eval mode in float32. Both repositories
-name their package ``src``, so each runs in a process of its own. Writes
+prompts (and key-value prompts, masks, gates, temperatures) into it, and compares in eval mode in float32.
+The repositories all name their package ``src``, so each runs in a process of its own. Writes
 benchmarks/results/official_equality.json.
 """
 from __future__ import annotations
@@ -65,6 +68,19 @@ VFPT_CASES = [
     (MAE_POOLED, {"prompt_length": 10, "pool_prompts": True}, {"NUM_TOKENS": 10}),
     (MAE_POOLED.replace("pool_prompts true", "pool_prompts false"), {"prompt_length": 10, "pool_prompts": False},
      {"NUM_TOKENS": 10}, "different"),
+]
+
+
+# GateVPT (ryongithub/GatedPromptTuning) needs timm 0.5.4, ivpt a current timm: ivpt's side runs here, the
+# official one in a process with the old timm first on its path, the two exchanging tensors through a file
+GATEVPT_CASES = [
+    ("MoCo v3 ViT-B/16, p = 10, gates at random logits", {"prompt_length": 10},
+     {"NUM_TOKENS": 10, "GATE_PRIOR": True}),
+    ("learned temperatures (random values in [0.5, 2])", {"prompt_length": 10, "learn_temperature": True},
+     {"NUM_TOKENS": 10, "GATE_PRIOR": True, "TEMP_LEARN": True}),
+    ("MAE ViT-B/16 (average pooling, the norm after it), pool_prompts true", {"prompt_length": 10,
+                                                                             "pool_prompts": True},
+     {"NUM_TOKENS": 10, "GATE_PRIOR": True}),
 ]
 
 
@@ -204,7 +220,7 @@ def compare(method: str, cases: list) -> list[dict]:
             official = build(model, keys)
             theirs = features(official, images)
             ours = model.forward_head(model.forward_features(images), pre_logits=True)
-            ours_logits, theirs_logits = model.head(ours), model.head(theirs)
+            ours_logits = model.head(ours)
 
             def control(change) -> float:  # a change the comparison must see: the official model's logits moved by
                 undo = change(official)
@@ -215,18 +231,117 @@ def compare(method: str, cases: list) -> list[dict]:
             controls = {"block 6's prompts negated": control(negate_prompts)}
             if method == "e2vpt":
                 controls["every key-value prompt negated"] = control(negate_key_values)
-        row = {"configuration": name, "ivpt_options": options, "official_keys": keys,
-               "expected": expected[0] if expected else "equal",
-               "max_abs_features": float((ours - theirs).abs().max()), "feature_scale": float(ours.abs().max()),
-               "max_abs_logits": float((ours_logits - theirs_logits).abs().max()),
-               "logit_scale": float(ours_logits.abs().max()), "controls_max_abs_logits": controls}
-        # equal: within the tolerance, where each control (a change the comparison must see) is 10x beyond it
-        row["equal"] = (max(row["max_abs_features"], row["max_abs_logits"]) <= TOLERANCE
-                        and min(controls.values()) > 10 * TOLERANCE)
-        print(f"{method}: {name}: max |difference| features {row['max_abs_features']:.1e} (of up to "
-              f"{row['feature_scale']:.2f}), logits {row['max_abs_logits']:.1e} (of up to {row['logit_scale']:.2f}; "
-              f"controls {min(controls.values()):.1e} and up): {'equal' if row['equal'] else 'DIFFERENT'}", flush=True)
-        rows.append(row)
+        rows.append(row_of(method, (name, options, keys, *expected), ours, theirs, model.head, controls))
+    return rows
+
+
+def row_of(method: str, case: tuple, ours, theirs, head, controls: dict) -> dict:
+    """One configuration's record: the largest differences of features and logits, and the controls'."""
+    name, options, keys, *expected = case
+    ours_logits, theirs_logits = head(ours), head(theirs)
+    row = {"configuration": name, "ivpt_options": options, "official_keys": keys,
+           "expected": expected[0] if expected else "equal",
+           "max_abs_features": float((ours - theirs).abs().max()), "feature_scale": float(ours.abs().max()),
+           "max_abs_logits": float((ours_logits - theirs_logits).abs().max()),
+           "logit_scale": float(ours_logits.abs().max()), "controls_max_abs_logits": controls}
+    # equal: within the tolerance, where each control (a change the comparison must see) is 10x beyond it
+    row["equal"] = (max(row["max_abs_features"], row["max_abs_logits"]) <= TOLERANCE
+                    and min(controls.values()) > 10 * TOLERANCE)
+    print(f"{method}: {name}: max |difference| features {row['max_abs_features']:.1e} (of up to "
+          f"{row['feature_scale']:.2f}), logits {row['max_abs_logits']:.1e} (of up to {row['logit_scale']:.2f}; "
+          f"controls {min(controls.values()):.1e} and up): {'equal' if row['equal'] else 'DIFFERENT'}", flush=True)
+    return row
+
+
+def gatevpt_payload(path: Path) -> dict:
+    """ivpt's GateVPT models for GATEVPT_CASES (random gates and temperatures), their tensors and features,
+    written to ``path`` for the official side; returns what the comparison needs here."""
+    import timm
+    import torch
+
+    import ivpt
+
+    torch.manual_seed(0)
+    images, models, cases = torch.randn(4, 3, 224, 224), [], []
+    for number, (name, options, keys) in enumerate(GATEVPT_CASES):
+        torch.manual_seed(number)
+        mae = name.startswith("MAE")
+        model = ivpt.create_model(timm.create_model("vit_base_patch16_224", **({"global_pool": "avg"} if mae else {})),
+                                  "gatevpt", 10, **options).eval()
+        with torch.no_grad():
+            model.method.gate_logits.uniform_(-3, 3)
+            for temperature in model.method.temperatures:
+                temperature.value.uniform_(0.5, 2.0)
+            ours = model.forward_head(model.forward_features(images), pre_logits=True)
+        backbone = {k: v for k, v in model.backbone.state_dict().items() if not k.startswith("head.")}
+        if mae:  # timm's average pooling ends in fc_norm (its norm an Identity); the official MAE model in norm
+            backbone = {k.replace("fc_norm.", "norm."): v for k, v in backbone.items()}
+        cases.append({"keys": {**keys, "GATE_NUM": len(model.method.gate_logits)}, "mae": mae, "backbone": backbone,
+                      "prompts": model.method.prompts.detach().clone(), "gates": model.method.gate_logits.detach().clone(),
+                      "temperatures": torch.stack([t.value.detach() for t in model.method.temperatures])
+                      if len(model.method.temperatures) else None})
+        models.append((model, ours))
+    torch.save({"images": images, "cases": cases}, path)
+    return {"models": models}
+
+
+def gatevpt_official(path: Path) -> None:
+    """The official side: each case's official model with ivpt's tensors; its features and controls, to path.out."""
+    import importlib
+
+    import torch
+    from src.configs.config import get_cfg
+
+    payload, results = torch.load(path), []
+    for case in payload["cases"]:
+        cfg = get_cfg().MODEL.PROMPT
+        cfg.defrost()
+        cfg.update(case["keys"])
+        module = importlib.import_module("src.models.vit_prompt." + ("vit_mae" if case["mae"] else "vit_moco"))
+        official = (module.vit_base_patch16 if case["mae"] else module.vit_base)(cfg)
+        missing, unexpected = official.load_state_dict(case["backbone"], strict=False)
+        assert not unexpected and all(k.startswith(("head.", "prompt_", "gate_", "temp")) for k in missing), \
+            (missing, unexpected)
+        official.eval()  # (its train() returns None)
+        with torch.no_grad():
+            official.prompt_embeddings.copy_(case["prompts"])
+            official.gate_logit.copy_(case["gates"])
+            if case["temperatures"] is not None:
+                official.temp.copy_(case["temperatures"])
+            features = official.forward_features(payload["images"])
+            controls = {}
+            official.prompt_embeddings.neg_()
+            controls["prompts negated"] = official.forward_features(payload["images"])
+            official.prompt_embeddings.neg_()
+            official.gate_logit.zero_()
+            controls["every gate at 0.5"] = official.forward_features(payload["images"])
+        results.append({"features": features, "controls": controls})
+    torch.save(results, f"{path}.out")
+
+
+def compare_gatevpt(repo: Path, old_timm: Path) -> list[dict]:
+    """Both sides of GateVPT's comparison: ivpt's here, the official one in a process with timm 0.5.4."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "gatevpt.pt"
+        ours = gatevpt_payload(path)
+        python_path = os.pathsep.join(filter(None, [str(repo.resolve()), str(old_timm.resolve()),
+                                                    os.environ.get("PYTHONPATH")]))
+        run = subprocess.run([sys.executable, __file__, "--one", "gatevpt", "--payload", str(path)], cwd=repo,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": python_path})
+        if run.returncode:
+            raise SystemExit(f"gatevpt: the official side failed:\n{run.stderr[-3000:]}")
+        import torch
+
+        theirs = torch.load(f"{path}.out")
+    rows = []
+    for case, (model, features), official in zip(GATEVPT_CASES, ours["models"], theirs):
+        with torch.no_grad():
+            logits = model.head(features)
+            controls = {what: float((model.head(moved) - logits).abs().max())
+                        for what, moved in official["controls"].items()}
+            rows.append(row_of("gatevpt", case, features, official["features"], model.head, controls))
     return rows
 
 
@@ -234,11 +349,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--e2vpt", type=Path, help="a checkout of ChengHan111/E2VPT")
     parser.add_argument("--vfpt", type=Path, help="a checkout of runtsang/VFPT")
-    parser.add_argument("--one", choices=["e2vpt", "vfpt"], help=argparse.SUPPRESS)  # the per-repository process
+    parser.add_argument("--gatevpt", type=Path, help="a checkout of ryongithub/GatedPromptTuning")
+    parser.add_argument("--old-timm", type=Path, help="a folder holding timm 0.5.4 (pip install --target DIR "
+                                                      "--no-deps timm==0.5.4), which GateVPT's code needs")
+    parser.add_argument("--one", choices=["e2vpt", "vfpt", "gatevpt"], help=argparse.SUPPRESS)  # a repository's process
+    parser.add_argument("--payload", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one == "gatevpt":
+        gatevpt_official(args.payload)
+        return
     if args.one:
         print("ROWS " + json.dumps(compare(args.one, E2VPT_CASES if args.one == "e2vpt" else VFPT_CASES)))
         return
+    if args.gatevpt is not None and args.old_timm is None:
+        raise SystemExit("--gatevpt needs --old-timm: a folder holding timm 0.5.4, which GateVPT's code imports")
     from common import header, write_json
 
     results = {**header(), "tolerance": TOLERANCE, "backbone": "vit_base_patch16_224 (random weights)"}
@@ -257,6 +381,10 @@ def main() -> None:
             raise SystemExit(f"{method}: the comparison failed:\n{run.stderr[-3000:]}")
         results[method] = {"repository": {"e2vpt": "ChengHan111/E2VPT", "vfpt": "runtsang/VFPT"}[method],
                            "commit": commit.stdout.strip() or None, "rows": rows}
+    if args.gatevpt is not None:
+        commit = subprocess.run(["git", "-C", str(args.gatevpt), "rev-parse", "HEAD"], capture_output=True, text=True)
+        results["gatevpt"] = {"repository": "ryongithub/GatedPromptTuning", "commit": commit.stdout.strip() or None,
+                              "rows": compare_gatevpt(args.gatevpt, args.old_timm)}
     write_json(RESULTS / "official_equality.json", results)
 
 

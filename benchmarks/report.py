@@ -497,13 +497,13 @@ def equality_verdict(row: dict) -> str:
 def official_equality_table(report: dict) -> str:
     """E2VPT and VFPT against their official code (benchmarks/official_equality.py)."""
     rows = []
-    for method in ("e2vpt", "vfpt"):
+    for method in ("e2vpt", "vfpt", "gatevpt"):
         if method not in report:
             continue
         for r in report[method]["rows"]:
             rows.append([method, r["configuration"], f"{r['max_abs_features']:.1e}", f"{r['max_abs_logits']:.1e}",
                          f"{min(r['controls_max_abs_logits'].values()):.1e}", equality_verdict(r)])
-    sources = "; ".join(f"{report[m]['repository']} at {report[m]['commit'][:7]}" for m in ("e2vpt", "vfpt")
+    sources = "; ".join(f"{report[m]['repository']} at {report[m]['commit'][:7]}" for m in ("e2vpt", "vfpt", "gatevpt")
                         if m in report and report[m].get("commit"))
     return (f"{report['backbone']}, 4 images, eval, float32; {sources}; tolerance {report['tolerance']:g}; "
             f"{report['machine']}, {report['date']}\n\n"
