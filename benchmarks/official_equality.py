@@ -42,7 +42,7 @@ E2VPT_CASES = [
      {"NUM_TOKENS_P": 5, "NUM_TOKENS": 5, "MASK_CLS_TOKEN": False, "LAYER_BEHIND": False}),
     ("learned token and piece masks, random values", {"prompt_length": 10, "kv_length": 5, "prune": True},
      {"NUM_TOKENS_P": 10, "NUM_TOKENS": 5, "MASK_CLS_TOKEN": True}),
-    ("rewound: tokens 1 and 3 pruned, pieces of tokens 0 and 2", {
+    ("rewound: tokens 1 and 3 pruned, pieces of tokens 0, 2 and 4", {
         "prompt_length": 5, "kv_length": 5, "pruned_tokens": [1, 3],
         "pruned_pieces": [[2, 5], [], list(range(8)), [], [15]]},
      {"NUM_TOKENS_P": 5, "NUM_TOKENS": 5, "MASK_CLS_TOKEN": True}),
@@ -76,12 +76,36 @@ VFPT_CASES = [
 GATEVPT_CASES = [
     ("MoCo v3 ViT-B/16, p = 10, gates at random logits", {"prompt_length": 10},
      {"NUM_TOKENS": 10, "GATE_PRIOR": True}),
-    ("learned temperatures (random values in [0.5, 2])", {"prompt_length": 10, "learn_temperature": True},
+    ("learned temperatures (random in [0.5, 2], two beyond the clamp)", {"prompt_length": 10,
+                                                                         "learn_temperature": True},
      {"NUM_TOKENS": 10, "GATE_PRIOR": True, "TEMP_LEARN": True}),
     ("MAE ViT-B/16 (average pooling, the norm after it), pool_prompts true", {"prompt_length": 10,
                                                                              "pool_prompts": True},
      {"NUM_TOKENS": 10, "GATE_PRIOR": True}),
 ]
+
+
+def set_keys(cfg, keys: dict) -> None:
+    """The official config node with ``keys`` set; a key it does not have is an error, not a silent default."""
+    unknown = set(keys) - set(cfg)
+    if unknown:
+        raise KeyError(f"not keys of the official config: {sorted(unknown)}")
+    cfg.defrost()
+    cfg.update(keys)
+
+
+def random_backbone(**options):
+    """timm's ViT-B/16 at random, its biases and LayerNorm affines too (timm initialises them to 0 and 1,
+    which would leave the mapping of those tensors unchecked)."""
+    import timm
+    import torch
+
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, **options)
+    with torch.no_grad():
+        for name, tensor in vit.named_parameters():
+            if name.endswith(".bias") or "norm" in name:
+                tensor.add_(0.05 * torch.randn_like(tensor))
+    return vit
 
 
 def copy_backbone(official, vit) -> None:
@@ -120,14 +144,20 @@ def e2vpt_official(model, keys: dict):
     from src.configs.config import get_cfg
     from src.models.vit_prompt.vit_prompt_VK import PromptedVisionTransformer_Prompt_VK
 
+    from ivpt.methods.e2vpt import survivors
+
     cfg = get_cfg().MODEL.P_VK
-    cfg.defrost()
-    cfg.update(keys)
+    set_keys(cfg, keys)
     method, config = model.method, model.method.config
     official = PromptedVisionTransformer_Prompt_VK(cfg, "sup_vitb16_imagenet21k", 224, num_classes=-1).eval()
     copy_backbone(official, model.backbone)
-    with torch.no_grad():  # a rewound model's prompts: its survivors in place, zeros where pruned
-        copy_prompts(official, torch.stack([method.block_prompts(i) for i in range(len(model.backbone.blocks))]))
+    with torch.no_grad():  # a rewound model's prompts: its survivors in place; where pruned, random values,
+        # which the official masks must zero (ivpt never holds them)
+        prompts = torch.stack([method.block_prompts(i) for i in range(len(model.backbone.blocks))])
+        if config.is_pruned:
+            pruned = ~survivors(config, prompts.shape[-1])
+            prompts = torch.where(pruned, torch.empty_like(prompts).uniform_(-0.5, 0.5), prompts)
+        copy_prompts(official, prompts)
         for i, layer in enumerate(official.transformer.encoder.layer):
             if config.kv_shared:
                 layer.attn.deep_QKV_embeddings.copy_(method.kv_prompts[i])
@@ -150,8 +180,7 @@ def vfpt_official(model, keys: dict):
     from src.configs.config import get_cfg
 
     cfg = get_cfg().MODEL.PROMPT_FOURIER
-    cfg.defrost()
-    cfg.update({"DEEP": True, **keys})  # every VFPT config sets DEEP (the default is shallow)
+    set_keys(cfg, {"DEEP": True, **keys})  # every VFPT config sets DEEP (the default is shallow)
     if model.backbone.global_pool == "avg":  # the MAE model: timm's names, so timm's state dict loads as it is
         from src.models.vit_prompt.vit_fourier_mae import vit_base_patch16
 
@@ -197,9 +226,18 @@ def negate_key_values(official):
     return lambda: [tensor.neg_() for tensor in tensors]
 
 
+def unmask(official):
+    """E2VPT's token and piece masks set to 1 in the official model; returns what puts them back."""
+    masks = [official.transformer.prompt_soft_tokens_mask_cls_token,
+             official.transformer.prompt_soft_tokens_pieces_mask_cls_token]
+    saved = [mask.clone() for mask in masks]
+    for mask in masks:
+        mask.fill_(1.0)
+    return lambda: [mask.copy_(value) for mask, value in zip(masks, saved)]
+
+
 def compare(method: str, cases: list) -> list[dict]:
     """Run in the process whose sys.path holds the official repository."""
-    import timm
     import torch
 
     import ivpt
@@ -210,8 +248,7 @@ def compare(method: str, cases: list) -> list[dict]:
     rows = []
     for number, (name, options, keys, *expected) in enumerate(cases):
         torch.manual_seed(number)
-        backbone = timm.create_model("vit_base_patch16_224", pretrained=False,
-                                     **({"global_pool": "avg"} if name.startswith("MAE") else {}))
+        backbone = random_backbone(**({"global_pool": "avg"} if name.startswith("MAE") else {}))
         model = ivpt.create_model(backbone, method, 10, **options).eval()
         with torch.no_grad():
             if options.get("prune"):  # scales away from 1, so that applying them is what is compared
@@ -231,6 +268,8 @@ def compare(method: str, cases: list) -> list[dict]:
             controls = {"block 6's prompts negated": control(negate_prompts)}
             if method == "e2vpt":
                 controls["every key-value prompt negated"] = control(negate_key_values)
+                if hasattr(official.transformer, "prompt_soft_tokens_mask_cls_token"):
+                    controls["the masks at 1"] = control(unmask)
         rows.append(row_of(method, (name, options, keys, *expected), ours, theirs, model.head, controls))
     return rows
 
@@ -256,7 +295,6 @@ def row_of(method: str, case: tuple, ours, theirs, head, controls: dict) -> dict
 def gatevpt_payload(path: Path) -> dict:
     """ivpt's GateVPT models for GATEVPT_CASES (random gates and temperatures), their tensors and features,
     written to ``path`` for the official side; returns what the comparison needs here."""
-    import timm
     import torch
 
     import ivpt
@@ -266,12 +304,15 @@ def gatevpt_payload(path: Path) -> dict:
     for number, (name, options, keys) in enumerate(GATEVPT_CASES):
         torch.manual_seed(number)
         mae = name.startswith("MAE")
-        model = ivpt.create_model(timm.create_model("vit_base_patch16_224", **({"global_pool": "avg"} if mae else {})),
-                                  "gatevpt", 10, **options).eval()
+        model = ivpt.create_model(random_backbone(**({"global_pool": "avg"} if mae else {})), "gatevpt", 10,
+                                  **options).eval()
         with torch.no_grad():
             model.method.gate_logits.uniform_(-3, 3)
             for temperature in model.method.temperatures:
                 temperature.value.uniform_(0.5, 2.0)
+            if len(model.method.temperatures):  # two beyond the code's clamp to [0.01, 10], as an adapter may hold
+                model.method.temperatures[3].value.fill_(25.0)
+                model.method.temperatures[8].value.fill_(0.001)
             ours = model.forward_head(model.forward_features(images), pre_logits=True)
         backbone = {k: v for k, v in model.backbone.state_dict().items() if not k.startswith("head.")}
         if mae:  # timm's average pooling ends in fc_norm (its norm an Identity); the official MAE model in norm
@@ -295,8 +336,7 @@ def gatevpt_official(path: Path) -> None:
     payload, results = torch.load(path), []
     for case in payload["cases"]:
         cfg = get_cfg().MODEL.PROMPT
-        cfg.defrost()
-        cfg.update(case["keys"])
+        set_keys(cfg, case["keys"])
         module = importlib.import_module("src.models.vit_prompt." + ("vit_mae" if case["mae"] else "vit_moco"))
         official = (module.vit_base_patch16 if case["mae"] else module.vit_base)(cfg)
         missing, unexpected = official.load_state_dict(case["backbone"], strict=False)
@@ -313,6 +353,10 @@ def gatevpt_official(path: Path) -> None:
             official.prompt_embeddings.neg_()
             controls["prompts negated"] = official.forward_features(payload["images"])
             official.prompt_embeddings.neg_()
+            if case["temperatures"] is not None:
+                official.temp.fill_(1.0)
+                controls["every temperature at 1"] = official.forward_features(payload["images"])
+                official.temp.copy_(case["temperatures"])
             official.gate_logit.zero_()
             controls["every gate at 0.5"] = official.forward_features(payload["images"])
         results.append({"features": features, "controls": controls})

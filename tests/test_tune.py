@@ -377,7 +377,7 @@ def test_a_live_trial_failed_by_another_worker_is_finished_by_its_retry(recipe, 
         return real_train(cfg, on_epoch=late_heartbeat, **kwargs)
 
     monkeypatch.setattr(loop, "train", train)
-    with pytest.warns(UserWarning, match="was failed by another worker"):
+    with pytest.warns(UserWarning, match="was ended by another worker while this one ran it"):
         summary = tune(one, tmp_path / "tune", pruner="none")
     log = json.loads((tmp_path / "tune" / "grid" / "lr0.03_wd0" / "results.json").read_text())["log"]
     assert [e["epoch"] for e in log] == [1, 2] and summary["chosen"]["lr"] == 0.03

@@ -277,8 +277,10 @@ class _NotQueued(Exception):
 
 
 class _TakenOver(Exception):
-    """This worker's trial was failed by another worker while its run went on (a late heartbeat): the run is
-    kept, the point's retry reads it back. Raised instead of returning the value, which Optuna cannot record."""
+    """This worker's trial was finished by another worker while its run went on (a late heartbeat, or one
+    trial popped by two workers): the run is kept and the point's retry reads it back. Raised instead of
+    returning a value whose tell would fail inside Optuna (5.1 then asserts "Should not reach"); Optuna's
+    tell of the failure is refused in turn, which _train_one turns into a warning."""
 
 
 class _Objective:
@@ -414,20 +416,24 @@ def _state(trial: optuna.Trial) -> TrialState:
 
 def _train_one(study: optuna.Study, objective: _Objective) -> None:
     """One queued trial, in Optuna's optimize (which runs the heartbeat thread beside it)."""
+    objective.number, objective.raised = None, None  # not a previous trial's, should optimize fail before it
     try:
         study.optimize(objective, n_trials=1, catch=(_NotQueued, _TakenOver))
-    except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as err:
+    # AssertionError: Optuna's "Should not reach" when a trial is finished by another worker between the
+    # objective's return and its tell (a race _TakenOver narrows but cannot close)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError) as err:
         # Optuna refusing to update or tell a trial another worker failed, not the run's own errors
         from_optuna = err is not objective.raised or isinstance(err, optuna.exceptions.UpdateFinishedTrialError)
         taken_over = [t for t in study.get_trials(deepcopy=False)
                       if t.number == objective.number and t.state != TrialState.RUNNING]
         if not (from_optuna and taken_over):
             raise
-        refusals = (_NotQueued, _TakenOver, optuna.exceptions.UpdateFinishedTrialError, ValueError)  # Optuna's too
+        refusals = (_NotQueued, _TakenOver, optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError)
         if objective.raised is not None and not isinstance(objective.raised, refusals):
             raise objective.raised from err  # the run's own end (a stop, an error) matters, not Optuna's refusal
-        warnings.warn(f"trial {objective.number} of {study.study_name} was failed by another worker while this one "
-                      f"ran it (a late heartbeat?); its retry reads the run back ({err})")
+        warnings.warn(f"trial {objective.number} of {study.study_name} was ended by another worker while this one "
+                      f"ran it (a late heartbeat, or one trial popped by two workers); its retry reads the run back "
+                      f"({err})")
 
 
 def run_stage(stage: Stage, storage, settings: StudySettings) -> dict[tuple, optuna.trial.FrozenTrial]:
