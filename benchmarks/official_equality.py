@@ -133,9 +133,11 @@ def copy_backbone(official, vit) -> None:
 
 
 def copy_prompts(official, prompts) -> None:
-    """ivpt's (N, p, d) prompts: block 0's as the official prompt_embeddings, the others as its deep ones."""
-    official.transformer.prompt_embeddings.copy_(prompts[:1])
-    official.transformer.deep_prompt_embeddings.copy_(prompts[1:])
+    """ivpt's (N, p, d) prompts: block 0's as the official prompt_embeddings, the others as its deep ones
+    (on the model's transformer where it has one, as the supervised models do; else on the model)."""
+    holder = getattr(official, "transformer", official)
+    holder.prompt_embeddings.copy_(prompts[:1])
+    holder.deep_prompt_embeddings.copy_(prompts[1:])
 
 
 def e2vpt_official(model, keys: dict):
@@ -191,8 +193,7 @@ def vfpt_official(model, keys: dict):
                                                    "head.bias"}, (missing, unexpected)
         official.eval()  # (its train() returns None)
         with torch.no_grad():
-            official.prompt_embeddings.copy_(model.method.prompts[:1])
-            official.deep_prompt_embeddings.copy_(model.method.prompts[1:])
+            copy_prompts(official, model.method.prompts)
         return official
     from src.models.vit_prompt.vit_fourier import PromptedVisionTransformer_Fourier
 

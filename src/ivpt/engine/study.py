@@ -297,8 +297,9 @@ class _Objective:
         self.number, self.raised = trial.number, None
         try:
             value = self.run(trial)
-            if _state(trial) != TrialState.RUNNING:
-                raise _TakenOver(f"trial {trial.number} is {_state(trial).name} in the study")
+            state = _state(trial)
+            if state != TrialState.RUNNING:
+                raise _TakenOver(f"trial {trial.number} is {state.name} in the study")
             return value
         except BaseException as err:
             self.raised = err
