@@ -9,7 +9,7 @@ The official repositories and their dependencies are not ivpt's; put them beside
     git clone https://github.com/ryongithub/GatedPromptTuning /path/GatedPromptTuning
     pip install --target /path/deps --no-deps scipy simplejson termcolor iopath portalocker ml_collections \\
         absl-py contextlib2 fvcore yacs tabulate
-    pip install --target /path/timm054 --no-deps timm==0.5.4     # GateVPT's code needs it
+    pip install --target /path/timm054 --no-deps timm==0.5.4     # GateVPT's code and the MoCo models need it
     PYTHONPATH=/path/deps python benchmarks/official_equality.py --e2vpt /path/E2VPT --vfpt /path/VFPT \\
         --gatevpt /path/GatedPromptTuning --old-timm /path/timm054
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,8 +72,9 @@ VFPT_CASES = [
 ]
 
 
-# GateVPT (ryongithub/GatedPromptTuning) needs timm 0.5.4, ivpt a current timm: ivpt's side runs here, the
-# official one in a process with the old timm first on its path, the two exchanging tensors through a file
+# GateVPT's code (ryongithub/GatedPromptTuning), E2VPT's MoCo and MAE models (with a file of its repository added
+# to timm, as its README says) and VFPT's MoCo model need timm 0.5.4, ivpt a current timm: ivpt's side runs here,
+# the official one in a process with the old timm first on its path, the two exchanging tensors through a file
 GATEVPT_CASES = [
     ("MoCo v3 ViT-B/16, p = 10, gates at random logits", {"prompt_length": 10},
      {"NUM_TOKENS": 10, "GATE_PRIOR": True}),
@@ -83,6 +85,25 @@ GATEVPT_CASES = [
                                                                              "pool_prompts": True},
      {"NUM_TOKENS": 10, "GATE_PRIOR": True}),
 ]
+# vit_fourier_moco.py reads FOURIER_PERCENTAGE and FOURIER_LOCATION prepend only: both axes, block 0 transformed
+VFPT_MOCO_CASES = [
+    ("MoCo v3 ViT-B/16, half of 10 prompts (the default)", {"prompt_length": 10}, {"NUM_TOKENS": 10}),
+    ("MoCo v3 ViT-B/16, every prompt a Fourier prompt, p = 7", {"prompt_length": 7, "fourier_share": 1.0},
+     {"NUM_TOKENS": 7, "FOURIER_PERCENTAGE": 1.0}),
+]
+# vit_moco_prompt_VK.py and vit_mae_prompt_VK.py: shared key-value prompts only (unshared raises in their code)
+E2VPT_SSL_CASES = [
+    ("MoCo v3 ViT-B/16, shared key-value prompts, p = n = 5", {"prompt_length": 5, "kv_length": 5},
+     {"NUM_TOKENS_P": 5, "NUM_TOKENS": 5, "MASK_CLS_TOKEN": False}),
+    ("MoCo v3 ViT-B/16, learned token and piece masks, random values", {"prompt_length": 10, "kv_length": 5,
+                                                                        "prune": True},
+     {"NUM_TOKENS_P": 10, "NUM_TOKENS": 5, "MASK_CLS_TOKEN": True}),
+    ("MAE ViT-B/16 (average pooling), pool_prompts true", {"prompt_length": 5, "kv_length": 5, "pool_prompts": True},
+     {"NUM_TOKENS_P": 5, "NUM_TOKENS": 5, "MASK_CLS_TOKEN": False}),
+]
+OLD_TIMM_CASES = {"gatevpt": GATEVPT_CASES, "vfpt": VFPT_MOCO_CASES, "e2vpt": E2VPT_SSL_CASES}
+OLD_TIMM_NEEDS = {"gatevpt": "GateVPT's code", "vfpt": "VFPT's MoCo model (vit_fourier_moco.py)",
+                  "e2vpt": "E2VPT's MoCo and MAE models"}
 
 
 def set_keys(cfg, keys: dict) -> None:
@@ -217,11 +238,18 @@ def negate_prompts(official):
     return prompts.neg_
 
 
+def attentions(official) -> list:
+    """The official model's attention modules, block by block (jeonsworld-style or timm-named)."""
+    if hasattr(official, "transformer"):
+        return [layer.attn for layer in official.transformer.encoder.layer]
+    return [block.attn for block in official.blocks]
+
+
 def negate_key_values(official):
     """Negate every block's key-value prompts (keys and values, shared or not); returns what puts them back."""
-    tensors = [getattr(layer.attn, name) for layer in official.transformer.encoder.layer
+    tensors = [getattr(attn, name) for attn in attentions(official)
                for name in ("deep_QKV_embeddings", "deep_QKV_embeddings_K", "deep_QKV_embeddings_V")
-               if hasattr(layer.attn, name)]
+               if hasattr(attn, name)]
     for tensor in tensors:
         tensor.neg_()
     return lambda: [tensor.neg_() for tensor in tensors]
@@ -229,8 +257,8 @@ def negate_key_values(official):
 
 def unmask(official):
     """E2VPT's token and piece masks set to 1 in the official model; returns what puts them back."""
-    masks = [official.transformer.prompt_soft_tokens_mask_cls_token,
-             official.transformer.prompt_soft_tokens_pieces_mask_cls_token]
+    holder = getattr(official, "transformer", official)
+    masks = [holder.prompt_soft_tokens_mask_cls_token, holder.prompt_soft_tokens_pieces_mask_cls_token]
     saved = [mask.clone() for mask in masks]
     for mask in masks:
         mask.fill_(1.0)
@@ -293,100 +321,198 @@ def row_of(method: str, case: tuple, ours, theirs, head, controls: dict) -> dict
     return row
 
 
-def gatevpt_payload(path: Path) -> dict:
-    """ivpt's GateVPT models for GATEVPT_CASES (random gates and temperatures), their tensors and features,
-    written to ``path`` for the official side; returns what the comparison needs here."""
+def randomise_gates(model) -> None:
+    """GateVPT's gates at random logits and its temperatures at random values, two beyond the official clamp
+    to [0.01, 10] (as an adapter may hold them), so that copying them is what is compared."""
+    import torch
+
+    with torch.no_grad():
+        model.method.gate_logits.uniform_(-3, 3)
+        for temperature in model.method.temperatures:
+            temperature.value.uniform_(0.5, 2.0)
+        if len(model.method.temperatures):
+            model.method.temperatures[3].value.fill_(25.0)
+            model.method.temperatures[8].value.fill_(0.001)
+
+
+def old_timm_payload(method: str, path: Path) -> list:
+    """ivpt's models for OLD_TIMM_CASES[method], their tensors and features, written to ``path`` for the
+    official side; returns the (model, features) pairs the comparison needs here."""
     import torch
 
     import ivpt
 
     torch.manual_seed(0)
     images, models, cases = torch.randn(4, 3, 224, 224), [], []
-    for number, (name, options, keys) in enumerate(GATEVPT_CASES):
+    for number, (name, options, keys) in enumerate(OLD_TIMM_CASES[method]):
         torch.manual_seed(number)
         mae = name.startswith("MAE")
-        model = ivpt.create_model(random_backbone(**({"global_pool": "avg"} if mae else {})), "gatevpt", 10,
+        model = ivpt.create_model(random_backbone(**({"global_pool": "avg"} if mae else {})), method, 10,
                                   **options).eval()
+        case = {"keys": keys, "mae": mae, "prompts": model.method.prompts.detach().clone()}
+        if method == "e2vpt":
+            with torch.no_grad():
+                if options.get("prune"):  # scales away from 1, so that applying them is what is compared
+                    model.method.token_scales.uniform_(0.2, 1.8)
+                    model.method.piece_scales.uniform_(0.2, 1.8)
+            case.update(kv=model.method.kv_prompts.detach().clone(), masks=(
+                model.method.token_scales.detach().clone(), model.method.piece_scales.detach().clone())
+                if options.get("prune") else None)
+        if method == "gatevpt":
+            randomise_gates(model)
+            temperatures = [t.value.detach() for t in model.method.temperatures]
+            case.update(keys={**keys, "GATE_NUM": len(model.method.gate_logits)},
+                        gates=model.method.gate_logits.detach().clone(),
+                        temperatures=torch.stack(temperatures) if temperatures else None)
         with torch.no_grad():
-            model.method.gate_logits.uniform_(-3, 3)
-            for temperature in model.method.temperatures:
-                temperature.value.uniform_(0.5, 2.0)
-            if len(model.method.temperatures):  # two beyond the code's clamp to [0.01, 10], as an adapter may hold
-                model.method.temperatures[3].value.fill_(25.0)
-                model.method.temperatures[8].value.fill_(0.001)
             ours = model.forward_head(model.forward_features(images), pre_logits=True)
         backbone = {k: v for k, v in model.backbone.state_dict().items() if not k.startswith("head.")}
-        if mae:  # timm's average pooling ends in fc_norm (its norm an Identity); the official MAE model in norm
-            backbone = {k.replace("fc_norm.", "norm."): v for k, v in backbone.items()}
-        cases.append({"keys": {**keys, "GATE_NUM": len(model.method.gate_logits)}, "mae": mae, "backbone": backbone,
-                      "prompts": model.method.prompts.detach().clone(), "gates": model.method.gate_logits.detach().clone(),
-                      "temperatures": torch.stack([t.value.detach() for t in model.method.temperatures])
-                      if len(model.method.temperatures) else None})
+        cases.append({**case, "backbone": backbone})
         models.append((model, ours))
     torch.save({"images": images, "cases": cases}, path)
-    return {"models": models}
+    return models
 
 
-def gatevpt_official(path: Path) -> None:
-    """The official side: each case's official model with ivpt's tensors; its features and controls, to path.out."""
+def gatevpt_official_on_old_timm(case: dict):
+    """GateVPT's official model for one case, with ivpt's tensors; and the changes its controls make."""
     import importlib
 
     import torch
     from src.configs.config import get_cfg
 
+    cfg = get_cfg().MODEL.PROMPT
+    set_keys(cfg, case["keys"])
+    module = importlib.import_module("src.models.vit_prompt." + ("vit_mae" if case["mae"] else "vit_moco"))
+    official = (module.vit_base_patch16 if case["mae"] else module.vit_base)(cfg)
+    backbone = case["backbone"]
+    if case["mae"]:  # timm's average pooling ends in fc_norm (its norm an Identity); GateVPT's MAE model in norm
+        backbone = {k.replace("fc_norm.", "norm."): v for k, v in backbone.items()}
+    load_backbone(official, backbone)
+    with torch.no_grad():
+        official.prompt_embeddings.copy_(case["prompts"])
+        official.gate_logit.copy_(case["gates"])
+        if case["temperatures"] is not None:
+            official.temp.copy_(case["temperatures"])
+
+    def replace(tensor, value):  # tensor set to value; returns what puts it back
+        saved = tensor.clone()
+        tensor.copy_(value)
+        return lambda: tensor.copy_(saved)
+
+    controls = {"prompts negated": lambda: replace(official.prompt_embeddings, -official.prompt_embeddings)}
+    if case["temperatures"] is not None:
+        controls["every temperature at 1"] = lambda: replace(official.temp, torch.ones_like(official.temp))
+    controls["every gate at 0.5"] = lambda: replace(official.gate_logit, torch.zeros_like(official.gate_logit))
+    return official, controls
+
+
+def vfpt_official_on_old_timm(case: dict):
+    """VFPT's official MoCo v3 model (vit_fourier_moco.py) with ivpt's tensors; and its controls' changes."""
+    import torch
+    from src.configs.config import get_cfg
+    from src.models.vit_prompt.vit_fourier_moco import vit_base
+
+    cfg = get_cfg().MODEL.PROMPT_FOURIER
+    set_keys(cfg, {"DEEP": True, **case["keys"]})
+    official = vit_base(cfg)
+    load_backbone(official, case["backbone"])
+    with torch.no_grad():
+        copy_prompts(official, case["prompts"])
+
+    def without_transform():  # the Fourier prompts entering as they are (VPT-deep)
+        transform, official.FT = official.FT, torch.nn.Identity()
+        return lambda: setattr(official, "FT", transform)
+
+    return official, {"block 6's prompts negated": lambda: negate_prompts(official),
+                      "the Fourier transform left out": without_transform}
+
+
+def e2vpt_official_on_old_timm(case: dict):
+    """E2VPT's official MoCo v3 or MAE model (vit_moco_prompt_VK.py, vit_mae_prompt_VK.py) with ivpt's
+    tensors; and its controls' changes."""
+    import importlib
+
+    import torch
+    from src.configs.config import get_cfg
+
+    cfg = get_cfg().MODEL.P_VK
+    set_keys(cfg, case["keys"])
+    module = importlib.import_module("src.models.vit_prompt." + ("vit_mae_prompt_VK" if case["mae"]
+                                                                 else "vit_moco_prompt_VK"))
+    official = (module.vit_base_patch16 if case["mae"] else module.vit_base)(cfg)
+    load_backbone(official, case["backbone"])
+    with torch.no_grad():
+        copy_prompts(official, case["prompts"])
+        for attn, kv in zip(attentions(official), case["kv"]):
+            attn.deep_QKV_embeddings.copy_(kv)
+        if case["masks"] is not None:
+            official.prompt_soft_tokens_mask_cls_token.copy_(case["masks"][0])
+            official.prompt_soft_tokens_pieces_mask_cls_token.copy_(case["masks"][1])
+    controls = {"block 6's prompts negated": lambda: negate_prompts(official),
+                "every key-value prompt negated": lambda: negate_key_values(official)}
+    if case["masks"] is not None:
+        controls["the masks at 1"] = lambda: unmask(official)
+    return official, controls
+
+
+def load_backbone(official, weights: dict) -> None:
+    """timm's ViT-B/16 state dict into an official model built on timm's names; only prompt-method tensors
+    and the head may be missing. Leaves it in eval mode."""
+    missing, unexpected = official.load_state_dict(weights, strict=False)
+    assert not unexpected and all(k.startswith(("head.", "prompt_", "deep_prompt_", "gate_", "temp"))
+                                  or k.endswith(".attn.deep_QKV_embeddings") for k in missing), (missing, unexpected)
+    official.eval()  # (its train() returns None)
+
+
+def official_on_old_timm(method: str, path: Path) -> None:
+    """The official side: each case's official model; its features and its controls' features, to path.out."""
+    import torch
+
+    build = {"gatevpt": gatevpt_official_on_old_timm, "vfpt": vfpt_official_on_old_timm,
+             "e2vpt": e2vpt_official_on_old_timm}[method]
     payload, results = torch.load(path), []
     for case in payload["cases"]:
-        cfg = get_cfg().MODEL.PROMPT
-        set_keys(cfg, case["keys"])
-        module = importlib.import_module("src.models.vit_prompt." + ("vit_mae" if case["mae"] else "vit_moco"))
-        official = (module.vit_base_patch16 if case["mae"] else module.vit_base)(cfg)
-        missing, unexpected = official.load_state_dict(case["backbone"], strict=False)
-        assert not unexpected and all(k.startswith(("head.", "prompt_", "gate_", "temp")) for k in missing), \
-            (missing, unexpected)
-        official.eval()  # (its train() returns None)
+        official, changes = build(case)
         with torch.no_grad():
-            official.prompt_embeddings.copy_(case["prompts"])
-            official.gate_logit.copy_(case["gates"])
-            if case["temperatures"] is not None:
-                official.temp.copy_(case["temperatures"])
-            features = official.forward_features(payload["images"])
-            controls = {}
-            official.prompt_embeddings.neg_()
-            controls["prompts negated"] = official.forward_features(payload["images"])
-            official.prompt_embeddings.neg_()
-            if case["temperatures"] is not None:
-                official.temp.fill_(1.0)
-                controls["every temperature at 1"] = official.forward_features(payload["images"])
-                official.temp.copy_(case["temperatures"])
-            official.gate_logit.zero_()
-            controls["every gate at 0.5"] = official.forward_features(payload["images"])
+            features, controls = official.forward_features(payload["images"]), {}
+            for what, change in changes.items():
+                undo = change()
+                controls[what] = official.forward_features(payload["images"])
+                undo()
         results.append({"features": features, "controls": controls})
     torch.save(results, f"{path}.out")
 
 
-def compare_gatevpt(repo: Path, old_timm: Path) -> list[dict]:
-    """Both sides of GateVPT's comparison: ivpt's here, the official one in a process with timm 0.5.4."""
+def compare_on_old_timm(method: str, repo: Path, old_timm: Path) -> list[dict]:
+    """Both sides of OLD_TIMM_CASES[method]: ivpt's here, the official one in a process with timm 0.5.4."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "gatevpt.pt"
-        ours = gatevpt_payload(path)
+        path = Path(folder) / f"{method}.pt"
+        ours = old_timm_payload(method, path)
+        if method == "e2vpt":  # E2VPT's README: its timm_added file into timm/models, imported by their __init__
+            patched = Path(folder) / "timm"
+            shutil.copytree(old_timm / "timm", patched / "timm")
+            shutil.copy(repo / "timm_added" / "vision_transformer_changeVK.py", patched / "timm" / "models")
+            with open(patched / "timm" / "models" / "__init__.py", "a") as init:
+                init.write("from .vision_transformer_changeVK import *\n")
+            old_timm = patched
         python_path = os.pathsep.join(filter(None, [str(repo.resolve()), str(old_timm.resolve()),
                                                     os.environ.get("PYTHONPATH")]))
-        run = subprocess.run([sys.executable, __file__, "--one", "gatevpt", "--payload", str(path)], cwd=repo,
+        run = subprocess.run([sys.executable, __file__, "--one", method, "--payload", str(path)], cwd=repo,
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": python_path})
         if run.returncode:
-            raise SystemExit(f"gatevpt: the official side failed:\n{run.stderr[-3000:]}")
+            raise SystemExit(f"{method}: the official side on timm 0.5.4 failed:\n{run.stderr[-3000:]}")
         import torch
 
         theirs = torch.load(f"{path}.out")
     rows = []
-    for case, (model, features), official in zip(GATEVPT_CASES, ours["models"], theirs):
+    for case, (model, features), official in zip(OLD_TIMM_CASES[method], ours, theirs):
         with torch.no_grad():
             logits = model.head(features)
             controls = {what: float((model.head(moved) - logits).abs().max())
                         for what, moved in official["controls"].items()}
-            rows.append(row_of("gatevpt", case, features, official["features"], model.head, controls))
+            rows.append(row_of(method, case, features, official["features"], model.head, controls))
     return rows
 
 
@@ -396,18 +522,21 @@ def main() -> None:
     parser.add_argument("--vfpt", type=Path, help="a checkout of runtsang/VFPT")
     parser.add_argument("--gatevpt", type=Path, help="a checkout of ryongithub/GatedPromptTuning")
     parser.add_argument("--old-timm", type=Path, help="a folder holding timm 0.5.4 (pip install --target DIR "
-                                                      "--no-deps timm==0.5.4), which GateVPT's code needs")
+                                                      "--no-deps timm==0.5.4), which GateVPT's code and VFPT's "
+                                                      "MoCo model need")
     parser.add_argument("--one", choices=["e2vpt", "vfpt", "gatevpt"], help=argparse.SUPPRESS)  # a repository's process
     parser.add_argument("--payload", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one == "gatevpt":
-        gatevpt_official(args.payload)
+    if args.payload is not None:
+        official_on_old_timm(args.one, args.payload)
         return
     if args.one:
         print("ROWS " + json.dumps(compare(args.one, E2VPT_CASES if args.one == "e2vpt" else VFPT_CASES)))
         return
-    if args.gatevpt is not None and args.old_timm is None:
-        raise SystemExit("--gatevpt needs --old-timm: a folder holding timm 0.5.4, which GateVPT's code imports")
+    for method in ("gatevpt", "e2vpt", "vfpt"):
+        if getattr(args, method) is not None and args.old_timm is None:
+            raise SystemExit(f"--{method} needs --old-timm: a folder holding timm 0.5.4, which "
+                             f"{OLD_TIMM_NEEDS[method]} imports")
     from common import header, write_json
 
     results = {**header(), "tolerance": TOLERANCE, "backbone": "vit_base_patch16_224 (random weights)"}
@@ -424,12 +553,13 @@ def main() -> None:
         print("\n".join(line for line in run.stdout.splitlines() if not line.startswith("ROWS ")))
         if rows is None:
             raise SystemExit(f"{method}: the comparison failed:\n{run.stderr[-3000:]}")
+        rows += compare_on_old_timm(method, repo, args.old_timm)
         results[method] = {"repository": {"e2vpt": "ChengHan111/E2VPT", "vfpt": "runtsang/VFPT"}[method],
                            "commit": commit.stdout.strip() or None, "rows": rows}
     if args.gatevpt is not None:
         commit = subprocess.run(["git", "-C", str(args.gatevpt), "rev-parse", "HEAD"], capture_output=True, text=True)
         results["gatevpt"] = {"repository": "ryongithub/GatedPromptTuning", "commit": commit.stdout.strip() or None,
-                              "rows": compare_gatevpt(args.gatevpt, args.old_timm)}
+                              "rows": compare_on_old_timm("gatevpt", args.gatevpt, args.old_timm)}
     write_json(RESULTS / "official_equality.json", results)
 
 
