@@ -280,9 +280,7 @@ def compare(method: str, cases: list) -> list[dict]:
         backbone = random_backbone(**({"global_pool": "avg"} if name.startswith("MAE") else {}))
         model = ivpt.create_model(backbone, method, 10, **options).eval()
         with torch.no_grad():
-            if options.get("prune"):  # scales away from 1, so that applying them is what is compared
-                model.method.token_scales.uniform_(0.2, 1.8)
-                model.method.piece_scales.uniform_(0.2, 1.8)
+            randomise_masks(model, options)
             official = build(model, keys)
             theirs = features(official, images)
             ours = model.forward_head(model.forward_features(images), pre_logits=True)
@@ -321,6 +319,17 @@ def row_of(method: str, case: tuple, ours, theirs, head, controls: dict) -> dict
     return row
 
 
+def randomise_masks(model, options: dict) -> None:
+    """E2VPT's learned token and piece masks (``prune``) at random scales away from 1, so that applying them
+    is what is compared."""
+    import torch
+
+    if options.get("prune"):
+        with torch.no_grad():
+            model.method.token_scales.uniform_(0.2, 1.8)
+            model.method.piece_scales.uniform_(0.2, 1.8)
+
+
 def randomise_gates(model) -> None:
     """GateVPT's gates at random logits and its temperatures at random values, two beyond the official clamp
     to [0.01, 10] (as an adapter may hold them), so that copying them is what is compared."""
@@ -351,10 +360,7 @@ def old_timm_payload(method: str, path: Path) -> list:
                                   **options).eval()
         case = {"keys": keys, "mae": mae, "prompts": model.method.prompts.detach().clone()}
         if method == "e2vpt":
-            with torch.no_grad():
-                if options.get("prune"):  # scales away from 1, so that applying them is what is compared
-                    model.method.token_scales.uniform_(0.2, 1.8)
-                    model.method.piece_scales.uniform_(0.2, 1.8)
+            randomise_masks(model, options)
             case.update(kv=model.method.kv_prompts.detach().clone(), masks=(
                 model.method.token_scales.detach().clone(), model.method.piece_scales.detach().clone())
                 if options.get("prune") else None)
@@ -522,8 +528,8 @@ def main() -> None:
     parser.add_argument("--vfpt", type=Path, help="a checkout of runtsang/VFPT")
     parser.add_argument("--gatevpt", type=Path, help="a checkout of ryongithub/GatedPromptTuning")
     parser.add_argument("--old-timm", type=Path, help="a folder holding timm 0.5.4 (pip install --target DIR "
-                                                      "--no-deps timm==0.5.4), which GateVPT's code and VFPT's "
-                                                      "MoCo model need")
+                                                      "--no-deps timm==0.5.4), which GateVPT's code, E2VPT's MoCo "
+                                                      "and MAE models and VFPT's MoCo model need")
     parser.add_argument("--one", choices=["e2vpt", "vfpt", "gatevpt"], help=argparse.SUPPRESS)  # a repository's process
     parser.add_argument("--payload", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -495,7 +495,7 @@ def equality_verdict(row: dict) -> str:
 
 
 def official_equality_table(report: dict) -> str:
-    """E2VPT and VFPT against their official code (benchmarks/official_equality.py)."""
+    """E2VPT, VFPT and GateVPT against their official code (benchmarks/official_equality.py)."""
     rows = []
     for method in ("e2vpt", "vfpt", "gatevpt"):
         if method not in report:

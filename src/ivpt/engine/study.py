@@ -297,7 +297,7 @@ class _Objective:
         self.number, self.raised = trial.number, None
         try:
             value = self.run(trial)
-            state = _state(trial)
+            state = _state(trial.study, trial.number)
             if state != TrialState.RUNNING:
                 raise _TakenOver(f"trial {trial.number} is {state.name} in the study")
             return value
@@ -410,9 +410,9 @@ def _finished(stage: Stage, trials: list) -> dict[tuple, optuna.trial.FrozenTria
     return {point: trial for point, trial in finished.items() if point in stage.jobs}
 
 
-def _state(trial: optuna.Trial) -> TrialState:
-    """The trial's state in the study now (another worker may have failed it)."""
-    return next(t.state for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+def _state(study: optuna.Study, number: int | None) -> TrialState | None:
+    """Trial ``number``'s state in the study now (another worker may have ended it); None: no such trial."""
+    return next((t.state for t in study.get_trials(deepcopy=False) if t.number == number), None)
 
 
 def _train_one(study: optuna.Study, objective: _Objective) -> None:
@@ -425,9 +425,8 @@ def _train_one(study: optuna.Study, objective: _Objective) -> None:
     except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError) as err:
         # Optuna refusing to update or tell a trial another worker failed, not the run's own errors
         from_optuna = err is not objective.raised or isinstance(err, optuna.exceptions.UpdateFinishedTrialError)
-        taken_over = [t for t in study.get_trials(deepcopy=False)
-                      if t.number == objective.number and t.state != TrialState.RUNNING]
-        if not (from_optuna and taken_over):
+        state = _state(study, objective.number)
+        if not (from_optuna and state not in (None, TrialState.RUNNING)):
             raise
         refusals = (_NotQueued, _TakenOver, optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError)
         if objective.raised is not None and not isinstance(objective.raised, refusals):
